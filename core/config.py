@@ -1,0 +1,334 @@
+"""The ``config.yaml`` schema, parsed once at start into a frozen, validated object.
+
+Both the service and the loader read the same file. Any problem stops start-up with a
+:class:`ConfigError` that names the file, the key path and the problem, e.g.
+``config.yaml: policies.default.rules[0].list: unknown list 'blockist'``.
+
+Environment overrides (secrets and deployment-specific values never live in the file):
+``CALLSCREEN_REDIS_URL`` replaces ``redis.url``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.keys import LIST_NAME_RE
+
+REDIS_URL_ENV = "CALLSCREEN_REDIS_URL"
+
+#: CarrierX's reject reasons (SPEC §3) and the SIP status each one sends.
+REJECT_REASONS = {
+    "rejected": 403,
+    "forbidden": 403,
+    "busy-here": 486,
+    "unavailable": 503,
+    "decline": 603,
+    "does-not-exist": 604,
+    "unwanted": 607,
+}
+DEFAULT_OPERANDS = ("unavailable", "aniblock")
+CALLER_SOURCES = ("from", "p-asserted-identity", "remote-party-id")
+
+ListKind = Literal["numbers", "prefixes", "names"]
+Action = Literal["allow", "reject"]
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names file, key path and problem."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Operands = tuple[str, str]
+
+
+def _check_operands(value: Operands) -> Operands:
+    reason, tag = value
+    if reason not in REJECT_REASONS:
+        known = ", ".join(REJECT_REASONS)
+        raise ValueError(f"unknown reject reason {reason!r}; use one of: {known}")
+    if not tag or len(tag) > 64:
+        raise ValueError("the reject tag must be 1-64 characters")
+    return value
+
+
+class RedisSettings(_Model):
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Socket timeout for background work (list refresh, admin writes).
+    socket_timeout_ms: Annotated[int, Field(gt=0)] = 2000
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    #: Worker processes; 0 means one per CPU core.
+    workers: Annotated[int, Field(ge=0, le=256)] = 1
+    max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
+    log_format: Literal["text", "json"] = "text"
+    #: Log callers as ``1516206****`` instead of the full number.
+    mask_callers: bool = True
+
+
+class HandlerSettings(_Model):
+    #: Internal deadline for one decision; keep it below the trunk group's ``timeout``.
+    deadline_ms: Annotated[int, Field(gt=0, le=10_000)] = 100
+    #: What to answer when the lists cannot be trusted (Redis down, slow, not loaded).
+    on_error: Action = "allow"
+    on_error_operands: Operands = DEFAULT_OPERANDS
+
+    _operands = field_validator("on_error_operands")(_check_operands)
+
+
+class CacheSettings(_Model):
+    #: How often each worker asks Redis whether a list changed.
+    refresh_ms: Annotated[int, Field(gt=0, le=60_000)] = 250
+    #: Lists not confirmed with Redis for this long are treated as unavailable and
+    #: answers follow ``handler.on_error``. Raise it to serve slightly stale lists
+    #: through short Redis outages instead.
+    max_stale_ms: Annotated[int, Field(gt=0)] = 1000
+
+    @model_validator(mode="after")
+    def _stale_after_refresh(self) -> CacheSettings:
+        if self.max_stale_ms < self.refresh_ms:
+            raise ValueError("max_stale_ms must be at least refresh_ms")
+        return self
+
+
+class CallerSettings(_Model):
+    #: Headers tried in order for the caller number and name.
+    sources: tuple[Literal["from", "p-asserted-identity", "remote-party-id"], ...] = CALLER_SOURCES
+    #: Country code added to national numbers (``1`` = NANP).
+    default_country: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,2}$")] = "1"
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("give one or more distinct headers")
+        return value
+
+
+class ListSpec(_Model):
+    kind: ListKind = "numbers"
+    description: str = ""
+    #: CSV or plain-text file (relative to the config file) or http(s):// URL; ``None``
+    #: for a list kept only through the admin API.
+    source: str | None = None
+    #: The column holding the entry: a 0-based index or a header name.
+    column: int | str = 0
+    #: Columns kept as labels next to each entry (reported, not used for decisions).
+    label_columns: tuple[int | str, ...] = ()
+    #: Sync interval for ``python -m loader run``; ``None`` means only on demand.
+    interval_s: Annotated[int, Field(gt=0)] | None = None
+    #: A sync that would remove more than this share of the list is refused.
+    max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.5
+    #: Source fetch timeout and retries (URLs).
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+
+
+Match = Literal[
+    "caller_in_list",
+    "caller_prefix_in_list",
+    "caller_name_matches_list",
+    "called_in_list",
+    "anonymous",
+    "invalid_number",
+    "attestation_failed",
+    "call_rate",
+]
+#: The list kind each list-based condition needs.
+MATCH_LIST_KIND: dict[str, ListKind] = {
+    "caller_in_list": "numbers",
+    "caller_prefix_in_list": "prefixes",
+    "caller_name_matches_list": "names",
+    "called_in_list": "numbers",
+}
+
+
+class Rule(_Model):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    match: Match
+    list: str | None = None
+    action: Action = "reject"
+    operands: Operands = DEFAULT_OPERANDS
+    dry_run: bool = False
+    #: ``call_rate``: more than ``limit`` calls from one caller in ``window_s`` seconds.
+    limit: Annotated[int, Field(gt=0)] | None = None
+    window_s: Annotated[int, Field(gt=0, le=86_400)] | None = None
+
+    _operands = field_validator("operands")(_check_operands)
+
+    @model_validator(mode="after")
+    def _fields_for_match(self) -> Rule:
+        needs_list = self.match in MATCH_LIST_KIND
+        if needs_list and self.list is None:
+            raise ValueError(f"match {self.match!r} needs 'list'")
+        if not needs_list and self.list is not None:
+            raise ValueError(f"match {self.match!r} takes no 'list'")
+        is_rate = self.match == "call_rate"
+        if is_rate and (self.limit is None or self.window_s is None):
+            raise ValueError("match 'call_rate' needs 'limit' and 'window_s'")
+        if not is_rate and (self.limit is not None or self.window_s is not None):
+            raise ValueError("'limit' and 'window_s' belong to match 'call_rate' only")
+        return self
+
+
+class Policy(_Model):
+    default: Action = "allow"
+    default_operands: Operands = DEFAULT_OPERANDS
+    rules: tuple[Rule, ...] = ()
+
+    _operands = field_validator("default_operands")(_check_operands)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_names(cls, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+        names = [rule.name for rule in rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique, repeated: {', '.join(duplicates)}")
+        return rules
+
+
+class TrunkGroup(_Model):
+    policy: str
+
+
+class AdminSettings(_Model):
+    #: Environment variable holding the admin bearer tokens (comma-separated).
+    tokens_env: str = "CALLSCREEN_ADMIN_TOKENS"
+
+
+class LoaderSettings(_Model):
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    #: Numbers written to Redis per pipelined batch.
+    batch_size: Annotated[int, Field(gt=0)] = 100_000
+
+
+class Config(_Model):
+    redis: RedisSettings = RedisSettings()
+    server: ServerSettings = ServerSettings()
+    handler: HandlerSettings = HandlerSettings()
+    cache: CacheSettings = CacheSettings()
+    caller: CallerSettings = CallerSettings()
+    admin: AdminSettings = AdminSettings()
+    loader: LoaderSettings = LoaderSettings()
+    lists: dict[str, ListSpec] = {}
+    policies: dict[str, Policy] = {"default": Policy()}
+    #: Policy for ``POST /``.
+    default_policy: str = "default"
+    trunk_groups: dict[str, TrunkGroup] = {}
+    #: Folder that relative list sources are resolved against (the config file's).
+    base_dir: Path = Path(".")
+
+    @field_validator("lists")
+    @classmethod
+    def _list_names(cls, lists: dict[str, ListSpec]) -> dict[str, ListSpec]:
+        for name in lists:
+            if not LIST_NAME_RE.fullmatch(name):
+                raise ValueError(f"list name {name!r}: use 1-64 of a-z, 0-9, '_' or '-'")
+        return lists
+
+    @field_validator("trunk_groups")
+    @classmethod
+    def _trunk_group_names(cls, groups: dict[str, TrunkGroup]) -> dict[str, TrunkGroup]:
+        for name in groups:
+            if not LIST_NAME_RE.fullmatch(name):
+                raise ValueError(f"trunk group name {name!r}: use 1-64 of a-z, 0-9, '_' or '-'")
+        return groups
+
+    def policy_for(self, trunk_group: str | None) -> str | None:
+        """Name of the policy for a trunk group (``None``: ``POST /``), or None if unknown."""
+        if trunk_group is None:
+            return self.default_policy
+        group = self.trunk_groups.get(trunk_group)
+        return group.policy if group else None
+
+    def resolve_source(self, source: str) -> str:
+        """A list source as a URL or an absolute path."""
+        if "://" in source:
+            return source
+        path = Path(source)
+        return str(path if path.is_absolute() else self.base_dir / path)
+
+
+def _cross_check(config: Config) -> list[tuple[str, str]]:
+    """References between sections, which field validators cannot see."""
+    problems: list[tuple[str, str]] = []
+    if config.default_policy not in config.policies:
+        problems.append(("default_policy", f"unknown policy {config.default_policy!r}"))
+    for name, group in config.trunk_groups.items():
+        if group.policy not in config.policies:
+            problems.append((f"trunk_groups.{name}.policy", f"unknown policy {group.policy!r}"))
+    for pname, policy in config.policies.items():
+        for i, rule in enumerate(policy.rules):
+            if rule.list is None:
+                continue
+            where = f"policies.{pname}.rules[{i}].list"
+            spec = config.lists.get(rule.list)
+            if spec is None:
+                problems.append((where, f"unknown list {rule.list!r}"))
+            elif spec.kind != MATCH_LIST_KIND[rule.match]:
+                want = MATCH_LIST_KIND[rule.match]
+                problems.append(
+                    (where, f"list {rule.list!r} is {spec.kind!r}; {rule.match} needs {want!r}")
+                )
+    return problems
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + part
+    return path or "(top level)"
+
+
+def parse_config(data: Any, *, source: str = "config", base_dir: Path | None = None) -> Config:
+    """Validate a decoded config mapping; raise :class:`ConfigError` naming each problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): expected a mapping of settings")
+    data = dict(data)
+    env_url = os.environ.get(REDIS_URL_ENV)
+    if env_url:
+        data["redis"] = {**(data.get("redis") or {}), "url": env_url}
+    if base_dir is not None:
+        data["base_dir"] = base_dir
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"{source}: {_key_path(tuple(err['loc']))}: {err['msg']}" for err in exc.errors()
+        ]
+        raise ConfigError("\n".join(lines)) from None
+    problems = _cross_check(config)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {path}: {msg}" for path, msg in problems))
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

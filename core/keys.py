@@ -1,0 +1,74 @@
+"""The Redis key layout: every key the project reads or writes is named here.
+
+Each list lives under one hash tag, ``{cs:<list>}``, so all of its keys share a Cluster
+slot and a swap can run in one MULTI/EXEC. Per list:
+
+``{cs:<list>}:meta``            hash: kind, gen, version, size, source, checksum, synced_at, ...
+``{cs:<list>}:base:<gen>``      the list as of its last full sync (immutable once swapped in)
+                                - numbers: hash, bucket id -> sorted little-endian uint64s
+                                - prefixes, names: set of entries
+``{cs:<list>}:adds``            set: entries added since the base (admin API, delta files)
+``{cs:<list>}:dels``            set: base entries removed since the base
+``{cs:<list>}:stage:<gen>:<b>`` string: a numbers bucket being built by a sync (has a TTL)
+
+Call-rate counters (one hash tag per caller, so they spread over a Cluster):
+
+``{cs:rate:<caller>}:<policy>:<rule>:<window index>``  counter, expires after 2 windows
+"""
+
+from __future__ import annotations
+
+import re
+
+LIST_NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
+#: Numbers lists are split into this many buckets by ``number % NUMBER_BUCKETS``.
+NUMBER_BUCKETS = 4096
+#: Old generations stay readable this long after a swap, so a reader that saw the old
+#: ``gen`` a moment before the swap can still fetch it whole.
+OLD_GENERATION_GRACE_S = 120
+#: A killed sync's staging keys vanish on their own after this long.
+STAGING_TTL_S = 6 * 3600
+
+
+class InvalidListName(ValueError):
+    """A list name that may not become part of a Redis key."""
+
+
+def check_list_name(name: str) -> str:
+    """Return ``name`` if it is a valid list name (``[a-z0-9_-]{1,64}``), else raise."""
+    if not LIST_NAME_RE.fullmatch(name):
+        raise InvalidListName(f"invalid list name {name!r}: use 1-64 of a-z, 0-9, '_' or '-'")
+    return name
+
+
+def _tag(name: str) -> str:
+    return "{cs:" + check_list_name(name) + "}"
+
+
+def meta(name: str) -> str:
+    return _tag(name) + ":meta"
+
+
+def base(name: str, gen: int) -> str:
+    return f"{_tag(name)}:base:{gen}"
+
+
+def adds(name: str) -> str:
+    return _tag(name) + ":adds"
+
+
+def dels(name: str) -> str:
+    return _tag(name) + ":dels"
+
+
+def stage(name: str, gen: int, bucket: int) -> str:
+    return f"{_tag(name)}:stage:{gen}:{bucket}"
+
+
+def rate(caller: str, rule_key: str, window_index: int) -> str:
+    """Counter of one caller's calls for one rule (``policy:rule``) in one time window."""
+    return f"{{cs:rate:{caller}}}:{rule_key}:{window_index}"
+
+
+def bucket_of(number: int) -> int:
+    return number % NUMBER_BUCKETS

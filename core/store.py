@@ -1,0 +1,278 @@
+"""The list store: reading lists from Redis and changing single entries.
+
+The layout is in :mod:`core.keys`. A list is a *base* (written whole by a full sync, see
+:mod:`core.build`, then never changed) plus two small delta sets, ``adds`` and ``dels``,
+written by the admin API and delta files. Its ``meta`` hash carries ``gen`` (which base
+is live) and ``version`` (bumped by every change), so a reader learns that something
+changed by polling two fields, and reloads the base only when ``gen`` moved.
+
+Membership: an entry is on the list if it is in ``adds``, or in the base and not in
+``dels``. Adding puts the entry in ``adds`` and takes it out of ``dels``; removing does
+the opposite, so the last write wins. Both are one MULTI/EXEC, acknowledged only after
+Redis accepted it.
+
+Numbers bases are compact: a hash of ``NUMBER_BUCKETS`` fields, each the sorted,
+de-duplicated little-endian uint64 numbers with ``number % NUMBER_BUCKETS`` equal to the
+field, about 8 bytes a number (a plain Redis set takes ~50).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from core import keys
+from core.config import ListKind
+
+RedisClient = Redis | RedisCluster
+#: Buckets fetched per HMGET when loading a numbers base; small replies keep the
+#: event loop responsive while a large list loads.
+BUCKETS_PER_READ = 256
+
+_META_INT_FIELDS = (
+    "gen",
+    "version",
+    "size",
+    "rows_read",
+    "rows_rejected",
+    "added",
+    "removed",
+)
+
+
+def unpack_bucket(blob: bytes) -> array[int]:
+    """Decode one stored bucket (little-endian uint64s) into an array of ints."""
+    numbers = array("Q")
+    numbers.frombytes(blob)
+    if sys.byteorder != "little":
+        numbers.byteswap()
+    return numbers
+
+
+def pack_bucket(numbers: array[int]) -> bytes:
+    """Encode a sorted array of ints as a stored bucket."""
+    if sys.byteorder != "little":
+        numbers = array("Q", numbers)
+        numbers.byteswap()
+    return numbers.tobytes()
+
+
+def bucket_contains(bucket: Sequence[int], number: int) -> bool:
+    i = bisect_left(bucket, number)
+    return i < len(bucket) and bucket[i] == number
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class ListMeta:
+    """A list's metadata as stored in its ``meta`` hash."""
+
+    name: str
+    kind: str
+    gen: int
+    version: int
+    size: int
+    source: str
+    checksum: str
+    synced_at: float
+    rows_read: int
+    rows_rejected: int
+    added: int
+    removed: int
+    pending_adds: int
+    pending_dels: int
+
+    @classmethod
+    def from_hash(cls, name: str, raw: Mapping[Any, Any], adds: int, dels: int) -> ListMeta:
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        ints = {f: int(fields.get(f) or 0) for f in _META_INT_FIELDS}
+        return cls(
+            name=name,
+            kind=fields.get("kind", ""),
+            source=fields.get("source", ""),
+            checksum=fields.get("checksum", ""),
+            synced_at=float(fields.get("synced_at") or 0),
+            pending_adds=adds,
+            pending_dels=dels,
+            **ints,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True)
+class Deltas:
+    gen: int
+    version: int
+    synced_at: float
+    adds: frozenset[str]
+    dels: frozenset[str]
+
+
+class ListStore:
+    """Reads and single-entry writes for the lists in one Redis (server, Sentinel or Cluster)."""
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+
+    # --- reading -------------------------------------------------------------------
+    async def poll(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """``(gen, version)`` of each list; (0, 0) for a list never written."""
+        names = list(names)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(keys.meta(name), "gen", "version")
+            replies = await pipe.execute()
+        return {
+            name: (int(gen or 0), int(version or 0))
+            for name, (gen, version) in zip(names, replies, strict=True)
+        }
+
+    async def deltas(self, name: str) -> Deltas:
+        """The live ``gen`` and ``version`` with the delta sets they belong to, read atomically."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys.meta(name), "gen", "version", "synced_at")
+            pipe.smembers(keys.adds(name))
+            pipe.smembers(keys.dels(name))
+            (gen, version, synced_at), adds, dels = await pipe.execute()
+        return Deltas(
+            gen=int(gen or 0),
+            version=int(version or 0),
+            synced_at=float(synced_at or 0),
+            adds=frozenset(_text(a) for a in adds),
+            dels=frozenset(_text(d) for d in dels),
+        )
+
+    async def number_base(self, name: str, gen: int) -> list[array[int]]:
+        """All buckets of a numbers base, indexed by bucket id (empty for gen 0)."""
+        buckets = [array("Q") for _ in range(keys.NUMBER_BUCKETS)]
+        if gen == 0:
+            return buckets
+        key = keys.base(name, gen)
+        if not await self.redis.exists(key):
+            raise MissingGeneration(name, gen)
+        for start in range(0, keys.NUMBER_BUCKETS, BUCKETS_PER_READ):
+            ids = range(start, min(start + BUCKETS_PER_READ, keys.NUMBER_BUCKETS))
+            blobs = await self.redis.hmget(key, list(ids))
+            for bucket, blob in zip(ids, blobs, strict=True):
+                if blob:
+                    buckets[bucket] = unpack_bucket(blob)
+        return buckets
+
+    async def set_base(self, name: str, gen: int) -> frozenset[str]:
+        """All entries of a prefixes or names base (empty for gen 0)."""
+        if gen == 0:
+            return frozenset()
+        key = keys.base(name, gen)
+        members = await self.redis.smembers(key)
+        if not members and not await self.redis.exists(key):
+            raise MissingGeneration(name, gen)
+        return frozenset(_text(m) for m in members)
+
+    async def meta(self, name: str) -> ListMeta | None:
+        """Metadata of one list, or None if it was never written."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.meta(name))
+            pipe.scard(keys.adds(name))
+            pipe.scard(keys.dels(name))
+            raw, adds, dels = await pipe.execute()
+        if not raw:
+            return None
+        return ListMeta.from_hash(name, raw, int(adds), int(dels))
+
+    async def contains(self, name: str, kind: ListKind, entry: str) -> bool:
+        """Whether a canonical entry is on the list right now (asks Redis, not a cache)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sismember(keys.adds(name), entry)
+            pipe.sismember(keys.dels(name), entry)
+            pipe.hget(keys.meta(name), "gen")
+            in_adds, in_dels, gen = await pipe.execute()
+        if in_adds:
+            return True
+        if in_dels or not gen or int(gen) == 0:
+            return False
+        base = keys.base(name, int(gen))
+        if kind != "numbers":
+            return bool(await self.redis.sismember(base, entry))
+        number = int(entry)
+        blob = await self.redis.hget(base, str(keys.bucket_of(number)))
+        return bool(blob) and bucket_contains(unpack_bucket(blob), number)
+
+    # --- single-entry writes -------------------------------------------------------
+    async def change(
+        self, name: str, kind: ListKind, *, add: Iterable[str] = (), remove: Iterable[str] = ()
+    ) -> int:
+        """Add and remove canonical entries in one atomic step; return the new version.
+
+        Returns only after Redis accepted the write (MULTI/EXEC reply received).
+        """
+        add, remove = list(add), list(remove)
+        meta_key = keys.meta(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(meta_key, "kind", kind)
+            pipe.hsetnx(meta_key, "gen", 0)
+            if add:
+                pipe.sadd(keys.adds(name), *add)
+                pipe.srem(keys.dels(name), *add)
+            if remove:
+                pipe.srem(keys.adds(name), *remove)
+                pipe.sadd(keys.dels(name), *remove)
+            pipe.hincrby(meta_key, "version", 1)
+            replies = await pipe.execute()
+        return int(replies[-1])
+
+    # --- call-rate counters --------------------------------------------------------
+    async def count_call(
+        self,
+        caller: str,
+        windows: Sequence[tuple[str, int]],
+        now_s: float,
+        *,
+        increment: bool = True,
+    ) -> dict[str, int]:
+        """Count one call per ``(rule_key, window_s)``; return calls per rule in the window.
+
+        A sliding window approximated from two fixed ones: this window's count plus the
+        previous window's, weighted by how much of it still overlaps the sliding window.
+        One pipelined round trip whatever the number of rules; right across every
+        service instance because the counters live in Redis. ``increment=False`` only
+        reads (explain).
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for rule_key, window_s in windows:
+                index = int(now_s // window_s)
+                current = keys.rate(caller, rule_key, index)
+                if increment:
+                    pipe.incr(current)
+                    pipe.expire(current, 2 * window_s)
+                else:
+                    pipe.get(current)
+                pipe.get(keys.rate(caller, rule_key, index - 1))
+            replies = await pipe.execute()
+        step = 3 if increment else 2
+        counts = {}
+        for i, (rule_key, window_s) in enumerate(windows):
+            current, previous = replies[step * i], replies[step * i + step - 1]
+            overlap = 1 - (now_s % window_s) / window_s
+            counts[rule_key] = int(current or 0) + int(int(previous or 0) * overlap)
+        return counts
+
+
+class MissingGeneration(LookupError):
+    """A base named by ``meta.gen`` is gone (swapped out long ago); read ``meta`` again."""
+
+    def __init__(self, name: str, gen: int) -> None:
+        super().__init__(f"list {name!r}: base generation {gen} is missing")

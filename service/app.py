@@ -1,0 +1,105 @@
+"""The aiohttp application factory: ``create_app(config)``, no I/O until it starts.
+
+Resources are set up by ``cleanup_ctx`` generators, in order: the Redis client, then the
+list cache with its refresh task (which needs the client). The service starts whether or
+not Redis answers; ``/readyz`` says when it is ready, and the refresher reconnects by
+itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from core.config import Config
+from core.connect import connect, redact
+from core.store import ListStore, RedisClient
+from service.appkeys import CACHE, CONFIG, METRICS, REDIS, REGISTRY, SCREENER, STORE
+from service.cache import ListCache
+from service.errors import error_middleware
+from service.handlers import explain, healthz, readyz, screen
+from service.lists import ListObject
+from service.metrics import Metrics
+from service.screen import Screener
+
+logger = logging.getLogger(__name__)
+#: How long start-up waits for the first list load before serving anyway.
+STARTUP_LOAD_WAIT_S = 5.0
+
+
+def create_app(
+    config: Config,
+    *,
+    redis: RedisClient | None = None,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    """Build the service. A ``redis`` client passed in is used as is and not closed."""
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+    )
+    app[CONFIG] = config
+    app[REGISTRY] = registry if registry is not None else CollectorRegistry()
+    app[METRICS] = Metrics(config, app[REGISTRY])
+    app.cleanup_ctx.append(_redis_ctx(redis))
+    app.cleanup_ctx.append(_lists_ctx)
+
+    app.router.add_post("/", screen)
+    app.router.add_post("/tg/{trunk_group}", screen)
+    app.router.add_post("/v1/explain", explain)
+    app.router.add_post("/v1/explain/tg/{trunk_group}", explain)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(app[REGISTRY]))
+    return app
+
+
+def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        client = given or connect(
+            config.redis.url,
+            socket_timeout_s=config.redis.socket_timeout_ms / 1000,
+            client_name="callscreen-service",
+        )
+        app[REDIS] = client
+        app[STORE] = ListStore(client)
+        logger.info("using Redis at %s", redact(config.redis.url))
+        yield
+        if given is None:
+            await client.aclose()
+
+    return redis_ctx
+
+
+async def _lists_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    kinds = {name: spec.kind for name, spec in config.lists.items()}
+    cache = ListCache(app[STORE], kinds, config.cache)
+
+    def loaded(name: str, copy: ListObject, synced_at: float) -> None:
+        metrics.list_entries.labels(name).set(copy.size)
+        metrics.list_synced.labels(name).set(synced_at)
+
+    cache.on_load = loaded
+    cache.on_poll = metrics.redis_poll.observe
+    app[CACHE] = cache
+    app[SCREENER] = Screener(config, cache, app[STORE], metrics)
+    # Serve with the lists loaded when Redis is there; start anyway when it is not.
+    try:
+        async with asyncio.timeout(STARTUP_LOAD_WAIT_S):
+            await cache.load_all()
+    except Exception as exc:
+        logger.warning("lists not loaded at start-up (%s); serving by on_error until they are", exc)
+    refresher = asyncio.create_task(cache.run(), name="list-refresher")
+    yield
+    refresher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await refresher
+    await cache.close()

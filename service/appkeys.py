@@ -1,0 +1,20 @@
+"""Typed keys for what the application shares between handlers (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from aiohttp import web
+
+from core.config import Config
+from core.store import ListStore, RedisClient
+from service.cache import ListCache
+from service.metrics import Metrics
+from service.screen import Screener
+
+CONFIG = web.AppKey("config", Config)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+METRICS = web.AppKey("metrics", Metrics)
+REDIS = web.AppKey("redis", RedisClient)  # type: ignore[arg-type]
+STORE = web.AppKey("store", ListStore)
+CACHE = web.AppKey("cache", ListCache)
+SCREENER = web.AppKey("screener", Screener)

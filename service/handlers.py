@@ -1,0 +1,164 @@
+"""HTTP handlers: the CarrierX screening endpoint, explain, and health probes.
+
+The screening handler reads like its pipeline: trunk group -> body -> JSON -> call ->
+decision -> answer. Bad requests get 4xx JSON errors (SPEC §6); anything that goes
+wrong after the body was understood is answered by ``on_error``, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from service.appkeys import SCREENER
+from service.errors import json_error
+from service.policy import CompiledPolicy
+from service.screen import Decision, Screener
+
+logger = logging.getLogger(__name__)
+
+_JSON = "application/json"
+
+
+class BadRequest(Exception):
+    """A request the service cannot screen; carries the HTTP status and message."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+async def _read_body(request: web.Request, screener: Screener) -> dict[str, Any]:
+    limit = screener.config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(413, "too_large", f"request body over {limit} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest(413, "too_large", f"request body over {limit} bytes") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, "bad_json", f"request body is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(
+            400, "not_object", "request body must be a JSON object of SIP headers"
+        )
+    return body
+
+
+def _policy(screener: Screener, request: web.Request) -> tuple[str, CompiledPolicy]:
+    trunk_group = request.match_info.get("trunk_group")
+    found = screener.policy_for(trunk_group)
+    if found is None:
+        logger.warning("request for unknown trunk group %r", trunk_group[:64] if trunk_group else "")
+        raise BadRequest(404, "unknown_trunk_group", f"unknown trunk group {trunk_group!r}")
+    return found
+
+
+def _refuse(screener: Screener, exc: BadRequest) -> web.Response:
+    screener.metrics.error(exc.kind)
+    return json_error(exc.status, exc.message)
+
+
+async def screen(request: web.Request) -> web.Response:
+    """``POST /`` and ``POST /tg/{trunk_group}``: the CarrierX external handler."""
+    screener = request.app[SCREENER]
+    started = time.perf_counter()
+    try:
+        group, policy = _policy(screener, request)
+        body = await _read_body(request, screener)
+    except BadRequest as exc:
+        return _refuse(screener, exc)
+    try:
+        call = screener.parser.parse(body)
+        decision = await screener.decide(policy, call)
+        screener.record(group, call, decision)
+        answer = decision.evaluation.outcome.answer
+    except Exception:
+        # A bug must not turn into a 5xx that CarrierX would act on: answer by on_error.
+        logger.exception("screening failed; answering by on_error")
+        screener.metrics.fallback("internal")
+        answer = screener.on_error.outcome.answer
+    screener.metrics.request_seconds.observe(time.perf_counter() - started)
+    return web.Response(body=answer, content_type=_JSON)
+
+
+def _explanation(group: str, policy: CompiledPolicy, decision: Decision, call: Any) -> bytes:
+    evaluation = decision.evaluation
+    outcome = evaluation.outcome
+    return orjson.dumps(
+        {
+            "decision": outcome.action,
+            "answer": orjson.Fragment(outcome.answer),
+            "trunk_group": None if group.startswith("_") else group,
+            "policy": policy.name,
+            "rule": outcome.rule,
+            "list": outcome.list,
+            "matched": evaluation.matched,
+            "on_error": decision.fallback,
+            "dry_run_matches": [
+                {"rule": dry.rule, "list": dry.list, "matched": matched}
+                for dry, matched in evaluation.dry_runs
+            ],
+            "caller": {
+                "number": call.caller,
+                "source": call.caller_source,
+                "user": call.caller_user,
+                "name": call.caller_name or None,
+                "anonymous": call.anonymous,
+                "invalid_number": call.invalid_number,
+                "verstat": call.verstat,
+            },
+            "called": call.called,
+            "call_id": call.call_id,
+        }
+    )
+
+
+async def explain(request: web.Request) -> web.Response:
+    """``POST /v1/explain[/tg/{trunk_group}]``: why this call would be blocked or allowed.
+
+    Nothing is counted: explain leaves metrics and call-rate counters alone.
+    """
+    screener = request.app[SCREENER]
+    try:
+        group, policy = _policy(screener, request)
+        body = await _read_body(request, screener)
+    except BadRequest as exc:
+        return _refuse(screener, exc)
+    call = screener.parser.parse(body)
+    decision = await screener.decide(policy, call, count=False)
+    return web.Response(body=_explanation(group, policy, decision, call), content_type=_JSON)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers HTTP."""
+    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: Redis confirmed the lists recently and every list a policy uses is loaded."""
+    screener = request.app[SCREENER]
+    cache = screener.cache
+    needed = frozenset().union(*(p.lists for p in screener.policies.values()))
+    reasons = []
+    if not cache.usable():
+        reasons.append(f"Redis not reachable: {cache.last_error or 'no successful poll yet'}")
+    missing = cache.missing(needed)
+    if missing:
+        reasons.append(f"lists not loaded: {', '.join(missing)}")
+    lists = {
+        name: {"entries": obj.size, "gen": cache.loaded[name][0], "version": cache.loaded[name][1]}
+        for name, obj in sorted(cache.lists.items())
+    }
+    body = {"ready": not reasons, "reasons": reasons, "lists": lists}
+    return web.Response(
+        status=200 if not reasons else 503, body=orjson.dumps(body), content_type=_JSON
+    )

@@ -1,0 +1,183 @@
+"""The policy engine (SPEC §4): ordered rules, first match wins, then the default.
+
+Policies from the config are compiled once into :class:`CompiledPolicy` objects whose
+answers are pre-encoded bytes, so deciding a call costs a few dictionary and set
+look-ups. Evaluation is pure: it reads the call and the local list copies and returns
+an :class:`Evaluation`; counting, logging and answering happen in the handler.
+
+``dry_run`` rules are recorded when they match and evaluation goes on past them.
+``call_rate`` rules need counts from Redis: evaluation stops with :class:`NeedsRates`
+the first time it reaches one, the handler fetches every rate rule's count in one round
+trip, and evaluates again with the counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import orjson
+
+from core.config import Config, Operands, Policy, Rule
+from service.lists import ListObject, NameList, NumberList, PrefixList
+from service.request import Call
+
+Lists = Mapping[str, ListObject]
+Rates = Mapping[str, int] | None
+ALLOW_ANSWER = b"[]"
+DEFAULT_RULE = "default"
+ON_ERROR_RULE = "on_error"
+
+
+def reject_answer(operands: Operands) -> bytes:
+    return orjson.dumps([{"action": "reject", "operands": list(operands)}])
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a matched rule (or the default) decides; shared by every call it decides."""
+
+    action: str
+    rule: str
+    list: str | None
+    answer: bytes
+    operands: Operands | None = None
+
+
+def outcome_for(action: str, operands: Operands, rule: str, list_name: str | None) -> Outcome:
+    if action == "allow":
+        return Outcome("allow", rule, list_name, ALLOW_ANSWER)
+    return Outcome("reject", rule, list_name, reject_answer(operands), operands)
+
+
+class ListsUnavailable(Exception):
+    """A list a rule needs is not loaded, or the local copies are too stale to trust."""
+
+
+@dataclass(slots=True)
+class NeedsRates(Exception):
+    """Evaluation reached a ``call_rate`` rule and needs the counts first."""
+
+    rules: tuple[RateRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """A ``call_rate`` rule as the counter sees it."""
+
+    key: str
+    limit: int
+    window_s: int
+
+
+@dataclass(slots=True)
+class Evaluation:
+    outcome: Outcome
+    #: The list entry or fact that matched (explain).
+    matched: str | None = None
+    #: Dry-run rules that matched on the way, with what they matched.
+    dry_runs: list[tuple[Outcome, str]] = field(default_factory=list)
+
+
+class CompiledRule:
+    """One rule; :meth:`test` returns what matched (non-empty string) or None."""
+
+    def __init__(self, rule: Rule, policy: str) -> None:
+        self.rule = rule
+        self.match = rule.match
+        self.list_name = rule.list
+        self.dry_run = rule.dry_run
+        self.outcome = outcome_for(rule.action, rule.operands, rule.name, rule.list)
+        self.rate = (
+            RateRule(f"{policy}:{rule.name}", rule.limit, rule.window_s)
+            if rule.limit is not None and rule.window_s is not None
+            else None
+        )
+        self.test: Callable[[Call, Lists, Rates], str | None] = getattr(self, "_" + rule.match)
+
+    def _list(self, lists: Lists) -> ListObject:
+        assert self.list_name is not None
+        found = lists.get(self.list_name)
+        if found is None:
+            raise ListsUnavailable(f"list {self.list_name!r} is not loaded")
+        return found
+
+    # One method per condition; __init__ binds the rule's own as ``test`` so a call
+    # costs one attribute look-up, not a chain of comparisons.
+    def _caller_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+        numbers = self._list(lists)
+        assert isinstance(numbers, NumberList)
+        hit = call.caller_int is not None and call.caller_int in numbers
+        return call.caller if hit else None
+
+    def _caller_prefix_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+        prefixes = self._list(lists)
+        assert isinstance(prefixes, PrefixList)
+        return prefixes.match(call.caller) if call.caller else None
+
+    def _caller_name_matches_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+        names = self._list(lists)
+        assert isinstance(names, NameList)
+        return names.match(call.caller_name)
+
+    def _called_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+        numbers = self._list(lists)
+        assert isinstance(numbers, NumberList)
+        hit = call.called_int is not None and call.called_int in numbers
+        return call.called if hit else None
+
+    def _anonymous(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+        return "anonymous" if call.anonymous else None
+
+    def _invalid_number(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+        if not call.invalid_number:
+            return None
+        return call.caller or call.caller_user or "invalid"
+
+    def _attestation_failed(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+        return call.verstat if call.attestation_failed else None
+
+    def _call_rate(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+        assert self.rate is not None
+        if call.caller is None:  # anonymous callers have no identity to count
+            return None
+        if rates is None:
+            raise NeedsRates(())
+        count = rates.get(self.rate.key, 0)
+        return f"{count} calls in {self.rate.window_s}s" if count > self.rate.limit else None
+
+
+class CompiledPolicy:
+    """A policy ready to evaluate calls."""
+
+    def __init__(self, name: str, policy: Policy) -> None:
+        self.name = name
+        self.rules = tuple(CompiledRule(rule, name) for rule in policy.rules)
+        self.default = outcome_for(policy.default, policy.default_operands, DEFAULT_RULE, None)
+        self.lists = frozenset(r.list_name for r in self.rules if r.list_name is not None)
+        self.rate_rules = tuple(r.rate for r in self.rules if r.rate is not None)
+
+    def evaluate(
+        self,
+        call: Call,
+        lists: Mapping[str, ListObject],
+        rates: Mapping[str, int] | None = None,
+    ) -> Evaluation:
+        """Decide ``call``; raises ListsUnavailable or NeedsRates (see module doc)."""
+        dry_runs: list[tuple[Outcome, str]] = []
+        for rule in self.rules:
+            try:
+                matched = rule.test(call, lists, rates)
+            except NeedsRates:
+                raise NeedsRates(self.rate_rules) from None
+            if matched is None:
+                continue
+            if rule.dry_run:
+                dry_runs.append((rule.outcome, matched))
+                continue
+            return Evaluation(rule.outcome, matched, dry_runs)
+        return Evaluation(self.default, None, dry_runs)
+
+
+def compile_policies(config: Config) -> dict[str, CompiledPolicy]:
+    return {name: CompiledPolicy(name, policy) for name, policy in config.policies.items()}

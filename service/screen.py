@@ -1,0 +1,137 @@
+"""Deciding one call end to end: parse -> identify the caller -> evaluate -> outcome.
+
+:class:`Screener` holds what every request needs (parser, compiled policies, the list
+cache, the store for call-rate counts, metrics) and turns failures into ``on_error``
+outcomes: nothing that goes wrong while deciding becomes an HTTP error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from core.config import Config
+from core.store import ListStore
+from service.cache import ListCache
+from service.metrics import ROOT_TRUNK_GROUP, Metrics
+from service.policy import (
+    ON_ERROR_RULE,
+    CompiledPolicy,
+    Evaluation,
+    ListsUnavailable,
+    NeedsRates,
+    compile_policies,
+    outcome_for,
+)
+from service.ratelimit import RateLimitedLog
+from service.request import Call, CallParser
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Decision:
+    evaluation: Evaluation
+    #: Why ``on_error`` answered instead of the lists; None when the lists decided.
+    fallback: str | None = None
+
+
+def mask_number(number: str | None) -> str:
+    """``15162065613`` -> ``1516206****``: enough to group by area, not to identify."""
+    if not number:
+        return "-"
+    return number[:-4] + "****" if len(number) > 4 else "****"
+
+
+class Screener:
+    """Everything the request path needs, built once per worker."""
+
+    def __init__(
+        self, config: Config, cache: ListCache, store: ListStore, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.store = store
+        self.metrics = metrics
+        self.parser = CallParser(config.caller.sources, config.caller.default_country)
+        self.policies = compile_policies(config)
+        self.deadline_s = config.handler.deadline_ms / 1000
+        self.on_error = Evaluation(
+            outcome_for(
+                config.handler.on_error, config.handler.on_error_operands, ON_ERROR_RULE, None
+            )
+        )
+        self.mask_callers = config.server.mask_callers
+        self._warn = RateLimitedLog(logger, interval_s=10.0)
+        self._by_group: dict[str | None, tuple[str, CompiledPolicy]] = {
+            None: (ROOT_TRUNK_GROUP, self.policies[config.default_policy])
+        }
+        for group, spec in config.trunk_groups.items():
+            self._by_group[group] = (group, self.policies[spec.policy])
+
+    def policy_for(self, trunk_group: str | None) -> tuple[str, CompiledPolicy] | None:
+        """(metrics label, policy) for a trunk group (None: ``POST /``), or None if unknown."""
+        return self._by_group.get(trunk_group)
+
+    def _fallback(self, reason: str, detail: str) -> Decision:
+        self.metrics.fallback(reason)
+        self._warn.warning("answering by on_error (%s): %s", reason, detail)
+        return Decision(self.on_error, reason)
+
+    async def decide(self, policy: CompiledPolicy, call: Call, *, count: bool = True) -> Decision:
+        """Decide ``call`` under ``policy``; never raises for Redis or list trouble.
+
+        ``count=False`` (explain) reads call-rate counters without adding this call.
+        """
+        cache = self.cache
+        if not cache.usable():
+            return self._fallback("stale_lists", cache.last_error or "lists not confirmed yet")
+        try:
+            return Decision(policy.evaluate(call, cache.lists))
+        except ListsUnavailable as exc:
+            return self._fallback("list_not_loaded", str(exc))
+        except NeedsRates as needs:
+            rules = needs.rules
+        assert call.caller is not None
+        windows = [(rule.key, rule.window_s) for rule in rules]
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                counts = await self.store.count_call(
+                    call.caller, windows, time.time(), increment=count
+                )
+        except TimeoutError:
+            return self._fallback("deadline", f"call-rate count took over {self.deadline_s}s")
+        except (RedisError, OSError) as exc:
+            return self._fallback("redis_error", f"call-rate count failed: {exc}")
+        self.metrics.redis_rate.observe(time.perf_counter() - started)
+        try:
+            return Decision(policy.evaluate(call, cache.lists, counts))
+        except ListsUnavailable as exc:
+            return self._fallback("list_not_loaded", str(exc))
+
+    def record(self, group: str, call: Call, decision: Decision) -> None:
+        """Count a decision and log a rejected call (one line each)."""
+        evaluation = decision.evaluation
+        outcome = evaluation.outcome
+        metrics = self.metrics
+        metrics.decided(group, outcome.action, outcome.rule)
+        for dry, matched in evaluation.dry_runs:
+            metrics.decided(group, dry.action, dry.rule, dry_run=True)
+            logger.info(
+                "dry-run match trunk_group=%s rule=%s list=%s caller=%s call_id=%s",
+                group, dry.rule, dry.list or "-", self._caller(call), call.call_id or "-",
+            )  # fmt: skip
+        if outcome.action == "reject":
+            logger.info(
+                "rejected call trunk_group=%s rule=%s list=%s caller=%s call_id=%s",
+                group, outcome.rule, outcome.list or "-", self._caller(call), call.call_id or "-",
+            )  # fmt: skip
+
+    def _caller(self, call: Call) -> str:
+        number = call.caller
+        return mask_number(number) if self.mask_callers else (number or "-")
