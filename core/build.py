@@ -77,7 +77,7 @@ class ListBuilder:
             raise RuntimeError("finish() the build before commit()")
         meta_key = keys.meta(self.name)
         live_gen = self.gen if self.result.size else 0
-        new_meta: dict[str, Any] = {
+        new_meta: dict[str, str | int | float] = {
             **fields,
             "kind": self.kind,
             "gen": live_gen,
@@ -95,8 +95,8 @@ class ListBuilder:
                     raise SwapConflict(
                         f"list {self.name!r} was replaced by another sync while this one ran"
                     )
-                pipe.multi()
-                pipe.hset(meta_key, mapping=new_meta)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.hset(meta_key, mapping=new_meta)  # type: ignore[arg-type]
                 pipe.hincrby(meta_key, "version", 1)
                 pipe.delete(keys.adds(self.name), keys.dels(self.name))
                 if live_gen:
@@ -228,8 +228,9 @@ class SetListBuilder(ListBuilder):
 
     async def finish(self) -> BuildResult:
         new_key = keys.base(self.name, self.gen)
-        members = sorted(m.decode() if isinstance(m, bytes) else m
-                         for m in await self.redis.smembers(new_key))
+        members = sorted(
+            m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(new_key)
+        )
         old: set[str] = set()
         if self.old_gen:
             old = {

@@ -32,7 +32,8 @@ REJECT_REASONS = {
     "unwanted": 607,
 }
 DEFAULT_OPERANDS = ("unavailable", "aniblock")
-CALLER_SOURCES = ("from", "p-asserted-identity", "remote-party-id")
+CallerSource = Literal["from", "p-asserted-identity", "remote-party-id"]
+CALLER_SOURCES: tuple[CallerSource, ...] = ("from", "p-asserted-identity", "remote-party-id")
 
 ListKind = Literal["numbers", "prefixes", "names"]
 Action = Literal["allow", "reject"]
@@ -103,7 +104,7 @@ class CacheSettings(_Model):
 
 class CallerSettings(_Model):
     #: Headers tried in order for the caller number and name.
-    sources: tuple[Literal["from", "p-asserted-identity", "remote-party-id"], ...] = CALLER_SOURCES
+    sources: tuple[CallerSource, ...] = CALLER_SOURCES
     #: Country code added to national numbers (``1`` = NANP).
     default_country: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,2}$")] = "1"
 
@@ -310,9 +311,7 @@ def parse_config(data: Any, *, source: str = "config", base_dir: Path | None = N
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"{source}: {_key_path(tuple(err['loc']))}: {err['msg']}" for err in exc.errors()
-        ]
+        lines = [f"{source}: {_key_path(tuple(err['loc']))}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
     problems = _cross_check(config)
     if problems:

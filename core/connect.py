@@ -18,7 +18,9 @@ class BadRedisUrl(ValueError):
     """A Redis URL with a scheme this project does not know."""
 
 
-def connect(url: str, *, socket_timeout_s: float = 2.0, client_name: str = "callscreen") -> RedisClient:
+def connect(
+    url: str, *, socket_timeout_s: float = 2.0, client_name: str = "callscreen"
+) -> RedisClient:
     """A client for ``url``; no connection is made until the first command."""
     scheme = url.split("://", 1)[0].lower()
     if scheme not in ("redis", "rediss", "unix"):

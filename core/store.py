@@ -168,7 +168,7 @@ class ListStore:
             ids = range(start, min(start + BUCKETS_PER_READ, keys.NUMBER_BUCKETS))
             blobs = await self.redis.hmget(key, list(ids))
             for bucket, blob in zip(ids, blobs, strict=True):
-                if blob:
+                if isinstance(blob, bytes) and blob:
                     buckets[bucket] = unpack_bucket(blob)
         return buckets
 
@@ -209,7 +209,7 @@ class ListStore:
             return bool(await self.redis.sismember(base, entry))
         number = int(entry)
         blob = await self.redis.hget(base, str(keys.bucket_of(number)))
-        return bool(blob) and bucket_contains(unpack_bucket(blob), number)
+        return isinstance(blob, bytes) and bucket_contains(unpack_bucket(blob), number)
 
     # --- single-entry writes -------------------------------------------------------
     async def change(

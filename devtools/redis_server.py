@@ -135,10 +135,22 @@ def ensure(url: str, folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
-            find_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-            "--appendonly", "yes", "--daemonize", "yes",
-            "--pidfile", str(folder / "redis.pid"), "--logfile", str(folder / "redis.log"),
-        ],  # fmt: skip
+            find_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(folder),
+            "--appendonly",
+            "yes",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(folder / "redis.pid"),
+            "--logfile",
+            str(folder / "redis.log"),
+        ],
         check=True,
     )
     deadline = time.monotonic() + 10

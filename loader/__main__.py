@@ -59,7 +59,9 @@ async def _sync(config: Config, names: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -67,12 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.name is not None:
         if args.name not in config.lists:
-            print(f"unknown list {args.name!r}; configured: {', '.join(config.lists)}", file=sys.stderr)
+            print(
+                f"unknown list {args.name!r}; configured: {', '.join(config.lists)}",
+                file=sys.stderr,
+            )
             return 2
         names = [args.name]
     else:
         names = [name for name, spec in config.lists.items() if spec.source]
-    logger.info("syncing %s into Redis at %s", ", ".join(names) or "nothing", redact(config.redis.url))
+    logger.info(
+        "syncing %s into Redis at %s", ", ".join(names) or "nothing", redact(config.redis.url)
+    )
     return asyncio.run(_sync(config, names))
 
 

@@ -97,12 +97,11 @@ def _csv_rows(
         if cells[0].lstrip().startswith("#"):
             continue
         if index is None or (line == 1 and detect_header):
-            is_header = index is None or (
-                index < len(cells) and _looks_like_header(cells[index])
-            )
+            is_header = index is None or (index < len(cells) and _looks_like_header(cells[index]))
             if is_header:
                 index = _index(cells, column, where)
                 labels = [_index(cells, c, where) for c in label_columns]
                 continue
+        assert index is not None
         value = cells[index].strip() if index < len(cells) else ""
         yield Row(line, value, tuple(cells[i].strip() for i in labels if i < len(cells)))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from core.config import Config
 from core.store import ListStore, RedisClient
@@ -14,7 +14,7 @@ from service.screen import Screener
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", Metrics)
-REDIS = web.AppKey("redis", RedisClient)  # type: ignore[arg-type]
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 STORE = web.AppKey("store", ListStore)
 CACHE = web.AppKey("cache", ListCache)
 SCREENER = web.AppKey("screener", Screener)

@@ -74,7 +74,12 @@ class ListCache:
             if self.loaded.get(name) != seen and name not in self._loads:
                 task = asyncio.create_task(self._load(name), name=f"load-list-{name}")
                 self._loads[name] = task
-                task.add_done_callback(lambda _t, n=name: self._loads.pop(n, None))
+                task.add_done_callback(self._forget_load)
+
+    def _forget_load(self, task: asyncio.Task[None]) -> None:
+        for name, running in list(self._loads.items()):
+            if running is task:
+                del self._loads[name]
 
     async def load_all(self) -> None:
         """Poll and wait for every reload to finish (start-up and tests)."""

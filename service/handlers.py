@@ -47,9 +47,7 @@ async def _read_body(request: web.Request, screener: Screener) -> dict[str, Any]
     except orjson.JSONDecodeError as exc:
         raise BadRequest(400, "bad_json", f"request body is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise BadRequest(
-            400, "not_object", "request body must be a JSON object of SIP headers"
-        )
+        raise BadRequest(400, "not_object", "request body must be a JSON object of SIP headers")
     return body
 
 
@@ -57,7 +55,9 @@ def _policy(screener: Screener, request: web.Request) -> tuple[str, CompiledPoli
     trunk_group = request.match_info.get("trunk_group")
     found = screener.policy_for(trunk_group)
     if found is None:
-        logger.warning("request for unknown trunk group %r", trunk_group[:64] if trunk_group else "")
+        logger.warning(
+            "request for unknown trunk group %r", trunk_group[:64] if trunk_group else ""
+        )
         raise BadRequest(404, "unknown_trunk_group", f"unknown trunk group {trunk_group!r}")
     return found
 

