@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.keys import LIST_NAME_RE
 
@@ -130,9 +138,12 @@ class ListSpec(_Model):
     interval_s: Annotated[int, Field(gt=0)] | None = None
     #: A sync that would remove more than this share of the list is refused.
     max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.5
-    #: Source fetch timeout and retries (URLs).
+    #: URL sources: give up on an attempt when connecting, or waiting for data, takes
+    #: longer than this; then retry up to ``retries`` times with growing pauses.
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     retries: Annotated[int, Field(ge=0, le=10)] = 3
+    #: ``csv``, ``text`` (one entry a line) or ``auto`` (from the name; see loader/sources.py).
+    format: Literal["auto", "csv", "text"] = "auto"
 
 
 Match = Literal[
@@ -199,20 +210,68 @@ class Policy(_Model):
         return rules
 
 
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
+
+
+class AuthSettings(_Model):
+    """Who may call the screening endpoints. Nothing set (the default) lets anyone in.
+
+    Secrets never live in the file: each ``*_env`` key names the environment variable
+    that holds them (comma-separated values for rotation). Either a shared secret or
+    Basic credentials authenticate; ``allow_cidrs`` is checked on top of them.
+    """
+
+    #: Variable holding the shared secret, sent as ``/k/<secret>/...`` or ``?key=<secret>``.
+    secret_env: EnvName | None = None
+    #: HTTP Basic user, and the variable holding its password.
+    basic_user: Annotated[str, Field(pattern=r"^[^:\s]{1,128}$")] | None = None
+    basic_password_env: EnvName | None = None
+    #: Source networks allowed to call; empty allows any address.
+    allow_cidrs: tuple[IPvAnyNetwork, ...] = ()
+    #: Proxies whose ``X-Forwarded-For`` is believed when checking ``allow_cidrs``.
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
+
+    @model_validator(mode="after")
+    def _basic_pair(self) -> AuthSettings:
+        if (self.basic_user is None) != (self.basic_password_env is None):
+            raise ValueError("give both basic_user and basic_password_env, or neither")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret_env or self.basic_user or self.allow_cidrs)
+
+
 class TrunkGroup(_Model):
     policy: str
+    #: Replaces the top-level ``auth`` for this trunk group (``{}`` opens it).
+    auth: AuthSettings | None = None
 
 
 class AdminSettings(_Model):
     #: Environment variable holding the admin bearer tokens (comma-separated).
     tokens_env: str = "CALLSCREEN_ADMIN_TOKENS"
+    #: Largest admin request body (bulk changes), and most entries in one bulk change.
+    max_body_bytes: Annotated[int, Field(gt=0)] = 8 * 1024 * 1024
+    max_bulk_entries: Annotated[int, Field(gt=0)] = 100_000
 
 
 class LoaderSettings(_Model):
     metrics_host: str = "127.0.0.1"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
-    #: Numbers written to Redis per pipelined batch.
-    batch_size: Annotated[int, Field(gt=0)] = 100_000
+    #: Numbers written to Redis per pipelined batch (8 bytes each in loader memory).
+    batch_size: Annotated[int, Field(gt=0)] = 1_000_000
+    #: A full sync holds the list's lock with this TTL, refreshed while it works; a
+    #: killed loader's lock frees itself after this long.
+    lock_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    #: First pause before retrying a failed URL fetch; doubles each retry (max 30 s).
+    retry_backoff_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    #: ``loader run`` and ``loader apply`` fold a list's single-entry changes into a new
+    #: base once there are more than this many (0: never).
+    compact_over: Annotated[int, Field(ge=0)] = 100_000
+    #: Lists ``loader run`` syncs at the same time.
+    max_concurrent_syncs: Annotated[int, Field(gt=0, le=64)] = 2
 
 
 class Config(_Model):
@@ -222,6 +281,8 @@ class Config(_Model):
     cache: CacheSettings = CacheSettings()
     caller: CallerSettings = CallerSettings()
     admin: AdminSettings = AdminSettings()
+    #: Authentication of the screening endpoints (off unless set).
+    auth: AuthSettings = AuthSettings()
     loader: LoaderSettings = LoaderSettings()
     lists: dict[str, ListSpec] = {}
     policies: dict[str, Policy] = {"default": Policy()}

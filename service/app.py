@@ -20,7 +20,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from core.config import Config
 from core.connect import connect, redact
 from core.store import ListStore, RedisClient
-from service.appkeys import CACHE, CONFIG, METRICS, REDIS, REGISTRY, SCREENER, STORE
+from service.appkeys import AUTH, CACHE, CONFIG, METRICS, REDIS, REGISTRY, SCREENER, STORE
+from service.auth import HandlerAuth
 from service.cache import ListCache
 from service.errors import error_middleware
 from service.handlers import explain, healthz, readyz, screen
@@ -46,11 +47,15 @@ def create_app(
     app[CONFIG] = config
     app[REGISTRY] = registry if registry is not None else CollectorRegistry()
     app[METRICS] = Metrics(config, app[REGISTRY])
+    app[AUTH] = HandlerAuth(config, app[METRICS])  # secrets from the environment
     app.cleanup_ctx.append(_redis_ctx(redis))
     app.cleanup_ctx.append(_lists_ctx)
 
     app.router.add_post("/", screen)
     app.router.add_post("/tg/{trunk_group}", screen)
+    # The same two with the shared secret as a path segment (service/auth.py).
+    app.router.add_post("/k/{secret}", screen)
+    app.router.add_post("/k/{secret}/tg/{trunk_group}", screen)
     app.router.add_post("/v1/explain", explain)
     app.router.add_post("/v1/explain/tg/{trunk_group}", explain)
     app.router.add_get("/healthz", healthz)

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from core.config import Config
 from core.store import ListStore, RedisClient
+from service.auth import HandlerAuth
 from service.cache import ListCache
 from service.metrics import Metrics
 from service.screen import Screener
@@ -18,3 +19,4 @@ REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 STORE = web.AppKey("store", ListStore)
 CACHE = web.AppKey("cache", ListCache)
 SCREENER = web.AppKey("screener", Screener)
+AUTH = web.AppKey("auth", HandlerAuth)

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service.appkeys import METRICS
+from service.auth import redact_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         elif exc.status == 413:
             message = "request body too large"
         elif exc.status == 404:
-            message = f"no such endpoint: {request.path}"
+            message = f"no such endpoint: {redact_path(request.path)}"
         else:
             message = exc.reason
         return json_error(exc.status, message, headers or None)
     except Exception:
-        logger.exception("unexpected error on %s %s", request.method, request.path)
+        logger.exception("unexpected error on %s %s", request.method, redact_path(request.path))
         request.app[METRICS].error("internal")
         return json_error(500, "internal error")

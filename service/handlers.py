@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from service.appkeys import SCREENER
+from service.appkeys import AUTH, SCREENER
 from service.errors import json_error
 from service.policy import CompiledPolicy
 from service.screen import Decision, Screener
@@ -69,6 +69,8 @@ def _refuse(screener: Screener, exc: BadRequest) -> web.Response:
 
 async def screen(request: web.Request) -> web.Response:
     """``POST /`` and ``POST /tg/{trunk_group}``: the CarrierX external handler."""
+    if (refusal := request.app[AUTH].refuse(request)) is not None:
+        return refusal
     screener = request.app[SCREENER]
     started = time.perf_counter()
     try:
@@ -127,6 +129,8 @@ async def explain(request: web.Request) -> web.Response:
 
     Nothing is counted: explain leaves metrics and call-rate counters alone.
     """
+    if (refusal := request.app[AUTH].refuse(request)) is not None:
+        return refusal
     screener = request.app[SCREENER]
     try:
         group, policy = _policy(screener, request)
