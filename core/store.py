@@ -18,6 +18,7 @@ field, about 8 bytes a number (a plain Redis set takes ~50).
 
 from __future__ import annotations
 
+import math
 import sys
 from array import array
 from bisect import bisect_left
@@ -246,10 +247,12 @@ class ListStore:
         """Count one call per ``(rule_key, window_s)``; return calls per rule in the window.
 
         A sliding window approximated from two fixed ones: this window's count plus the
-        previous window's, weighted by how much of it still overlaps the sliding window.
-        One pipelined round trip whatever the number of rules; right across every
-        service instance because the counters live in Redis. ``increment=False`` only
-        reads (explain).
+        previous window's, weighted by how much of it still overlaps the sliding window,
+        rounded up (so ``count > limit`` is the estimate exceeding the limit, and a burst
+        that straddles a window boundary is not under-counted). One pipelined round trip
+        whatever the number of rules; right across every service instance because the
+        counters live in Redis. ``increment=False`` (explain) stores nothing but still
+        counts this call, so it reports what the call would be judged on.
         """
         async with self.redis.pipeline(transaction=False) as pipe:
             for rule_key, window_s in windows:
@@ -267,7 +270,8 @@ class ListStore:
         for i, (rule_key, window_s) in enumerate(windows):
             current, previous = replies[step * i], replies[step * i + step - 1]
             overlap = 1 - (now_s % window_s) / window_s
-            counts[rule_key] = int(current or 0) + int(int(previous or 0) * overlap)
+            weighted = math.ceil(int(previous or 0) * overlap - 1e-9)
+            counts[rule_key] = int(current or 0) + weighted + (0 if increment else 1)
         return counts
 
 
