@@ -1,20 +1,24 @@
 """``python -m service``: serve the screening handler.
 
-    python -m service --config config.yaml [--host H] [--port P]
+    python -m service [--config config.yaml] [--host H] [--port P] [--workers N]
+                      [--log-level INFO] [--log-format text|json]
 
+``--workers`` (default ``server.workers``; 0 = one per CPU core) above 1 starts a
+supervisor and that many worker processes on the same port (see service/workers.py).
 A bad config stops start-up with exit status 2 and the file, key path and problem.
+SIGTERM or SIGINT stops gracefully: no new connections, in-flight requests answered,
+Redis closed, exit status 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
 from core.config import ConfigError, load_config
+from service.logs import configure_logging
+from service.workers import Supervisor, serve_one, worker_count
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -22,7 +26,16 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="config file")
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument(
+        "--workers", type=int, help="worker processes, 0 = one per core (overrides server.workers)"
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), help="overrides server.log_format"
+    )
+    # Set by the supervisor for the workers it starts.
+    parser.add_argument("--worker-id", help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-dir", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -33,22 +46,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_format = args.log_format or config.server.log_format
     try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # uvloop is optional (e.g. not on Windows)
-        pass
-    from service.app import create_app
-
+        configure_logging(args.log_level, log_format)
+    except ValueError as exc:
+        print(f"bad --log-level: {exc}", file=sys.stderr)
+        return 2
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    web.run_app(create_app(config), host=host, port=port, access_log=None, print=None)
-    return 0
+    if args.worker_id is not None:
+        return serve_one(config, host, port, metrics_dir=args.metrics_dir, worker_id=args.worker_id)
+    if args.workers is not None and args.workers < 0:
+        print("--workers must be 0 (one per core) or more", file=sys.stderr)
+        return 2
+    workers = worker_count(args.workers if args.workers is not None else config.server.workers)
+    if workers == 1:
+        return serve_one(config, host, port)
+    worker_argv = [
+        "--config", str(args.config.resolve()),
+        "--log-level", args.log_level,
+        "--log-format", log_format,
+    ]  # fmt: skip
+    return Supervisor(host, port, workers, worker_argv).run()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from service.appkeys import AUTH, SCREENER
 from service.errors import json_error
+from service.logs import REQUEST_ID
 from service.policy import CompiledPolicy
 from service.screen import Decision, Screener
 
@@ -80,6 +81,7 @@ async def screen(request: web.Request) -> web.Response:
         return _refuse(screener, exc)
     try:
         call = screener.parser.parse(body)
+        REQUEST_ID.set(call.call_id)  # this request's task only: tags its log lines
         decision = await screener.decide(policy, call)
         screener.record(group, call, decision)
         answer = decision.evaluation.outcome.answer
@@ -148,7 +150,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: Redis confirmed the lists recently and every list a policy uses is loaded."""
+    """Ready: Redis confirmed the lists recently and every list a policy uses is loaded.
+
+    A list with a configured ``source`` that was never synced counts as not loaded (the
+    loader has not run); a list kept only through the admin API may be empty.
+    """
     screener = request.app[SCREENER]
     cache = screener.cache
     needed = frozenset().union(*(p.lists for p in screener.policies.values()))
@@ -158,6 +164,14 @@ async def readyz(request: web.Request) -> web.Response:
     missing = cache.missing(needed)
     if missing:
         reasons.append(f"lists not loaded: {', '.join(missing)}")
+    specs = screener.config.lists
+    never = sorted(
+        name
+        for name in needed
+        if specs[name].source is not None and cache.loaded.get(name, (0, 0)) == (0, 0)
+    )
+    if never and not missing:
+        reasons.append(f"lists never synced from their source: {', '.join(never)}")
     lists = {
         name: {"entries": obj.size, "gen": cache.loaded[name][0], "version": cache.loaded[name][1]}
         for name, obj in sorted(cache.lists.items())

@@ -99,10 +99,8 @@ class Metrics:
                 for dry in ("false", "true"):
                     child = self.decisions.labels(group, action, rule, dry)
                     self._decision_children[(group, action, rule, dry == "true")] = child
-        for kind in ERROR_KINDS:
-            self.errors.labels(kind)
-        for reason in FALLBACK_REASONS:
-            self.fallbacks.labels(reason)
+        self._error_children = {kind: self.errors.labels(kind) for kind in ERROR_KINDS}
+        self._fallback_children = {r: self.fallbacks.labels(r) for r in FALLBACK_REASONS}
         self.redis_poll = self.redis_seconds.labels("poll")
         self.redis_rate = self.redis_seconds.labels("rate")
         for name in config.lists:
@@ -113,7 +111,12 @@ class Metrics:
         self._decision_children[(trunk_group, action, rule, dry_run)].inc()
 
     def error(self, kind: str) -> None:
-        self.errors.labels(kind).inc()
+        """Count a refused request; ``kind`` is a constant, normally one of :data:`ERROR_KINDS`."""
+        child = self._error_children.get(kind)
+        if child is None:  # a kind added in code but not above: count it all the same
+            child = self._error_children[kind] = self.errors.labels(kind)
+        child.inc()
 
     def fallback(self, reason: str) -> None:
-        self.fallbacks.labels(reason).inc()
+        """Count an ``on_error`` answer; ``reason`` is one of :data:`FALLBACK_REASONS`."""
+        self._fallback_children[reason].inc()

@@ -115,22 +115,32 @@ class Screener:
             return self._fallback("list_not_loaded", str(exc))
 
     def record(self, group: str, call: Call, decision: Decision) -> None:
-        """Count a decision and log a rejected call (one line each)."""
+        """Count a decision and log a rejected call (one line each).
+
+        The log lines carry their fields twice: in the text (``k=v``) and as ``extra``
+        keys, which JSON logs turn into fields; the Call-ID comes with every line of the
+        request as its request id (service/logs.py).
+        """
         evaluation = decision.evaluation
         outcome = evaluation.outcome
         metrics = self.metrics
         metrics.decided(group, outcome.action, outcome.rule)
         for dry, _matched in evaluation.dry_runs:
             metrics.decided(group, dry.action, dry.rule, dry_run=True)
-            logger.info(
-                "dry-run match trunk_group=%s rule=%s list=%s caller=%s call_id=%s",
-                group, dry.rule, dry.list or "-", self._caller(call), call.call_id or "-",
-            )  # fmt: skip
+            self._log_call("dry-run match", group, dry.rule, dry.list, call)
         if outcome.action == "reject":
-            logger.info(
-                "rejected call trunk_group=%s rule=%s list=%s caller=%s call_id=%s",
-                group, outcome.rule, outcome.list or "-", self._caller(call), call.call_id or "-",
-            )  # fmt: skip
+            self._log_call("rejected call", group, outcome.rule, outcome.list, call)
+
+    def _log_call(
+        self, event: str, group: str, rule: str, list_name: str | None, call: Call
+    ) -> None:
+        caller = self._caller(call)
+        list_name = list_name or "-"
+        logger.info(
+            "%s trunk_group=%s rule=%s list=%s caller=%s",
+            event, group, rule, list_name, caller,
+            extra={"trunk_group": group, "rule": rule, "list": list_name, "caller": caller},
+        )  # fmt: skip
 
     def _caller(self, call: Call) -> str:
         number = call.caller

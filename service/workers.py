@@ -1,0 +1,340 @@
+"""Serving on every core: a supervisor and N worker processes sharing one port.
+
+``python -m service --workers N`` (or ``server.workers``; 0 = one per core):
+
+- **one worker**: the app runs in the calling process (:func:`serve_one`), with a plain
+  in-process metrics registry;
+- **several**: :class:`Supervisor` reserves host:port, makes a fresh metrics folder
+  (see :mod:`service.multiproc`), and starts N workers, each ``python -m service`` in
+  its own process group, binding host:port with ``SO_REUSEPORT`` so the kernel spreads
+  connections between them. A worker that dies is restarted (with a growing delay if it
+  keeps dying at start) and its counts are kept. SIGTERM or SIGINT to the supervisor is
+  forwarded to every worker as one SIGTERM; each stops accepting, finishes its
+  in-flight requests (up to :data:`SHUTDOWN_TIMEOUT_S`), closes Redis and exits; the
+  supervisor exits 0 when all of them did.
+
+Decisions: workers are fresh interpreters (not forks), so nothing is shared by accident
+and each builds its own list copies. They sit in their own process groups so a
+terminal's Ctrl-C reaches the supervisor only and each worker gets exactly one signal
+(a second one would cut aiohttp's graceful shutdown short). A worker whose supervisor
+vanished (killed with SIGKILL) notices within a second and stops gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from core.config import Config
+from service.multiproc import FLUSH_S, SharedRegistry, retire, snapshot, write_json
+
+logger = logging.getLogger(__name__)
+
+#: How long a stopping worker waits for in-flight requests (answers take milliseconds).
+SHUTDOWN_TIMEOUT_S = 10.0
+#: How long the supervisor waits for workers to stop before killing them.
+STOP_GRACE_S = SHUTDOWN_TIMEOUT_S + 5.0
+#: A worker that exits sooner than this after its start is restarted after a delay.
+MIN_UPTIME_S = 5.0
+RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+SUPERVISOR_ID = "supervisor"
+
+
+def worker_count(configured: int) -> int:
+    """``server.workers`` or ``--workers`` as a number of processes (0: one per core)."""
+    return configured if configured > 0 else (os.cpu_count() or 1)
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # optional (not on Windows)
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def serve_one(
+    config: Config,
+    host: str,
+    port: int,
+    *,
+    metrics_dir: Path | None = None,
+    worker_id: str | None = None,
+) -> int:
+    """Run the service in this process until SIGTERM/SIGINT; returns the exit status.
+
+    With ``metrics_dir`` this process is one worker of a :class:`Supervisor`: it binds
+    with ``SO_REUSEPORT``, shares its metrics through the folder, and stops if the
+    supervisor goes away.
+    """
+    from service.app import create_app
+
+    registry: CollectorRegistry
+    if metrics_dir is not None and worker_id is not None:
+        registry = SharedRegistry(metrics_dir, worker_id)
+    else:
+        registry = CollectorRegistry()
+    app = create_app(config, registry=registry)
+    if isinstance(registry, SharedRegistry):
+        app.cleanup_ctx.append(_flush_ctx(registry))
+        app.cleanup_ctx.append(_orphan_ctx(os.getppid()))
+    else:
+        logger.info("serving on http://%s:%d", host, port)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        reuse_port=metrics_dir is not None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        access_log=None,
+        print=None,
+        loop=_event_loop(),
+    )
+    return 0
+
+
+def _flush_ctx(registry: SharedRegistry) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def flush_ctx(app: web.Application) -> AsyncIterator[None]:
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(FLUSH_S)
+                try:
+                    registry.flush()
+                except OSError as exc:
+                    logger.warning("cannot write metrics snapshot: %s", exc)
+
+        registry.flush()
+        task = asyncio.create_task(flush_forever(), name="metrics-flush")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        registry.flush()  # runs after in-flight requests finished: the final counts
+
+    return flush_ctx
+
+
+def _orphan_ctx(parent_pid: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def orphan_ctx(app: web.Application) -> AsyncIterator[None]:
+        async def watch() -> None:
+            # Nothing signals a parent's death to a process in its own group: poll.
+            while True:
+                await asyncio.sleep(1.0)
+                if os.getppid() != parent_pid:
+                    break
+            logger.warning("supervisor %d is gone; stopping", parent_pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        task = asyncio.create_task(watch(), name="orphan-watch")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return orphan_ctx
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) host:port with ``SO_REUSEPORT``.
+
+    Fails fast when the port is taken, picks the port when ``port`` is 0, and keeps
+    other programs off it while workers come and go. A bound socket that does not
+    listen gets no connections: the workers' listening sockets share them.
+    """
+    family, kind, proto, _name, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class _Worker:
+    slot: int
+    process: subprocess.Popen[bytes] | None = None
+    worker_id: str = ""
+    started_at: float = 0.0
+    #: When to (re)start it; ``None`` while it runs.
+    start_at: float | None = 0.0
+    quick_deaths: int = 0
+
+
+class _SupervisorMetrics:
+    def __init__(self, registry: CollectorRegistry, workers: int) -> None:
+        self.restarts = Counter(
+            "callscreen_worker_restarts_total",
+            "Worker processes restarted after they exited unexpectedly.",
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "callscreen_workers", "Worker processes configured.", registry=registry
+        )
+        self.workers.set(workers)
+
+
+class Supervisor:
+    """Starts, watches and stops the worker processes (see the module docstring)."""
+
+    def __init__(self, host: str, port: int, workers: int, worker_argv: Sequence[str]) -> None:
+        """``worker_argv``: arguments for ``python -m service`` that every worker gets."""
+        self.host = host
+        self.port = port
+        self.workers = [_Worker(slot) for slot in range(workers)]
+        self.worker_argv = list(worker_argv)
+        self.stop_signal: int | None = None
+        self._serial = 0
+        self._registry = CollectorRegistry()
+        self._metrics = _SupervisorMetrics(self._registry, workers)
+        self._folder = Path()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; 0 when every worker stopped cleanly."""
+        try:
+            reserved = reserve_port(self.host, self.port)
+        except OSError as exc:
+            logger.error("cannot listen on %s:%d: %s", self.host, self.port, exc)
+            return 1
+        self.port = reserved.getsockname()[1]
+        self._folder = Path(tempfile.mkdtemp(prefix="callscreen-metrics-"))
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        previous = self._install_signals(wake_w)
+        try:
+            self._write_metrics()
+            logger.info(
+                "serving on http://%s:%d with %d workers", self.host, self.port, len(self.workers)
+            )
+            while self.stop_signal is None:
+                self._start_due()
+                select.select([wake_r], [], [], self._sleep_s())
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 1024)
+                self._reap()
+            logger.info("signal %d: stopping %d workers", self.stop_signal, len(self.workers))
+            return self._stop_all()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+            reserved.close()
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _install_signals(self, wake_fd: int) -> dict[int, Any]:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            if self.stop_signal is None:
+                self.stop_signal = signum
+
+        def child(signum: int, frame: FrameType | None) -> None:
+            pass  # the wake-up fd is what matters: it ends the select()
+
+        previous: dict[int, Any] = {
+            sig: signal.signal(sig, handler)
+            for sig, handler in (
+                (signal.SIGTERM, stop),
+                (signal.SIGINT, stop),
+                (signal.SIGCHLD, child),
+            )
+        }
+        signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+        return previous
+
+    def _sleep_s(self) -> float:
+        now = time.monotonic()
+        due = [w.start_at - now for w in self.workers if w.start_at is not None]
+        return max(0.0, min(due, default=5.0))
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.start_at is not None and worker.start_at <= now:
+                self._start(worker)
+
+    def _start(self, worker: _Worker) -> None:
+        self._serial += 1
+        worker.worker_id = f"worker-{self._serial}"
+        argv = [
+            sys.executable, "-m", "service", *self.worker_argv,
+            "--host", self.host, "--port", str(self.port),
+            "--worker-id", worker.worker_id, "--metrics-dir", str(self._folder),
+        ]  # fmt: skip
+        worker.process = subprocess.Popen(argv, process_group=0)
+        worker.started_at = time.monotonic()
+        worker.start_at = None
+        logger.info("worker %d started (pid %d)", worker.slot, worker.process.pid)
+
+    def _reap(self) -> None:
+        for worker in self.workers:
+            process = worker.process
+            if process is None or process.poll() is None:
+                continue
+            worker.process = None
+            retire(self._folder, worker.worker_id)
+            if self.stop_signal is not None:
+                continue
+            uptime_s = time.monotonic() - worker.started_at
+            worker.quick_deaths = worker.quick_deaths + 1 if uptime_s < MIN_UPTIME_S else 0
+            delay_s = (
+                RESTART_DELAYS_S[min(worker.quick_deaths, len(RESTART_DELAYS_S)) - 1]
+                if worker.quick_deaths
+                else 0.0
+            )
+            logger.warning(
+                "worker %d (pid %d) exited with status %s after %.1fs; restarting in %.1fs",
+                worker.slot, process.pid, process.returncode, uptime_s, delay_s,
+            )  # fmt: skip
+            worker.start_at = time.monotonic() + delay_s
+            self._metrics.restarts.inc()
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        write_json(self._folder / f"{SUPERVISOR_ID}.json", snapshot(self._registry))
+
+    def _stop_all(self) -> int:
+        running = [w.process for w in self.workers if w.process is not None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        clean = True
+        for process in running:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error("worker pid %d did not stop in %.0fs; killing it", process.pid,
+                             STOP_GRACE_S)  # fmt: skip
+                process.kill()
+                process.wait()
+            if process.returncode != 0:
+                clean = False
+                logger.warning("worker pid %d exited with status %s", process.pid,
+                               process.returncode)  # fmt: skip
+        logger.info("all workers stopped")
+        return 0 if clean else 1
