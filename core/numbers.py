@@ -68,7 +68,9 @@ def is_dialable(e164: str) -> bool:
 
     NANP (country code 1): exactly 11 digits, NPA and NXX not starting with 0 or 1,
     neither an N11 service code, and not the fictional 555-0100..555-0199 range.
-    Elsewhere: 7 to 15 digits (the shortest real E.164 numbers, e.g. Niue, have 7).
+    Elsewhere: 8 to 15 digits. A few territories (Niue, Tokelau) have 7-digit E.164
+    numbers, but a 7-digit caller ID is far more often a NANP local number with its area
+    code missing, so 7 digits count as invalid.
     """
     if e164.startswith("1"):
         if len(e164) != 11:
@@ -79,7 +81,7 @@ def is_dialable(e164: str) -> bool:
         if npa[1:] == "11" or nxx[1:] == "11":
             return False
         return not (nxx == "555" and line.startswith("01"))
-    return 7 <= len(e164) <= MAX_E164_DIGITS
+    return 8 <= len(e164) <= MAX_E164_DIGITS
 
 
 def normalise_prefix(raw: str) -> str | None:

@@ -8,6 +8,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from core.build import start_build
+from core.config import ListKind
+from core.entries import canonical
+from core.store import RedisClient
+
 #: The request CarrierX documents for its external handlers (SPEC §2).
 EXAMPLE_BODY: dict[str, Any] = {
     "Call-ID": ["243b35b872d5bb005af22dd9339e8149@10.1.10.190"],
@@ -76,3 +81,11 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(interval_s)
+
+
+async def load_list(redis: RedisClient, name: str, kind: ListKind, entries: list[str]) -> int:
+    """Replace a list with ``entries`` (canonicalised) by a real full sync; return version."""
+    builder = await start_build(redis, name, kind)
+    await builder.add([canonical(kind, e) for e in entries])
+    await builder.finish()
+    return await builder.commit({"source": "test"})

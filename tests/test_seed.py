@@ -7,22 +7,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from core.build import start_build
 from core.config import Config
-from tests.helpers import EXAMPLE_BODY, REJECT, body_from
-
-
-async def load_numbers(redis: Redis, name: str, numbers: list[str]) -> None:
-    builder = await start_build(redis, name, "numbers")
-    await builder.add(numbers)
-    await builder.finish()
-    await builder.commit({"source": "test"})
+from tests.helpers import EXAMPLE_BODY, REJECT, body_from, load_list
 
 
 async def test_example_body_is_rejected_when_caller_is_listed(
     redis: Redis, make_config: Callable[..., Config], make_client: Callable[..., Any]
 ) -> None:
-    await load_numbers(redis, "blocklist", ["15162065613"])
+    await load_list(redis, "blocklist", "numbers", ["15162065613"])
     client = await make_client(make_config(), redis_client=redis)
     response = await client.post("/", json=EXAMPLE_BODY)
     assert response.status == 200
@@ -33,7 +25,7 @@ async def test_example_body_is_rejected_when_caller_is_listed(
 async def test_example_body_with_unlisted_caller_continues(
     redis: Redis, make_config: Callable[..., Config], make_client: Callable[..., Any]
 ) -> None:
-    await load_numbers(redis, "blocklist", ["15162065613"])
+    await load_list(redis, "blocklist", "numbers", ["15162065613"])
     client = await make_client(make_config(), redis_client=redis)
     response = await client.post("/tg/main", json=body_from("15162065699"))
     assert response.status == 200
