@@ -18,7 +18,8 @@ from pathlib import Path
 
 from core.config import ConfigError, load_config
 from service.logs import configure_logging
-from service.workers import Supervisor, serve_one, worker_count
+from service.serve import serve_one
+from service.workers import Supervisor, worker_count
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:

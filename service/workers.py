@@ -2,27 +2,26 @@
 
 ``python -m service --workers N`` (or ``server.workers``; 0 = one per core):
 
-- **one worker**: the app runs in the calling process (:func:`serve_one`), with a plain
-  in-process metrics registry;
+- **one worker**: the app runs in the calling process
+  (:func:`service.serve.serve_one`), with a plain in-process metrics registry;
 - **several**: :class:`Supervisor` reserves host:port, makes a fresh metrics folder
   (see :mod:`service.multiproc`), and starts N workers, each ``python -m service`` in
   its own process group, binding host:port with ``SO_REUSEPORT`` so the kernel spreads
   connections between them. A worker that dies is restarted (with a growing delay if it
   keeps dying at start) and its counts are kept. SIGTERM or SIGINT to the supervisor is
   forwarded to every worker as one SIGTERM; each stops accepting, finishes its
-  in-flight requests (up to :data:`SHUTDOWN_TIMEOUT_S`), closes Redis and exits; the
+  in-flight requests, closes Redis and exits (see :mod:`service.serve`); the
   supervisor exits 0 when all of them did.
 
 Decisions: workers are fresh interpreters (not forks), so nothing is shared by accident
 and each builds its own list copies. They sit in their own process groups so a
 terminal's Ctrl-C reaches the supervisor only and each worker gets exactly one signal
-(a second one would cut aiohttp's graceful shutdown short). A worker whose supervisor
+(a second one would be ignored anyway). A worker whose supervisor
 vanished (killed with SIGKILL) notices within a second and stops gracefully.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -34,22 +33,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from core.config import Config
-from service.multiproc import FLUSH_S, SharedRegistry, retire, snapshot, write_json
+from service.multiproc import retire, snapshot, write_json
+from service.serve import SHUTDOWN_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
-#: How long a stopping worker waits for in-flight requests (answers take milliseconds).
-SHUTDOWN_TIMEOUT_S = 10.0
 #: How long the supervisor waits for workers to stop before killing them.
 STOP_GRACE_S = SHUTDOWN_TIMEOUT_S + 5.0
 #: A worker that exits sooner than this after its start is restarted after a delay.
@@ -61,96 +57,6 @@ SUPERVISOR_ID = "supervisor"
 def worker_count(configured: int) -> int:
     """``server.workers`` or ``--workers`` as a number of processes (0: one per core)."""
     return configured if configured > 0 else (os.cpu_count() or 1)
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # optional (not on Windows)
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
-def serve_one(
-    config: Config,
-    host: str,
-    port: int,
-    *,
-    metrics_dir: Path | None = None,
-    worker_id: str | None = None,
-) -> int:
-    """Run the service in this process until SIGTERM/SIGINT; returns the exit status.
-
-    With ``metrics_dir`` this process is one worker of a :class:`Supervisor`: it binds
-    with ``SO_REUSEPORT``, shares its metrics through the folder, and stops if the
-    supervisor goes away.
-    """
-    from service.app import create_app
-
-    registry: CollectorRegistry
-    if metrics_dir is not None and worker_id is not None:
-        registry = SharedRegistry(metrics_dir, worker_id)
-    else:
-        registry = CollectorRegistry()
-    app = create_app(config, registry=registry)
-    if isinstance(registry, SharedRegistry):
-        app.cleanup_ctx.append(_flush_ctx(registry))
-        app.cleanup_ctx.append(_orphan_ctx(os.getppid()))
-    else:
-        logger.info("serving on http://%s:%d", host, port)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        reuse_port=metrics_dir is not None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-        access_log=None,
-        print=None,
-        loop=_event_loop(),
-    )
-    return 0
-
-
-def _flush_ctx(registry: SharedRegistry) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def flush_ctx(app: web.Application) -> AsyncIterator[None]:
-        async def flush_forever() -> None:
-            while True:
-                await asyncio.sleep(FLUSH_S)
-                try:
-                    registry.flush()
-                except OSError as exc:
-                    logger.warning("cannot write metrics snapshot: %s", exc)
-
-        registry.flush()
-        task = asyncio.create_task(flush_forever(), name="metrics-flush")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        registry.flush()  # runs after in-flight requests finished: the final counts
-
-    return flush_ctx
-
-
-def _orphan_ctx(parent_pid: int) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def orphan_ctx(app: web.Application) -> AsyncIterator[None]:
-        async def watch() -> None:
-            # Nothing signals a parent's death to a process in its own group: poll.
-            while True:
-                await asyncio.sleep(1.0)
-                if os.getppid() != parent_pid:
-                    break
-            logger.warning("supervisor %d is gone; stopping", parent_pid)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        task = asyncio.create_task(watch(), name="orphan-watch")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return orphan_ctx
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -332,7 +238,8 @@ class Supervisor:
                              STOP_GRACE_S)  # fmt: skip
                 process.kill()
                 process.wait()
-            if process.returncode != 0:
+            # -SIGTERM: it was still starting, with nothing in flight.
+            if process.returncode not in (0, -signal.SIGTERM):
                 clean = False
                 logger.warning("worker pid %d exited with status %s", process.pid,
                                process.returncode)  # fmt: skip

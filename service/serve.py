@@ -1,0 +1,164 @@
+"""Running one server process: listen, serve, and stop gracefully on SIGTERM/SIGINT.
+
+The stop, in order:
+
+1. stop listening: new connections are refused (or go to other workers);
+2. **drain**: idle keep-alive connections are closed, while a connection with a request
+   in progress keeps reading until that request is answered, for up to
+   :data:`SHUTDOWN_TIMEOUT_S`;
+3. aiohttp's own cleanup: closes what is left, then the ``cleanup_ctx`` generators stop
+   the list refresher and close Redis (and a worker writes its last metrics).
+
+Why step 2 is ours: aiohttp's shutdown marks every connection closing at once, and a
+closing connection ignores bytes still arriving, so a request whose body was on the
+wire when SIGTERM came would never be answered (aio-libs/aiohttp#2298). CarrierX would
+then apply the trunk group's ``error_handler`` to a call we could have answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from core.config import Config
+from service.multiproc import FLUSH_S, SharedRegistry
+
+logger = logging.getLogger(__name__)
+
+#: How long a stopping process waits for requests in flight (answers take milliseconds).
+SHUTDOWN_TIMEOUT_S = 10.0
+#: What aiohttp's cleanup may still wait after the drain (only stuck handlers are left).
+_CLEANUP_TIMEOUT_S = 1.0
+_DRAIN_POLL_S = 0.005
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:  # optional (not on Windows)
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def serve_one(
+    config: Config,
+    host: str,
+    port: int,
+    *,
+    metrics_dir: Path | None = None,
+    worker_id: str | None = None,
+) -> int:
+    """Run the service in this process until SIGTERM/SIGINT; returns the exit status.
+
+    With ``metrics_dir`` and ``worker_id`` this process is one worker of a
+    :class:`service.workers.Supervisor`: it binds with ``SO_REUSEPORT``, shares its
+    metrics through the folder, and stops if the supervisor goes away.
+    """
+    from service.app import create_app
+
+    registry: CollectorRegistry
+    if metrics_dir is not None and worker_id is not None:
+        registry = SharedRegistry(metrics_dir, worker_id)
+    else:
+        registry = CollectorRegistry()
+    app = create_app(config, registry=registry)
+    if isinstance(registry, SharedRegistry):
+        app.cleanup_ctx.append(_flush_ctx(registry))
+        app.cleanup_ctx.append(_orphan_ctx(os.getppid()))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(
+            _serve(app, host, port, reuse_port=metrics_dir is not None, who=worker_id or "service")
+        )
+    return 0
+
+
+async def _serve(app: web.Application, host: str, port: int, *, reuse_port: bool, who: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Before start-up, so a signal while the lists load still ends in a clean stop.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLEANUP_TIMEOUT_S)
+    await runner.setup()
+    try:
+        if not stop.is_set():
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
+            await site.start()
+            logger.info("%s listening on http://%s:%d", who, host, port)
+            await stop.wait()
+            logger.info("%s stopping: no new connections; finishing requests in flight", who)
+            await site.stop()
+            await _drain(runner, SHUTDOWN_TIMEOUT_S)
+    finally:
+        await runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    logger.info("%s stopped", who)
+
+
+async def _drain(runner: web.AppRunner, timeout_s: float) -> None:
+    """Close connections as they become idle; return when none is left or at the timeout."""
+    server = runner.server
+    if server is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while server.connections and loop.time() < deadline:
+        for connection in server.connections:
+            # aiohttp has no public flag for this; without it every connection is idle
+            # and the drain degrades to aiohttp's own shutdown.
+            if not getattr(connection, "_request_in_progress", False):
+                connection.close()
+        await asyncio.sleep(_DRAIN_POLL_S)
+    if server.connections:
+        logger.warning("%d connections still busy after %.0fs", len(server.connections), timeout_s)
+
+
+def _flush_ctx(registry: SharedRegistry) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def flush_ctx(app: web.Application) -> AsyncIterator[None]:
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(FLUSH_S)
+                try:
+                    registry.flush()
+                except OSError as exc:
+                    logger.warning("cannot write metrics snapshot: %s", exc)
+
+        registry.flush()
+        task = asyncio.create_task(flush_forever(), name="metrics-flush")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        registry.flush()  # runs after in-flight requests finished: the final counts
+
+    return flush_ctx
+
+
+def _orphan_ctx(parent_pid: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def orphan_ctx(app: web.Application) -> AsyncIterator[None]:
+        async def watch() -> None:
+            # Nothing signals a parent's death to a process in its own group: poll.
+            while True:
+                await asyncio.sleep(1.0)
+                if os.getppid() != parent_pid:
+                    break
+            logger.warning("supervisor %d is gone; stopping", parent_pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        task = asyncio.create_task(watch(), name="orphan-watch")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return orphan_ctx
