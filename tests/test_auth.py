@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +14,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from core.build import start_build
-from core.config import Config, ConfigError
+from core.config import Config, ConfigError, load_config
 from service.app import create_app
+from service.auth import HandlerAuth
+from service.metrics import Metrics
 from tests.helpers import REJECT, body_from
 
 SECRET = "s3cret-Handler-Key-0123456789"
@@ -279,3 +282,15 @@ def test_bad_auth_settings_are_named(
     with pytest.raises(ConfigError) as caught:
         make_config(auth_config(auth))
     assert message in str(caught.value)
+
+
+def test_production_example_turns_handler_auth_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "config.production.yaml"
+    monkeypatch.delenv("CALLSCREEN_REDIS_URL", raising=False)
+    config = load_config(example)
+    assert config.auth.enabled
+    monkeypatch.setenv("CALLSCREEN_HANDLER_SECRET", SECRET)
+    monkeypatch.setenv("CALLSCREEN_HANDLER_PASSWORD", PASSWORD)
+    auth = HandlerAuth(config, Metrics(config, CollectorRegistry()))
+    assert auth.enabled
+    assert auth.default.secrets and auth.default.basic
