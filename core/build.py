@@ -2,9 +2,16 @@
 
 A sync streams canonical entries into a :class:`ListBuilder`, which writes them to keys
 nobody reads (with a TTL, so a killed sync leaves nothing behind for long). ``finish``
-turns them into the new base and counts the diff against the live one; ``commit`` then
-points ``meta.gen`` at it in one MULTI/EXEC, guarded by WATCH so two syncs of one list
-cannot both win. Until that EXEC, readers see the old list whole; after it, the new one.
+turns them into the new base and counts the diff against the live list (base plus
+single-entry changes); ``commit`` then points ``meta.gen`` at it in one MULTI/EXEC,
+guarded by WATCH so two syncs of one list cannot both win. Until that EXEC, readers see
+the old list whole; after it, the new one.
+
+One build per list at a time: :func:`start_build` takes the list's lock (a key with a
+TTL that the build keeps refreshing), so a second loader gets :class:`ListLocked` at
+once instead of wasting a full build. A build that dies (SIGKILL, lost connection)
+leaves its generation number in ``meta.building``; its keys expire on their own, and the
+next build of the list deletes them straight away.
 
 Memory stays flat whatever the list's size: numbers are buffered ``batch_size`` at a
 time and appended to per-bucket staging strings; ``finish`` then works one group of
@@ -14,6 +21,7 @@ buckets at a time.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,51 +35,156 @@ from core.config import ListKind
 from core.store import BUCKETS_PER_READ, RedisClient
 
 _LE_U64 = np.dtype("<u8")
+DEFAULT_LOCK_TTL_S = 30.0
+
+_REFRESH_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
 
 
 class SwapConflict(RuntimeError):
     """Another writer swapped the list while this sync was building; nothing was changed."""
 
 
+class ListLocked(RuntimeError):
+    """Another sync or compaction of the list is running (or died less than a TTL ago)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BuildResult:
-    """The new base and how it differs from the live one."""
+    """The new base and how it differs from the live list."""
 
     size: int
     added: int
     removed: int
     checksum: str
+    #: Entries on the live list before this build (base plus pending changes).
     old_size: int
+    #: A few of the added and removed entries, for ``--dry-run`` (``finish(sample=N)``).
+    added_sample: tuple[str, ...] = ()
+    removed_sample: tuple[str, ...] = ()
+
+
+class BuildLock:
+    """The list's build lock: a random token in ``keys.lock``, refreshed while building."""
+
+    def __init__(self, redis: RedisClient, name: str, ttl_s: float) -> None:
+        self.redis = redis
+        self.key = keys.lock(name)
+        self.name = name
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.token = secrets.token_hex(16)
+        self.held = False
+        self._refreshed = 0.0
+
+    async def acquire(self) -> None:
+        if not await self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            left_ms = int(await self.redis.pttl(self.key))
+            raise ListLocked(
+                f"list {self.name!r} is being synced by another loader "
+                f"(its lock expires in {max(left_ms, 0) / 1000:.1f} s unless refreshed)"
+            )
+        self.held = True
+        self._refreshed = time.monotonic()
+
+    async def refresh(self) -> None:
+        """Extend the lock; cheap to call often (it talks to Redis every ttl/4 at most)."""
+        now = time.monotonic()
+        if now - self._refreshed < self.ttl_ms / 4000:
+            return
+        kept = await self.redis.eval(_REFRESH_LOCK, 1, self.key, self.token, self.ttl_ms)
+        if not kept:
+            self.held = False
+            raise ListLocked(f"list {self.name!r}: lost the build lock (expired); build dropped")
+        self._refreshed = now
+
+    async def release(self) -> None:
+        if self.held:
+            self.held = False
+            await self.redis.eval(_RELEASE_LOCK, 1, self.key, self.token)
 
 
 class ListBuilder:
     """Builds one new base for a list; use :func:`start_build` to get one."""
 
-    def __init__(self, redis: RedisClient, name: str, kind: ListKind, gen: int, old_gen: int):
+    def __init__(
+        self,
+        redis: RedisClient,
+        name: str,
+        kind: ListKind,
+        gen: int,
+        old_gen: int,
+        *,
+        lock: BuildLock | None = None,
+    ) -> None:
         self.redis = redis
         self.name = name
         self.kind = kind
         self.gen = gen
         self.old_gen = old_gen
+        self.lock = lock
         self.result: BuildResult | None = None
+        #: Set once the swap happened; ``abort`` then leaves the (live) base alone.
+        self.committed = False
 
     async def add(self, entries: Iterable[str]) -> None:
         raise NotImplementedError
 
-    async def finish(self) -> BuildResult:
+    async def finish(self, *, sample: int = 0) -> BuildResult:
+        """Complete the new base and diff it against the live list.
+
+        ``sample`` keeps up to that many added and removed entries in the result.
+        """
         raise NotImplementedError
+
+    async def _refresh_lock(self) -> None:
+        if self.lock is not None:
+            await self.lock.refresh()
+
+    async def _live_deltas(self) -> tuple[set[str], set[str]]:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.smembers(keys.adds(self.name))
+            pipe.smembers(keys.dels(self.name))
+            adds, dels = await pipe.execute()
+        return {_text(a) for a in adds}, {_text(d) for d in dels}
 
     async def _delete_built(self) -> None:
         await self.redis.delete(keys.base(self.name, self.gen))
 
     async def abort(self) -> None:
         """Drop everything this build wrote; the live list is untouched."""
-        await self._delete_built()
+        try:
+            if self.committed:
+                return
+            await self._delete_built()
+            meta_key = keys.meta(self.name)
+            if int(await self.redis.hget(meta_key, "building") or 0) == self.gen:
+                await self.redis.hdel(meta_key, "building")
+        finally:
+            if self.lock is not None:
+                await self.lock.release()
 
-    async def commit(self, fields: Mapping[str, str | int | float]) -> int:
+    async def commit(
+        self,
+        fields: Mapping[str, str | int | float],
+        *,
+        expect_version: int | None = None,
+        compaction: bool = False,
+    ) -> int:
         """Swap the new base in; ``fields`` go to ``meta`` (source, rows, ...). Returns version.
 
-        Raises :class:`SwapConflict` if the live generation changed since the build began.
+        Raises :class:`SwapConflict` if the live generation changed since the build began,
+        or, with ``expect_version``, if any change reached the list since that version.
+        A ``compaction`` (same entries, new base) keeps the last sync's time and diff.
         """
         if self.result is None:
             raise RuntimeError("finish() the build before commit()")
@@ -87,17 +200,25 @@ class ListBuilder:
             "removed": self.result.removed,
             "synced_at": f"{time.time():.3f}",
         }
+        if compaction:
+            for kept in ("added", "removed", "synced_at"):
+                del new_meta[kept]
+            new_meta["compacted_at"] = f"{time.time():.3f}"
+        await self._refresh_lock()
         async with self.redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(meta_key)
-                current = int(await pipe.hget(meta_key, "gen") or 0)
-                if current != self.old_gen:
+                current, version = await pipe.hmget(meta_key, "gen", "version")
+                if int(current or 0) != self.old_gen:
                     raise SwapConflict(
                         f"list {self.name!r} was replaced by another sync while this one ran"
                     )
+                if expect_version is not None and int(version or 0) != expect_version:
+                    raise SwapConflict(f"list {self.name!r} changed while it was being rebuilt")
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.hset(meta_key, mapping=new_meta)  # type: ignore[arg-type]
                 pipe.hincrby(meta_key, "version", 1)
+                pipe.hdel(meta_key, "building")
                 pipe.delete(keys.adds(self.name), keys.dels(self.name))
                 if live_gen:
                     pipe.persist(keys.base(self.name, live_gen))
@@ -108,9 +229,26 @@ class ListBuilder:
                 raise SwapConflict(
                     f"list {self.name!r} changed generation while this sync swapped"
                 ) from None
+        self.committed = True
         if not live_gen:
             await self._delete_built()
+        if self.lock is not None:
+            await self.lock.release()
         return int(replies[1])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _by_bucket(entries: Iterable[str]) -> dict[int, np.ndarray[Any, Any]]:
+    """Canonical number strings grouped by bucket, each group sorted."""
+    numbers = np.array(sorted(int(e) for e in entries if e.isdigit()), dtype=_LE_U64)
+    groups: dict[int, np.ndarray[Any, Any]] = {}
+    buckets = numbers % keys.NUMBER_BUCKETS
+    for bucket in np.unique(buckets).tolist():
+        groups[bucket] = numbers[buckets == bucket]
+    return groups
 
 
 class NumberListBuilder(ListBuilder):
@@ -122,11 +260,15 @@ class NumberListBuilder(ListBuilder):
         name: str,
         gen: int,
         old_gen: int,
+        *,
         batch_size: int,
+        lock: BuildLock | None = None,
     ) -> None:
-        super().__init__(redis, name, "numbers", gen, old_gen)
+        super().__init__(redis, name, "numbers", gen, old_gen, lock=lock)
         self.batch_size = batch_size
         self._pending: list[int] = []
+        #: Buckets whose staging key already carries its TTL.
+        self._expiring = np.zeros(keys.NUMBER_BUCKETS, dtype=bool)
 
     async def add(self, entries: Iterable[str]) -> None:
         pending = self._pending
@@ -150,25 +292,35 @@ class NumberListBuilder(ListBuilder):
     async def _stage(self, numbers: np.ndarray[Any, Any]) -> None:
         if not numbers.size:
             return
+        await self._refresh_lock()
         buckets = numbers % keys.NUMBER_BUCKETS
         order = np.argsort(buckets, kind="stable")
         numbers, buckets = numbers[order], buckets[order]
         present, starts = np.unique(buckets, return_index=True)
         ends = [*starts[1:].tolist(), numbers.size]
+        expiring = self._expiring
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket, start, end in zip(present.tolist(), starts.tolist(), ends, strict=True):
                 key = keys.stage(self.name, self.gen, bucket)
                 pipe.append(key, numbers[start:end].tobytes())
-                pipe.expire(key, keys.STAGING_TTL_S)
+                # One EXPIRE per key is enough: APPEND keeps the TTL.
+                if not expiring[bucket]:
+                    pipe.expire(key, keys.STAGING_TTL_S)
+                    expiring[bucket] = True
             await pipe.execute()
 
-    async def finish(self) -> BuildResult:
+    async def finish(self, *, sample: int = 0) -> BuildResult:
         await self._flush()
+        live_adds, live_dels = await self._live_deltas()
+        adds_by_bucket, dels_by_bucket = _by_bucket(live_adds), _by_bucket(live_dels)
         new_key = keys.base(self.name, self.gen)
         old_key = keys.base(self.name, self.old_gen) if self.old_gen else None
         digest = hashlib.sha256()
         size = added = removed = old_size = 0
+        added_sample: list[int] = []
+        removed_sample: list[int] = []
         for first in range(0, keys.NUMBER_BUCKETS, BUCKETS_PER_READ):
+            await self._refresh_lock()
             ids = list(range(first, min(first + BUCKETS_PER_READ, keys.NUMBER_BUCKETS)))
             stage_keys = [keys.stage(self.name, self.gen, b) for b in ids]
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -182,11 +334,21 @@ class NumberListBuilder(ListBuilder):
             for bucket, staged, old_blob in zip(ids, replies[: len(ids)], olds, strict=True):
                 new = np.unique(np.frombuffer(staged or b"", dtype=_LE_U64))
                 old = np.frombuffer(old_blob or b"", dtype=_LE_U64)
+                if bucket in adds_by_bucket:
+                    old = np.union1d(old, adds_by_bucket[bucket])
+                if bucket in dels_by_bucket:
+                    old = np.setdiff1d(old, dels_by_bucket[bucket], assume_unique=True)
                 size += new.size
                 old_size += old.size
                 if new.size or old.size:
-                    added += np.setdiff1d(new, old, assume_unique=True).size
-                    removed += np.setdiff1d(old, new, assume_unique=True).size
+                    more = np.setdiff1d(new, old, assume_unique=True)
+                    fewer = np.setdiff1d(old, new, assume_unique=True)
+                    added += more.size
+                    removed += fewer.size
+                    if len(added_sample) < sample:
+                        added_sample.extend(more[: sample - len(added_sample)].tolist())
+                    if len(removed_sample) < sample:
+                        removed_sample.extend(fewer[: sample - len(removed_sample)].tolist())
                 if new.size:
                     blob = new.astype(_LE_U64, copy=False).tobytes()
                     packed[bucket] = blob
@@ -197,7 +359,15 @@ class NumberListBuilder(ListBuilder):
                     pipe.expire(new_key, keys.STAGING_TTL_S)
                 pipe.delete(*stage_keys)
                 await pipe.execute()
-        self.result = BuildResult(size, added, removed, "sha256:" + digest.hexdigest(), old_size)
+        self.result = BuildResult(
+            size,
+            added,
+            removed,
+            "sha256:" + digest.hexdigest(),
+            old_size,
+            tuple(str(n) for n in added_sample),
+            tuple(str(n) for n in removed_sample),
+        )
         return self.result
 
     async def _delete_built(self) -> None:
@@ -210,33 +380,26 @@ class NumberListBuilder(ListBuilder):
 
 
 class SetListBuilder(ListBuilder):
-    """Prefixes and names: a plain Redis set, small enough to diff with SDIFF."""
-
-    def __init__(
-        self, redis: RedisClient, name: str, kind: ListKind, gen: int, old_gen: int
-    ) -> None:
-        super().__init__(redis, name, kind, gen, old_gen)
+    """Prefixes and names: a plain Redis set, small enough to diff in memory."""
 
     async def add(self, entries: Iterable[str]) -> None:
         batch = list(entries)
         if batch:
+            await self._refresh_lock()
             key = keys.base(self.name, self.gen)
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.sadd(key, *batch)
                 pipe.expire(key, keys.STAGING_TTL_S)
                 await pipe.execute()
 
-    async def finish(self) -> BuildResult:
+    async def finish(self, *, sample: int = 0) -> BuildResult:
         new_key = keys.base(self.name, self.gen)
-        members = sorted(
-            m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(new_key)
-        )
+        members = sorted(_text(m) for m in await self.redis.smembers(new_key))
         old: set[str] = set()
         if self.old_gen:
-            old = {
-                m.decode() if isinstance(m, bytes) else m
-                for m in await self.redis.smembers(keys.base(self.name, self.old_gen))
-            }
+            old = {_text(m) for m in await self.redis.smembers(keys.base(self.name, self.old_gen))}
+        live_adds, live_dels = await self._live_deltas()
+        old = (old - live_dels) | live_adds
         new = set(members)
         digest = hashlib.sha256("\n".join(members).encode())
         self.result = BuildResult(
@@ -245,20 +408,55 @@ class SetListBuilder(ListBuilder):
             removed=len(old - new),
             checksum="sha256:" + digest.hexdigest(),
             old_size=len(old),
+            added_sample=tuple(sorted(new - old)[:sample]),
+            removed_sample=tuple(sorted(old - new)[:sample]),
         )
         return self.result
 
 
-async def start_build(
-    redis: RedisClient, name: str, kind: ListKind, *, batch_size: int = 100_000
+def _builder(
+    redis: RedisClient,
+    name: str,
+    kind: ListKind,
+    gens: tuple[int, int],
+    *,
+    batch_size: int,
+    lock: BuildLock | None,
 ) -> ListBuilder:
-    """Reserve a new generation for ``name`` and return a builder for it."""
-    meta_key = keys.meta(name)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hincrby(meta_key, "next_gen", 1)
-        pipe.hget(meta_key, "gen")
-        gen, old_gen = await pipe.execute()
-    old = int(old_gen or 0)
+    gen, old_gen = gens
     if kind == "numbers":
-        return NumberListBuilder(redis, name, int(gen), old, batch_size)
-    return SetListBuilder(redis, name, kind, int(gen), old)
+        return NumberListBuilder(redis, name, gen, old_gen, batch_size=batch_size, lock=lock)
+    return SetListBuilder(redis, name, kind, gen, old_gen, lock=lock)
+
+
+async def start_build(
+    redis: RedisClient,
+    name: str,
+    kind: ListKind,
+    *,
+    batch_size: int = 1_000_000,
+    lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
+) -> ListBuilder:
+    """Lock ``name``, reserve a new generation for it and return a builder for it.
+
+    Raises :class:`ListLocked` when another build of the list holds the lock. Keys left
+    by a build that died are deleted here.
+    """
+    lock = BuildLock(redis, name, lock_ttl_s)
+    await lock.acquire()
+    try:
+        meta_key = keys.meta(name)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(meta_key, "next_gen", 1)
+            pipe.hmget(meta_key, "gen", "building")
+            gen, (old_gen, dead_gen) = await pipe.execute()
+        old = int(old_gen or 0)
+        if dead_gen and int(dead_gen) not in (old, int(gen)):
+            # We hold the lock, so the build that wrote ``building`` is gone.
+            dead = _builder(redis, name, kind, (int(dead_gen), old), batch_size=1, lock=None)
+            await dead._delete_built()
+        await redis.hset(meta_key, "building", int(gen))
+    except BaseException:
+        await lock.release()
+        raise
+    return _builder(redis, name, kind, (int(gen), old), batch_size=batch_size, lock=lock)

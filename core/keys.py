@@ -10,6 +10,7 @@ slot and a swap can run in one MULTI/EXEC. Per list:
 ``{cs:<list>}:adds``            set: entries added since the base (admin API, delta files)
 ``{cs:<list>}:dels``            set: base entries removed since the base
 ``{cs:<list>}:stage:<gen>:<b>`` string: a numbers bucket being built by a sync (has a TTL)
+``{cs:<list>}:lock``            string: held by the one full sync or compaction running (TTL)
 
 Call-rate counters (one hash tag per caller, so they spread over a Cluster):
 
@@ -63,6 +64,10 @@ def dels(name: str) -> str:
 
 def stage(name: str, gen: int, bucket: int) -> str:
     return f"{_tag(name)}:stage:{gen}:{bucket}"
+
+
+def lock(name: str) -> str:
+    return _tag(name) + ":lock"
 
 
 def rate(caller: str, rule_key: str, window_index: int) -> str:

@@ -212,6 +212,23 @@ class ListStore:
         blob = await self.redis.hget(base, str(keys.bucket_of(number)))
         return isinstance(blob, bytes) and bucket_contains(unpack_bucket(blob), number)
 
+    async def meta_fields(self, name: str, *fields: str) -> dict[str, str]:
+        """Raw ``meta`` fields of a list (``""`` for a field not set)."""
+        values = await self.redis.hmget(keys.meta(name), list(fields))
+        return {f: _text(v) for f, v in zip(fields, values, strict=True)}
+
+    async def touch(self, name: str, fields: Mapping[str, str | int | float]) -> int:
+        """Record a sync that changed no entry: set ``fields`` in ``meta``, bump ``version``.
+
+        The version bump makes every service instance re-read the (unchanged) deltas and
+        with them the new ``synced_at``; the base is not reloaded. Returns the version.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.meta(name), mapping=dict(fields))  # type: ignore[arg-type]
+            pipe.hincrby(keys.meta(name), "version", 1)
+            replies = await pipe.execute()
+        return int(replies[-1])
+
     # --- single-entry writes -------------------------------------------------------
     async def change(
         self, name: str, kind: ListKind, *, add: Iterable[str] = (), remove: Iterable[str] = ()

@@ -1,9 +1,19 @@
 """``python -m loader``: keep the lists in Redis in step with their sources.
 
-    python -m loader [--config config.yaml] sync [--list NAME]
+    python -m loader [--config config.yaml] sync [--list NAME]... [--dry-run] [--force]
+    python -m loader [--config config.yaml] apply --list NAME FILE
+    python -m loader [--config config.yaml] compact [--list NAME]...
+    python -m loader [--config config.yaml] run
 
-``sync`` loads every list that has a source (or just ``--list NAME``) once and exits;
-the exit status is 0 when every list loaded, 1 when any failed, 2 on a bad config.
+``sync`` loads every list that has a source (or the ``--list`` ones) once. ``--dry-run``
+builds aside, prints the diff and writes nothing; ``--force`` overrides the empty-source
+and removal-share guards (and refetches a URL without ``If-None-Match``).
+``apply`` applies a delta file (see :mod:`loader.delta`); ``compact`` folds single-entry
+changes into a new base; ``run`` syncs on each list's ``interval_s`` and serves
+``/metrics`` until SIGTERM.
+
+Exit status: 0 when everything went through, 1 when a list failed or was refused (for
+``--dry-run``: when a real sync would be), 2 on a bad config or command line.
 """
 
 from __future__ import annotations
@@ -11,12 +21,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from core.config import Config, ConfigError, load_config
 from core.connect import connect, redact
-from loader.sync import SyncError, sync_list
+from core.store import RedisClient
+from loader.delta import apply_delta, compact_list
+from loader.metrics import LoaderMetrics
+from loader.schedule import Scheduler, bound_port, scheduled_lists, serve_metrics
+from loader.sync import SyncError, SyncOptions, SyncRefused, sync_list
 
 logger = logging.getLogger("loader")
 
@@ -25,26 +42,56 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loader", description="List loader")
     parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="config file")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "log", "off"),
+        default="auto",
+        help="auto: a bar on a terminal, log lines otherwise",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     sync = commands.add_parser("sync", help="load lists from their sources once")
-    sync.add_argument("--list", dest="name", help="only this list")
+    sync.add_argument("--list", dest="names", action="append", help="only this list (repeatable)")
+    sync.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    sync.add_argument("--force", action="store_true", help="override the guards")
+    apply = commands.add_parser("apply", help="apply a delta file of +entry / -entry lines")
+    apply.add_argument("--list", dest="name", required=True)
+    apply.add_argument("file", type=Path)
+    compact = commands.add_parser("compact", help="fold single-entry changes into the base")
+    compact.add_argument("--list", dest="names", action="append", help="only this list")
+    commands.add_parser("run", help="sync on schedule and serve /metrics until SIGTERM")
     return parser.parse_args(argv)
 
 
-async def _sync(config: Config, names: list[str]) -> int:
+def _check_names(config: Config, names: list[str]) -> str | None:
+    unknown = [n for n in names if n not in config.lists]
+    if unknown:
+        return f"unknown list {unknown[0]!r}; configured: {', '.join(config.lists) or 'none'}"
+    return None
+
+
+async def _sync(config: Config, names: list[str], options: SyncOptions) -> int:
     redis = connect(config.redis.url, client_name="callscreen-loader")
-    failed = 0
+    status = 0
     try:
         for name in names:
             try:
-                report = await sync_list(redis, config, name)
-            except (SyncError, OSError) as exc:
-                failed += 1
+                report = await sync_list(redis, config, name, options)
+            except SyncRefused as exc:
+                status = 1
+                logger.error("%s", exc)
+                continue
+            except SyncError as exc:
+                status = 1
                 logger.error("sync failed, the old list is kept: %s", exc)
                 continue
             except Exception as exc:  # Redis errors and the like: report, go on
-                failed += 1
-                logger.error("%s: sync failed, the old list is kept: %s", name, exc)
+                status = 1
+                logger.error("%s: sync failed, the old list is kept: %r", name, exc)
+                continue
+            if options.dry_run:
+                print("\n".join(report.diff_lines()), flush=True)
+                if report.refusal:
+                    status = 1
                 continue
             for line in report.bad_rows:
                 logger.warning("skipped bad row %s", line)
@@ -54,33 +101,97 @@ async def _sync(config: Config, names: list[str]) -> int:
             logger.info("synced %s", report.summary())
     finally:
         await redis.aclose()
-    return 1 if failed else 0
+    return status
+
+
+async def _apply(config: Config, name: str, path: Path, progress: str) -> int:
+    redis = connect(config.redis.url, client_name="callscreen-loader")
+    try:
+        report = await apply_delta(redis, config, name, path, progress=progress)
+    except SyncError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        await redis.aclose()
+    for line in report.bad_lines:
+        logger.warning("skipped bad line %s", line)
+    logger.info("%s", report.summary())
+    return 1 if report.rejected else 0
+
+
+async def _compact(config: Config, names: list[str]) -> int:
+    redis = connect(config.redis.url, client_name="callscreen-loader")
+    status = 0
+    try:
+        for name in names:
+            try:
+                version = await compact_list(redis, config, name)
+            except Exception as exc:
+                status = 1
+                logger.error("%s: compaction failed, nothing changed: %s", name, exc)
+                continue
+            if version is None:
+                logger.info("%s: no pending changes to compact", name)
+    finally:
+        await redis.aclose()
+    return status
+
+
+async def _run(config: Config, redis: RedisClient | None = None) -> int:
+    redis = redis or connect(config.redis.url, client_name="callscreen-loader")
+    registry = CollectorRegistry()
+    metrics = LoaderMetrics(registry, scheduled_lists(config))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = await serve_metrics(registry, config.loader.metrics_host, config.loader.metrics_port)
+    logger.info(
+        "serving loader metrics on http://%s:%d/metrics",
+        config.loader.metrics_host,
+        bound_port(runner),
+    )
+    try:
+        await Scheduler(redis, config, metrics).run(stop)
+    finally:
+        logger.info("stopping")
+        await runner.cleanup()
+        await redis.aclose()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2
-    if args.name is not None:
-        if args.name not in config.lists:
-            print(
-                f"unknown list {args.name!r}; configured: {', '.join(config.lists)}",
-                file=sys.stderr,
-            )
+    if args.command == "run":
+        return asyncio.run(_run(config))
+    if args.command == "apply":
+        problem = _check_names(config, [args.name])
+        if problem:
+            print(problem, file=sys.stderr)
             return 2
-        names = [args.name]
-    else:
-        names = [name for name, spec in config.lists.items() if spec.source]
+        return asyncio.run(_apply(config, args.name, args.file, args.progress))
+    names = args.names or [
+        name for name, spec in config.lists.items() if args.command == "compact" or spec.source
+    ]
+    problem = _check_names(config, names)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if args.command == "compact":
+        return asyncio.run(_compact(config, names))
     logger.info(
         "syncing %s into Redis at %s", ", ".join(names) or "nothing", redact(config.redis.url)
     )
-    return asyncio.run(_sync(config, names))
+    options = SyncOptions(dry_run=args.dry_run, force=args.force, progress=args.progress)
+    return asyncio.run(_sync(config, names, options))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,21 @@
-"""Reading list sources: CSV or plain-text files, one entry per row.
+"""Reading list sources: CSV or plain text, plain or gzip-compressed, one entry per row.
 
-Plain text (any extension but ``.csv``/``.csv.gz``): one entry a line; blank lines and
-lines starting with ``#`` are skipped. CSV: the entry is in ``column`` (a 0-based index,
-or a header name, which makes the first row a header). With an index, a first row whose
-entry cell has letters but no digits is taken as a header too.
+A source is read from a binary file: the local file itself, or the temporary file an
+``http(s)://`` source was downloaded to (:mod:`loader.fetch`). Rows stream through; the
+file is never held in memory.
+
+- **gzip** is recognised by its magic bytes, whatever the name says.
+- **Format**: ``csv`` or ``text`` from the list's ``format``; with ``auto`` (the default)
+  a name ending ``.csv`` or ``.csv.gz``, a ``text/csv`` content type, a column name, a
+  column index other than 0 or any label columns mean CSV, anything else plain text.
+- **Plain text**: one entry a line; blank lines and lines starting with ``#`` are skipped.
+- **CSV**: the entry is in ``column`` (a 0-based index, or a header name, which makes the
+  first row a header). With an index, a first row whose entry cell has letters but no
+  digits is taken as a header too (not for ``names`` lists, whose entries are words).
+  Empty rows and rows whose first cell starts with ``#`` are skipped. A UTF-8 byte order
+  mark (Excel) is dropped.
+- **Labels**: ``label_columns`` (indexes or header names) are read with each row and
+  available as :attr:`Rows.labels` while that row is current.
 """
 
 from __future__ import annotations
@@ -11,63 +23,49 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Literal
+
+Format = Literal["csv", "text"]
+_GZIP_MAGIC = b"\x1f\x8b"
+#: Rows read per chunk.
+CHUNK_ROWS = 8192
 
 
 class SourceError(Exception):
     """A source that cannot be read at all (missing file, unknown column, ...)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    line: int
-    value: str
-    labels: tuple[str, ...] = ()
+def choose_format(
+    configured: str,
+    name: str,
+    column: int | str = 0,
+    label_columns: tuple[int | str, ...] = (),
+    content_type: str = "",
+) -> Format:
+    """The format of a source: ``configured`` unless it is ``auto`` (see module doc)."""
+    if configured in ("csv", "text"):
+        return "csv" if configured == "csv" else "text"
+    lowered = name.lower().split("?", 1)[0]
+    if lowered.endswith((".csv", ".csv.gz")) or content_type.lower().startswith("text/csv"):
+        return "csv"
+    if column != 0 or label_columns:
+        return "csv"
+    return "text"
+
+
+def open_local(path: str | Path) -> IO[bytes]:
+    """Open a local source file for :class:`Rows`; raise SourceError if it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise SourceError(f"cannot open {path}: {exc.strerror}") from None
 
 
 def _looks_like_header(cell: str) -> bool:
     return any(c.isalpha() for c in cell) and not any(c.isdigit() for c in cell)
-
-
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return path.open(encoding="utf-8", errors="replace", newline="")
-
-
-def _is_csv(path: Path) -> bool:
-    suffixes = path.suffixes
-    return bool(suffixes) and (suffixes[-1] == ".csv" or suffixes[-2:] == [".csv", ".gz"])
-
-
-def read_rows(
-    path: str | Path,
-    column: int | str = 0,
-    label_columns: tuple[int | str, ...] = (),
-    *,
-    detect_header: bool = True,
-) -> Iterator[Row]:
-    """Yield the rows of a local source; blank and comment lines are skipped.
-
-    ``detect_header=False`` (names lists, whose entries are words) only treats the first
-    row as a header when ``column`` is a name.
-    """
-    path = Path(path)
-    try:
-        handle = _open_text(path)
-    except OSError as exc:
-        raise SourceError(f"cannot open {path}: {exc.strerror}") from None
-    with handle:
-        if _is_csv(path):
-            yield from _csv_rows(handle, column, label_columns, str(path), detect_header)
-        else:
-            for number, line in enumerate(handle, start=1):
-                value = line.strip()
-                if value and not value.startswith("#"):
-                    yield Row(number, value)
 
 
 def _index(header: list[str], column: int | str, where: str) -> int:
@@ -80,28 +78,162 @@ def _index(header: list[str], column: int | str, where: str) -> int:
         raise SourceError(f"{where}: no column named {column!r} in header {header}") from None
 
 
-def _csv_rows(
-    handle: IO[str],
-    column: int | str,
-    label_columns: tuple[int | str, ...],
-    where: str,
-    detect_header: bool,
-) -> Iterator[Row]:
-    reader = csv.reader(handle)
-    index: int | None = None if isinstance(column, str) else column
-    labels: list[int] = [c for c in label_columns if isinstance(c, int)]
-    for cells in reader:
-        line = reader.line_num
-        if not cells or (len(cells) == 1 and not cells[0].strip()):
-            continue
-        if cells[0].lstrip().startswith("#"):
-            continue
-        if index is None or (line == 1 and detect_header):
-            is_header = index is None or (index < len(cells) and _looks_like_header(cells[index]))
-            if is_header:
-                index = _index(cells, column, where)
-                labels = [_index(cells, c, where) for c in label_columns]
-                continue
-        assert index is not None
-        value = cells[index].strip() if index < len(cells) else ""
-        yield Row(line, value, tuple(cells[i].strip() for i in labels if i < len(cells)))
+class Rows:
+    """The rows of one source, read once, in chunks (a per-row generator costs too much).
+
+    :meth:`chunks` yields lists holding each row's entry cell (not stripped for CSV: the
+    normaliser handles separators), ``None`` for a blank or comment row. While a chunk is
+    current, :meth:`line_of` and :meth:`labels_of` tell about its rows;
+    :meth:`position` says how far into the (compressed) file reading has got.
+    """
+
+    def __init__(
+        self,
+        raw: IO[bytes],
+        fmt: Format,
+        *,
+        column: int | str = 0,
+        label_columns: tuple[int | str, ...] = (),
+        where: str = "source",
+        detect_header: bool = True,
+    ) -> None:
+        if fmt == "text" and (column != 0 or label_columns):
+            raise SourceError(f"{where}: a plain-text source has one column; use format csv")
+        self.raw = raw
+        self.fmt = fmt
+        self.column = column
+        self.label_columns = label_columns
+        self.where = where
+        self.detect_header = detect_header
+        self.header: list[str] | None = None
+        self._reader: Any = None  # the csv reader, once reading a CSV
+        self._label_index: list[int] = []
+        # The current chunk: lines read before it, its CSV rows, one line per row?
+        self._before = 0
+        self._cells: list[list[str]] = []
+        self._one_line_each = True
+        try:
+            raw.seek(0, io.SEEK_END)
+            self.total_bytes = raw.tell()
+            raw.seek(0)
+            compressed = raw.read(2) == _GZIP_MAGIC
+            raw.seek(0)
+        except OSError as exc:
+            raise SourceError(f"{where}: cannot read: {exc.strerror}") from None
+        binary: IO[bytes] = raw
+        if compressed:
+            binary = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+        self._handle = io.TextIOWrapper(
+            binary, encoding="utf-8-sig", errors="replace", newline="" if fmt == "csv" else None
+        )
+
+    def line_of(self, i: int) -> int:
+        """The line (1-based) on which row ``i`` of the current chunk starts."""
+        if self._one_line_each:
+            return self._before + 1 + i
+        # A quoted CSV cell spanned lines somewhere in this chunk: count them.
+        return (
+            self._before + 1 + sum(1 + sum(c.count("\n") for c in row) for row in self._cells[:i])
+        )
+
+    def labels_of(self, i: int) -> tuple[str, ...]:
+        """The label cells of row ``i`` of the current chunk (CSV with label columns)."""
+        cells = self._cells[i]
+        width = len(cells)
+        return tuple(cells[j].strip() if j < width else "" for j in self._label_index)
+
+    def position(self) -> int:
+        """Bytes of the source file consumed so far (compressed bytes for gzip)."""
+        try:
+            return self.raw.tell()
+        except (OSError, ValueError):
+            return 0
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> Rows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def chunks(self) -> Iterator[list[str | None]]:
+        """The entry cells, up to ``CHUNK_ROWS`` rows at a time (see the class doc)."""
+        try:
+            if self.fmt == "text":
+                yield from self._text_chunks()
+            else:
+                yield from self._csv_chunks()
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise SourceError(
+                f"{self.where}: read failed near line {self._line()}: {exc}"
+            ) from None
+        except csv.Error as exc:
+            raise SourceError(f"{self.where}: bad CSV at line {self._line()}: {exc}") from None
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        """``(line, entry cell)`` of every row but blank and comment ones."""
+        for chunk in self.chunks():
+            for i, value in enumerate(chunk):
+                if value is not None:
+                    yield self.line_of(i), value
+
+    def _line(self) -> int:
+        return int(self._reader.line_num) if self._reader is not None else self._before
+
+    def _text_chunks(self) -> Iterator[list[str | None]]:
+        handle = self._handle
+        while lines := list(itertools.islice(handle, CHUNK_ROWS)):
+            yield [v if (v := text.strip()) and v[0] != "#" else None for text in lines]
+            self._before += len(lines)
+
+    def _csv_chunks(self) -> Iterator[list[str | None]]:
+        reader = csv.reader(self._handle)
+        self._reader = reader
+        found = self._csv_header(reader)
+        if found is None:
+            return
+        index, before, first = found
+        if first is not None:
+            self._chunk(before, [first], reader.line_num - before == 1)
+            yield [first[index] if index < len(first) else ""]
+        while True:
+            before = reader.line_num
+            rows = list(itertools.islice(reader, CHUNK_ROWS))
+            if not rows:
+                return
+            self._chunk(before, rows, reader.line_num - before == len(rows))
+            yield [
+                (c[index] if len(c) > index else "") if c and c[0][:1] != "#" else None
+                for c in rows
+            ]
+
+    def _chunk(self, before: int, rows: list[list[str]], one_line_each: bool) -> None:
+        self._before = before
+        self._cells = rows
+        self._one_line_each = one_line_each
+
+    def _csv_header(self, reader: Iterator[list[str]]) -> tuple[int, int, list[str] | None] | None:
+        """Entry column, and the first row (with the lines before it) unless a header."""
+        while True:
+            before = self._reader.line_num
+            cells = next(reader, None)
+            if cells is None:
+                return None
+            if cells and cells[0][:1] != "#":
+                break
+        column = self.column
+        is_header = isinstance(column, str) or (
+            self.detect_header and column < len(cells) and _looks_like_header(cells[column])
+        )
+        if is_header:
+            self.header = cells
+            self._label_index = [_index(cells, c, self.where) for c in self.label_columns]
+            return _index(cells, column, self.where), before, None
+        names = [c for c in self.label_columns if isinstance(c, str)]
+        if names:
+            raise SourceError(f"{self.where}: label columns {names} need a header row")
+        assert isinstance(column, int)
+        self._label_index = [c for c in self.label_columns if isinstance(c, int)]
+        return column, before, cells

@@ -1,91 +1,398 @@
-"""One full sync of one list: read the source, normalise, build aside, swap.
+"""One full sync of one list: fetch, read, normalise, build aside, check, swap.
 
 Rows that do not normalise are skipped and reported with their line numbers; the rest
 of the list still loads. The swap is atomic (see :mod:`core.build`): readers see the
-old list until the new one is complete, and a failed sync changes nothing.
+old list until the new one is complete, and a failed, refused or killed sync changes
+nothing.
+
+Outcomes: ``success`` (swapped in), ``unchanged`` (a ``304``, or a source whose entries
+equal the live list's: nothing is rewritten, only ``synced_at`` moves), ``dry_run``
+(built, diffed, dropped), or an exception: :class:`SyncRefused` when a guard stopped it,
+:class:`SyncError` when the source could not be read.
+
+Guards (``--force`` overrides the first two):
+
+- a source with no valid entry is refused;
+- a sync that would remove more than ``max_removal_share`` of the live list is refused;
+- an unreachable or unreadable source fails, after the fetch's retries.
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
+import contextlib
+import tempfile
+import time
+from array import array
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import IO
 
-from core.build import BuildResult, start_build
+import aiohttp
+import numpy as np
+
+from core.build import BuildResult, ListBuilder, ListLocked, NumberListBuilder, start_build
 from core.config import Config, ListSpec
+from core.connect import redact
 from core.entries import BadEntry, canonical
-from core.store import RedisClient
-from loader.sources import SourceError, read_rows
+from core.numbers import normalise
+from core.store import ListStore, RedisClient
+from loader.fetch import Fetched, FetchError, Validators, fetch
+from loader.progress import Progress, make_progress
+from loader.sources import Rows, SourceError, choose_format, open_local
 
-logger = logging.getLogger(__name__)
 #: Bad rows reported one by one; the rest are only counted.
 MAX_REPORTED_BAD_ROWS = 20
+#: Rows between progress updates and event-loop yields (a power of two: a mask test).
+_CHECK_MASK = (1 << 16) - 1
+#: Entries per batch for prefixes and names lists.
+SET_BATCH = 50_000
+#: Distinct values counted per label column; the rest are "(other)".
+MAX_LABEL_VALUES = 20
 
 
 class SyncError(Exception):
     """A sync that could not run; the old list is untouched."""
 
 
+class SyncRefused(SyncError):
+    """A guard stopped the sync (empty source, too many removals); ``--force`` overrides."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOptions:
+    dry_run: bool = False
+    force: bool = False
+    #: ``auto`` (a bar on a terminal, log lines otherwise), ``log`` or ``off``.
+    progress: str = "auto"
+    #: Added/removed entries kept for the dry-run diff.
+    sample: int = 5
+
+
 @dataclass(slots=True)
 class SyncReport:
     name: str
     source: str
+    outcome: str = "failed"
     rows_read: int = 0
     rows_rejected: int = 0
     bad_rows: list[str] = field(default_factory=list)
     result: BuildResult | None = None
     version: int | None = None
+    not_modified: bool = False
+    #: Dry run: the message a real sync would be refused with, if any.
+    refusal: str | None = None
+    #: Per label column: how many accepted rows carried each value.
+    labels: dict[str, Counter[str]] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def reject(self, line: int, reason: str) -> None:
+        self.rows_rejected += 1
+        if len(self.bad_rows) < MAX_REPORTED_BAD_ROWS:
+            self.bad_rows.append(f"{self.source}:{line}: {reason}")
 
     def summary(self) -> str:
+        if self.not_modified:
+            return f"{self.name}: unchanged, {self.source} not modified since the last sync"
         if self.result is None:
             return f"{self.name}: nothing loaded"
         r = self.result
+        state = {"unchanged": "unchanged", "dry_run": "dry run, nothing written"}.get(
+            self.outcome, f"version {self.version}"
+        )
         return (
             f"{self.name}: {r.size} entries from {self.source} "
             f"({self.rows_read} rows read, {self.rows_rejected} rejected; "
-            f"+{r.added} -{r.removed}); version {self.version}"
+            f"+{r.added} -{r.removed}); {state} in {self.duration_s:.1f} s"
         )
 
+    def diff_lines(self) -> list[str]:
+        """The dry-run report: counts, a few added and removed entries, the verdict."""
+        lines = [f"{self.name}: dry run, nothing written"]
+        if self.not_modified:
+            lines.append(f"  {self.source} not modified since the last sync: nothing would change")
+            return lines
+        r = self.result
+        if r is None:
+            return lines
+        lines += [
+            f"  source:   {self.source} ({self.rows_read} rows read, "
+            f"{self.rows_rejected} rejected)",
+            f"  entries:  {r.old_size} now -> {r.size} after the sync (+{r.added} -{r.removed})",
+        ]
+        if r.added_sample:
+            lines.append(f"  added:    {_sample(r.added_sample, r.added)}")
+        if r.removed_sample:
+            lines.append(f"  removed:  {_sample(r.removed_sample, r.removed)}")
+        for column, counts in self.labels.items():
+            shown = ", ".join(f"{value or '(empty)'}: {n}" for value, n in counts.most_common(5))
+            lines.append(f"  label {column}: {shown}")
+        lines += [f"  bad row   {bad}" for bad in self.bad_rows]
+        if self.refusal:
+            lines.append(f"  a real sync would be REFUSED: {self.refusal}")
+        else:
+            lines.append("  a real sync would go ahead")
+        return lines
 
-async def sync_list(redis: RedisClient, config: Config, name: str) -> SyncReport:
+
+def _sample(entries: tuple[str, ...], total: int) -> str:
+    more = total - len(entries)
+    return ", ".join(entries) + (f" (and {more} more)" if more > 0 else "")
+
+
+def refusal(name: str, spec: ListSpec, report: SyncReport, result: BuildResult) -> str | None:
+    """Why the guards stop this sync, or None if it may go ahead."""
+    if result.size == 0:
+        return (
+            f"{name}: refused: {report.source} has no valid entries ({report.rows_read} rows "
+            f"read, {report.rows_rejected} rejected); the old list of {result.old_size} entries "
+            "is kept. Use --force to load an empty list."
+        )
+    if result.old_size and result.removed / result.old_size > spec.max_removal_share:
+        return (
+            f"{name}: refused: the sync would remove {result.removed} of {result.old_size} "
+            f"entries ({result.removed / result.old_size:.0%}, more than max_removal_share "
+            f"{spec.max_removal_share:.0%}); the old list is kept. Use --force to sync anyway."
+        )
+    return None
+
+
+async def sync_list(
+    redis: RedisClient,
+    config: Config,
+    name: str,
+    options: SyncOptions = SyncOptions(),
+    *,
+    session: aiohttp.ClientSession | None = None,
+) -> SyncReport:
     """Replace list ``name`` with the contents of its configured source."""
-    spec: ListSpec = config.lists[name]
-    if spec.source is None:
-        raise SyncError(f"{name}: no source configured (the list is kept by the admin API)")
-    source = config.resolve_source(spec.source)
-    if "://" in source:
-        raise SyncError(f"{name}: only local files are supported as sources: {source}")
-    report = SyncReport(name, source)
-    default_country = config.caller.default_country
-    builder = await start_build(redis, name, spec.kind, batch_size=config.loader.batch_size)
-    batch: list[str] = []
-    try:
-        rows = read_rows(
-            source, spec.column, spec.label_columns, detect_header=spec.kind != "names"
-        )
-        for row in rows:
-            report.rows_read += 1
+    return await _ListSync(redis, config, name, options).run(session)
+
+
+class _ListSync:
+    """The steps of one sync, sharing what they need."""
+
+    def __init__(self, redis: RedisClient, config: Config, name: str, options: SyncOptions):
+        self.redis = redis
+        self.store = ListStore(redis)
+        self.config = config
+        self.name = name
+        self.spec: ListSpec = config.lists[name]
+        self.options = options
+        if self.spec.source is None:
+            raise SyncError(f"{name}: no source configured (the list is kept by the admin API)")
+        self.source = config.resolve_source(self.spec.source)
+        self.report = SyncReport(name, redact(self.source))
+        self.validators = Validators()
+
+    async def run(self, session: aiohttp.ClientSession | None) -> SyncReport:
+        started = time.monotonic()
+        report, spec = self.report, self.spec
+        with contextlib.ExitStack() as files:
+            if "://" in self.source:
+                download = files.enter_context(tempfile.TemporaryFile(prefix="callscreen-"))
+                fetched = await self._fetch(download, session)
+                if fetched.not_modified:
+                    await self._not_modified()
+                    report.duration_s = time.monotonic() - started
+                    return report
+                self.validators = fetched.validators
+                raw: IO[bytes] = download
+                content_type = fetched.content_type
+            else:
+                try:
+                    raw = files.enter_context(open_local(self.source))
+                except SourceError as exc:
+                    raise SyncError(f"{self.name}: {exc}") from None
+                content_type = ""
+            fmt = choose_format(
+                spec.format, self.source, spec.column, spec.label_columns, content_type
+            )
             try:
-                batch.append(canonical(spec.kind, row.value, default_country))
-            except BadEntry as exc:
-                report.rows_rejected += 1
-                if len(report.bad_rows) < MAX_REPORTED_BAD_ROWS:
-                    report.bad_rows.append(f"{source}:{row.line}: {exc}")
-            if len(batch) >= config.loader.batch_size:
-                await builder.add(batch)
-                batch = []
-        await builder.add(batch)
-        report.result = await builder.finish()
-        report.version = await builder.commit(
-            {
-                "source": source,
+                rows = files.enter_context(
+                    Rows(
+                        raw,
+                        fmt,
+                        column=spec.column,
+                        label_columns=spec.label_columns,
+                        where=report.source,
+                        detect_header=spec.kind != "names",
+                    )
+                )
+            except SourceError as exc:
+                raise SyncError(f"{self.name}: {exc}") from None
+            progress = make_progress(self.name, rows.total_bytes, self.options.progress)
+            files.callback(progress.close)
+            await self._build(rows, progress)
+        report.duration_s = time.monotonic() - started
+        return report
+
+    async def _fetch(self, download: IO[bytes], session: aiohttp.ClientSession | None) -> Fetched:
+        if not self.source.startswith(("http://", "https://")):
+            raise SyncError(f"{self.name}: unsupported source {self.report.source}")
+        validators = Validators()
+        known = await self.store.meta_fields(self.name, "source", "etag", "last_modified")
+        if known["source"] == self.report.source and not self.options.force:
+            validators = Validators(known["etag"], known["last_modified"])
+        try:
+            return await fetch(
+                self.source,
+                download,
+                validators=validators,
+                timeout_s=self.spec.timeout_s,
+                retries=self.spec.retries,
+                backoff_s=self.config.loader.retry_backoff_s,
+                session=session,
+            )
+        except FetchError as exc:
+            raise SyncError(
+                f"{self.name}: source unreachable, the old list is kept: {exc}"
+            ) from None
+
+    async def _not_modified(self) -> None:
+        report = self.report
+        report.not_modified = True
+        if self.options.dry_run:
+            report.outcome = "dry_run"
+            return
+        report.outcome = "unchanged"
+        report.version = await self.store.touch(self.name, {"synced_at": f"{time.time():.3f}"})
+
+    async def _build(self, rows: Rows, progress: Progress) -> None:
+        report, options = self.report, self.options
+        try:
+            builder = await start_build(
+                self.redis,
+                self.name,
+                self.spec.kind,
+                batch_size=self.config.loader.batch_size,
+                lock_ttl_s=self.config.loader.lock_ttl_s,
+            )
+        except ListLocked as exc:
+            raise SyncError(str(exc)) from None
+        try:
+            if isinstance(builder, NumberListBuilder):
+                await self._read_numbers(builder, rows, progress)
+            else:
+                await self._read_entries(builder, rows, progress)
+            result = report.result = await builder.finish(sample=options.sample)
+            refused = None if options.force else refusal(self.name, self.spec, report, result)
+            if options.dry_run:
+                report.refusal = refused
+                report.outcome = "dry_run"
+                await builder.abort()
+                return
+            if refused:
+                raise SyncRefused(refused)
+            fields: dict[str, str | int | float] = {
+                "source": report.source,
                 "rows_read": report.rows_read,
                 "rows_rejected": report.rows_rejected,
+                "etag": self.validators.etag,
+                "last_modified": self.validators.last_modified,
             }
-        )
-    except SourceError as exc:
-        await builder.abort()
-        raise SyncError(f"{name}: {exc}") from None
-    except BaseException:
-        await builder.abort()
-        raise
-    return report
+            if result.added == 0 and result.removed == 0:
+                # Same entries as the live list: keep it, spare every service a reload.
+                await builder.abort()
+                report.outcome = "unchanged"
+                fields["synced_at"] = f"{time.time():.3f}"
+                report.version = await self.store.touch(self.name, fields)
+                return
+            report.version = await builder.commit(fields)
+            report.outcome = "success"
+        except SourceError as exc:
+            await builder.abort()
+            raise SyncError(f"{self.name}: {exc}") from None
+        except BaseException:
+            await builder.abort()
+            raise
+
+    async def _read_numbers(
+        self, builder: NumberListBuilder, rows: Rows, progress: Progress
+    ) -> None:
+        """The hot loop: per row, one normalise (or its shortcut), one int, one append."""
+        report = self.report
+        country = self.config.caller.default_country
+        nanp = country == "1"
+        batch_size = self.config.loader.batch_size
+        labelled = bool(rows.label_columns)
+        tallies = _label_tally(report, rows) if labelled else []
+        pending = array("Q")
+        append = pending.append
+        for values in rows.chunks():
+            report.rows_read += len(values) - values.count(None)
+            for i, value in enumerate(values):
+                if value is None:
+                    continue
+                # Shortcut for the two commonest shapes, equal to normalise() for them
+                # (tests/test_loader_sources.py checks): 10 NANP digits, 1 + 10 digits.
+                if nanp and value.isdigit() and value.isascii():
+                    size = len(value)
+                    if size == 10 and value[0] != "0":
+                        append(int(value) + 10_000_000_000)
+                        if labelled:
+                            _count_labels(tallies, rows.labels_of(i))
+                        continue
+                    if size == 11 and value[0] == "1":
+                        append(int(value))
+                        if labelled:
+                            _count_labels(tallies, rows.labels_of(i))
+                        continue
+                number = normalise(value, country)
+                if number is None:
+                    report.reject(rows.line_of(i), f"not a telephone number: {value[:40]!r}")
+                    continue
+                append(int(number))
+                if labelled:
+                    _count_labels(tallies, rows.labels_of(i))
+            progress.update(rows.position(), report.rows_read)
+            if len(pending) >= batch_size:
+                await builder.add_ints(np.frombuffer(pending, dtype=np.uint64))
+                pending = array("Q")
+                append = pending.append
+            else:
+                await asyncio.sleep(0)  # let the scheduler and /metrics breathe
+        if pending:
+            await builder.add_ints(np.frombuffer(pending, dtype=np.uint64))
+
+    async def _read_entries(self, builder: ListBuilder, rows: Rows, progress: Progress) -> None:
+        """Prefixes and names: through :func:`core.entries.canonical`."""
+        report = self.report
+        country = self.config.caller.default_country
+        kind = self.spec.kind
+        labelled = bool(rows.label_columns)
+        tallies = _label_tally(report, rows) if labelled else []
+        batch: list[str] = []
+        for values in rows.chunks():
+            report.rows_read += len(values) - values.count(None)
+            for i, value in enumerate(values):
+                if value is None:
+                    continue
+                try:
+                    batch.append(canonical(kind, value, country))
+                except BadEntry as exc:
+                    report.reject(rows.line_of(i), str(exc))
+                    continue
+                if labelled:
+                    _count_labels(tallies, rows.labels_of(i))
+            progress.update(rows.position(), report.rows_read)
+            if len(batch) >= SET_BATCH:
+                await builder.add(batch)
+                batch = []
+            else:
+                await asyncio.sleep(0)
+        await builder.add(batch)
+
+
+def _label_tally(report: SyncReport, rows: Rows) -> list[Counter[str]]:
+    """One counter per label column, named by the column as configured."""
+    titles = [c if isinstance(c, str) else f"column {c}" for c in rows.label_columns]
+    return [report.labels.setdefault(title, Counter()) for title in titles]
+
+
+def _count_labels(tallies: list[Counter[str]], labels: tuple[str, ...]) -> None:
+    for tally, value in zip(tallies, labels, strict=False):
+        if value in tally or len(tally) < MAX_LABEL_VALUES:
+            tally[value] += 1
+        else:
+            tally["(other)"] += 1

@@ -20,6 +20,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from core.config import Config
 from core.connect import connect, redact
 from core.store import ListStore, RedisClient
+from service.admin import add_admin_routes
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, REDIS, REGISTRY, SCREENER, STORE
 from service.auth import HandlerAuth
 from service.cache import ListCache
@@ -61,6 +62,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(app[REGISTRY]))
+    add_admin_routes(app)  # /v1/lists..., /v1/openapi.json (service/admin.py)
     return app
 
 

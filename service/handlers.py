@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from service.admin import explain_refusal
 from service.appkeys import AUTH, SCREENER
 from service.errors import json_error
 from service.logs import REQUEST_ID
@@ -131,7 +132,7 @@ async def explain(request: web.Request) -> web.Response:
 
     Nothing is counted: explain leaves metrics and call-rate counters alone.
     """
-    if (refusal := request.app[AUTH].refuse(request)) is not None:
+    if (refusal := explain_refusal(request)) is not None:  # admin token when configured
         return refusal
     screener = request.app[SCREENER]
     try:

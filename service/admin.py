@@ -1,0 +1,296 @@
+"""The admin API under ``/v1``: list the lists, check, add and remove entries.
+
+Authentication: ``Authorization: Bearer <token>``, where the tokens are the
+comma-separated values of the environment variable named by ``admin.tokens_env``
+(default ``CALLSCREEN_ADMIN_TOKENS``), read once when the app is built. Several tokens
+allow rotation. No header (or another scheme) is ``401`` with ``WWW-Authenticate:
+Bearer``; a wrong token is ``403``; with the variable unset or empty the admin routes
+answer ``403`` ("admin API disabled"). Refusals are counted in
+``callscreen_errors_total{kind="unauthorized"|"forbidden"}``. Tokens are compared in
+constant time over SHA-256 digests (neither content nor length leaks) and never logged.
+
+``POST /v1/explain`` follows the same rule while admin tokens are configured: it tells
+which lists hold a caller, so it is an operator tool. With no admin token configured it
+stays under the screening endpoints' own authentication (:mod:`service.auth`).
+
+Writes go through :meth:`core.store.ListStore.change`, one MULTI/EXEC, and are answered
+only after Redis acknowledged them; every service instance sees them within about
+``cache.refresh_ms``. A Redis failure answers ``503`` and nothing is acknowledged.
+Entries are canonicalised like the loader's (:func:`core.entries.canonical`), so the
+answer shows the entry as stored.
+
+The routes and bodies are described by the OpenAPI document at ``/v1/openapi.json``
+(:mod:`service.openapi`), which needs no token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from core.config import Config, ListKind
+from core.entries import BadEntry, canonical
+from core.keys import LIST_NAME_RE
+from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
+from service.errors import json_error
+from service.openapi import openapi_document
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: SHA-256 digests of the admin tokens; empty when the admin API is disabled.
+ADMIN_TOKENS: web.AppKey[tuple[bytes, ...]] = web.AppKey("admin_tokens")
+_BEARER_CHALLENGE = 'Bearer realm="callscreen-admin"'
+_JSON = "application/json"
+#: Tokens shorter than this are accepted but logged as weak at start-up.
+MIN_TOKEN_CHARS = 16
+
+
+def read_tokens(config: Config, environ: dict[str, str] | None = None) -> tuple[bytes, ...]:
+    """Digests of the admin tokens in the environment (empty: the admin API is off)."""
+    raw = (os.environ if environ is None else environ).get(config.admin.tokens_env, "")
+    tokens = [t.strip() for t in raw.split(",") if t.strip()]
+    if any(len(t) < MIN_TOKEN_CHARS for t in tokens):
+        logger.warning(
+            "an admin token in %s is shorter than %d characters; use long random tokens",
+            config.admin.tokens_env,
+            MIN_TOKEN_CHARS,
+        )
+    return tuple(hashlib.sha256(t.encode()).digest() for t in tokens)
+
+
+def add_admin_routes(app: web.Application) -> None:
+    """Register the admin routes and ``/v1/openapi.json``; read the tokens."""
+    app[ADMIN_TOKENS] = read_tokens(app[CONFIG])
+    if not app[ADMIN_TOKENS]:
+        logger.info("admin API disabled: %s is not set", app[CONFIG].admin.tokens_env)
+    router = app.router
+    router.add_get("/v1/openapi.json", openapi)
+    router.add_get("/v1/lists", admin_only(list_lists))
+    router.add_get("/v1/lists/{name}", admin_only(get_list))
+    router.add_post("/v1/lists/{name}/entries", admin_only(bulk_change))
+    router.add_get("/v1/lists/{name}/entries/{entry}", admin_only(check_entry))
+    router.add_put("/v1/lists/{name}/entries/{entry}", admin_only(add_entry))
+    router.add_delete("/v1/lists/{name}/entries/{entry}", admin_only(remove_entry))
+
+
+# --- authentication --------------------------------------------------------------------
+def admin_refusal(request: web.Request) -> web.Response | None:
+    """The 401/403 answer when ``request`` carries no valid admin token, else None."""
+    app = request.app
+    tokens = app.get(ADMIN_TOKENS, ())
+    metrics = app[METRICS]
+    if not tokens:
+        metrics.error("forbidden")
+        env = app[CONFIG].admin.tokens_env
+        return json_error(403, f"admin API disabled: set {env}")
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        metrics.error("unauthorized")
+        return json_error(
+            401,
+            "admin token required: send 'Authorization: Bearer <token>'",
+            {"WWW-Authenticate": _BEARER_CHALLENGE},
+        )
+    digest = hashlib.sha256(credential.encode()).digest()
+    found = False
+    for token in tokens:  # every token compared, whichever matches
+        found |= hmac.compare_digest(digest, token)
+    if not found:
+        metrics.error("forbidden")
+        return json_error(403, "invalid admin token")
+    return None
+
+
+def explain_refusal(request: web.Request) -> web.Response | None:
+    """Who may explain: admin tokens when configured, else the screening endpoints' auth."""
+    if request.app.get(ADMIN_TOKENS):
+        return admin_refusal(request)
+    return request.app[AUTH].refuse(request)
+
+
+def admin_only(handler: Handler) -> Handler:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        refusal = admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        try:
+            return await handler(request)
+        except AdminError as exc:
+            return web.Response(status=exc.status, body=orjson.dumps(exc.body), content_type=_JSON)
+        except RedisError as exc:
+            logger.warning("admin %s %s: Redis error: %r", request.method, request.path, exc)
+            return json_error(503, f"Redis unavailable, nothing was changed: {exc}")
+
+    guarded.__name__ = handler.__name__
+    guarded.__doc__ = handler.__doc__
+    return guarded
+
+
+class AdminError(Exception):
+    """An admin request that cannot be served; carries the status and the JSON body."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}
+
+
+# --- helpers ----------------------------------------------------------------------------
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+
+
+def _list_kind(request: web.Request) -> tuple[str, ListKind]:
+    name = request.match_info["name"]
+    if not LIST_NAME_RE.fullmatch(name):
+        raise AdminError(400, f"invalid list name {name[:80]!r}: use 1-64 of a-z, 0-9, '_', '-'")
+    spec = request.app[CONFIG].lists.get(name)
+    if spec is None:
+        configured = ", ".join(request.app[CONFIG].lists) or "none"
+        raise AdminError(404, f"unknown list {name!r}; configured lists: {configured}")
+    return name, spec.kind
+
+
+def _canonical(request: web.Request, kind: ListKind, raw: str) -> str:
+    try:
+        return canonical(kind, raw, request.app[CONFIG].caller.default_country)
+    except BadEntry as exc:
+        raise AdminError(400, f"bad entry for a {kind} list: {exc}", entry=raw[:200]) from None
+
+
+async def _list_info(request: web.Request, name: str) -> dict[str, Any]:
+    config = request.app[CONFIG]
+    spec = config.lists[name]
+    meta = await request.app[STORE].meta(name)
+    stored = None
+    if meta is not None:
+        stored = meta.as_dict()
+        del stored["name"], stored["kind"]
+    cache = request.app[CACHE]
+    copy = cache.lists.get(name)
+    loaded = None
+    if copy is not None:
+        gen, version = cache.loaded[name]
+        loaded = {"entries": copy.size, "gen": gen, "version": version}
+    return {
+        "name": name,
+        "kind": spec.kind,
+        "description": spec.description,
+        "source": spec.source,
+        "interval_s": spec.interval_s,
+        "meta": stored,
+        "loaded": loaded,
+    }
+
+
+async def _read_json(request: web.Request) -> Any:
+    limit = request.app[CONFIG].admin.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise AdminError(413, f"request body over {limit} bytes")
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > limit:
+            raise AdminError(413, f"request body over {limit} bytes")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise AdminError(400, f"request body is not valid JSON: {exc}") from None
+
+
+# --- routes -----------------------------------------------------------------------------
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /v1/openapi.json``: the OpenAPI 3 description of every route."""
+    return _json(openapi_document())
+
+
+async def list_lists(request: web.Request) -> web.Response:
+    """``GET /v1/lists``: every configured list with its metadata."""
+    names = list(request.app[CONFIG].lists)
+    return _json({"lists": [await _list_info(request, name) for name in names]})
+
+
+async def get_list(request: web.Request) -> web.Response:
+    """``GET /v1/lists/{name}``: one list with its metadata."""
+    name, _ = _list_kind(request)
+    return _json(await _list_info(request, name))
+
+
+async def check_entry(request: web.Request) -> web.Response:
+    """``GET /v1/lists/{name}/entries/{entry}``: is the entry on the list (asks Redis)?"""
+    name, kind = _list_kind(request)
+    entry = _canonical(request, kind, request.match_info["entry"])
+    listed = await request.app[STORE].contains(name, kind, entry)
+    return _json({"list": name, "entry": entry, "listed": listed})
+
+
+async def add_entry(request: web.Request) -> web.Response:
+    """``PUT /v1/lists/{name}/entries/{entry}``: add one entry (idempotent)."""
+    name, kind = _list_kind(request)
+    entry = _canonical(request, kind, request.match_info["entry"])
+    version = await request.app[STORE].change(name, kind, add=[entry])
+    logger.info("admin: added %r to list %s (version %d)", entry, name, version)
+    return _json({"list": name, "entry": entry, "listed": True, "version": version})
+
+
+async def remove_entry(request: web.Request) -> web.Response:
+    """``DELETE /v1/lists/{name}/entries/{entry}``: remove one entry (idempotent)."""
+    name, kind = _list_kind(request)
+    entry = _canonical(request, kind, request.match_info["entry"])
+    version = await request.app[STORE].change(name, kind, remove=[entry])
+    logger.info("admin: removed %r from list %s (version %d)", entry, name, version)
+    return _json({"list": name, "entry": entry, "listed": False, "version": version})
+
+
+async def bulk_change(request: web.Request) -> web.Response:
+    """``POST /v1/lists/{name}/entries``: ``{"add": [...], "remove": [...]}``, all or nothing.
+
+    Every entry is checked first; if any is bad, nothing is written and the answer
+    lists each bad entry with its field and index. An entry may not be both added and
+    removed. The write is one MULTI/EXEC.
+    """
+    name, kind = _list_kind(request)
+    body = await _read_json(request)
+    if not isinstance(body, dict) or set(body) - {"add", "remove"}:
+        raise AdminError(400, 'the body must be an object with "add" and/or "remove" arrays')
+    country = request.app[CONFIG].caller.default_country
+    limit = request.app[CONFIG].admin.max_bulk_entries
+    changes: dict[str, list[str]] = {}
+    bad: list[dict[str, Any]] = []
+    for field in ("add", "remove"):
+        raw = body.get(field, [])
+        if not isinstance(raw, list):
+            raise AdminError(400, f'"{field}" must be an array of strings')
+        entries = changes.setdefault(field, [])
+        for index, item in enumerate(raw):
+            if not isinstance(item, str):
+                bad.append({"field": field, "index": index, "error": "not a string"})
+                continue
+            try:
+                entries.append(canonical(kind, item, country))
+            except BadEntry as exc:
+                bad.append({"field": field, "index": index, "entry": item[:200], "error": str(exc)})
+    total = len(body.get("add", [])) + len(body.get("remove", []))
+    if total > limit:
+        raise AdminError(413, f"{total} entries in one request; at most {limit}")
+    if bad:
+        raise AdminError(400, f"{len(bad)} bad entries; nothing was changed", bad_entries=bad[:100])
+    both = sorted(set(changes["add"]) & set(changes["remove"]))
+    if both:
+        raise AdminError(400, "entries both added and removed; nothing was changed", entries=both)
+    if not total:
+        raise AdminError(400, 'nothing to change: give "add" and/or "remove" entries')
+    adds, removes = sorted(set(changes["add"])), sorted(set(changes["remove"]))
+    version = await request.app[STORE].change(name, kind, add=adds, remove=removes)
+    logger.info("admin: list %s +%d -%d (version %d)", name, len(adds), len(removes), version)
+    return _json({"list": name, "added": len(adds), "removed": len(removes), "version": version})
