@@ -1,0 +1,161 @@
+"""Logs: JSON lines, one structured line per rejected call, Call-ID request ids, rate limits."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from core.config import Config
+from devtools.redis_server import free_port
+from service.logs import REQUEST_ID, configure_logging
+from service.ratelimit import RateLimitedLog
+from tests.conftest import SEED_CONFIG
+from tests.helpers import REJECT, body_from, load_list
+
+CALL_ID = "243b35b872d5bb005af22dd9339e8149@10.1.10.190"
+
+
+@pytest.fixture
+def logs() -> Iterator[Callable[[str], io.StringIO]]:
+    """Configure logging as ``python -m service`` does, into a buffer; undo it after."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging._srcfile, logging.logThreads)
+
+    def configure(log_format: str) -> io.StringIO:
+        stream = io.StringIO()
+        configure_logging("INFO", log_format, stream=stream)  # type: ignore[arg-type]
+        return stream
+
+    yield configure
+    root.handlers[:], level, logging._srcfile, logging.logThreads = saved
+    root.setLevel(level)
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_carry_time_level_logger_message_and_fields(
+    logs: Callable[[str], io.StringIO],
+) -> None:
+    stream = logs("json")
+    log = logging.getLogger("service.test")
+    log.info("plain %s", "line")
+    token = REQUEST_ID.set("abc@host")
+    try:
+        log.warning("with %d fields", 2, extra={"rule": "block", "size": 3})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        REQUEST_ID.reset(token)
+
+    first, second, third = json_lines(stream)
+    assert first["message"] == "plain line"
+    assert first["level"] == "INFO"
+    assert first["logger"] == "service.test"
+    assert first["time"].endswith("+00:00")
+    assert "request_id" not in first
+    assert second["request_id"] == "abc@host"
+    assert (second["rule"], second["size"], second["level"]) == ("block", 3, "WARNING")
+    assert third["request_id"] == "abc@host"
+    assert "ValueError: boom" in third["exception"]
+
+
+def test_text_lines_show_the_request_id_and_cannot_be_split(
+    logs: Callable[[str], io.StringIO],
+) -> None:
+    stream = logs("text")
+    log = logging.getLogger("service.test")
+    token = REQUEST_ID.set("evil\nINFO forged line")
+    try:
+        log.info("rejected call rule=%s", "block")
+    finally:
+        REQUEST_ID.reset(token)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    assert " INFO service.test[" in lines[0]
+    assert lines[0].endswith("]: [evil\\nINFO forged line] rejected call rule=block")
+
+
+async def test_one_structured_line_per_rejected_call_with_masked_caller(
+    logs: Callable[[str], io.StringIO],
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    redis: Redis,
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    client = await make_client(make_config())
+    stream = logs("json")
+
+    blocked = body_from("15162065613")
+    blocked["Call-ID"] = [CALL_ID]
+    assert await (await client.post("/tg/main", json=blocked)).json() == REJECT
+    assert await (await client.post("/tg/main", json=body_from("15162065600"))).json() == []
+
+    rejects = [r for r in json_lines(stream) if r["message"].startswith("rejected call")]
+    assert len(rejects) == 1
+    line = rejects[0]
+    assert line["trunk_group"] == "main"
+    assert (line["rule"], line["list"]) == ("blocklist", "blocklist")
+    assert line["caller"] == "1516206****"
+    assert line["request_id"] == CALL_ID
+    assert "15162065613" not in stream.getvalue()
+
+
+async def test_unmasked_callers_when_configured(
+    logs: Callable[[str], io.StringIO],
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    redis: Redis,
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    config = make_config({"server": {"mask_callers": False}, **SEED_CONFIG})
+    client = await make_client(config)
+    stream = logs("text")
+    await client.post("/", json=body_from("15162065613"))
+    assert "caller=15162065613" in stream.getvalue()
+
+
+async def test_redis_trouble_is_logged_at_a_limited_rate_with_the_request_id(
+    logs: Callable[[str], io.StringIO],
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    client = await make_client(make_config({"redis": {"url": dead}, **SEED_CONFIG}))
+    stream = logs("json")
+    for n in range(30):
+        body = body_from("15162065613")
+        body["Call-ID"] = [f"call-{n}"]
+        assert await (await client.post("/", json=body)).json() == []
+
+    warnings = [r for r in json_lines(stream) if "answering by on_error" in r["message"]]
+    assert len(warnings) == 1
+    assert warnings[0]["request_id"] == "call-0"
+    assert warnings[0]["level"] == "WARNING"
+
+
+def test_rate_limited_log_counts_what_it_suppressed(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    limited = RateLimitedLog(logging.getLogger("service.test"), interval_s=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING):
+        assert limited.warning("Redis poll failed: %s", "refused")
+        for _ in range(5):
+            now[0] += 1
+            assert not limited.warning("Redis poll failed: %s", "refused")
+        assert limited.warning("other trouble")  # another message has its own limit
+        now[0] += 5
+        assert limited.warning("Redis poll failed: %s", "timeout")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Redis poll failed: refused",
+        "other trouble",
+        "Redis poll failed: timeout (5 similar suppressed)",
+    ]
