@@ -52,6 +52,8 @@ STABLE = [f"1516206{i:04d}" for i in range(200)]
 UNLISTED = [f"1516555{i:04d}" for i in range(200)]
 CHURN = ([f"1516777{i:04d}" for i in range(20)], [f"1516888{i:04d}" for i in range(20)])
 ROOT = Path(__file__).resolve().parent.parent
+#: Time allowed on top of ``--duration`` for start-up and wind-down before giving up.
+START_AND_STOP_S = 90.0
 
 
 @dataclass
@@ -174,6 +176,7 @@ class Soak:
         self.latencies: list[float] = []
         self.service: subprocess.Popen[bytes] | None = None
         self.stopping = asyncio.Event()
+        self.chores_stop = asyncio.Event()
 
     # --- the pieces ----------------------------------------------------------------
     def _spawn_service(self, config_path: Path) -> subprocess.Popen[bytes]:
@@ -226,13 +229,18 @@ class Soak:
         if status != 200:
             report.other_status += 1
             return
-        answer = orjson.loads(body)
-        tag = answer[0]["operands"][1] if answer else None
+        try:
+            answer = orjson.loads(body)
+            tag = answer[0]["operands"][1] if answer else None
+        except (orjson.JSONDecodeError, LookupError, TypeError):
+            answer, tag = None, None  # not an answer CarrierX could use: wrong
         if tag == ON_ERROR_TAG:
             report.on_error += 1
             return
-        wrong = (caller in self._stable and tag != LIST_TAG) or (
-            caller in self._unlisted and answer != []
+        wrong = (
+            answer is None
+            or (caller in self._stable and tag != LIST_TAG)
+            or (caller in self._unlisted and answer != [])
         )
         if wrong:
             report.wrong += 1
@@ -261,21 +269,32 @@ class Soak:
             except (aiohttp.ClientError, TimeoutError):
                 self.report.unanswered += 1
 
+    async def _rest(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless the chores are told to stop first; True if told."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.chores_stop.wait()
+        return self.chores_stop.is_set()
+
     async def _faults(self) -> None:
-        every, length = self.args.fault_every, self.args.fault_length
+        # Never cancelled: each fault ends with Redis back, whatever happens meanwhile.
+        length = self.args.fault_length
         pause = True
-        while True:
-            await asyncio.sleep(every)
+        while not await self._rest(self.args.fault_every):
             if pause:
                 self.redis.pause()
                 self.report.redis_pauses += 1
-                await asyncio.sleep(length)
-                self.redis.resume()
+                try:
+                    await asyncio.sleep(length)
+                finally:
+                    self.redis.resume()
             else:
                 await asyncio.to_thread(self.redis.stop)
                 self.report.redis_restarts += 1
-                await asyncio.sleep(length)
-                await asyncio.to_thread(self.redis.start)
+                try:
+                    await asyncio.sleep(length)
+                finally:
+                    await asyncio.to_thread(self.redis.start)
             pause = not pause
 
     async def _swaps(self, config_path: Path) -> None:
@@ -283,8 +302,7 @@ class Soak:
         redis = Redis.from_url(self.redis.url, socket_timeout=1, socket_connect_timeout=1)
         version = 0
         try:
-            while True:
-                await asyncio.sleep(self.args.swap_every)
+            while not await self._rest(self.args.swap_every):
                 version += 1
                 _write_list(self.folder / "blocklist.csv", version)
                 try:
@@ -297,37 +315,11 @@ class Soak:
 
     # --- the run -------------------------------------------------------------------
     async def run(self) -> Report:
+        """The whole run, bounded: set-up, load, wind-down; everything started is stopped."""
         self.redis.start()
         try:
-            _write_list(self.folder / "blocklist.csv", 0)
-            config_path = _config(self.folder, self.redis.url, self.port, self.args.deadline_ms)
-            redis = Redis.from_url(self.redis.url)
-            try:
-                await sync_list(redis, load_config(config_path), "blocklist")
-            finally:
-                await redis.aclose()
-            await self._start_service(config_path)
-            connector = aiohttp.TCPConnector(limit=self.args.connections)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                clients = [
-                    asyncio.create_task(self._client(session)) for _ in range(self.args.connections)
-                ]
-                chores = [
-                    asyncio.create_task(self._faults()),
-                    asyncio.create_task(self._swaps(config_path)),
-                ]
-                await asyncio.sleep(self.args.duration)
-                for chore in chores:
-                    chore.cancel()
-                for chore in chores:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await chore
-                if self.redis.process is None:
-                    self.redis.start()
-                else:
-                    self.redis.resume()
-                self.stopping.set()
-                await asyncio.gather(*clients)
+            async with asyncio.timeout(self.args.duration + START_AND_STOP_S):
+                await self._run()
         finally:
             self._stop_service()
             if self.redis.process is not None:
@@ -335,6 +327,30 @@ class Soak:
             self.redis.stop()
         self._latency_summary()
         return self.report
+
+    async def _run(self) -> None:
+        _write_list(self.folder / "blocklist.csv", 0)
+        config_path = _config(self.folder, self.redis.url, self.port, self.args.deadline_ms)
+        redis = Redis.from_url(self.redis.url)
+        try:
+            await sync_list(redis, load_config(config_path), "blocklist")
+        finally:
+            await redis.aclose()
+        await self._start_service(config_path)
+        connector = aiohttp.TCPConnector(limit=self.args.connections)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            clients = [
+                asyncio.create_task(self._client(session)) for _ in range(self.args.connections)
+            ]
+            chores = [
+                asyncio.create_task(self._faults()),
+                asyncio.create_task(self._swaps(config_path)),
+            ]
+            await asyncio.sleep(self.args.duration)
+            self.chores_stop.set()
+            await asyncio.gather(*chores)  # the fault under way ends with Redis back
+            self.stopping.set()
+            await asyncio.gather(*clients)
 
     def _latency_summary(self) -> None:
         if not self.latencies:
@@ -371,7 +387,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     with tempfile.TemporaryDirectory(prefix="callscreen-soak-") as folder:
-        report = asyncio.run(Soak(args, Path(folder)).run())
+        try:
+            report = asyncio.run(Soak(args, Path(folder)).run())
+        except TimeoutError:
+            print(f"soak did not finish within {START_AND_STOP_S:.0f} s of --duration")
+            return 2
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}))
     else:
