@@ -55,8 +55,16 @@ SUPERVISOR_ID = "supervisor"
 
 
 def worker_count(configured: int) -> int:
-    """``server.workers`` or ``--workers`` as a number of processes (0: one per core)."""
-    return configured if configured > 0 else (os.cpu_count() or 1)
+    """``server.workers`` or ``--workers`` as a number of processes (0: one per core).
+
+    "Core" means one this process may run on (a container's cpuset), not every core of
+    the host; a CPU *quota* (``docker --cpus``) is not visible here: set ``workers``.
+    """
+    if configured > 0:
+        return configured
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
