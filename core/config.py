@@ -77,8 +77,8 @@ class RedisSettings(_Model):
 class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    #: Worker processes; 0 means one per CPU core.
-    workers: Annotated[int, Field(ge=0, le=256)] = 1
+    #: Worker processes; 0 (the default) means one per CPU core (service/workers.py).
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
     max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
     log_format: Literal["text", "json"] = "text"
     #: Log callers as ``1516206****`` instead of the full number.
