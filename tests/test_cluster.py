@@ -28,6 +28,7 @@ BLOCKED = "15162065613"
 PREFIX_BLOCKED = "19005550123"
 RATE_REJECT = [{"action": "reject", "operands": ["busy-here", "too-many-calls"]}]
 PREFIX_REJECT = [{"action": "reject", "operands": ["decline", "premium"]}]
+ADMIN_TOKEN = "cluster-test-admin-token-0123456789"
 SEED_REST = "5162065614\n5162065615\n5162065616\n"
 
 
@@ -125,7 +126,9 @@ async def test_handler_loader_and_admin_changes_on_a_cluster(
     make_config: Callable[..., Config],
     make_client: Callable[..., Any],
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", ADMIN_TOKEN)
     config = make_config(cluster_config(cluster, tmp_path), base_dir=tmp_path)
     for name in ("blocklist", "premium"):
         await sync_list(cluster_redis, config, name)
@@ -147,16 +150,25 @@ async def test_handler_loader_and_admin_changes_on_a_cluster(
     # Call-rate counters land on the caller's slot; the third call is over the limit.
     assert [await answer("15165550199") for _ in range(3)] == [[], [], RATE_REJECT]
 
-    # Admin changes (single-entry writes, MULTI/EXEC on the list's slot) reach the
-    # service within a second.
-    store = ListStore(cluster_redis)
-    await store.change("blocklist", "numbers", add=["15165550177"])
-    await store.change("vip", "numbers", add=[BLOCKED])
+    # Admin changes through the HTTP API (single-entry writes, MULTI/EXEC on the list's
+    # slot) reach the service within a second.
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    for method, path in (
+        ("PUT", "/v1/lists/blocklist/entries/15165550177"),
+        ("PUT", f"/v1/lists/vip/entries/{BLOCKED}"),
+    ):
+        response = await client.request(method, path, headers=admin)
+        assert response.status == 200, await response.text()
+        assert (await response.json())["listed"] is True
 
     async def changed() -> bool:
         return await answer("15165550177") == REJECT and await answer(BLOCKED) == []
 
     await wait_for(changed, timeout_s=1.0)
+    response = await client.get("/v1/lists/vip/entries/15162065613", headers=admin)
+    assert (await response.json())["listed"] is True
+    # The store API the admin routes use, directly.
+    store = ListStore(cluster_redis)
     await store.change("vip", "numbers", remove=[BLOCKED])
 
     # A second full sync swaps the list (WATCH + MULTI/EXEC on one slot).
