@@ -287,7 +287,7 @@ def test_bad_auth_settings_are_named(
 
 
 def test_production_example_turns_handler_auth_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    example = Path(__file__).resolve().parent.parent / "examples" / "config.production.yaml"
+    example = Path(__file__).resolve().parent.parent / "deploy" / "config.production.yaml"
     monkeypatch.delenv("CALLSCREEN_REDIS_URL", raising=False)
     config = load_config(example)
     assert config.auth.enabled
