@@ -125,3 +125,28 @@ async def test_port_in_use_fails_fast(service: ServiceProcess) -> None:
         service.start()
         assert await service.exited() == 1
     assert any("cannot listen on" in r["message"] for r in service.log_records())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(service: ServiceProcess) -> None:
+    service.start()
+    await service.ready()
+    started = [r["message"] for r in service.log_records() if r["message"].startswith("worker ")]
+    workers = [int(m.rsplit("pid ", 1)[1].rstrip(")")) for m in started]
+    assert len(workers) == 2
+
+    service.signal(signal.SIGKILL)  # no chance to stop its workers
+
+    async def all_gone() -> bool:
+        return not any(alive(pid) for pid in workers)
+
+    await wait_for(all_gone, timeout_s=15.0)
+    stopped = [r for r in service.log_records() if r["message"].startswith("supervisor")]
+    assert len(stopped) == 2  # each noticed and stopped gracefully
