@@ -98,7 +98,9 @@ class _Worker:
     quick_deaths: int = 0
 
 
-class _SupervisorMetrics:
+class SupervisorMetrics:
+    """The supervisor's own metrics, shared with the workers' through the folder."""
+
     def __init__(self, registry: CollectorRegistry, workers: int) -> None:
         self.restarts = Counter(
             "callscreen_worker_restarts_total",
@@ -123,7 +125,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self._serial = 0
         self._registry = CollectorRegistry()
-        self._metrics = _SupervisorMetrics(self._registry, workers)
+        self._metrics = SupervisorMetrics(self._registry, workers)
         self._folder = Path()
 
     def run(self) -> int:

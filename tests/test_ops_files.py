@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from core.config import load_config
 from loader.metrics import LoaderMetrics
 from service.metrics import Metrics
-from service.workers import _SupervisorMetrics
+from service.workers import SupervisorMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -40,7 +40,7 @@ def exported() -> dict[str, set[str]]:
     """Every sample name the service, its supervisor and the loader export, with labels."""
     registry = CollectorRegistry()
     Metrics(load_config(COMPOSE_CONFIG), registry)
-    _SupervisorMetrics(registry, 2)
+    SupervisorMetrics(registry, 2)
     LoaderMetrics(registry, ["blocklist"])
     names: dict[str, set[str]] = {"up": set()}
     for family in registry.collect():
