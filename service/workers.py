@@ -70,13 +70,18 @@ def worker_count(configured: int) -> int:
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (without listening) host:port with ``SO_REUSEPORT``.
 
-    Fails fast when the port is taken, picks the port when ``port`` is 0, and keeps
-    other programs off it while workers come and go. A bound socket that does not
+    Fails fast when anything listens there already, even another service whose workers
+    would otherwise share the port silently; picks the port when ``port`` is 0; and
+    keeps other programs off it while workers come and go. A bound socket that does not
     listen gets no connections: the workers' listening sockets share them.
     """
     family, kind, proto, _name, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    with socket.socket(family, kind, proto) as probe:  # without SO_REUSEPORT: exclusive
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        address = (address[0], probe.getsockname()[1], *address[2:])
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

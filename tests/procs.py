@@ -40,12 +40,14 @@ class ServiceProcess:
         redis_url: str,
         *,
         workers: int = 1,
+        port: int | None = None,
         args: tuple[str, ...] = (),
         overrides: dict[str, Any] | None = None,
     ) -> None:
         self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
         self.workers = workers
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = folder / "service.log"
         config = {**BLOCKLIST_CONFIG, "redis": {"url": redis_url}, **(overrides or {})}

@@ -135,9 +135,16 @@ def alive(pid: int) -> bool:
     return True
 
 
-async def test_workers_stop_when_the_supervisor_is_killed(service: ServiceProcess) -> None:
+async def test_workers_stop_when_the_supervisor_is_killed(
+    service: ServiceProcess, redis_server: RedisProcess, tmp_path: Path
+) -> None:
     service.start()
     await service.ready()
+    # A second service on the same port would share it silently: it refuses to start.
+    second = ServiceProcess(tmp_path / "second", redis_server.url, workers=2, port=service.port)
+    second.start()
+    assert await second.exited() == 1
+    assert "cannot listen on" in second.log_text()
     started = [r["message"] for r in service.log_records() if r["message"].startswith("worker ")]
     workers = [int(m.rsplit("pid ", 1)[1].rstrip(")")) for m in started]
     assert len(workers) == 2
