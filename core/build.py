@@ -15,7 +15,8 @@ next build of the list deletes them straight away.
 
 Memory stays flat whatever the list's size: numbers are buffered ``batch_size`` at a
 time and appended to per-bucket staging strings; ``finish`` then works one group of
-buckets at a time.
+buckets at a time. Every write that creates a key sets its TTL in the same MULTI/EXEC,
+so a loader killed between two commands cannot leave a key that never expires.
 """
 
 from __future__ import annotations
@@ -146,6 +147,10 @@ class ListBuilder:
         """
         raise NotImplementedError
 
+    async def keep_alive(self) -> None:
+        """Extend the build lock; call it while reading (it talks to Redis rarely)."""
+        await self._refresh_lock()
+
     async def _refresh_lock(self) -> None:
         if self.lock is not None:
             await self.lock.refresh()
@@ -167,8 +172,16 @@ class ListBuilder:
                 return
             await self._delete_built()
             meta_key = keys.meta(self.name)
-            if int(await self.redis.hget(meta_key, "building") or 0) == self.gen:
+            building, next_gen = await self.redis.hmget(meta_key, ["building", "next_gen"])
+            if int(building or 0) == self.gen:
                 await self.redis.hdel(meta_key, "building")
+            # Give the generation number back (only lock holders take one), so that a
+            # dry run or a refused sync leaves Redis exactly as it found it.
+            if int(next_gen or 0) == self.gen:
+                if self.gen > 1:
+                    await self.redis.hset(meta_key, "next_gen", self.gen - 1)
+                else:
+                    await self.redis.hdel(meta_key, "next_gen")
         finally:
             if self.lock is not None:
                 await self.lock.release()
@@ -299,7 +312,7 @@ class NumberListBuilder(ListBuilder):
         present, starts = np.unique(buckets, return_index=True)
         ends = [*starts[1:].tolist(), numbers.size]
         expiring = self._expiring
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             for bucket, start, end in zip(present.tolist(), starts.tolist(), ends, strict=True):
                 key = keys.stage(self.name, self.gen, bucket)
                 pipe.append(key, numbers[start:end].tobytes())
@@ -353,7 +366,7 @@ class NumberListBuilder(ListBuilder):
                     blob = new.astype(_LE_U64, copy=False).tobytes()
                     packed[bucket] = blob
                     digest.update(bucket.to_bytes(2, "little") + blob)
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:
                 if packed:
                     pipe.hset(new_key, mapping=packed)  # type: ignore[arg-type]
                     pipe.expire(new_key, keys.STAGING_TTL_S)
@@ -387,7 +400,7 @@ class SetListBuilder(ListBuilder):
         if batch:
             await self._refresh_lock()
             key = keys.base(self.name, self.gen)
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.sadd(key, *batch)
                 pipe.expire(key, keys.STAGING_TTL_S)
                 await pipe.execute()

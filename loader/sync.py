@@ -351,6 +351,7 @@ class _ListSync:
                 pending = array("Q")
                 append = pending.append
             else:
+                await builder.keep_alive()
                 await asyncio.sleep(0)  # let the scheduler and /metrics breathe
         if pending:
             await builder.add_ints(np.frombuffer(pending, dtype=np.uint64))
@@ -380,6 +381,7 @@ class _ListSync:
                 await builder.add(batch)
                 batch = []
             else:
+                await builder.keep_alive()
                 await asyncio.sleep(0)
         await builder.add(batch)
 
