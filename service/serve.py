@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -72,8 +73,9 @@ def serve_one(
         registry = CollectorRegistry()
     app = create_app(config, registry=registry)
     if isinstance(registry, SharedRegistry):
+        # Cleaned up in reverse: the last snapshot is written before an orphan's clean-up.
+        app.cleanup_ctx.append(_orphan_ctx(os.getppid(), registry.folder))
         app.cleanup_ctx.append(_flush_ctx(registry))
-        app.cleanup_ctx.append(_orphan_ctx(os.getppid()))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(
             _serve(app, host, port, reuse_port=metrics_dir is not None, who=worker_id or "service")
@@ -139,19 +141,29 @@ def _flush_ctx(registry: SharedRegistry) -> Callable[[web.Application], AsyncIte
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        registry.flush()  # runs after in-flight requests finished: the final counts
+        try:
+            registry.flush()  # runs after in-flight requests finished: the final counts
+        except OSError as exc:  # the folder is gone with the supervisor
+            logger.warning("cannot write the last metrics snapshot: %s", exc)
 
     return flush_ctx
 
 
-def _orphan_ctx(parent_pid: int) -> Callable[[web.Application], AsyncIterator[None]]:
+def _orphan_ctx(
+    parent_pid: int, metrics_dir: Path
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Stop when the supervisor is gone; then remove the metrics folder it cannot."""
+    orphaned = False
+
     async def orphan_ctx(app: web.Application) -> AsyncIterator[None]:
         async def watch() -> None:
+            nonlocal orphaned
             # Nothing signals a parent's death to a process in its own group: poll.
             while True:
                 await asyncio.sleep(1.0)
                 if os.getppid() != parent_pid:
                     break
+            orphaned = True
             logger.warning("supervisor %d is gone; stopping", parent_pid)
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -160,5 +172,7 @@ def _orphan_ctx(parent_pid: int) -> Callable[[web.Application], AsyncIterator[No
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if orphaned:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
     return orphan_ctx

@@ -106,10 +106,14 @@ class ServiceProcess:
         self.process.send_signal(signum)
 
     def stop(self) -> None:
-        """Kill whatever is left (the tests stop it gracefully themselves)."""
+        """Stop it if a test left it running: gracefully (so it cleans up), else kill."""
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
