@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: SHA-256 digests of the admin tokens; empty when the admin API is disabled.
 ADMIN_TOKENS: web.AppKey[tuple[bytes, ...]] = web.AppKey("admin_tokens")
+#: The OpenAPI document, serialised once.
+OPENAPI = web.AppKey("openapi", bytes)
 _BEARER_CHALLENGE = 'Bearer realm="callscreen-admin"'
 _JSON = "application/json"
 #: Tokens shorter than this are accepted but logged as weak at start-up.
@@ -69,9 +71,11 @@ def read_tokens(config: Config, environ: dict[str, str] | None = None) -> tuple[
 
 def add_admin_routes(app: web.Application) -> None:
     """Register the admin routes and ``/v1/openapi.json``; read the tokens."""
-    app[ADMIN_TOKENS] = read_tokens(app[CONFIG])
+    config = app[CONFIG]
+    app[ADMIN_TOKENS] = read_tokens(config)
+    app[OPENAPI] = orjson.dumps(openapi_document(config.lists, config.trunk_groups))
     if not app[ADMIN_TOKENS]:
-        logger.info("admin API disabled: %s is not set", app[CONFIG].admin.tokens_env)
+        logger.info("admin API disabled: %s is not set", config.admin.tokens_env)
     router = app.router
     router.add_get("/v1/openapi.json", openapi)
     router.add_get("/v1/lists", admin_only(list_lists))
@@ -211,7 +215,7 @@ async def _read_json(request: web.Request) -> Any:
 # --- routes -----------------------------------------------------------------------------
 async def openapi(request: web.Request) -> web.Response:
     """``GET /v1/openapi.json``: the OpenAPI 3 description of every route."""
-    return _json(openapi_document())
+    return web.Response(body=request.app[OPENAPI], content_type=_JSON)
 
 
 async def list_lists(request: web.Request) -> web.Response:

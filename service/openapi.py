@@ -2,12 +2,13 @@
 
 Written by hand next to the routes it describes; tests check that every route of the
 app is in it and nothing else is (tests/test_admin_openapi.py), and schemathesis checks
-the answers against it.
+the answers against it. The configured list and trunk group names are filled in as
+``enum`` values, so the document shows what this deployment accepts.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Iterable
 from typing import Any
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -45,6 +46,7 @@ _ENTRY_PARAM = {
     "description": "A number (any common format), a prefix, or a CNAM entry "
     "(`contains:` / `re:` / exact), by the list's kind; URL-encoded.",
     "schema": {"type": "string", "minLength": 1},
+    "examples": {"number": {"value": "15162065613"}, "name": {"value": "contains:warranty"}},
 }
 _TRUNK_GROUP_PARAM = {
     "name": "trunk_group",
@@ -344,7 +346,8 @@ _SCHEMAS: dict[str, Any] = {
                 "action": {"const": "reject"},
                 "operands": {
                     "type": "array",
-                    "prefixItems": [{"type": "string"}, {"type": "string"}],
+                    "items": {"type": "string"},
+                    "description": '[reason, tag], e.g. ["unavailable", "aniblock"].',
                     "minItems": 2,
                     "maxItems": 2,
                 },
@@ -445,7 +448,21 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
-@functools.cache
-def openapi_document() -> dict[str, Any]:
-    """The document (built once; do not mutate)."""
-    return _build()
+def openapi_document(lists: Iterable[str] = (), trunk_groups: Iterable[str] = ()) -> dict[str, Any]:
+    """The document; the configured list and trunk group names become ``enum`` values."""
+    document = _build()
+    lists, trunk_groups = sorted(lists), sorted(trunk_groups)
+    for path_item in document["paths"].values():
+        for operation in path_item.values():
+            params = operation.get("parameters", [])
+            operation["parameters"] = [_named(p, lists, trunk_groups) for p in params]
+            if not operation["parameters"]:
+                del operation["parameters"]
+    return document
+
+
+def _named(param: dict[str, Any], lists: list[str], trunk_groups: list[str]) -> dict[str, Any]:
+    names = {"name": lists, "trunk_group": trunk_groups}.get(param["name"])
+    if param["in"] != "path" or not names:
+        return param
+    return {**param, "schema": {**param["schema"], "enum": names}}
