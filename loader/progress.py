@@ -54,16 +54,17 @@ class BarProgress:
         self._bar.set_postfix_str(f"{rows:,} rows", refresh=False)
 
     def close(self) -> None:
+        self._bar.refresh()  # the final count, even when the sync beat the redraw interval
         self._bar.close()
 
 
 class LogProgress:
     """A log line every ``every_s`` seconds: share done, rows and rate."""
 
-    def __init__(self, name: str, total_bytes: int, every_s: float = LOG_EVERY_S) -> None:
+    def __init__(self, name: str, total_bytes: int, every_s: float | None = None) -> None:
         self.name = name
         self.total_bytes = total_bytes
-        self.every_s = every_s
+        self.every_s = LOG_EVERY_S if every_s is None else every_s
         self._started = self._logged = time.monotonic()
 
     def update(self, position: int, rows: int) -> None:

@@ -325,7 +325,7 @@ class _ListSync:
                 if value is None:
                     continue
                 # Shortcut for the two commonest shapes, equal to normalise() for them
-                # (tests/test_loader_sources.py checks): 10 NANP digits, 1 + 10 digits.
+                # (tests/test_loader_sync.py checks): 10 NANP digits, 1 + 10 digits.
                 if nanp and value.isdigit() and value.isascii():
                     size = len(value)
                     if size == 10 and value[0] != "0":
