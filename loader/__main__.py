@@ -36,6 +36,7 @@ from loader.schedule import Scheduler, bound_port, scheduled_lists, serve_metric
 from loader.sync import SyncError, SyncOptions, SyncRefused, sync_list
 
 logger = logging.getLogger("loader")
+LOADER_SOCKET_TIMEOUT_S = 30.0
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +63,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _connect(config: Config) -> RedisClient:
+    # Batches are large (a million numbers in one MULTI/EXEC): allow a slow reply.
+    timeout_s = max(config.redis.socket_timeout_ms / 1000, LOADER_SOCKET_TIMEOUT_S)
+    return connect(config.redis.url, socket_timeout_s=timeout_s, client_name="callscreen-loader")
+
+
 def _check_names(config: Config, names: list[str]) -> str | None:
     unknown = [n for n in names if n not in config.lists]
     if unknown:
@@ -70,7 +77,7 @@ def _check_names(config: Config, names: list[str]) -> str | None:
 
 
 async def _sync(config: Config, names: list[str], options: SyncOptions) -> int:
-    redis = connect(config.redis.url, client_name="callscreen-loader")
+    redis = _connect(config)
     status = 0
     try:
         for name in names:
@@ -105,7 +112,7 @@ async def _sync(config: Config, names: list[str], options: SyncOptions) -> int:
 
 
 async def _apply(config: Config, name: str, path: Path, progress: str) -> int:
-    redis = connect(config.redis.url, client_name="callscreen-loader")
+    redis = _connect(config)
     try:
         report = await apply_delta(redis, config, name, path, progress=progress)
     except SyncError as exc:
@@ -120,7 +127,7 @@ async def _apply(config: Config, name: str, path: Path, progress: str) -> int:
 
 
 async def _compact(config: Config, names: list[str]) -> int:
-    redis = connect(config.redis.url, client_name="callscreen-loader")
+    redis = _connect(config)
     status = 0
     try:
         for name in names:
@@ -138,7 +145,7 @@ async def _compact(config: Config, names: list[str]) -> int:
 
 
 async def _run(config: Config, redis: RedisClient | None = None) -> int:
-    redis = redis or connect(config.redis.url, client_name="callscreen-loader")
+    redis = redis or _connect(config)
     registry = CollectorRegistry()
     metrics = LoaderMetrics(registry, scheduled_lists(config))
     stop = asyncio.Event()

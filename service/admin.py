@@ -37,6 +37,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from core.config import Config, ListKind
+from core.connect import redact
 from core.entries import BadEntry, canonical
 from core.keys import LIST_NAME_RE
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
@@ -190,7 +191,7 @@ async def _list_info(request: web.Request, name: str) -> dict[str, Any]:
         "name": name,
         "kind": spec.kind,
         "description": spec.description,
-        "source": spec.source,
+        "source": redact(spec.source) if spec.source else None,
         "interval_s": spec.interval_s,
         "meta": stored,
         "loaded": loaded,
