@@ -22,6 +22,7 @@ so a loader killed between two commands cannot leave a key that never expires.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -50,6 +51,9 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+logger = logging.getLogger(__name__)
 
 
 class SwapConflict(RuntimeError):
@@ -166,7 +170,22 @@ class ListBuilder:
         await self.redis.delete(keys.base(self.name, self.gen))
 
     async def abort(self) -> None:
-        """Drop everything this build wrote; the live list is untouched."""
+        """Drop everything this build wrote; the live list is untouched.
+
+        Best effort: Redis may be failing (often why the build is aborted). Then the
+        staging keys and the lock expire by themselves, and the caller's own error or
+        cancellation propagates instead of being replaced by a clean-up error.
+        """
+        try:
+            await self._abort()
+        except Exception as exc:
+            logger.warning(
+                "list %r: clean-up of an aborted build failed (%s); its keys expire on their own",
+                self.name,
+                exc,
+            )
+
+    async def _abort(self) -> None:
         try:
             if self.committed:
                 return

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from core.config import ConfigError, load_config
+from service.auth import check_secrets
 from service.logs import configure_logging
 from service.serve import serve_one
 from service.workers import Supervisor, worker_count
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     try:
         config = load_config(args.config)
+        check_secrets(config)  # fail here, not in each worker
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2

@@ -174,6 +174,15 @@ def resolve_guard(settings: AuthSettings, where: str, environ: Mapping[str, str]
     return Guard(secrets, basic, settings.allow_cidrs, settings.trusted_proxies)
 
 
+def check_secrets(config: Config, environ: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError now if a secret the config names is missing from the environment."""
+    env = os.environ if environ is None else environ
+    resolve_guard(config.auth, "auth", env)
+    for name, group in config.trunk_groups.items():
+        if group.auth is not None:
+            resolve_guard(group.auth, f"trunk_groups.{name}.auth", env)
+
+
 class HandlerAuth:
     """The guards of every trunk group, and the check the screening handlers call first."""
 
