@@ -9,7 +9,6 @@ itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -106,7 +105,4 @@ async def _lists_ctx(app: web.Application) -> AsyncIterator[None]:
         logger.warning("lists not loaded at start-up (%s); serving by on_error until they are", exc)
     refresher = asyncio.create_task(cache.run(), name="list-refresher")
     yield
-    refresher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await refresher
-    await cache.close()
+    await cache.close(refresher)

@@ -48,6 +48,7 @@ class ListCache:
         self.confirmed_at = float("-inf")
         self.last_error: str | None = None
         self._loads: dict[str, asyncio.Task[None]] = {}
+        self._closing = asyncio.Event()
         self._warn = RateLimitedLog(logger, interval_s=10.0)
         #: Called after each successful poll with the time it took (seconds).
         self.on_poll: Callable[[float], None] | None = None
@@ -114,8 +115,13 @@ class ListCache:
         logger.debug("list %r: loaded gen %d version %d", name, deltas.gen, deltas.version)
 
     async def run(self) -> None:
-        """Poll forever; errors are logged at a limited rate and retried next interval."""
-        while True:
+        """Poll until :meth:`close`; errors are logged at a limited rate and retried.
+
+        Stopping does not rely on cancellation alone: a cancel that lands inside the
+        Redis client can come out as a connection error, which the loop would log and
+        carry on from, so the loop also ends on the ``_closing`` event.
+        """
+        while not self._closing.is_set():
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
@@ -123,9 +129,16 @@ class ListCache:
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._warn.warning("Redis poll failed: %s", self.last_error)
-            await asyncio.sleep(self.refresh_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.refresh_s)
 
-    async def close(self) -> None:
+    async def close(self, refresher: asyncio.Task[None] | None = None) -> None:
+        """Stop polling (ending ``refresher``, the task running :meth:`run`) and reloads."""
+        self._closing.set()
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
         for task in list(self._loads.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
