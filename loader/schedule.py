@@ -103,16 +103,18 @@ class Scheduler:
         logger.info("synced %s", report.summary())
         return report.outcome
 
-    async def _loop(self, name: str, interval_s: float) -> None:
+    # Both loops also end on ``stop``: a cancel that lands inside the Redis client can
+    # come out as a connection error, which sync_once logs and carries on from.
+    async def _loop(self, name: str, interval_s: float, stop: asyncio.Event) -> None:
         next_at = time.monotonic()
-        while True:
+        while not stop.is_set():
             await asyncio.sleep(max(next_at - time.monotonic(), 0))
             next_at = time.monotonic() + interval_s
             async with self.slots:
                 await self.sync_once(name)
 
-    async def _maintenance(self) -> None:
-        while True:
+    async def _maintenance(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
             await asyncio.sleep(MAINTENANCE_EVERY_S)
             for name in self.config.lists:
                 try:
@@ -126,10 +128,10 @@ class Scheduler:
         if not intervals:
             logger.warning("no list has both a source and an interval_s: nothing to schedule")
         tasks = [
-            asyncio.create_task(self._loop(name, interval), name=f"sync-{name}")
+            asyncio.create_task(self._loop(name, interval, stop), name=f"sync-{name}")
             for name, interval in intervals.items()
         ]
-        tasks.append(asyncio.create_task(self._maintenance(), name="compaction"))
+        tasks.append(asyncio.create_task(self._maintenance(stop), name="compaction"))
         try:
             await stop.wait()
         finally:
