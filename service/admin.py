@@ -41,7 +41,7 @@ from core.connect import redact
 from core.entries import BadEntry, canonical
 from core.keys import LIST_NAME_RE
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
-from service.errors import json_error
+from service.errors import json_error, json_errors
 from service.openapi import openapi_document
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def add_admin_routes(app: web.Application) -> None:
     if not app[ADMIN_TOKENS]:
         logger.info("admin API disabled: %s is not set", config.admin.tokens_env)
     router = app.router
-    router.add_get("/v1/openapi.json", openapi)
+    router.add_get("/v1/openapi.json", json_errors(openapi))
     router.add_get("/v1/lists", admin_only(list_lists))
     router.add_get("/v1/lists/{name}", admin_only(get_list))
     router.add_post("/v1/lists/{name}/entries", admin_only(bulk_change))
@@ -138,7 +138,7 @@ def admin_only(handler: Handler) -> Handler:
 
     guarded.__name__ = handler.__name__
     guarded.__doc__ = handler.__doc__
-    return guarded
+    return json_errors(guarded)  # aiohttp's HTTP errors (413, ...) as JSON
 
 
 class AdminError(Exception):

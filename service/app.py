@@ -23,7 +23,7 @@ from service.admin import add_admin_routes
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, REDIS, REGISTRY, SCREENER, STORE
 from service.auth import HandlerAuth
 from service.cache import ListCache
-from service.errors import error_middleware
+from service.errors import json_errors, no_route
 from service.handlers import explain, healthz, readyz, screen
 from service.lists import ListObject
 from service.metrics import Metrics
@@ -41,9 +41,8 @@ def create_app(
     registry: CollectorRegistry | None = None,
 ) -> web.Application:
     """Build the service. A ``redis`` client passed in is used as is and not closed."""
-    app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
-    )
+    # No middleware: errors are answered per route (see service/errors.py).
+    app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[REGISTRY] = registry if registry is not None else CollectorRegistry()
     app[METRICS] = Metrics(config, app[REGISTRY])
@@ -56,12 +55,13 @@ def create_app(
     # The same two with the shared secret as a path segment (service/auth.py).
     app.router.add_post("/k/{secret}", screen)
     app.router.add_post("/k/{secret}/tg/{trunk_group}", screen)
-    app.router.add_post("/v1/explain", explain)
-    app.router.add_post("/v1/explain/tg/{trunk_group}", explain)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(app[REGISTRY]))
+    app.router.add_post("/v1/explain", json_errors(explain))
+    app.router.add_post("/v1/explain/tg/{trunk_group}", json_errors(explain))
+    app.router.add_get("/healthz", json_errors(healthz))
+    app.router.add_get("/readyz", json_errors(readyz))
+    app.router.add_get("/metrics", json_errors(make_aiohttp_handler(app[REGISTRY])))
     add_admin_routes(app)  # /v1/lists..., /v1/openapi.json (service/admin.py)
+    app.router.add_route("*", "/{path:.*}", no_route)  # last: 404 and 405, as JSON
     return app
 
 

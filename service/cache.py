@@ -100,7 +100,9 @@ class ListCache:
                     fresh = current.with_deltas(deltas.adds, deltas.dels)
                 else:
                     buckets = await self.store.number_base(name, deltas.gen)
-                    fresh = NumberList(buckets, deltas.adds, deltas.dels)
+                    # Indexing 10 M numbers takes a moment: off the event loop (numpy
+                    # releases the GIL), so answers keep flowing meanwhile.
+                    fresh = await asyncio.to_thread(NumberList, buckets, deltas.adds, deltas.dels)
             else:
                 base = await self.store.set_base(name, deltas.gen)
                 entries = (base - deltas.dels) | deltas.adds

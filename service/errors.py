@@ -1,14 +1,22 @@
 """HTTP errors as JSON, mapped in one place.
 
-Handlers return :func:`json_error` for the errors they expect; :func:`error_middleware`
-turns aiohttp's own HTTP errors (404, 405, 413) into the same ``{"error": "..."}``
-shape and logs anything unexpected once, answering 500 only off the screening path
-(the screening handlers answer by ``on_error`` instead).
+Handlers return :func:`json_error` for the errors they expect. The rest get the same
+``{"error": "..."}`` shape from here, without a middleware: an aiohttp middleware costs
+every request two extra coroutine layers, measured at about 4 % of the screening
+handler's whole cost (bench/, BENCHMARKS.md), so instead
+
+- :func:`json_errors` wraps each handler except the screening ones, which answer every
+  error themselves (and by ``on_error`` once the body is understood, never a 5xx):
+  aiohttp's HTTP errors raised inside (413, ...) become JSON, and anything unexpected
+  is logged once and answered 500;
+- :func:`no_route` is the last route, matching any path and method: 405 with ``Allow``
+  when another route has the path, else 404.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import wraps
 
 import orjson
 from aiohttp import web
@@ -31,29 +39,52 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     )
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        kind = _KIND_BY_STATUS.get(exc.status)
-        if kind:
-            request.app[METRICS].error(kind)
-        headers = {}
-        if exc.status == 405:
-            allowed = getattr(exc, "allowed_methods", ())
-            headers["Allow"] = ", ".join(sorted(allowed))
-            message = f"method {request.method} not allowed; use {headers['Allow']}"
-        elif exc.status == 413:
-            message = "request body too large"
-        elif exc.status == 404:
-            message = f"no such endpoint: {redact_path(request.path)}"
-        else:
-            message = exc.reason
-        return json_error(exc.status, message, headers or None)
-    except Exception:
-        logger.exception("unexpected error on %s %s", request.method, redact_path(request.path))
-        request.app[METRICS].error("internal")
-        return json_error(500, "internal error")
+def http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """The JSON answer for one of aiohttp's HTTP errors, counted by kind."""
+    kind = _KIND_BY_STATUS.get(exc.status)
+    if kind:
+        request.app[METRICS].error(kind)
+    if exc.status == 413:
+        return json_error(413, "request body too large")
+    return json_error(exc.status, exc.reason)
+
+
+def internal_error(request: web.Request) -> web.Response:
+    """Log the exception being handled, count it, answer 500."""
+    logger.exception("unexpected error on %s %s", request.method, redact_path(request.path))
+    request.app[METRICS].error("internal")
+    return json_error(500, "internal error")
+
+
+def json_errors(handler: Handler) -> Handler:
+    """``handler``, with aiohttp's HTTP errors and unexpected exceptions answered as JSON."""
+
+    @wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return http_error(request, exc)
+        except Exception:
+            return internal_error(request)
+
+    return guarded
+
+
+async def no_route(request: web.Request) -> web.Response:
+    """The catch-all route: 405 if another route serves the path with other methods, else 404."""
+    allowed: set[str] = set()
+    this = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not this:
+            _match, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        request.app[METRICS].error("method_not_allowed")
+        allow = ", ".join(sorted(allowed))
+        message = f"method {request.method} not allowed; use {allow}"
+        return json_error(405, message, {"Allow": allow})
+    request.app[METRICS].error("not_found")
+    return json_error(404, f"no such endpoint: {redact_path(request.path)}")

@@ -14,7 +14,7 @@ trip, and evaluates again with the counts.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 
@@ -72,11 +72,13 @@ class RateRule:
 
 @dataclass(slots=True)
 class Evaluation:
+    """What decided a call. Never changed once made: the "no rule matched" one is shared."""
+
     outcome: Outcome
     #: The list entry or fact that matched (explain).
     matched: str | None = None
     #: Dry-run rules that matched on the way, with what they matched.
-    dry_runs: list[tuple[Outcome, str]] = field(default_factory=list)
+    dry_runs: tuple[tuple[Outcome, str], ...] = ()
 
 
 class CompiledRule:
@@ -86,6 +88,8 @@ class CompiledRule:
         self.rule = rule
         self.match = rule.match
         self.list_name = rule.list
+        #: ``list_name`` as a key ("" for rules without a list, which never look one up).
+        self.list_key = rule.list or ""
         self.dry_run = rule.dry_run
         self.outcome = outcome_for(rule.action, rule.operands, rule.name, rule.list)
         self.rate = (
@@ -95,36 +99,30 @@ class CompiledRule:
         )
         self.test: Callable[[Call, Lists, Rates], str | None] = getattr(self, "_" + rule.match)
 
-    def _list(self, lists: Lists) -> ListObject:
-        assert self.list_name is not None
-        found = lists.get(self.list_name)
-        if found is None:
-            raise ListsUnavailable(f"list {self.list_name!r} is not loaded")
-        return found
-
     # One method per condition; __init__ binds the rule's own as ``test`` so a call
-    # costs one attribute look-up, not a chain of comparisons.
+    # costs one attribute look-up, not a chain of comparisons. A list missing from
+    # ``lists`` raises KeyError, which evaluate() reports as ListsUnavailable.
     def _caller_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
-        numbers = self._list(lists)
+        numbers = lists[self.list_key]
         assert isinstance(numbers, NumberList)
-        hit = call.caller_int is not None and call.caller_int in numbers
-        return call.caller if hit else None
+        number = call.caller_int
+        return call.caller if number is not None and number in numbers else None
 
     def _caller_prefix_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
-        prefixes = self._list(lists)
+        prefixes = lists[self.list_key]
         assert isinstance(prefixes, PrefixList)
         return prefixes.match(call.caller) if call.caller else None
 
     def _caller_name_matches_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
-        names = self._list(lists)
+        names = lists[self.list_key]
         assert isinstance(names, NameList)
         return names.match(call.caller_name)
 
     def _called_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
-        numbers = self._list(lists)
+        numbers = lists[self.list_key]
         assert isinstance(numbers, NumberList)
-        hit = call.called_int is not None and call.called_int in numbers
-        return call.called if hit else None
+        number = call.called_int
+        return call.called if number is not None and number in numbers else None
 
     def _anonymous(self, call: Call, lists: Lists, rates: Rates) -> str | None:
         return "anonymous" if call.anonymous else None
@@ -154,6 +152,7 @@ class CompiledPolicy:
         self.name = name
         self.rules = tuple(CompiledRule(rule, name) for rule in policy.rules)
         self.default = outcome_for(policy.default, policy.default_operands, DEFAULT_RULE, None)
+        self._by_default = Evaluation(self.default)
         self.lists = frozenset(r.list_name for r in self.rules if r.list_name is not None)
         self.rate_rules = tuple(r.rate for r in self.rules if r.rate is not None)
 
@@ -164,19 +163,23 @@ class CompiledPolicy:
         rates: Mapping[str, int] | None = None,
     ) -> Evaluation:
         """Decide ``call``; raises ListsUnavailable or NeedsRates (see module doc)."""
-        dry_runs: list[tuple[Outcome, str]] = []
+        dry_runs: tuple[tuple[Outcome, str], ...] = ()
         for rule in self.rules:
             try:
                 matched = rule.test(call, lists, rates)
             except NeedsRates:
                 raise NeedsRates(self.rate_rules) from None
+            except KeyError:
+                if rule.list_name is None or rule.list_name in lists:
+                    raise
+                raise ListsUnavailable(f"list {rule.list_name!r} is not loaded") from None
             if matched is None:
                 continue
             if rule.dry_run:
-                dry_runs.append((rule.outcome, matched))
+                dry_runs += ((rule.outcome, matched),)
                 continue
             return Evaluation(rule.outcome, matched, dry_runs)
-        return Evaluation(self.default, None, dry_runs)
+        return Evaluation(self.default, None, dry_runs) if dry_runs else self._by_default
 
 
 def compile_policies(config: Config) -> dict[str, CompiledPolicy]:

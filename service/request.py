@@ -14,11 +14,18 @@ Decisions where the spec is silent:
   anonymous ``From`` is still checked against the lists.
 - An *invalid* caller is a number that is not dialable, or a user part that is present
   but not a number at all (``From: <sip:john@...>`` with nothing better behind it).
+- Header names match case-insensitively; when a body holds one header under two
+  spellings, CarrierX's own spelling (``From``, ``P-Asserted-Identity``, ...) wins.
+
+Parsing is on every call's path, so it does only what most rules need up front: the
+caller's number and name (and the Call-ID, for the log). The called number, anonymity
+and attestation are read from the body the first time a rule or explain asks for them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from core.numbers import is_dialable, normalise
@@ -27,20 +34,51 @@ WITHHELD_USERS = frozenset(
     {"", "anonymous", "restricted", "unavailable", "unknown", "private", "withheld"}
 )
 PRIVACY_TOKENS = frozenset({"id", "user", "full"})
+#: CarrierX's spelling of each header read here (keys: the names in lower case).
+_SPELLINGS = {
+    "from": "From",
+    "to": "To",
+    "call-id": "Call-ID",
+    "p-asserted-identity": "P-Asserted-Identity",
+    "remote-party-id": "Remote-Party-ID",
+    "privacy": "Privacy",
+}
 RPID_PRIVACY = frozenset({"full", "uri"})
 MAX_FIELD_CHARS = 256
 #: Only the first few values of a header are looked at.
 MAX_VALUES = 8
-_HEADER_NAMES = {
-    "from": "from",
-    "p-asserted-identity": "p-asserted-identity",
-    "remote-party-id": "remote-party-id",
-}
 
 
-@dataclass(slots=True)
+class Headers:
+    """Case-insensitive access to the body's headers.
+
+    A header in CarrierX's spelling costs one dictionary look-up; only when it is not
+    there are all the body's names lower-cased (once per call), to find other spellings.
+    """
+
+    __slots__ = ("_body", "_lowered")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self._body = body
+        self._lowered: dict[str, Any] | None = None
+
+    def get(self, name: str) -> Any:
+        """The value of header ``name`` (given in lower case), or None."""
+        value = self._body.get(_SPELLINGS.get(name, name))
+        if value is not None:
+            return value
+        if self._lowered is None:
+            body = self._body
+            self._lowered = dict(zip(map(str.lower, body), body.values(), strict=True))
+        return self._lowered.get(name)
+
+
+@dataclass
 class Call:
-    """One call as the policy sees it. Numbers are canonical E.164 digit strings."""
+    """One call as the policy sees it. Numbers are canonical E.164 digit strings.
+
+    The fields are read when the call is parsed; the properties below them on first use.
+    """
 
     caller: str | None
     caller_int: int | None
@@ -48,11 +86,44 @@ class Call:
     #: The first non-withheld user part seen, as sent (for explain and invalid checks).
     caller_user: str | None
     caller_name: str
-    called: str | None
-    called_int: int | None
-    anonymous: bool
-    verstat: str | None
     call_id: str | None
+    headers: Headers = field(repr=False)
+    #: The ``From`` address objects and the first one's user part.
+    froms: list[dict[str, Any]] = field(repr=False)
+    from_user: str | None = field(repr=False)
+    default_country: str = field(repr=False)
+
+    @cached_property
+    def called(self) -> str | None:
+        """The called number (``To``), normalised."""
+        to = _addresses(self.headers.get("to"))
+        user = _user(to[0]) if to else None
+        return normalise(user, self.default_country) if user else None
+
+    @cached_property
+    def called_int(self) -> int | None:
+        called = self.called
+        return int(called) if called else None
+
+    @cached_property
+    def anonymous(self) -> bool:
+        """The caller withheld their identity (see the module docstring)."""
+        from_user = self.from_user
+        return (
+            self.caller is None
+            or from_user is None
+            or _withheld(from_user)
+            or _privacy_requested(self.headers)
+        )
+
+    @cached_property
+    def verstat(self) -> str | None:
+        """The ``verstat`` attestation of ``From``, else of ``P-Asserted-Identity``."""
+        for address in self.froms[:1] + _addresses(self.headers.get("p-asserted-identity"))[:1]:
+            verstat = _param(address, "verstat")
+            if verstat:
+                return verstat
+        return None
 
     @property
     def invalid_number(self) -> bool:
@@ -91,14 +162,17 @@ def _user_from_raw(raw: str) -> str | None:
 
 
 def _param(address: dict[str, Any], name: str) -> str | None:
-    for field in ("uri_parameters", "header_parameters"):
-        params = address.get(field)
+    """A SIP parameter of an address: from its parsed URI or header parameters, else
+    from its raw text (``...;verstat=TN-Validation-Passed;...``), case-insensitively."""
+    for kind in ("uri_parameters", "header_parameters"):
+        params = address.get(kind)
         if isinstance(params, dict):
-            value = _str(params.get(name))
-            if value is not None:
-                return value
-    raw = _str(address.get("raw"))
-    if raw:
+            value = params.get(name)
+            if isinstance(value, str):
+                return value[:MAX_FIELD_CHARS]
+    raw = address.get("raw")
+    if isinstance(raw, str) and raw:
+        raw = raw[:MAX_FIELD_CHARS]
         at = raw.lower().find(name + "=")
         if at >= 0:
             value = raw[at + len(name) + 1 :]
@@ -109,30 +183,38 @@ def _param(address: dict[str, Any], name: str) -> str | None:
 
 
 def _addresses(values: Any, calling_only: bool = False) -> list[dict[str, Any]]:
+    """The address objects of one header (the first MAX_VALUES values that are objects)."""
     if not isinstance(values, list):
         return []
-    found = []
-    for item in values[:MAX_VALUES]:
-        if not isinstance(item, dict):
-            continue
-        if calling_only:
-            params = item.get("header_parameters")
-            party = params.get("party") if isinstance(params, dict) else None
-            if party not in (None, "calling"):
-                continue
-        found.append(item)
+    if len(values) == 1 and not calling_only:  # the usual case, without copying
+        return values if isinstance(values[0], dict) else []
+    found = [item for item in values[:MAX_VALUES] if isinstance(item, dict)]
+    if calling_only:
+        found = [item for item in found if _party(item) in (None, "calling")]
     return found
 
 
+def _party(address: dict[str, Any]) -> Any:
+    params = address.get("header_parameters")
+    return params.get("party") if isinstance(params, dict) else None
+
+
+def _withheld(user: str) -> bool:
+    # Digits are the usual case and never a withheld word: skip the normalising.
+    return not user.isdigit() and user.strip().lower() in WITHHELD_USERS
+
+
 def _user(address: dict[str, Any]) -> str | None:
-    user = _str(address.get("user"))
-    if user:
-        return user
-    raw = _str(address.get("raw"))
-    return _user_from_raw(raw) if raw else user
+    user = address.get("user")
+    if isinstance(user, str) and user:
+        return user[:MAX_FIELD_CHARS]
+    raw = address.get("raw")
+    if isinstance(raw, str) and raw:
+        return _user_from_raw(raw[:MAX_FIELD_CHARS])
+    return user if isinstance(user, str) else None
 
 
-def _privacy_requested(headers: dict[str, Any], rpid: list[dict[str, Any]]) -> bool:
+def _privacy_requested(headers: Headers) -> bool:
     values = headers.get("privacy")
     if isinstance(values, list):
         for value in values[:MAX_VALUES]:
@@ -140,7 +222,7 @@ def _privacy_requested(headers: dict[str, Any], rpid: list[dict[str, Any]]) -> b
                 tokens = value[:MAX_FIELD_CHARS].replace(",", ";").split(";")
                 if any(t.strip().lower() in PRIVACY_TOKENS for t in tokens):
                     return True
-    for address in rpid:
+    for address in _addresses(headers.get("remote-party-id"), calling_only=True):
         params = address.get("header_parameters")
         privacy = params.get("privacy") if isinstance(params, dict) else None
         if isinstance(privacy, str) and privacy.lower() in RPID_PRIVACY:
@@ -156,21 +238,24 @@ class CallParser:
         self.default_country = default_country
 
     def parse(self, body: dict[str, Any]) -> Call:
-        headers = {k.lower(): v for k, v in body.items()}
-        by_source = {
-            "from": _addresses(headers.get("from")),
-            "p-asserted-identity": _addresses(headers.get("p-asserted-identity")),
-            "remote-party-id": _addresses(headers.get("remote-party-id"), calling_only=True),
-        }
-        from_user = _user(by_source["from"][0]) if by_source["from"] else None
+        headers = Headers(body)
+        froms = _addresses(headers.get("from"))
+        first_from = froms[0] if froms else None
+        from_user = _user(first_from) if first_from is not None else None
         caller = caller_source = caller_user = None
         name = ""
         for source in self.sources:
-            for address in by_source[source]:
+            if source == "from":
+                addresses = froms
+            else:
+                addresses = _addresses(
+                    headers.get(source), calling_only=source == "remote-party-id"
+                )
+            for address in addresses:
                 if not name:
-                    name = (_str(address.get("name")) or "").strip()
-                user = _user(address)
-                if user is None or user.strip().lower() in WITHHELD_USERS:
+                    name = _name(address)
+                user = from_user if address is first_from else _user(address)
+                if user is None or _withheld(user):
                     continue
                 if caller_user is None:
                     caller_user = user
@@ -180,34 +265,22 @@ class CallParser:
                         caller_source = source
             if caller is not None and name:
                 break
-        anonymous = (
-            caller is None
-            or from_user is None
-            or from_user.strip().lower() in WITHHELD_USERS
-            or _privacy_requested(headers, by_source["remote-party-id"])
-        )
-        called = None
-        to = _addresses(headers.get("to"))
-        if to:
-            called_user = _user(to[0])
-            if called_user:
-                called = normalise(called_user, self.default_country)
-        verstat = None
-        for address in by_source["from"][:1] + by_source["p-asserted-identity"][:1]:
-            verstat = _param(address, "verstat")
-            if verstat:
-                break
         call_ids = headers.get("call-id")
         call_id = _str(call_ids[0]) if isinstance(call_ids, list) and call_ids else None
         return Call(
-            caller=caller,
-            caller_int=int(caller) if caller else None,
-            caller_source=caller_source,
-            caller_user=caller_user,
-            caller_name=name,
-            called=called,
-            called_int=int(called) if called else None,
-            anonymous=anonymous,
-            verstat=verstat,
-            call_id=call_id,
+            caller,
+            int(caller) if caller else None,
+            caller_source,
+            caller_user,
+            name,
+            call_id,
+            headers,
+            froms,
+            from_user,
+            self.default_country,
         )
+
+
+def _name(address: dict[str, Any]) -> str:
+    name = address.get("name")
+    return name[:MAX_FIELD_CHARS].strip() if isinstance(name, str) else ""

@@ -82,10 +82,11 @@ class Screener:
         self._warn.warning("answering by on_error (%s): %s", reason, detail)
         return Decision(self.on_error, reason)
 
-    async def decide(self, policy: CompiledPolicy, call: Call, *, count: bool = True) -> Decision:
-        """Decide ``call`` under ``policy``; never raises for Redis or list trouble.
+    def decide_locally(self, policy: CompiledPolicy, call: Call) -> Decision | None:
+        """Decide ``call`` from the local list copies, without awaiting anything.
 
-        ``count=False`` (explain) reads call-rate counters without adding this call.
+        None when a ``call_rate`` rule needs counts from Redis first: then use
+        :meth:`decide`. Never raises for Redis or list trouble.
         """
         cache = self.cache
         if not cache.usable():
@@ -94,8 +95,19 @@ class Screener:
             return Decision(policy.evaluate(call, cache.lists))
         except ListsUnavailable as exc:
             return self._fallback("list_not_loaded", str(exc))
-        except NeedsRates as needs:
-            rules = needs.rules
+        except NeedsRates:
+            return None
+
+    async def decide(self, policy: CompiledPolicy, call: Call, *, count: bool = True) -> Decision:
+        """Decide ``call`` under ``policy``; never raises for Redis or list trouble.
+
+        ``count=False`` (explain) reads call-rate counters without adding this call.
+        """
+        decision = self.decide_locally(policy, call)
+        if decision is not None:
+            return decision
+        cache = self.cache
+        rules = policy.rate_rules
         assert call.caller is not None
         windows = [(rule.key, rule.window_s) for rule in rules]
         started = time.perf_counter()

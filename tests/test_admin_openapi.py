@@ -48,7 +48,8 @@ def routes(app: web.Application) -> set[tuple[str, str]]:
     found = set()
     for resource in app.router.resources():
         for route in resource:
-            if route.method != "HEAD":  # aiohttp adds HEAD to every GET
+            # aiohttp adds HEAD to every GET; "*" is the 404/405 catch-all (service/errors.py)
+            if route.method not in ("HEAD", "*"):
                 found.add((route.method.lower(), resource.canonical))
     return found
 

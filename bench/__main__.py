@@ -1,0 +1,300 @@
+"""``make bench`` / ``python -m bench``: the SPEC §9 benchmark, in one run on one machine.
+
+    python -m bench [--numbers 10000000] [--duration 10] [--rounds 2] [--workers 1] ...
+
+Steps: generate the workload; start a private redis-server on a free port; time
+``redis-cli --pipe`` and the real loader on the block list, with Redis memory per number
+and the loader's peak memory; measure decision cost against list size; then start the
+service and the bare-aiohttp baseline with the same worker count and drive both with
+wrk (same bodies, duration and connections), alternating rounds so both see the same
+machine noise, after checking a sample of the service's answers.
+
+Everything it starts (Redis, servers) is stopped at the end, and its temporary folder
+removed unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import decision, load, machine, servers, storage
+from bench.report import Report
+from bench.workload import (
+    CLASS_SHARES,
+    TRUNK_GROUP,
+    Sizes,
+    Workload,
+    bench_config,
+    check_answer,
+    generate,
+    sample,
+    write_config,
+    write_files,
+    write_numbers,
+)
+from devtools.redis_server import RedisProcess, free_port
+
+BLOCKED_CLASSES = ("block_list", "prefix", "cnam")
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--numbers", type=int, default=1_000_000, help="block-list size")
+    parser.add_argument("--bodies", type=int, default=50_000, help="distinct request bodies")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per load run")
+    parser.add_argument("--rounds", type=int, default=2, help="load runs per server")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per server")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per server")
+    parser.add_argument(
+        "--decision-sizes",
+        default="1000,10000,100000,1000000,10000000",
+        help="list sizes for the decision-cost micro-benchmark",
+    )
+    parser.add_argument("--skip-http", action="store_true", help="only the Redis/loader parts")
+    parser.add_argument("--folder", type=Path, help="work folder (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    return parser.parse_args(argv)
+
+
+def _step(message: str) -> Callable[[], None]:
+    print(f"-- {message} ...", flush=True)
+    started = time.perf_counter()
+    return lambda: print(f"   done in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def _child_env(redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CALLSCREEN_REDIS_URL"] = redis_url
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_storage(
+    work: Path, workload: Workload, config: Path, server: RedisProcess
+) -> dict[str, Any]:
+    """redis-cli --pipe vs the loader, Redis bytes per number, loader peak memory."""
+    client = redis.Redis(port=server.port)
+    env = _child_env(server.url)
+    log = work / "loader.log"
+    numbers = workload.block
+    count = numbers.size
+    try:
+        done = _step(f"redis-cli --pipe: SADD of the {count:,} block-list numbers")
+        commands = storage.write_sadd_commands(numbers, storage.PLAIN_SET_KEY, work / "sadd.resp")
+        before = storage.used_memory(client)
+        cli = storage.redis_cli_pipe(server.port, commands)
+        plain_bytes = (storage.used_memory(client) - before) / count
+        client.flushall()
+        commands.unlink()
+        done()
+
+        done = _step(f"loader on a tenth of the list ({count // 10:,} numbers), for its memory")
+        tenth = work / "block-tenth.csv"
+        write_numbers(tenth, numbers[: count // 10])
+        small_config = work / "loader-tenth.yaml"
+        write_config(
+            small_config,
+            {
+                "redis": {"url": server.url},
+                "lists": {"block": {"kind": "numbers", "source": str(tenth), "column": "number"}},
+            },
+        )
+        small = storage.loader_sync(small_config, "block", env, log)
+        client.flushall()
+        done()
+
+        done = _step(f"loader: full sync of the {count:,}-number block list")
+        before = storage.used_memory(client)
+        full = storage.loader_sync(config, "block", env, log)
+        compact_bytes = (storage.used_memory(client) - before) / count
+        done()
+
+        done = _step("loader: allow list, prefixes and CNAM")
+        for name in ("allow", "prefixes", "cnam"):
+            storage.loader_sync(config, name, env, log)
+        done()
+    finally:
+        client.close()
+    return {
+        "numbers": count,
+        "redis_cli_pipe_s": cli.seconds,
+        "loader_s": full.seconds,
+        "loader_vs_redis_cli": full.seconds / cli.seconds,
+        "loader_peak_rss_mib": full.peak_rss_bytes / 2**20,
+        "loader_tenth_s": small.seconds,
+        "loader_tenth_peak_rss_mib": small.peak_rss_bytes / 2**20,
+        "redis_bytes_per_number": compact_bytes,
+        "plain_set_bytes_per_number": plain_bytes,
+    }
+
+
+def check_service_answers(url: str, workload: Workload, per_class: int) -> dict[str, Any]:
+    """POST a sample of bodies of every class; compare each answer with the expected one."""
+    problems: list[str] = []
+    indexes = sample(workload, per_class)
+    for i in indexes:
+        request = urllib.request.Request(
+            f"{url}/tg/{TRUNK_GROUP}",
+            data=workload.bodies[i],
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            problem = check_answer(workload.classes[i], response.status, response.read())
+        if problem:
+            problems.append(problem)
+    return {"checked": len(indexes), "wrong": len(problems), "examples": problems[:5]}
+
+
+def decision_shares(url: str) -> dict[str, float]:
+    """Share of each decision the service counted (from /metrics) for the bench trunk group."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "callscreen_decisions":
+            continue
+        for metric in family.samples:
+            labels = metric.labels
+            if (
+                metric.name.endswith("_total")
+                and labels.get("trunk_group") == TRUNK_GROUP
+                and labels.get("dry_run", "false") == "false"
+            ):
+                totals[labels["decision"]] = totals.get(labels["decision"], 0) + metric.value
+    count = sum(totals.values())
+    return {k: v / count for k, v in totals.items()} if count else {}
+
+
+def run_http(
+    args: argparse.Namespace,
+    *,
+    work: Path,
+    workload: Workload,
+    config: Path,
+    service_port: int,
+    env: dict[str, str],
+) -> dict[str, Any]:
+    wrk = load.wrk_binary()
+    if wrk is None:
+        print(
+            "!! wrk is not installed: falling back to the Python load generator. Its figures\n"
+            "!! are limited by the generator itself and are not comparable with wrk's.",
+            flush=True,
+        )
+    path = f"/tg/{TRUNK_GROUP}"
+    script = load.write_wrk_script(work, work / "data" / "bodies.jsonl", path)
+
+    def drive(url: str, seconds: int) -> load.LoadResult:
+        if wrk is not None:
+            return load.run_wrk(url + path, script, seconds, args.connections, args.threads)
+        return load.run_python(url + path, workload.bodies, seconds, args.connections)
+
+    service = servers.service(config, service_port, args.workers, work / "service.log", env)
+    baseline = servers.baseline(free_port(), args.workers, work / "baseline.log")
+    runs: dict[str, list[load.LoadResult]] = {"baseline": [], "service": []}
+    with baseline, service:
+        done = _step("checking a sample of the service's answers")
+        answers = check_service_answers(service.url, workload, per_class=200)
+        done()
+        if answers["wrong"]:
+            print("!! wrong answers:", *answers["examples"], sep="\n   ")
+        if args.warmup:
+            for server in (baseline, service):
+                drive(server.url, args.warmup)
+        for round_ in range(1, args.rounds + 1):
+            for name, server in (("baseline", baseline), ("service", service)):
+                done = _step(f"round {round_}/{args.rounds}: {name}, {args.duration} s")
+                result = drive(server.url, args.duration)
+                runs[name].append(result)
+                print(
+                    f"   {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+                    f"p99 {result.p99_ms:.2f} ms, errors {result.errors}",
+                    flush=True,
+                )
+                done()
+        shares = decision_shares(service.url)
+    expected_reject = sum(CLASS_SHARES[c] for c in BLOCKED_CLASSES)
+    return {
+        "tool": "wrk" if wrk else "python",
+        "answers": answers,
+        "reject_share_counted": shares.get("reject"),
+        "reject_share_expected": expected_reject,
+        "runs": {
+            name: [asdict(r) | {"rps": r.rps} for r in results] for name, results in runs.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    work = args.folder or Path(tempfile.mkdtemp(prefix="callscreen-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    report = Report(args)
+    report.machine(machine.describe())
+    results: dict[str, Any] = {
+        "machine": report.machine_info,
+        "args": vars(args) | {"folder": str(work)},
+    }
+    server = None
+    try:
+        done = _step(f"generating the workload ({args.numbers:,} numbers, {args.bodies:,} bodies)")
+        workload = generate(Sizes(numbers=args.numbers, bodies=args.bodies))
+        files = write_files(workload, work / "data")
+        done()
+        server = RedisProcess(work / "redis").start()
+        service_port = free_port()
+        config = write_config(
+            work / "bench.yaml", bench_config(files, server.url, service_port, args.workers)
+        )
+        results["storage"] = run_storage(work, workload, config, server)
+        report.storage(results["storage"])
+
+        sizes = tuple(int(s) for s in args.decision_sizes.split(",") if s)
+        done = _step(f"decision cost against list size ({', '.join(f'{s:,}' for s in sizes)})")
+        results["decision"] = [asdict(d) for d in decision.measure(sizes)]
+        done()
+        report.decision(results["decision"])
+
+        if not args.skip_http:
+            env = _child_env(server.url)
+            results["http"] = run_http(
+                args,
+                work=work,
+                workload=workload,
+                config=config,
+                service_port=service_port,
+                env=env,
+            )
+            report.http(results["http"])
+    finally:
+        if server is not None:
+            server.stop()
+        if not args.keep and args.folder is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report.print()
+    results["targets"] = report.targets
+    if args.json:
+        args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2, default=str))
+    # Missed targets are reported, not failures; wrong answers are.
+    return 1 if results.get("http", {}).get("answers", {}).get("wrong") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The printed report: the figures, then each SPEC §9 target with ``ok`` or ``MISSED``."""
+
+from __future__ import annotations
+
+import argparse
+from statistics import mean
+from typing import Any
+
+#: SPEC §9 targets.
+MIN_THROUGHPUT_RATIO = 0.8
+MAX_P99_MS = 5.0
+MAX_REDIS_BYTES_PER_NUMBER = 16.0
+MAX_LOADER_VS_REDIS_CLI = 3.0
+#: "Flat": the largest list may cost at most this much more than the smallest.
+MAX_DECISION_GROWTH = 1.5
+#: "Does not grow with the file": peak RSS at the full list vs a tenth of it.
+MAX_LOADER_MEMORY_GROWTH = 1.25
+
+
+class Report:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self.machine_info: dict[str, str] = {}
+        #: target -> met (None: not measured in this run).
+        self.targets: dict[str, bool | None] = {}
+        self._target_lines: list[str] = []
+
+    def _target(self, name: str, ok: bool, detail: str) -> None:
+        self.targets[name] = ok
+        self._target_lines.append(f"  {'ok    ' if ok else 'MISSED'}  {name}: {detail}")
+
+    def machine(self, info: dict[str, str]) -> None:
+        self.machine_info = info
+        self.lines.append("Machine")
+        self.lines += [f"  {k:<22} {v}" for k, v in info.items()]
+
+    def storage(self, s: dict[str, Any]) -> None:
+        n = s["numbers"]
+        self.lines += [
+            "",
+            f"Redis and the loader ({n:,}-number block list)",
+            f"  redis-cli --pipe, one SADD per number   {s['redis_cli_pipe_s']:8.2f} s"
+            f"   ({n / s['redis_cli_pipe_s']:,.0f} numbers/s)",
+            f"  loader full sync (whole process)        {s['loader_s']:8.2f} s"
+            f"   ({n / s['loader_s']:,.0f} numbers/s)",
+            f"  Redis memory, compact layout"
+            f"            {s['redis_bytes_per_number']:8.1f} B/number",
+            f"  Redis memory, plain set (redis-cli)"
+            f"     {s['plain_set_bytes_per_number']:8.1f} B/number",
+            f"  loader peak RSS: {n // 10:,} numbers {s['loader_tenth_peak_rss_mib']:.0f} MiB,"
+            f" {n:,} numbers {s['loader_peak_rss_mib']:.0f} MiB",
+        ]
+        ratio = s["loader_vs_redis_cli"]
+        self._target(
+            "loader <= 3x redis-cli --pipe",
+            ratio <= MAX_LOADER_VS_REDIS_CLI,
+            f"{ratio:.2f}x ({s['loader_s']:.2f} s vs {s['redis_cli_pipe_s']:.2f} s)",
+        )
+        per_number = s["redis_bytes_per_number"]
+        at = "" if n >= 10_000_000 else f" (measured at {n:,}; the target is at 10,000,000)"
+        self._target(
+            "Redis <= 16 B per listed number",
+            per_number <= MAX_REDIS_BYTES_PER_NUMBER,
+            f"{per_number:.1f} B{at}",
+        )
+        growth = s["loader_peak_rss_mib"] / s["loader_tenth_peak_rss_mib"]
+        self._target(
+            "loader memory flat in the file size",
+            growth <= MAX_LOADER_MEMORY_GROWTH,
+            f"peak RSS x{growth:.2f} for 10x the numbers",
+        )
+
+    def decision(self, rows: list[dict[str, Any]]) -> None:
+        self.lines += ["", "Decision cost (bench policy, in-process, best of 5)"]
+        self.lines.append(f"  {'listed numbers':>15} {'policy us':>10} {'lookup us':>10}")
+        for row in rows:
+            self.lines.append(
+                f"  {row['listed']:>15,} {row['policy_us']:>10.2f} {row['lookup_us']:>10.3f}"
+            )
+        if len(rows) >= 2:
+            first, last = rows[0], rows[-1]
+            growth = last["policy_us"] / first["policy_us"]
+            self._target(
+                "decision cost flat",
+                growth <= MAX_DECISION_GROWTH,
+                f"x{growth:.2f} from {first['listed']:,} to {last['listed']:,} numbers "
+                f"({first['policy_us']:.2f} -> {last['policy_us']:.2f} us)",
+            )
+
+    def http(self, h: dict[str, Any]) -> None:
+        args = self.args
+        runs = h["runs"]
+        self.lines += [
+            "",
+            f"HTTP ({h['tool']}, {args.connections} connections, {args.workers} worker(s) each, "
+            f"{args.rounds} x {args.duration} s per server, rounds alternating)",
+            f"  {'':10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
+        ]
+        summary = {}
+        for name in ("baseline", "service"):
+            results = runs[name]
+            summary[name] = {
+                "rps": mean(r["rps"] for r in results),
+                "p50": mean(r["p50_ms"] for r in results),
+                "p99": mean(r["p99_ms"] for r in results),
+                "errors": sum(r["errors"] for r in results),
+            }
+            s = summary[name]
+            per_round = ", ".join(f"{r['rps']:,.0f}" for r in results)
+            self.lines.append(
+                f"  {name:10} {s['rps']:>10,.0f} {s['p50']:>8.2f} {s['p99']:>8.2f}"
+                f" {s['errors']:>7}   (rounds: {per_round} req/s)"
+            )
+        ratio = summary["service"]["rps"] / summary["baseline"]["rps"]
+        self.lines.append(f"  ratio service/baseline: {ratio:.3f}")
+        answers = h["answers"]
+        self.lines.append(
+            f"  answers checked: {answers['checked']}, wrong: {answers['wrong']}; "
+            f"rejects counted under load: {_share(h['reject_share_counted'])} "
+            f"(bodies blocked: {_share(h['reject_share_expected'])})"
+        )
+        self._target(
+            "throughput >= 0.8x baseline",
+            ratio >= MIN_THROUGHPUT_RATIO,
+            f"{ratio:.3f}x ({summary['service']['rps']:,.0f} vs "
+            f"{summary['baseline']['rps']:,.0f} req/s)",
+        )
+        p99 = summary["service"]["p99"]
+        self._target("p99 <= 5 ms", p99 <= MAX_P99_MS, f"{p99:.2f} ms")
+        self._target(
+            "sampled answers right", answers["wrong"] == 0, f"{answers['checked']} checked"
+        )
+
+    def print(self) -> None:
+        print("\n".join(["", *self.lines, "", "Targets (SPEC §9)", *self._target_lines]))
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"

@@ -1,0 +1,83 @@
+"""Redis-side figures: the loader against ``redis-cli --pipe``, its memory, bytes per number.
+
+``redis-cli --pipe`` is Redis's own mass-insertion path, so it is the yardstick for the
+loader: the same numbers, each as one ``SADD`` into a plain set (the layout the compact
+one replaces), against a full sync by the real loader (``python -m loader ... sync``),
+timed as the whole process an operator runs, start-up included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from devtools.redis_server import find_binary
+
+PLAIN_SET_KEY = "bench:plain-set"
+
+
+@dataclass(frozen=True, slots=True)
+class Timed:
+    seconds: float
+    #: Peak resident memory of the child process (bytes); 0 when not measured.
+    peak_rss_bytes: int = 0
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def write_sadd_commands(numbers: np.ndarray[Any, Any], key: str, path: Path) -> Path:
+    """The RESP protocol for one ``SADD key number`` per number (redis-cli --pipe input)."""
+    head = f"*3\r\n$4\r\nSADD\r\n${len(key)}\r\n{key}\r\n"
+    with path.open("w", encoding="ascii", newline="") as out:
+        for start in range(0, numbers.size, 1_000_000):
+            part = map(str, numbers[start : start + 1_000_000].tolist())
+            out.write("".join(f"{head}${len(n)}\r\n{n}\r\n" for n in part))
+    return path
+
+
+def redis_cli_pipe(port: int, commands: Path) -> Timed:
+    """Time ``redis-cli --pipe < commands``; raises if any command failed."""
+    cli = find_binary("redis-cli")
+    with commands.open("rb") as feed:
+        started = time.perf_counter()
+        done = subprocess.run(
+            [cli, "-p", str(port), "--pipe"],
+            stdin=feed,
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        elapsed = time.perf_counter() - started
+    if done.returncode != 0 or "errors: 0" not in done.stdout:
+        raise RuntimeError(f"redis-cli --pipe failed:\n{done.stdout}{done.stderr}")
+    return Timed(elapsed)
+
+
+def run_child(command: list[str], env: dict[str, str], log: Path) -> Timed:
+    """Run a child to completion; its wall time and peak RSS (from its own rusage)."""
+    with log.open("ab") as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{command[2:]} failed with status {process.returncode}:\n{tail}")
+    # ru_maxrss is in KiB on Linux.
+    return Timed(elapsed, int(usage.ru_maxrss) * 1024)
+
+
+def loader_sync(config: Path, list_name: str, env: dict[str, str], log: Path) -> Timed:
+    command = [sys.executable, "-m", "loader", "--config", str(config), "sync", "--list", list_name]
+    return run_child(command, env, log)

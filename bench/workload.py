@@ -1,0 +1,344 @@
+"""The SPEC §9 workload: lists, request bodies and the answers each body must get.
+
+Everything is generated from a seed, so two runs with the same sizes load the same
+numbers and send the same bodies. Callers fall in five classes:
+
+============  ======  ==========================================================
+class         share   caller
+============  ======  ==========================================================
+block_list    16 %    on the block list (and not on the allow list)
+prefix        2 %     starts with an entry of the prefix list
+cnam          2 %     unlisted number, caller name matching a CNAM entry
+allow_list    5 %     on the allow list; one in ten of those is on the block list
+                      too, so the allow rule coming first is what lets it through
+unlisted      75 %    on no list, with an ordinary name
+============  ======  ==========================================================
+
+The first three are the SPEC's "20 % blocked". General callers are NANP numbers whose
+area code is never 809, 900 or 976: those are kept for the prefix list, so no
+ordinary caller can match a prefix by chance.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import yaml
+
+#: Share of request bodies in each caller class (see the module docstring).
+CLASS_SHARES = {
+    "block_list": 0.16,
+    "prefix": 0.02,
+    "cnam": 0.02,
+    "allow_list": 0.05,
+    "unlisted": 0.75,
+}
+#: What the bench policy answers for each class.
+ANSWERS: dict[str, list[dict[str, Any]]] = {
+    "block_list": [{"action": "reject", "operands": ["unavailable", "aniblock"]}],
+    "prefix": [{"action": "reject", "operands": ["decline", "prefix"]}],
+    "cnam": [{"action": "reject", "operands": ["unwanted", "cnam"]}],
+    "allow_list": [],
+    "unlisted": [],
+}
+TRUNK_GROUP = "bench"
+#: Area codes only the prefix list uses.
+PREFIX_NPAS = (809, 900, 976)
+_FIRST = (
+    "JAMES", "MARY", "ROBERT", "PATRICIA", "JOHN", "JENNIFER", "MICHAEL", "LINDA", "DAVID",
+    "ELIZABETH", "WILLIAM", "BARBARA", "RICHARD", "SUSAN", "JOSEPH", "JESSICA", "THOMAS",
+    "SARAH", "CHARLES", "KAREN", "DANIEL", "NANCY", "MATTHEW", "BETTY", "ANTHONY", "MARK",
+)  # fmt: skip
+_LAST = (
+    "SMITH", "JOHNSON", "WILLIAMS", "BROWN", "JONES", "GARCIA", "MILLER", "DAVIS", "WILSON",
+    "RODRIGUEZ", "MARTINEZ", "LOPEZ", "ANDERSON", "TAYLOR", "MOORE", "JACKSON", "MARTIN",
+    "LEE", "PEREZ", "WHITE", "HARRIS", "CLARK", "LEWIS", "WALKER", "YOUNG", "KING", "SCOTT",
+)  # fmt: skip
+_PLACES = (
+    "NEW YORK NY", "CHICAGO IL", "HOUSTON TX", "PHOENIX AZ", "DENVER CO", "BOSTON MA",
+    "SEATTLE WA", "MIAMI FL", "ATLANTA GA", "DALLAS TX", "WIRELESS CALLER", "",
+)  # fmt: skip
+_AGENTS = ("VirtualPBX", "Asterisk PBX 18.9.0", "FPBX-16.0.40", "Grandstream UCM6302", "Yealink")
+_SPAM_WORDS = ("warranty", "debt relief", "vacation", "final notice", "solar", "medicare")
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    numbers: int = 1_000_000
+    allow: int = 10_000
+    prefixes: int = 1_000
+    names: int = 100
+    bodies: int = 50_000
+
+
+@dataclass(slots=True)
+class Workload:
+    """Generated lists and bodies; numbers are canonical E.164 integers."""
+
+    block: np.ndarray[Any, np.dtype[np.uint64]]
+    allow: np.ndarray[Any, np.dtype[np.uint64]]
+    prefixes: list[str]
+    names: list[str]
+    #: One encoded JSON request body per call, and the caller class of each.
+    bodies: list[bytes]
+    classes: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Files:
+    block: Path
+    allow: Path
+    prefixes: Path
+    names: Path
+    bodies: Path
+
+
+def _nanp_codes(exclude: tuple[int, ...] = ()) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Three-digit codes 200-999 that are not N11 service codes (nor ``exclude``)."""
+    codes = np.arange(200, 1000, dtype=np.int64)
+    keep = (codes % 100 != 11) & ~np.isin(codes, exclude)
+    kept: np.ndarray[Any, np.dtype[np.int64]] = codes[keep]
+    return kept
+
+
+def random_numbers(rng: np.random.Generator, count: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    """``count`` distinct dialable NANP numbers (``1NPANXXXXXX``) in random order.
+
+    NPA 809/900/976 are left out (the prefix list's), and NXX 555 too (555-01xx is
+    fictional, hence not dialable).
+    """
+    npas = _nanp_codes(PREFIX_NPAS)
+    nxxs = _nanp_codes((555,))
+    found = np.empty(0, dtype=np.uint64)
+    while found.size < count:
+        draw = int((count - found.size) * 1.02) + 1000
+        numbers = (
+            10_000_000_000
+            + rng.choice(npas, draw) * 10_000_000
+            + rng.choice(nxxs, draw) * 10_000
+            + rng.integers(0, 10_000, draw)
+        ).astype(np.uint64)
+        found = np.unique(np.concatenate([found, numbers]))
+    return rng.permutation(found)[:count]
+
+
+def _prefix_entries(rng: random.Random, count: int) -> list[str]:
+    """Prefix-list entries: 7- and 8-digit NANP ranges in the reserved area codes,
+    plus a few international ones (4 to 6 digits)."""
+    international = ["4470", "4487", "44909", "882", "883", "3706", "23225", "881"]
+    entries: set[str] = set(international[: max(0, count // 100)])
+    while len(entries) < count:
+        npa = rng.choice(PREFIX_NPAS)
+        nxx = rng.randrange(200, 1000)
+        if rng.random() < 0.5:
+            entries.add(f"1{npa}{nxx}")
+        else:
+            entries.add(f"1{npa}{nxx}{rng.randrange(10)}")
+    return sorted(entries)
+
+
+def _name_entries(count: int) -> list[str]:
+    """CNAM entries: exact names, ``contains:`` words and ``re:`` patterns (50/30/20 %)."""
+    exact = [f"spam risk {i:02d}" for i in range(count // 2)]
+    contains = [
+        f"contains:{_SPAM_WORDS[i % len(_SPAM_WORDS)]} {i:02d}" for i in range(count * 3 // 10)
+    ]
+    patterns = [f"re:^v{i:02d}[0-9]{{5,}}$" for i in range(count - len(exact) - len(contains))]
+    return exact + contains + patterns
+
+
+def _matching_name(rng: random.Random, entry: str) -> str:
+    """A caller name that ``entry`` matches."""
+    if entry.startswith("contains:"):
+        return f"{entry.removeprefix('contains:').upper()} DEPT"
+    if entry.startswith("re:"):
+        return f"V{entry[5:7]}{rng.randrange(10**5, 10**7)}"
+    return entry.upper()
+
+
+def ordinary_name(rng: random.Random) -> str:
+    if rng.random() < 0.25:
+        return rng.choice(_PLACES)
+    return f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"[:15]
+
+
+def _address(user: str, name: str, host: str, **header_parameters: str) -> dict[str, Any]:
+    shown = f'"{name}" ' if name else ""
+    params = "".join(f";{k}={v}" for k, v in header_parameters.items())
+    return {
+        "header_parameters": header_parameters,
+        "host": host,
+        "name": name,
+        "raw": f"{shown}<sip:{user}@{host}>{params}",
+        "uri_parameters": {},
+        "user": user,
+    }
+
+
+def _user_form(rng: random.Random, number: str) -> str:
+    """How the caller's number is written: mostly E.164 digits, sometimes national or +."""
+    roll = rng.random()
+    if roll < 0.7:
+        return number
+    if roll < 0.9:
+        return number[1:]
+    return "+" + number
+
+
+def request_body(rng: random.Random, caller: str, name: str) -> dict[str, Any]:
+    """A CarrierX external-handler body (SPEC §2) for one call from ``caller``."""
+    host = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+    called = f"1{rng.choice((212, 312, 415, 516, 617, 951))}{rng.randrange(2_000_000, 10**7)}"
+    user = _user_form(rng, caller)
+    tag = f"{rng.getrandbits(32):08x}"
+    body: dict[str, Any] = {
+        "Call-ID": [f"{rng.getrandbits(128):032x}@{host}"],
+        "CSeq": [f"{rng.randrange(1, 999)} INVITE"],
+        "Contact": [_address(user, "", f"{host}:5060")],
+        "From": [_address(user, name, host, tag=tag)],
+        "Max-Forwards": [str(rng.randrange(60, 71))],
+        "To": [_address(called, "", f"{host}:5060")],
+        "User-Agent": [rng.choice(_AGENTS)],
+        "Via": [f"SIP/2.0/UDP {host}:5060;branch=z9hG4bK{rng.getrandbits(32):08x};rport"],
+    }
+    if rng.random() < 0.5:
+        body["Remote-Party-ID"] = [
+            _address(user, name, host, party="calling", privacy="off", screen="no")
+        ]
+    if rng.random() < 0.3:
+        body["P-Asserted-Identity"] = [_address(user, name, host)]
+    return body
+
+
+def _class_counts(total: int) -> dict[str, int]:
+    counts = {cls: int(total * share) for cls, share in CLASS_SHARES.items()}
+    counts["unlisted"] += total - sum(counts.values())
+    return counts
+
+
+def generate(sizes: Sizes, seed: int = 2024) -> Workload:
+    """The lists and ``sizes.bodies`` request bodies, shuffled, with their classes."""
+    rng = np.random.default_rng(seed)
+    prng = random.Random(seed)
+    counts = _class_counts(sizes.bodies)
+    overlap = min(sizes.allow, sizes.numbers) // 10
+    allow_only = sizes.allow - overlap
+    pool = random_numbers(rng, sizes.numbers + allow_only + counts["unlisted"] + counts["cnam"])
+    block = pool[: sizes.numbers]
+    allow = np.concatenate([pool[sizes.numbers : sizes.numbers + allow_only], block[:overlap]])
+    unlisted = pool[sizes.numbers + allow_only :]
+    prefixes = _prefix_entries(prng, sizes.prefixes)
+    nanp_prefixes = [p for p in prefixes if p.startswith("1")]
+    names = _name_entries(sizes.names)
+
+    def callers() -> Iterator[tuple[str, str, str]]:
+        blocked = block[overlap:]
+        for i in rng.integers(0, blocked.size, counts["block_list"]).tolist():
+            yield "block_list", str(blocked[i]), ordinary_name(prng)
+        for i in rng.integers(0, allow.size, counts["allow_list"]).tolist():
+            yield "allow_list", str(allow[i]), ordinary_name(prng)
+        for _ in range(counts["prefix"]):
+            prefix = prng.choice(nanp_prefixes)
+            rest = "".join(prng.choices("0123456789", k=11 - len(prefix)))
+            yield "prefix", prefix + rest, ordinary_name(prng)
+        spare = iter(unlisted.tolist())
+        for _ in range(counts["cnam"]):
+            yield "cnam", str(next(spare)), _matching_name(prng, prng.choice(names))
+        for _ in range(counts["unlisted"]):
+            yield "unlisted", str(next(spare)), ordinary_name(prng)
+
+    calls = list(callers())
+    prng.shuffle(calls)
+    bodies = [orjson.dumps(request_body(prng, number, name)) for _, number, name in calls]
+    return Workload(block, allow, prefixes, names, bodies, [cls for cls, _, _ in calls])
+
+
+def write_numbers(path: Path, numbers: np.ndarray[Any, Any], chunk: int = 1_000_000) -> None:
+    """A CSV with a ``number`` header; NANP numbers written as 10 national digits, the way
+    many block-list feeds ship them (the loader normalises them back)."""
+    with path.open("w", encoding="ascii") as out:
+        out.write("number\n")
+        for start in range(0, numbers.size, chunk):
+            part = (numbers[start : start + chunk] - np.uint64(10_000_000_000)).tolist()
+            out.write("\n".join(map(str, part)))
+            out.write("\n")
+
+
+def write_files(workload: Workload, folder: Path) -> Files:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = Files(
+        block=folder / "block.csv",
+        allow=folder / "allow.csv",
+        prefixes=folder / "prefixes.txt",
+        names=folder / "names.txt",
+        bodies=folder / "bodies.jsonl",
+    )
+    write_numbers(files.block, workload.block)
+    write_numbers(files.allow, workload.allow)
+    files.prefixes.write_text("\n".join(workload.prefixes) + "\n", encoding="utf-8")
+    files.names.write_text("\n".join(workload.names) + "\n", encoding="utf-8")
+    files.bodies.write_bytes(b"\n".join(workload.bodies) + b"\n")
+    return files
+
+
+def bench_config(files: Files, redis_url: str, port: int, workers: int) -> dict[str, Any]:
+    """The service config: allow list first, then block list, prefixes, CNAM."""
+    return {
+        "redis": {"url": redis_url},
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+        "lists": {
+            "allow": {"kind": "numbers", "source": str(files.allow), "column": "number"},
+            "block": {"kind": "numbers", "source": str(files.block), "column": "number"},
+            "prefixes": {"kind": "prefixes", "source": str(files.prefixes)},
+            "cnam": {"kind": "names", "source": str(files.names)},
+        },
+        "policies": {
+            "bench": {
+                "default": "allow",
+                "rules": [
+                    {"name": "allow-list", "match": "caller_in_list", "list": "allow",
+                     "action": "allow"},
+                    {"name": "block-list", "match": "caller_in_list", "list": "block"},
+                    {"name": "prefixes", "match": "caller_prefix_in_list", "list": "prefixes",
+                     "operands": ["decline", "prefix"]},
+                    {"name": "cnam", "match": "caller_name_matches_list", "list": "cnam",
+                     "operands": ["unwanted", "cnam"]},
+                ],
+            }
+        },
+        "default_policy": "bench",
+        "trunk_groups": {TRUNK_GROUP: {"policy": "bench"}},
+    }  # fmt: skip
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def check_answer(cls: str, status: int, body: bytes) -> str | None:
+    """None if ``body`` is the right answer for a caller of class ``cls``, else why not."""
+    if status != 200:
+        return f"{cls}: HTTP {status}: {body[:200]!r}"
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return f"{cls}: answer is not JSON: {body[:200]!r}"
+    if answer != ANSWERS[cls]:
+        return f"{cls}: expected {ANSWERS[cls]}, got {answer}"
+    return None
+
+
+def sample(workload: Workload, per_class: int) -> list[int]:
+    """Indexes of up to ``per_class`` bodies of each class, for answer checks."""
+    picked: dict[str, list[int]] = {cls: [] for cls in CLASS_SHARES}
+    for i, cls in enumerate(workload.classes):
+        if len(picked[cls]) < per_class:
+            picked[cls].append(i)
+    return [i for indexes in picked.values() for i in indexes]
