@@ -161,6 +161,7 @@ async def counting_redis(redis: Redis, redis_server: RedisProcess) -> AsyncItera
     client = Redis(connection_pool=pool)
     yield client
     await client.aclose()
+    await pool.disconnect()  # a pool passed in is not closed by the client
 
 
 async def test_a_rate_checked_call_costs_one_round_trip(
