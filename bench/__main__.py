@@ -62,6 +62,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", type=int, default=1, help="worker processes per server")
     parser.add_argument(
+        "--pace",
+        type=float,
+        default=0.5,
+        help="also run both at this share of the baseline's full rate (0: skip)",
+    )
+    parser.add_argument(
         "--decision-sizes",
         default="1000,10000,100000,1000000,10000000",
         help="list sizes for the decision-cost micro-benchmark",
@@ -162,8 +168,8 @@ def check_service_answers(url: str, workload: Workload, per_class: int) -> dict[
     return {"checked": len(indexes), "wrong": len(problems), "examples": problems[:5]}
 
 
-def decision_shares(url: str) -> dict[str, float]:
-    """Share of each decision the service counted (from /metrics) for the bench trunk group."""
+def decision_totals(url: str) -> dict[str, float]:
+    """Decisions the service counted so far (from /metrics) for the bench trunk group."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         text = response.read().decode()
     totals: dict[str, float] = {}
@@ -178,8 +184,13 @@ def decision_shares(url: str) -> dict[str, float]:
                 and labels.get("dry_run", "false") == "false"
             ):
                 totals[labels["decision"]] = totals.get(labels["decision"], 0) + metric.value
-    count = sum(totals.values())
-    return {k: v / count for k, v in totals.items()} if count else {}
+    return totals
+
+
+def _reject_share(before: dict[str, float], after: dict[str, float]) -> float | None:
+    counted = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    total = sum(counted.values())
+    return counted.get("reject", 0) / total if total else None
 
 
 def run_http(
@@ -218,6 +229,7 @@ def run_http(
         if args.warmup:
             for server in (baseline, service):
                 drive(server.url, args.warmup)
+        counted_before = decision_totals(service.url)
         for round_ in range(1, args.rounds + 1):
             for name, server in (("baseline", baseline), ("service", service)):
                 done = _step(f"round {round_}/{args.rounds}: {name}, {args.duration} s")
@@ -229,17 +241,55 @@ def run_http(
                     flush=True,
                 )
                 done()
-        shares = decision_shares(service.url)
+        counted_after = decision_totals(service.url)
+        paced = _paced_runs(
+            args, work, runs["baseline"], {"baseline": baseline, "service": service}
+        )
     expected_reject = sum(CLASS_SHARES[c] for c in BLOCKED_CLASSES)
     return {
         "tool": "wrk" if wrk else "python",
         "answers": answers,
-        "reject_share_counted": shares.get("reject"),
+        "reject_share_counted": _reject_share(counted_before, counted_after),
         "reject_share_expected": expected_reject,
         "runs": {
             name: [asdict(r) | {"rps": r.rps} for r in results] for name, results in runs.items()
         },
+        "paced": {name: asdict(r) | {"rps": r.rps} for name, r in paced.items()},
     }
+
+
+def _paced_runs(
+    args: argparse.Namespace,
+    work: Path,
+    saturated: list[load.LoadResult],
+    targets: dict[str, servers.Server],
+) -> dict[str, load.LoadResult]:
+    """Both servers at the same moderate, fixed rate: latency as callers see it in service.
+
+    At full speed a closed-loop generator measures queueing, not the server: 32
+    connections at N answers/s wait 32/N s on average. Here each connection pauses
+    between requests, for a total of ``--pace`` times the baseline's full speed.
+    """
+    if not args.pace or load.wrk_binary() is None or not saturated:
+        return {}
+    full_rps = sum(r.rps for r in saturated) / len(saturated)
+    delay_ms = max(1, round(args.connections * 1000 / (args.pace * full_rps)))
+    script = load.write_wrk_script(
+        work, work / "data" / "bodies.jsonl", f"/tg/{TRUNK_GROUP}", delay_ms=delay_ms
+    )
+    results = {}
+    for name, server in targets.items():
+        done = _step(f"paced: {name} at about {args.pace:.0%} of the baseline's rate")
+        result = load.run_wrk(
+            f"{server.url}/tg/{TRUNK_GROUP}", script, args.duration, args.connections, args.threads
+        )
+        print(
+            f"   {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
+            flush=True,
+        )
+        results[name] = result
+        done()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,14 @@ function done(summary, latency, requests)
 end
 """
 
+#: Added for a paced run: each connection waits this long after an answer, so the
+#: load is an open, moderate rate rather than as fast as the server goes.
+_LUA_DELAY = """
+function delay()
+  return %(delay_ms)d
+end
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class LoadResult:
@@ -87,11 +95,17 @@ def _lua_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_wrk_script(folder: Path, bodies: Path, path: str) -> Path:
-    script = folder / "rotate_bodies.lua"
-    script.write_text(
-        _LUA % {"bodies": _lua_string(str(bodies)), "path": _lua_string(path), "mark": _RESULT_MARK}
-    )
+def write_wrk_script(folder: Path, bodies: Path, path: str, delay_ms: int = 0) -> Path:
+    """The Lua script; ``delay_ms`` > 0 paces each connection (see :data:`_LUA_DELAY`)."""
+    script = folder / (f"rotate_bodies_{delay_ms}ms.lua" if delay_ms else "rotate_bodies.lua")
+    text = _LUA % {
+        "bodies": _lua_string(str(bodies)),
+        "path": _lua_string(path),
+        "mark": _RESULT_MARK,
+    }
+    if delay_ms:
+        text += _LUA_DELAY % {"delay_ms": delay_ms}
+    script.write_text(text)
     return script
 
 

@@ -38,8 +38,13 @@ def _strip_uri(text: str) -> str:
 
 def normalise(raw: str, default_country: str = "1") -> str | None:
     """Return the canonical E.164 digits of ``raw``, or ``None`` if it is not a number."""
-    # Fast path: the usual CarrierX ``user`` is already a plain digit string.
-    if not (raw.isascii() and raw.isdigit()):
+    # Fast paths: the usual CarrierX ``user`` is a plain digit string, or "+" and digits.
+    if raw.isdigit() and raw.isascii():
+        digits = raw
+    elif raw[:1] == "+" and raw[1:].isdigit() and raw.isascii():
+        digits = raw[1:]
+        return digits if len(digits) <= MAX_E164_DIGITS and digits[0] != "0" else None
+    else:
         text = _strip_uri(raw.strip()).translate(_SEPARATORS)
         plus = text.startswith("+")
         digits = text[1:] if plus else text
@@ -47,8 +52,6 @@ def normalise(raw: str, default_country: str = "1") -> str | None:
             return None
         if plus:
             return digits if len(digits) <= MAX_E164_DIGITS and digits[0] != "0" else None
-    else:
-        digits = raw
     if digits.startswith("00"):
         digits = digits[2:]
     elif default_country == "1":

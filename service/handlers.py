@@ -18,8 +18,8 @@ from service.admin import explain_refusal
 from service.appkeys import AUTH, SCREENER
 from service.errors import internal_error, json_error
 from service.logs import REQUEST_ID
-from service.policy import CompiledPolicy
-from service.screen import Decision, Screener
+from service.policy import CompiledPolicy, Evaluation
+from service.screen import Screener
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ async def screen(request: web.Request) -> web.Response:
         REQUEST_ID.set(call.call_id)  # this request's task only: tags its log lines
         decision = screener.decide_locally(policy, call) or await screener.decide(policy, call)
         screener.record(group, call, decision)
-        answer = decision.evaluation.outcome.answer
+        answer = decision.outcome.answer
     except Exception:
         # A bug must not turn into a 5xx that CarrierX would act on: answer by on_error.
         logger.exception("screening failed; answering by on_error")
@@ -101,8 +101,7 @@ async def screen(request: web.Request) -> web.Response:
     return web.Response(body=answer, content_type=_JSON)
 
 
-def _explanation(group: str, policy: CompiledPolicy, decision: Decision, call: Any) -> bytes:
-    evaluation = decision.evaluation
+def _explanation(group: str, policy: CompiledPolicy, evaluation: Evaluation, call: Any) -> bytes:
     outcome = evaluation.outcome
     return orjson.dumps(
         {
@@ -113,7 +112,7 @@ def _explanation(group: str, policy: CompiledPolicy, decision: Decision, call: A
             "rule": outcome.rule,
             "list": outcome.list,
             "matched": evaluation.matched,
-            "on_error": decision.fallback,
+            "on_error": evaluation.fallback,
             "dry_run_matches": [
                 {"rule": dry.rule, "list": dry.list, "matched": matched}
                 for dry, matched in evaluation.dry_runs

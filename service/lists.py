@@ -13,6 +13,7 @@ import re
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -148,11 +149,38 @@ class PrefixList:
         return None
 
 
+def _trie_pattern(words: Iterable[str]) -> str:
+    """A regular expression finding any of ``words``, laid out as a trie.
+
+    In a flat ``word1|word2|...`` the engine tries every word at every position; here
+    each character is tried once, so the cost hardly grows with the number of words. A
+    word that extends another is dropped: finding the shorter one is enough.
+    """
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            if "" in node:  # a shorter word ends here already
+                break
+            node = node.setdefault(char, {})
+        else:
+            node.clear()
+            node[""] = {}
+
+    def render(node: dict[str, Any]) -> str:
+        if "" in node:
+            return ""
+        branches = [re.escape(char) + render(child) for char, child in sorted(node.items())]
+        return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+
+    return render(trie)
+
+
 class NameList:
     """CNAM entries: exact (case-insensitive), ``contains:`` substrings and ``re:`` patterns.
 
     Each call costs at most one set look-up and two regex searches, whatever the number
-    of entries: the substrings (stored case-folded) are one alternation of literals,
+    of entries: the substrings (stored case-folded) are one trie-shaped expression
     searched in the case-folded name, and the patterns are one case-insensitive
     alternation. Only on a match are the entries tried one by one, to name the one that
     matched. Literals are kept apart from patterns because an alternation searched with
@@ -174,9 +202,7 @@ class NameList:
                 self.patterns.append((entry, re.compile(entry[len(REGEX_MARK) :], re.IGNORECASE)))
             except re.error:
                 logger.warning("skipping CNAM entry %r: not a valid regular expression", entry)
-        self.search_contains = (
-            re.compile("|".join(map(re.escape, self.contains))) if self.contains else None
-        )
+        self.search_contains = re.compile(_trie_pattern(self.contains)) if self.contains else None
         self.search_patterns = self._combined()
 
     def _combined(self) -> re.Pattern[str] | None:

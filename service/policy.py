@@ -79,6 +79,9 @@ class Evaluation:
     matched: str | None = None
     #: Dry-run rules that matched on the way, with what they matched.
     dry_runs: tuple[tuple[Outcome, str], ...] = ()
+    #: Why ``on_error`` answered instead of the lists (set by the screener; see
+    #: service/screen.py); None when the lists decided.
+    fallback: str | None = None
 
 
 class CompiledRule:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
 from core.config import Config
 from core.store import ListStore
 from service.cache import ListCache
+from service.logs import log_fields
 from service.metrics import ROOT_TRUNK_GROUP, Metrics
 from service.policy import (
     ON_ERROR_RULE,
@@ -31,13 +31,6 @@ from service.ratelimit import RateLimitedLog
 from service.request import Call, CallParser
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Decision:
-    evaluation: Evaluation
-    #: Why ``on_error`` answered instead of the lists; None when the lists decided.
-    fallback: str | None = None
 
 
 def mask_number(number: str | None) -> str:
@@ -77,12 +70,12 @@ class Screener:
         """(metrics label, policy) for a trunk group (None: ``POST /``), or None if unknown."""
         return self._by_group.get(trunk_group)
 
-    def _fallback(self, reason: str, detail: str) -> Decision:
+    def _fallback(self, reason: str, detail: str) -> Evaluation:
         self.metrics.fallback(reason)
         self._warn.warning("answering by on_error (%s): %s", reason, detail)
-        return Decision(self.on_error, reason)
+        return Evaluation(self.on_error.outcome, fallback=reason)
 
-    def decide_locally(self, policy: CompiledPolicy, call: Call) -> Decision | None:
+    def decide_locally(self, policy: CompiledPolicy, call: Call) -> Evaluation | None:
         """Decide ``call`` from the local list copies, without awaiting anything.
 
         None when a ``call_rate`` rule needs counts from Redis first: then use
@@ -92,13 +85,13 @@ class Screener:
         if not cache.usable():
             return self._fallback("stale_lists", cache.last_error or "lists not confirmed yet")
         try:
-            return Decision(policy.evaluate(call, cache.lists))
+            return policy.evaluate(call, cache.lists)
         except ListsUnavailable as exc:
             return self._fallback("list_not_loaded", str(exc))
         except NeedsRates:
             return None
 
-    async def decide(self, policy: CompiledPolicy, call: Call, *, count: bool = True) -> Decision:
+    async def decide(self, policy: CompiledPolicy, call: Call, *, count: bool = True) -> Evaluation:
         """Decide ``call`` under ``policy``; never raises for Redis or list trouble.
 
         ``count=False`` (explain) reads call-rate counters without adding this call.
@@ -122,18 +115,17 @@ class Screener:
             return self._fallback("redis_error", f"call-rate count failed: {exc}")
         self.metrics.redis_rate.observe(time.perf_counter() - started)
         try:
-            return Decision(policy.evaluate(call, cache.lists, counts))
+            return policy.evaluate(call, cache.lists, counts)
         except ListsUnavailable as exc:
             return self._fallback("list_not_loaded", str(exc))
 
-    def record(self, group: str, call: Call, decision: Decision) -> None:
+    def record(self, group: str, call: Call, evaluation: Evaluation) -> None:
         """Count a decision and log a rejected call (one line each).
 
-        The log lines carry their fields twice: in the text (``k=v``) and as ``extra``
-        keys, which JSON logs turn into fields; the Call-ID comes with every line of the
+        The log lines carry their fields twice: in the text (``k=v``) and as record
+        attributes, which JSON logs turn into fields; the Call-ID comes with every line of the
         request as its request id (service/logs.py).
         """
-        evaluation = decision.evaluation
         outcome = evaluation.outcome
         metrics = self.metrics
         metrics.decided(group, outcome.action, outcome.rule)
@@ -148,11 +140,13 @@ class Screener:
     ) -> None:
         caller = self._caller(call)
         list_name = list_name or "-"
-        logger.info(
+        log_fields(
+            logger,
+            logging.INFO,
             "%s trunk_group=%s rule=%s list=%s caller=%s",
-            event, group, rule, list_name, caller,
-            extra={"trunk_group": group, "rule": rule, "list": list_name, "caller": caller},
-        )  # fmt: skip
+            (event, group, rule, list_name, caller),
+            {"trunk_group": group, "rule": rule, "list": list_name, "caller": caller},
+        )
 
     def _caller(self, call: Call) -> str:
         number = call.caller

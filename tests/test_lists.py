@@ -70,6 +70,16 @@ def test_names_exact_contains_and_patterns_case_insensitively() -> None:
     assert names.match("") is None
 
 
+def test_many_substrings_sharing_beginnings() -> None:
+    needles = ["auto warranty", "auto", "debt relief 01", "debt relief 07", "deb"]
+    names = NameList(frozenset(canonical("names", f"contains:{n}") for n in needles))
+    assert names.match("AUTOMATIC") == "contains:auto"
+    assert names.match("DEBT RELIEF 07") == "contains:deb"  # the first entry, sorted
+    assert names.match("X DEBT RELIEF 09") == "contains:deb"
+    assert names.match("AUT") is None
+    assert names.match("DE B") is None
+
+
 def test_a_bad_pattern_is_skipped_not_fatal() -> None:
     names = NameList(frozenset({"re:(unclosed", "contains:robo"}))
     assert names.match("ROBO CALLER") == "contains:robo"
