@@ -71,7 +71,7 @@ def _seconds(fn: Callable[[Any], object], items: list[Any]) -> float:
 
 
 def measure(
-    sizes: tuple[int, ...] = SIZES, calls: int = 20_000, repeats: int = 7
+    sizes: tuple[int, ...] = SIZES, calls: int = 20_000, repeats: int = 15
 ) -> list[DecisionCost]:
     """Cost per decision at each list size.
 

@@ -62,11 +62,13 @@ function done(summary, latency, requests)
 end
 """
 
-#: Added for a paced run: each connection waits this long after an answer, so the
-#: load is an open, moderate rate rather than as fast as the server goes.
+#: Added for a paced run: each connection waits after an answer, on average
+#: ``delay_ms``, so the load is a moderate rate rather than as fast as the server goes.
+#: The wait is random (0 to twice the mean): with a fixed one the connections fall into
+#: step and arrive in bursts of 32, and the last of each burst waits for the other 31.
 _LUA_DELAY = """
 function delay()
-  return %(delay_ms)d
+  return math.random(0, %(twice_delay_ms)d)
 end
 """
 
@@ -104,7 +106,7 @@ def write_wrk_script(folder: Path, bodies: Path, path: str, delay_ms: int = 0) -
         "mark": _RESULT_MARK,
     }
     if delay_ms:
-        text += _LUA_DELAY % {"delay_ms": delay_ms}
+        text += _LUA_DELAY % {"twice_delay_ms": 2 * delay_ms}
     script.write_text(text)
     return script
 

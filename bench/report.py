@@ -72,7 +72,7 @@ class Report:
         )
 
     def decision(self, rows: list[dict[str, Any]]) -> None:
-        self.lines += ["", "Decision cost (bench policy, in-process, best of 5)"]
+        self.lines += ["", "Decision cost (bench policy, in-process, best of 15 rounds)"]
         self.lines.append(f"  {'listed numbers':>15} {'policy us':>10} {'lookup us':>10}")
         for row in rows:
             self.lines.append(

@@ -8,7 +8,6 @@ timed as the whole process an operator runs, start-up included.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -63,19 +62,36 @@ def redis_cli_pipe(port: int, commands: Path) -> Timed:
     return Timed(elapsed)
 
 
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes; 0 if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def run_child(command: list[str], env: dict[str, str], log: Path) -> Timed:
-    """Run a child to completion; its wall time and peak RSS (from its own rusage)."""
+    """Run a child to completion; its wall time and peak RSS.
+
+    The peak is polled from /proc rather than taken from the child's rusage: a child
+    forked from this (large) process starts out sharing its memory, and rusage would
+    report that.
+    """
+    peak = 0
     with log.open("ab") as out:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
+        while process.poll() is None:
+            peak = max(peak, _peak_rss(process.pid))
+            time.sleep(0.02)
         elapsed = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{command[2:]} failed with status {process.returncode}:\n{tail}")
-    # ru_maxrss is in KiB on Linux.
-    return Timed(elapsed, int(usage.ru_maxrss) * 1024)
+    return Timed(elapsed, peak)
 
 
 def loader_sync(config: Path, list_name: str, env: dict[str, str], log: Path) -> Timed:

@@ -41,8 +41,15 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.client_max_size
-        raise BadRequest(413, "too_large", f"request body over {limit} bytes") from None
+        raise _too_large(request) from None
+    return _decode(raw)
+
+
+def _too_large(request: web.Request) -> BadRequest:
+    return BadRequest(413, "too_large", f"request body over {request.client_max_size} bytes")
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -81,7 +88,11 @@ async def screen(request: web.Request) -> web.Response:
         if (refusal := app[AUTH].refuse(request)) is not None:
             return refusal
         group, policy = _policy(screener, request)
-        body = await _read_body(request)
+        try:  # _read_body(), inlined: one coroutine less on every call
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(request) from None
+        body = _decode(raw)
     except BadRequest as exc:
         return _refuse(screener, exc)
     except Exception:  # a bug before the call is understood: a plain 500, never a pass
