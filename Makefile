@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # The SPEC §9 benchmark (BENCHMARKS.md): about 3 minutes with a 1 M-number block list.
-# Flags go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--numbers 10000000 --duration 30"
+# Flags go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--numbers 10000000 --rounds 12"
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

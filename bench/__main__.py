@@ -46,6 +46,7 @@ from bench.workload import (
     write_files,
     write_numbers,
 )
+from core.config import load_config
 from devtools.redis_server import RedisProcess, free_port
 
 BLOCKED_CLASSES = ("block_list", "prefix", "cnam")
@@ -55,8 +56,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--numbers", type=int, default=1_000_000, help="block-list size")
     parser.add_argument("--bodies", type=int, default=50_000, help="distinct request bodies")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per load run")
-    parser.add_argument("--rounds", type=int, default=2, help="load runs per server")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per load run")
+    parser.add_argument("--rounds", type=int, default=6, help="load runs per server")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per server")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
@@ -146,6 +147,7 @@ def run_storage(
         "loader_peak_rss_mib": full.peak_rss_bytes / 2**20,
         "loader_tenth_s": small.seconds,
         "loader_tenth_peak_rss_mib": small.peak_rss_bytes / 2**20,
+        "loader_batch_size": load_config(config).loader.batch_size,
         "redis_bytes_per_number": compact_bytes,
         "plain_set_bytes_per_number": plain_bytes,
     }
