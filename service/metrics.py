@@ -37,9 +37,19 @@ ERROR_KINDS = (
     "not_found",
     "unauthorized",
     "forbidden",
+    "client_disconnected",
+    "read_timeout",
+    "overloaded",
     "internal",
 )
-FALLBACK_REASONS = ("stale_lists", "list_not_loaded", "redis_error", "deadline", "internal")
+FALLBACK_REASONS = (
+    "stale_lists",
+    "list_not_loaded",
+    "list_lost",
+    "redis_error",
+    "deadline",
+    "internal",
+)
 ROOT_TRUNK_GROUP = "_root"
 DecisionKey = tuple[str, str, str, bool]
 
