@@ -83,6 +83,16 @@ class ServerSettings(_Model):
     log_format: Literal["text", "json"] = "text"
     #: Log callers as ``1516206****`` instead of the full number.
     mask_callers: bool = True
+    #: Connections one process holds at most (lowered to fit the open-files limit); past
+    #: it, those waiting longest for a request are closed (service/connections.py).
+    max_connections: Annotated[int, Field(gt=0, le=1_000_000)] = 4096
+    #: A request must arrive whole within this long of its first byte.
+    request_timeout_ms: Annotated[int, Field(gt=0, le=600_000)] = 5000
+    #: An idle keep-alive connection is closed after this long.
+    keepalive_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 75.0
+    #: After this many requests a connection's answer says ``Connection: close``, so
+    #: clients reconnect and the kernel spreads connections over the workers again.
+    max_requests_per_connection: Annotated[int, Field(gt=0)] = 1000
 
 
 class HandlerSettings(_Model):

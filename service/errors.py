@@ -56,6 +56,19 @@ def internal_error(request: web.Request) -> web.Response:
     return json_error(500, "internal error")
 
 
+def client_gone(request: web.Request) -> web.Response:
+    """Count a request whose client went away before its body arrived; nobody gets the answer.
+
+    Not a bug, so no traceback and not ``internal``: ``read_timeout`` when the connection
+    guard cut a body that took too long (it counted it already), else
+    ``client_disconnected``.
+    """
+    if not getattr(request.protocol, "timed_out", False):
+        request.app[METRICS].error("client_disconnected")
+    logger.debug("client went away during %s %s", request.method, redact_path(request.path))
+    return json_error(400, "client went away")
+
+
 def json_errors(handler: Handler) -> Handler:
     """``handler``, with aiohttp's HTTP errors and unexpected exceptions answered as JSON."""
 
@@ -67,6 +80,8 @@ def json_errors(handler: Handler) -> Handler:
             if exc.status < 400:
                 raise
             return http_error(request, exc)
+        except ConnectionError:
+            return client_gone(request)
         except Exception:
             return internal_error(request)
 

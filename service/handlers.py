@@ -16,7 +16,7 @@ from aiohttp import web
 
 from service.admin import explain_refusal
 from service.appkeys import AUTH, SCREENER
-from service.errors import internal_error, json_error
+from service.errors import client_gone, internal_error, json_error
 from service.logs import REQUEST_ID
 from service.policy import CompiledPolicy, Evaluation
 from service.screen import Screener
@@ -95,6 +95,8 @@ async def screen(request: web.Request) -> web.Response:
         body = _decode(raw)
     except BadRequest as exc:
         return _refuse(screener, exc)
+    except ConnectionError:  # the client hung up, or was cut off, before its body arrived
+        return client_gone(request)
     except Exception:  # a bug before the call is understood: a plain 500, never a pass
         return internal_error(request)
     try:

@@ -3,16 +3,21 @@
 The stop, in order:
 
 1. stop listening: new connections are refused (or go to other workers);
-2. **drain**: idle keep-alive connections are closed, while a connection with a request
-   in progress keeps reading until that request is answered, for up to
-   :data:`SHUTDOWN_TIMEOUT_S`;
+2. **drain** (:meth:`service.connections.ConnectionGuard.drain`): every answer now
+   carries ``Connection: close``; idle keep-alive connections are closed at once, and a
+   connection that answered a moment ago is closed once its next request is answered,
+   for up to :data:`SHUTDOWN_TIMEOUT_S`;
 3. aiohttp's own cleanup: closes what is left, then the ``cleanup_ctx`` generators stop
    the list refresher and close Redis (and a worker writes its last metrics).
 
-Why step 2 is ours: aiohttp's shutdown marks every connection closing at once, and a
-closing connection ignores bytes still arriving, so a request whose body was on the
-wire when SIGTERM came would never be answered (aio-libs/aiohttp#2298). CarrierX would
-then apply the trunk group's ``error_handler`` to a call we could have answered.
+Why step 2 is ours: aiohttp's shutdown only marks idle connections closing, and a closing
+connection ignores bytes still arriving, so a request sent on one after SIGTERM would
+never be answered, nor its connection closed, until the whole shutdown timeout ran out.
+CarrierX would wait its full timeout and then apply the trunk group's
+``error_handler`` to a call we could have answered.
+
+While serving, :class:`service.connections.ConnectionGuard` also enforces the read
+timeout, the connection cap and connection recycling.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from core.config import Config
+from service.appkeys import CONFIG as CONFIG_KEY
+from service.appkeys import METRICS
+from service.connections import ConnectionGuard, GuardedRunner, raise_fd_limit
 from service.multiproc import FLUSH_S, SharedRegistry
 
 logger = logging.getLogger(__name__)
@@ -38,7 +46,6 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 10.0
 #: What aiohttp's cleanup may still wait after the drain (only stuck handlers are left).
 _CLEANUP_TIMEOUT_S = 1.0
-_DRAIN_POLL_S = 0.005
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -89,40 +96,37 @@ async def _serve(app: web.Application, host: str, port: int, *, reuse_port: bool
     # Before start-up, so a signal while the lists load still ends in a clean stop.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLEANUP_TIMEOUT_S)
+    settings = app[CONFIG_KEY].server
+    guard = ConnectionGuard(settings, app[METRICS], raise_fd_limit())
+    runner = GuardedRunner(
+        app,
+        guard,
+        access_log=None,
+        shutdown_timeout=_CLEANUP_TIMEOUT_S,
+        keepalive_timeout=settings.keepalive_timeout_s,
+    )
     await runner.setup()
+    sweeper = asyncio.create_task(guard.run(), name="connection-guard")
     try:
         if not stop.is_set():
             site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
             await site.start()
-            logger.info("%s listening on http://%s:%d", who, host, port)
+            logger.info(
+                "%s listening on http://%s:%d (at most %d connections)",
+                who, host, port, guard.max_connections,
+            )  # fmt: skip
             await stop.wait()
             logger.info("%s stopping: no new connections; finishing requests in flight", who)
             await site.stop()
-            await _drain(runner, SHUTDOWN_TIMEOUT_S)
+            await guard.drain(SHUTDOWN_TIMEOUT_S)
     finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     logger.info("%s stopped", who)
-
-
-async def _drain(runner: web.AppRunner, timeout_s: float) -> None:
-    """Close connections as they become idle; return when none is left or at the timeout."""
-    server = runner.server
-    if server is None:
-        return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while server.connections and loop.time() < deadline:
-        for connection in server.connections:
-            # aiohttp has no public flag for this; without it every connection is idle
-            # and the drain degrades to aiohttp's own shutdown.
-            if not getattr(connection, "_request_in_progress", False):
-                connection.close()
-        await asyncio.sleep(_DRAIN_POLL_S)
-    if server.connections:
-        logger.warning("%d connections still busy after %.0fs", len(server.connections), timeout_s)
 
 
 def _flush_ctx(registry: SharedRegistry) -> Callable[[web.Application], AsyncIterator[None]]:

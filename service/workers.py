@@ -84,6 +84,9 @@ def reserve_port(host: str, port: int) -> socket.socket:
         address = (address[0], probe.getsockname()[1], *address[2:])
     sock = socket.socket(family, kind, proto)
     try:
+        # SO_REUSEADDR too, like the workers' own sockets: without it the bind fails
+        # while connections of an earlier run on this port linger in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError:

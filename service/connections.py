@@ -1,0 +1,309 @@
+"""Connection hygiene for one server process: read timeouts, a cap, recycling, the drain.
+
+aiohttp's own server keeps whatever connects for as long as it likes: a client that
+sends its request head one byte a second (slowloris) holds a socket for the whole
+keep-alive timeout, and a thousand of them use up the file descriptors, after which no
+real call gets in. On SIGTERM it marks idle keep-alive connections closing without
+closing them, so the next request on each is read by nobody and CarrierX waits out its
+timeout. This module puts four rules around aiohttp's :class:`RequestHandler`:
+
+- **read timeout**: a request must arrive whole (head and body) within
+  ``server.request_timeout_ms`` of its first byte, else its connection is closed
+  (``callscreen_errors_total{kind="read_timeout"}``). A :class:`ConnectionGuard` sweeps
+  the connections every :data:`SWEEP_S`, so the request path pays nothing for it;
+- **cap**: at most ``server.max_connections`` connections per process (less when the
+  file-descriptor limit is lower, see :func:`connection_cap`). A connection past the
+  cap evicts the ones that have waited longest for a request of their own (slow senders
+  first, then idle keep-alive connections); a connection busy with a request is never
+  evicted. When every connection is busy the newcomer is closed
+  (``kind="overloaded"`` counts both). A real call sends its request at once, so it is
+  the last to be evicted;
+- **recycling**: after ``server.max_requests_per_connection`` requests a connection's
+  answer carries ``Connection: close``, and the client reconnects; the kernel then
+  spreads the new connections over the workers, so a restarted worker gets its share
+  back instead of the survivors keeping every keep-alive connection forever;
+- **drain** (:meth:`ConnectionGuard.drain`, on SIGTERM once listening stopped): every
+  answer from then on carries ``Connection: close``; a connection idle for
+  :data:`DRAIN_IDLE_S` or longer is closed at once (really closed, not just marked);
+  one that answered more recently, or has bytes waiting, is kept until its next request
+  is answered, because its client may have that request on the wire already. A closed
+  idle connection can still cross a request the client sent at that very moment: HTTP/1.1
+  has no way to warn a client first, so the rule keeps that window to connections idle
+  for half a second, where a client reusing one is least likely.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import fcntl
+import heapq
+import logging
+import resource
+import termios
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+from core.config import ServerSettings
+from service.metrics import Metrics
+from service.ratelimit import RateLimitedLog
+
+logger = logging.getLogger(__name__)
+
+#: How often the guard looks for requests that overran the read timeout.
+SWEEP_S = 0.25
+#: During a drain, connections idle for this long are closed at once (see the module doc).
+DRAIN_IDLE_S = 0.5
+_DRAIN_POLL_S = 0.01
+#: File descriptors kept free for Redis, log files and metrics snapshots.
+RESERVED_FDS = 64
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one; return the soft limit now in force.
+
+    Servers commonly run with a soft limit of 1,024 under a much higher hard limit; the
+    connection cap is derived from what is in force after this.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return hard if soft == resource.RLIM_INFINITY else soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+def connection_cap(configured: int, fd_limit: int) -> int:
+    """The connections one process may hold: the configured cap, below the fd limit."""
+    return max(1, min(configured, fd_limit - RESERVED_FDS))
+
+
+def _pending_bytes(transport: Any) -> int:
+    """Bytes the kernel has received on a connection that nobody has read yet."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0
+    buffer = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buffer)
+    except (OSError, ValueError):
+        return 0
+    return buffer[0]
+
+
+class GuardedHandler(RequestHandler):
+    """aiohttp's connection protocol, with the bookkeeping the guard needs.
+
+    The extra work on the request path is an attribute or two per read and per answer.
+    """
+
+    __slots__ = ("body_request", "body_since", "guard", "head_since", "timed_out")
+
+    guard: ConnectionGuard
+    #: Sweep count when the first byte of a request head still incomplete arrived.
+    head_since: int | None
+    #: The request whose body is being read, and the sweep count when that was noticed.
+    body_request: BaseRequest | None
+    body_since: int
+    #: Closed by the guard for overrunning the read timeout.
+    timed_out: bool
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.head_since = None
+        self.body_request = None
+        self.body_since = 0
+        self.timed_out = False
+        super().connection_made(transport)
+        self.guard.admit(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_since is None and not self._request_in_progress:
+            self.head_since = self.guard.sweeps
+        super().data_received(data)
+        if self._messages:
+            self.head_since = None
+
+    def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # A plain method handing back aiohttp's coroutine: no extra frame per request.
+        self.head_since = None  # bytes that came in while the request was handled were body
+        if self.guard.draining or self._request_count >= self.guard.max_requests:
+            resp.force_close()
+        return super().finish_response(request, resp, start_time)
+
+    # --- what the guard asks -------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """A request is being handled, or one is parsed and waiting for its turn."""
+        return self._request_in_progress or bool(self._messages)
+
+    def idle_since(self) -> float:
+        """Loop time of the last answer (or of the connection's start)."""
+        return self._next_keepalive_close_time - self._keepalive_timeout
+
+    def current_request(self) -> BaseRequest | None:
+        return self._current_request
+
+
+class GuardedServer(Server):
+    """aiohttp's protocol factory, making :class:`GuardedHandler` connections."""
+
+    guard: ConnectionGuard
+
+    def __call__(self) -> RequestHandler:
+        handler = GuardedHandler(self, loop=self._loop, **self._kwargs)
+        handler.guard = self.guard
+        return handler
+
+    def guarded_connections(self) -> list[GuardedHandler]:
+        return [c for c in self._connections if isinstance(c, GuardedHandler)]
+
+
+class GuardedRunner(web.AppRunner):
+    """An :class:`aiohttp.web.AppRunner` whose connections the guard watches."""
+
+    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    async def _make_server(self) -> Server:
+        plain = await super()._make_server()
+        server = GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
+        server.guard = self.guard
+        self.guard.server = server
+        return server
+
+
+class ConnectionGuard:
+    """The rules of the module docstring, for the connections of one server process."""
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics, fd_limit: int) -> None:
+        self.max_connections = connection_cap(settings.max_connections, fd_limit)
+        self.max_requests = settings.max_requests_per_connection
+        self.timeout_sweeps = max(1, round(settings.request_timeout_ms / 1000 / SWEEP_S))
+        self.metrics = metrics
+        self.server: GuardedServer | None = None
+        self.draining = False
+        #: Sweeps so far: the clock of the read timeouts (one tick every SWEEP_S).
+        self.sweeps = 0
+        self._warn = RateLimitedLog(logger, interval_s=10.0)
+
+    # --- the cap ---------------------------------------------------------------------------
+    def admit(self, newcomer: GuardedHandler) -> None:
+        """Called for each new connection: make room when over the cap."""
+        server = self.server
+        if server is None or len(server._connections) <= self.max_connections:
+            return
+        over = len(server._connections) - self.max_connections
+        # Evicting a few at a time spares a scan per connection during a flood.
+        count = max(over, self.max_connections // 64)
+        candidates = [
+            c
+            for c in server.guarded_connections()
+            if c is not newcomer and not c.busy and c.transport is not None
+        ]
+        # Slow senders (a head begun long ago) before plain idle keep-alive connections.
+        victims = heapq.nsmallest(
+            count,
+            candidates,
+            key=lambda c: (
+                c.head_since is None,
+                c.head_since or 0,
+                c.idle_since(),
+            ),
+        )
+        if not victims:
+            victims = [newcomer]
+        for victim in victims:
+            victim.force_close()
+            self.metrics.error("overloaded")
+        self._warn.warning(
+            "over %d connections: closed %d waiting the longest for a request",
+            self.max_connections,
+            len(victims),
+        )
+
+    # --- read timeouts ---------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Close connections whose request overran the read timeout."""
+        self.sweeps += 1
+        server = self.server
+        if server is None:
+            return
+        now = self.sweeps
+        limit = self.timeout_sweeps
+        late = 0
+        for connection in server.guarded_connections():
+            request = connection.current_request()
+            if request is not None and not request.content.is_eof():
+                if connection.body_request is not request:
+                    connection.body_request, connection.body_since = request, now
+                    continue
+                overdue = now - connection.body_since > limit
+            else:
+                connection.body_request = None
+                head = connection.head_since
+                overdue = head is not None and now - head > limit
+            if overdue and connection.transport is not None:
+                connection.timed_out = True
+                connection.force_close()
+                late += 1
+        if late:
+            for _ in range(late):
+                self.metrics.error("read_timeout")
+            self._warn.warning(
+                "closed %d connections whose request did not arrive within %.1fs",
+                late,
+                limit * SWEEP_S,
+            )
+
+    async def run(self) -> None:
+        """Sweep every :data:`SWEEP_S` until cancelled."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            self.sweep()
+
+    # --- the drain ---------------------------------------------------------------------------
+    async def drain(self, timeout_s: float) -> None:
+        """Close every connection as soon as that loses no request (see the module doc).
+
+        Call it once listening has stopped; returns when no connection is left or at
+        the timeout.
+        """
+        self.draining = True
+        server = self.server
+        if server is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while server.guarded_connections() and loop.time() < deadline:
+            now = loop.time()
+            for connection in server.guarded_connections():
+                if (
+                    connection.transport is not None
+                    and not connection.busy
+                    and connection.head_since is None
+                    and now - connection.idle_since() >= DRAIN_IDLE_S
+                    and not _pending_bytes(connection.transport)
+                ):
+                    connection.force_close()
+            await asyncio.sleep(_DRAIN_POLL_S)
+        left = len(server.guarded_connections())
+        if left:
+            logger.warning("%d connections still open after %.0fs; closing them", left, timeout_s)
