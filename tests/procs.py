@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class ServiceProcess:
         port: int | None = None,
         args: tuple[str, ...] = (),
         overrides: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -54,6 +56,8 @@ class ServiceProcess:
         self.config_path = folder / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.args = ["--workers", str(workers), *args]
+        #: Set on top of this process's environment (e.g. CALLSCREEN_ADMIN_TOKENS).
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
@@ -62,7 +66,8 @@ class ServiceProcess:
             "--port", str(self.port), *self.args,
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(argv, stderr=log, stdout=log)
+            environ = None if self.env is None else {**os.environ, **self.env}
+            self.process = subprocess.Popen(argv, stderr=log, stdout=log, env=environ)
         return self
 
     async def ready(self, listeners: int | None = None) -> None:

@@ -6,9 +6,10 @@ import random
 from array import array
 
 import numpy as np
+import pytest
 
 from core import keys
-from core.entries import canonical
+from core.entries import BadEntry, canonical
 from core.store import unpack_bucket
 from service.lists import NameList, NumberList, PrefixList
 
@@ -84,3 +85,60 @@ def test_a_bad_pattern_is_skipped_not_fatal() -> None:
     names = NameList(frozenset({"re:(unclosed", "contains:robo"}))
     assert names.match("ROBO CALLER") == "contains:robo"
     assert names.match("(unclosed") is None
+
+
+def test_a_catastrophic_pattern_answers_at_once_and_rightly() -> None:
+    # (a+)+$ against many a's then a non-match takes a backtracking engine ~2^n steps.
+    names = NameList(frozenset({canonical("names", "re:(a+)+$")}))
+    assert names.match("a" * 40 + "!") is None
+    # Cut to MAX_NAME_CHARS first: the "!" falls off, what is left is all a's.
+    assert names.match("a" * 5_000 + "!") == "re:(a+)+$"
+    assert names.match("x" + "a" * 40) == "re:(a+)+$"
+    nested = NameList(frozenset({canonical("names", r"re:^(\w+\s?)*$")}))
+    assert nested.match("word " * 20 + "!") is None
+    assert nested.match("Word word") == r"re:^(\w+\s?)*$"
+
+
+def test_patterns_are_case_insensitive_and_name_the_first_match() -> None:
+    entries = ("re:^robo", r"re:CALLER \d+$", "re:(?-i)Exact", "re:o")
+    names = NameList(frozenset(canonical("names", e) for e in entries))
+    assert names.match("ROBOCALL") == "re:^robo"  # "re:o" also matches; sorted first wins
+    assert names.match("wireless caller 42") == r"re:CALLER \d+$"
+    assert names.match("EXACT") is None  # the entry turned case-sensitivity back on
+    assert names.match("Exact") == "re:(?-i)Exact"
+    assert names.match("Jim") is None
+
+
+def test_many_patterns_find_the_one_that_matched() -> None:
+    entries = [rf"re:^caller{i:03d}\d*$" for i in range(100)]
+    names = NameList(frozenset(canonical("names", e) for e in entries))
+    assert names.match("CALLER0427") == r"re:^caller042\d*$"
+    assert names.match("caller0999") == r"re:^caller099\d*$"
+    assert names.match("caller1") is None
+
+
+def test_a_pattern_re2_cannot_use_is_skipped_and_refused() -> None:
+    # Stored before the RE2 check (or written to Redis directly): skipped, the rest works.
+    names = NameList(frozenset({r"re:(a)\1", "re:(?=x)y", "re:^spam"}))
+    assert names.match("aa") is None
+    assert names.match("SPAM CALLER") == "re:^spam"
+    for pattern in (r"(a)\1", "(?=x)y", "(?<!a)b"):
+        with pytest.raises(BadEntry, match=r"RE2 does not support backreferences or lookaround"):
+            canonical("names", f"re:{pattern}")
+    with pytest.raises(BadEntry) as refused:
+        canonical("names", r"re:(a)\1")
+    assert str(refused.value) == (
+        r"bad regular expression '(a)\\1': RE2 does not support backreferences or lookaround"
+        r" (invalid escape sequence: \1)"
+    )
+    with pytest.raises(BadEntry, match=r"RE2 cannot compile it \(missing \)"):
+        canonical("names", "re:(unclosed")
+
+
+def test_patterns_too_big_for_one_set_are_tried_one_by_one() -> None:
+    # Each of these compiles alone, but together they pass RE2's memory budget for a set.
+    entries = [f"re:^caller{i:02d}$|x[a-z]{{1000}}" for i in range(30)]
+    names = NameList(frozenset(canonical("names", e) for e in entries))
+    assert names.pattern_set is None
+    assert names.match("Caller07") == "re:^caller07$|x[a-z]{1000}"
+    assert names.match("caller99") is None
