@@ -291,7 +291,7 @@ def bench_config(files: Files, redis_url: str, port: int, workers: int) -> dict[
     """The service config: allow list first, then block list, prefixes, CNAM."""
     return {
         "redis": {"url": redis_url},
-        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers, "admin_port": None},
         "lists": {
             "allow": {"kind": "numbers", "source": str(files.allow), "column": "number"},
             "block": {"kind": "numbers", "source": str(files.block), "column": "number"},

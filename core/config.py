@@ -77,6 +77,11 @@ class RedisSettings(_Model):
 class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    #: The operator listener: admin API, explain and /metrics (plus the probes), apart
+    #: from the handler port CarrierX calls. ``admin_port: null`` serves them all on
+    #: ``port`` instead.
+    admin_host: str = "127.0.0.1"
+    admin_port: Annotated[int, Field(ge=0, le=65535)] | None = 9180
     #: Worker processes; 0 (the default) means one per CPU core (service/workers.py).
     workers: Annotated[int, Field(ge=0, le=256)] = 0
     max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
@@ -93,6 +98,15 @@ class ServerSettings(_Model):
     #: After this many requests a connection's answer says ``Connection: close``, so
     #: clients reconnect and the kernel spreads connections over the workers again.
     max_requests_per_connection: Annotated[int, Field(gt=0)] = 1000
+
+    @model_validator(mode="after")
+    def _two_listeners(self) -> ServerSettings:
+        if self.admin_port is not None and self.admin_port == self.port and self.port:
+            raise ValueError(
+                "admin_port must differ from port (or be null to serve the admin API, "
+                "explain and /metrics on the handler port)"
+            )
+        return self
 
 
 class HandlerSettings(_Model):

@@ -135,7 +135,7 @@ def _write_list(path: Path, version: int) -> None:
 def _config(folder: Path, redis_url: str, port: int, deadline_ms: int) -> Path:
     data = {
         "redis": {"url": redis_url, "socket_timeout_ms": 1000},
-        "server": {"host": HOST, "port": port},
+        "server": {"host": HOST, "port": port, "admin_port": None},
         "handler": {
             "deadline_ms": deadline_ms,
             "on_error": "reject",

@@ -1,6 +1,7 @@
 """``python -m service``: serve the screening handler.
 
     python -m service [--config config.yaml] [--host H] [--port P] [--workers N]
+                      [--admin-host H] [--admin-port P|none]
                       [--log-level INFO] [--log-format text|json]
 
 ``--workers`` (default ``server.workers``; 0 = one per CPU core) above 1 starts a
@@ -23,11 +24,28 @@ from service.serve import serve_one
 from service.workers import Supervisor, worker_count
 
 
+def _admin_port(text: str) -> int | str:
+    if text.lower() == "none":
+        return "none"
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="config file")
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument(
+        "--admin-host", help="operator listener address (overrides server.admin_host)"
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=_admin_port,
+        help="operator listener port, or 'none' for the handler port (overrides server.admin_port)",
+    )
     parser.add_argument(
         "--workers", type=int, help="worker processes, 0 = one per core (overrides server.workers)"
     )
@@ -57,20 +75,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    admin_port = config.server.admin_port if args.admin_port is None else args.admin_port
+    operator = (
+        None
+        if admin_port in (None, "none")
+        else (args.admin_host or config.server.admin_host, int(admin_port))
+    )
     if args.worker_id is not None:
-        return serve_one(config, host, port, metrics_dir=args.metrics_dir, worker_id=args.worker_id)
+        return serve_one(
+            config,
+            host,
+            port,
+            metrics_dir=args.metrics_dir,
+            worker_id=args.worker_id,
+            operator=operator,
+        )
     if args.workers is not None and args.workers < 0:
         print("--workers must be 0 (one per core) or more", file=sys.stderr)
         return 2
     workers = worker_count(args.workers if args.workers is not None else config.server.workers)
     if workers == 1:
-        return serve_one(config, host, port)
+        return serve_one(config, host, port, operator=operator)
     worker_argv = [
         "--config", str(args.config.resolve()),
         "--log-level", args.log_level,
         "--log-format", log_format,
     ]  # fmt: skip
-    return Supervisor(host, port, workers, worker_argv).run()
+    return Supervisor(host, port, workers, worker_argv, operator=operator).run()
 
 
 if __name__ == "__main__":

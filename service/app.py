@@ -39,8 +39,13 @@ def create_app(
     *,
     redis: RedisClient | None = None,
     registry: CollectorRegistry | None = None,
+    operator_routes: bool = True,
 ) -> web.Application:
-    """Build the service. A ``redis`` client passed in is used as is and not closed."""
+    """Build the service. A ``redis`` client passed in is used as is and not closed.
+
+    ``operator_routes=False`` leaves out the admin API, explain and /metrics: they are
+    then served by :func:`create_operator_app` on a listener of their own.
+    """
     # No middleware: errors are answered per route (see service/errors.py).
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
@@ -55,14 +60,48 @@ def create_app(
     # The same two with the shared secret as a path segment (service/auth.py).
     app.router.add_post("/k/{secret}", screen)
     app.router.add_post("/k/{secret}/tg/{trunk_group}", screen)
-    app.router.add_post("/v1/explain", json_errors(explain))
-    app.router.add_post("/v1/explain/tg/{trunk_group}", json_errors(explain))
-    app.router.add_get("/healthz", json_errors(healthz))
-    app.router.add_get("/readyz", json_errors(readyz))
-    app.router.add_get("/metrics", json_errors(make_aiohttp_handler(app[REGISTRY])))
-    add_admin_routes(app)  # /v1/lists..., /v1/openapi.json (service/admin.py)
+    _add_probes(app)
+    if operator_routes:
+        _add_operator_routes(app)
     app.router.add_route("*", "/{path:.*}", no_route)  # last: 404 and 405, as JSON
     return app
+
+
+def create_operator_app(main: web.Application) -> web.Application:
+    """The operator listener's app: admin API, explain, /metrics and the probes.
+
+    It shares everything with ``main`` (config, metrics, Redis, list copies), which must
+    be started first: the shared resources are copied over when this one starts.
+    """
+    app = web.Application(client_max_size=main[CONFIG].server.max_body_bytes)
+    app[CONFIG] = main[CONFIG]
+    app[REGISTRY] = main[REGISTRY]
+    app[METRICS] = main[METRICS]
+    app[AUTH] = main[AUTH]
+
+    async def share_started(app: web.Application) -> None:
+        app[REDIS] = main[REDIS]
+        app[STORE] = main[STORE]
+        app[CACHE] = main[CACHE]
+        app[SCREENER] = main[SCREENER]
+
+    app.on_startup.append(share_started)
+    _add_probes(app)
+    _add_operator_routes(app)
+    app.router.add_route("*", "/{path:.*}", no_route)
+    return app
+
+
+def _add_probes(app: web.Application) -> None:
+    app.router.add_get("/healthz", json_errors(healthz))
+    app.router.add_get("/readyz", json_errors(readyz))
+
+
+def _add_operator_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/explain", json_errors(explain))
+    app.router.add_post("/v1/explain/tg/{trunk_group}", json_errors(explain))
+    app.router.add_get("/metrics", json_errors(make_aiohttp_handler(app[REGISTRY])))
+    add_admin_routes(app)  # /v1/lists..., /v1/openapi.json (service/admin.py)
 
 
 def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]

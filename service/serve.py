@@ -64,6 +64,7 @@ def serve_one(
     *,
     metrics_dir: Path | None = None,
     worker_id: str | None = None,
+    operator: tuple[str, int] | None = None,
 ) -> int:
     """Run the service in this process until SIGTERM/SIGINT; returns the exit status.
 
@@ -71,26 +72,42 @@ def serve_one(
     :class:`service.workers.Supervisor`: it binds with ``SO_REUSEPORT``, shares its
     metrics through the folder, and stops if the supervisor goes away.
     """
-    from service.app import create_app
+    from service.app import create_app, create_operator_app
 
     registry: CollectorRegistry
     if metrics_dir is not None and worker_id is not None:
         registry = SharedRegistry(metrics_dir, worker_id)
     else:
         registry = CollectorRegistry()
-    app = create_app(config, registry=registry)
+    app = create_app(config, registry=registry, operator_routes=operator is None)
+    operator_app = create_operator_app(app) if operator is not None else None
     if isinstance(registry, SharedRegistry):
         # Cleaned up in reverse: the last snapshot is written before an orphan's clean-up.
         app.cleanup_ctx.append(_orphan_ctx(os.getppid(), registry.folder))
         app.cleanup_ctx.append(_flush_ctx(registry))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(
-            _serve(app, host, port, reuse_port=metrics_dir is not None, who=worker_id or "service")
+            _serve(
+                app,
+                host,
+                port,
+                reuse_port=metrics_dir is not None,
+                who=worker_id or "service",
+                operator=(operator_app, *operator) if operator_app and operator else None,
+            )
         )
     return 0
 
 
-async def _serve(app: web.Application, host: str, port: int, *, reuse_port: bool, who: str) -> None:
+async def _serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
+    who: str,
+    operator: tuple[web.Application, str, int] | None = None,
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before start-up, so a signal while the lists load still ends in a clean stop.
@@ -106,11 +123,30 @@ async def _serve(app: web.Application, host: str, port: int, *, reuse_port: bool
         keepalive_timeout=settings.keepalive_timeout_s,
     )
     await runner.setup()
+    # The operator listener shares the main app's resources: set up after it, cleaned
+    # up before it (service/app.py).
+    operator_runner = None
+    if operator is not None:
+        operator_runner = web.AppRunner(
+            operator[0], access_log=None, shutdown_timeout=_CLEANUP_TIMEOUT_S,
+            keepalive_timeout=settings.keepalive_timeout_s,
+        )  # fmt: skip
+        await operator_runner.setup()
     sweeper = asyncio.create_task(guard.run(), name="connection-guard")
     try:
         if not stop.is_set():
             site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
             await site.start()
+            if operator_runner is not None and operator is not None:
+                _app, operator_host, operator_port = operator
+                operator_site = web.TCPSite(
+                    operator_runner, operator_host, operator_port, reuse_port=reuse_port
+                )
+                await operator_site.start()
+                logger.info(
+                    "%s serves the admin API, explain and /metrics on http://%s:%d",
+                    who, operator_host, operator_port,
+                )  # fmt: skip
             logger.info(
                 "%s listening on http://%s:%d (at most %d connections)",
                 who, host, port, guard.max_connections,
@@ -123,6 +159,8 @@ async def _serve(app: web.Application, host: str, port: int, *, reuse_port: bool
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
+        if operator_runner is not None:
+            await operator_runner.cleanup()
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -124,10 +124,20 @@ class SupervisorMetrics:
 class Supervisor:
     """Starts, watches and stops the worker processes (see the module docstring)."""
 
-    def __init__(self, host: str, port: int, workers: int, worker_argv: Sequence[str]) -> None:
-        """``worker_argv``: arguments for ``python -m service`` that every worker gets."""
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        workers: int,
+        worker_argv: Sequence[str],
+        *,
+        operator: tuple[str, int] | None = None,
+    ) -> None:
+        """``worker_argv``: arguments for ``python -m service`` that every worker gets;
+        ``operator``: the admin/metrics listener's address, shared by the workers too."""
         self.host = host
         self.port = port
+        self.operator = operator
         self.workers = [_Worker(slot) for slot in range(workers)]
         self.worker_argv = list(worker_argv)
         self.stop_signal: int | None = None
@@ -144,6 +154,15 @@ class Supervisor:
             logger.error("cannot listen on %s:%d: %s", self.host, self.port, exc)
             return 1
         self.port = reserved.getsockname()[1]
+        reserved_operator = None
+        if self.operator is not None:
+            try:
+                reserved_operator = reserve_port(*self.operator)
+            except OSError as exc:
+                logger.error("cannot listen on %s:%d: %s", *self.operator, exc)
+                reserved.close()
+                return 1
+            self.operator = (self.operator[0], reserved_operator.getsockname()[1])
         self._folder = Path(tempfile.mkdtemp(prefix="callscreen-metrics-"))
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -169,6 +188,8 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
             reserved.close()
+            if reserved_operator is not None:
+                reserved_operator.close()
             shutil.rmtree(self._folder, ignore_errors=True)
 
     def _install_signals(self, wake_fd: int) -> dict[int, Any]:
@@ -209,6 +230,10 @@ class Supervisor:
             "--host", self.host, "--port", str(self.port),
             "--worker-id", worker.worker_id, "--metrics-dir", str(self._folder),
         ]  # fmt: skip
+        if self.operator is None:
+            argv += ["--admin-port", "none"]
+        else:
+            argv += ["--admin-host", self.operator[0], "--admin-port", str(self.operator[1])]
         worker.process = subprocess.Popen(argv, process_group=0)
         worker.started_at = time.monotonic()
         worker.start_at = None

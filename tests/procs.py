@@ -20,7 +20,9 @@ from tests.helpers import wait_for
 START_TIMEOUT_S = 40.0
 
 BLOCKLIST_CONFIG: dict[str, Any] = {
-    "server": {"host": "127.0.0.1", "log_format": "json"},
+    # One port for everything, so tests reach /metrics and the admin API beside the
+    # handler (the operator listener has tests of its own).
+    "server": {"host": "127.0.0.1", "log_format": "json", "admin_port": None},
     "cache": {"refresh_ms": 100, "max_stale_ms": 2000},
     "lists": {"blocklist": {"kind": "numbers"}},
     "policies": {

@@ -29,8 +29,9 @@ from redis.asyncio import Redis
 from devtools.redis_server import RedisProcess, free_port
 from service.connections import DRAIN_IDLE_S
 from tests.helpers import REJECT, body_from, load_list, wait_for
-from tests.procs import ServiceProcess, scrape
+from tests.procs import BLOCKLIST_CONFIG, ServiceProcess, scrape
 
+SERVER = BLOCKLIST_CONFIG["server"]
 BLOCKED = orjson.dumps(body_from("15162065613"))
 ALLOWED = orjson.dumps(body_from("15162065699"))
 
@@ -284,9 +285,7 @@ async def test_slow_senders_neither_starve_real_calls_nor_stay(
         tmp_path,
         redis_server.url,
         nofile=1024,
-        overrides={
-            "server": {"host": "127.0.0.1", "log_format": "json", "request_timeout_ms": 2000}
-        },
+        overrides={"server": {**SERVER, "request_timeout_ms": 2000}},
     )
     stop = asyncio.Event()
     closed: list[bool] = []
@@ -406,9 +405,7 @@ async def test_recycled_connections_reach_a_restarted_worker(
         tmp_path,
         redis_server.url,
         workers=2,
-        overrides={
-            "server": {"host": "127.0.0.1", "log_format": "json", "max_requests_per_connection": 25}
-        },
+        overrides={"server": {**SERVER, "max_requests_per_connection": 25}},
     )
     first, _second = _worker_pids(service)[:2]
     connector = aiohttp.TCPConnector(limit=16)
