@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from core.config import ConfigError, load_config
+from core.version import VERSION
 from service.auth import check_secrets
 from service.logs import configure_logging
 from service.serve import serve_one
@@ -35,6 +36,7 @@ def _admin_port(text: str) -> int | str:
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"callscreen {VERSION}")
     parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="config file")
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")

@@ -17,11 +17,12 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from core.config import Config
+from core.version import build_labels
 from service.policy import DEFAULT_RULE, ON_ERROR_RULE
 
 #: Sub-millisecond resolution where the answers live, up to the longest trunk timeouts.
@@ -142,21 +143,23 @@ class Metrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+        ProcessCollector(registry=registry)
+        Info(
+            "callscreen_build",
+            "The running version of callscreen, its Python and main libraries.",
+            registry=registry,
+        ).info(build_labels())
+        # Only the series that can be counted: a rule decides with its own action and
+        # dry-run setting, the default with the policy's, on_error with the handler's.
         keys: list[DecisionKey] = []
         policy_of = {ROOT_TRUNK_GROUP: config.default_policy}
         policy_of.update({name: group.policy for name, group in config.trunk_groups.items()})
         for group, policy_name in policy_of.items():
             policy = config.policies[policy_name]
-            rules: list[tuple[str, str]] = [(r.name, r.action) for r in policy.rules]
-            outcomes = [
-                *rules,
-                (DEFAULT_RULE, policy.default),
-                (ON_ERROR_RULE, "allow"),
-                (ON_ERROR_RULE, "reject"),
-            ]
-            keys += [
-                (group, action, rule, dry) for rule, action in outcomes for dry in (False, True)
-            ]
+            keys += [(group, r.action, r.name, r.dry_run) for r in policy.rules]
+            keys.append((group, policy.default, DEFAULT_RULE, False))
+            keys.append((group, config.handler.on_error, ON_ERROR_RULE, False))
         self.decisions = DecisionCounts(keys)
         registry.register(self.decisions)
         self._error_children = {kind: self.errors.labels(kind) for kind in ERROR_KINDS}

@@ -65,8 +65,7 @@ async def test_every_series_exists_before_the_first_call(
         decisions("_root", "reject", "block"),
         decisions("_root", "reject", "premium", "true"),
         decisions("_root", "allow", "default"),
-        decisions("main", "allow", "on_error"),
-        decisions("main", "reject", "on_error"),
+        decisions("main", "allow", "on_error"),  # handler.on_error is allow
         decisions("vip-line", "allow", "known"),
         decisions("vip-line", "reject", "default"),
         *(f'callscreen_errors_total{{kind="{kind}"}}' for kind in ERROR_KINDS),
@@ -77,6 +76,16 @@ async def test_every_series_exists_before_the_first_call(
     ]
     for name in expected:
         assert samples.get(name) == 0, name
+    # Series that no call can ever count are not exported.
+    for never in (
+        decisions("main", "reject", "on_error"),  # on_error is allow
+        decisions("_root", "reject", "block", "true"),  # block is not a dry run
+        decisions("_root", "reject", "premium"),  # premium only ever matches as a dry run
+    ):
+        assert never not in samples, never
+    build = [name for name in samples if name.startswith("callscreen_build_info{")]
+    assert len(build) == 1 and 'version="' in build[0]
+    assert samples["process_cpu_seconds_total"] >= 0
     # Sub-millisecond buckets, where the answers are.
     for le in ("0.0001", "0.00025", "0.0005", "0.00075", "0.001"):
         assert f'callscreen_request_duration_seconds_bucket{{le="{le}"}}' in samples
