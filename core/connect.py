@@ -19,7 +19,6 @@ loops and deadlines, and a stuck client would hide an outage from them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
+# Re-exported: redact() lived here first, and callers still import it from this module.
+from core.redact import redact as redact  # noqa: PLC0414
 from core.store import RedisClient
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -217,19 +218,3 @@ def connect(
         retry=_retry(),
         client_name=client_name,
     )
-
-
-_PASSWORD_OPTION = re.compile(r"([?&][a-z_]*password=)[^&]*", re.IGNORECASE)
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced, for logs and error messages."""
-    url = _PASSWORD_OPTION.sub(r"\1***", url)
-    head, sep, rest = url.partition("://")
-    before_query, question, query = rest.partition("?")
-    if not sep or "@" not in before_query:
-        return url
-    creds, _, tail = before_query.rpartition("@")
-    user = creds.split(":", 1)[0]
-    shown = f"{user}:***" if ":" in creds else "***"
-    return f"{head}://{shown}@{tail}{question}{query}"

@@ -26,6 +26,7 @@ from typing import IO
 import aiohttp
 
 from core.connect import redact
+from core.redact import redact_text
 
 logger = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024
@@ -140,6 +141,7 @@ async def _attempt(
     except TimeoutError:
         raise _Retryable(f"no answer within {limits.sock_read:g} s") from None
     except aiohttp.ClientError as exc:
-        raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+        # Some (ClientResponseError, InvalidURL, redirects) quote the URL, secrets and all.
+        raise _Retryable(f"{type(exc).__name__}: {redact_text(str(exc))}") from None
     except OSError as exc:  # connection reset and the like
         raise _Retryable(f"{type(exc).__name__}: {exc}") from None

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from core.config import Config
+from core.redact import redact_text
 from core.store import ListStore, RedisClient
 from loader.delta import compact_if_needed
 from loader.metrics import LoaderMetrics
@@ -80,7 +81,8 @@ class Scheduler:
             self.metrics.record(name, "failed", time.monotonic() - started)
             return "failed"
         except Exception as exc:  # Redis down and the like: next interval tries again
-            logger.error("%s: sync failed, the old list is kept: %r", name, exc)
+            shown = redact_text(repr(exc))
+            logger.error("%s: sync failed, the old list is kept: %s", name, shown)
             self.metrics.record(name, "failed", time.monotonic() - started)
             return "failed"
         for bad in report.bad_rows:
@@ -120,7 +122,7 @@ class Scheduler:
                 try:
                     await compact_if_needed(self.redis, self.config, name)
                 except Exception as exc:
-                    logger.warning("%s: compaction failed: %r", name, exc)
+                    logger.warning("%s: compaction failed: %s", name, redact_text(repr(exc)))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then cancel everything in flight."""

@@ -13,6 +13,13 @@ Only the entry point calls :func:`configure_logging`; modules just use
 JSON lines hold ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``,
 ``message``, ``pid``, then ``request_id`` and the structured fields when present, and
 ``exception`` with the traceback when one was logged. One object per line, via orjson.
+
+Secrets stay out of the log (:class:`core.redact.RedactingFilter`): aiohttp's own
+records, which quote the raw request line and headers of a request it could not parse,
+and every record carrying an exception are rewritten with handler secrets
+(``?key=``, ``/k/<secret>``), ``Authorization`` values and URL passwords hidden.
+Other records skip that work (one line is logged per rejected call); they are written
+so as never to quote a secret.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 import orjson
+
+from core.redact import RedactingFilter
 
 #: The Call-ID of the request being handled (``None`` outside a screening request).
 REQUEST_ID: ContextVar[str | None] = ContextVar("callscreen_request_id", default=None)
@@ -97,7 +106,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and key not in entry:
                 entry[key] = value
-        if record.exc_info:
+        # exc_text first: RedactingFilter leaves the redacted traceback there.
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
@@ -139,6 +151,7 @@ def configure_logging(
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -14,6 +14,11 @@ Decisions where the spec is silent:
   anonymous ``From`` is still checked against the lists.
 - An *invalid* caller is a number that is not dialable, or a user part that is present
   but not a number at all (``From: <sip:john@...>`` with nothing better behind it).
+- ``verstat`` (STIR/SHAKEN) is the first found of: CarrierX's parsed URI and header
+  parameters, the parameters of its ``user`` field (``+1212...;verstat=...``), then the
+  raw URI's user-part parameters (``sip:+1212...;verstat=...@host``, where carriers
+  put it), URI parameters and header parameters. Names match exactly, ignoring case.
+  The ``From`` address is read first, then ``P-Asserted-Identity``.
 - Header names match case-insensitively; when a body holds one header under two
   spellings, CarrierX's own spelling (``From``, ``P-Asserted-Identity``, ...) wins.
 
@@ -24,6 +29,7 @@ and attestation are read from the body the first time a rule or explain asks for
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -140,45 +146,148 @@ def _str(value: Any) -> str | None:
     return value[:MAX_FIELD_CHARS] if isinstance(value, str) else None
 
 
+#: Raw addresses are parsed for parameters up to this length: long display names and
+#: tags must not push ``verstat`` out of reach, but the work stays bounded.
+MAX_RAW_CHARS = 1024
+#: Parameters looked at in one parsed-parameters object, when the name's exact
+#: spelling is not a key of it.
+MAX_PARAMS = 32
+_URI_SCHEMES = frozenset({"sip", "sips", "tel"})
+
+
+@dataclass(frozen=True, slots=True)
+class RawUri:
+    """The parts of the URI in a raw address, as text.
+
+    ``"N" <sip:+1212;verstat=X@host;user=phone>;tag=a`` gives user ``+1212``, user
+    parameters ``verstat=X``, host ``host``, URI parameters ``user=phone`` and header
+    parameters ``;tag=a``. A ``tel:`` URI has no host; its parameters are URI parameters.
+    """
+
+    scheme: str
+    user: str | None
+    user_params: str
+    host: str
+    uri_params: str
+    header_params: str
+
+
+def _after_display_name(text: str) -> str | None:
+    """``text`` past a leading quoted display name (which may hold ``<``, ``@``, ``;``)."""
+    if text[:1] != '"':
+        return text
+    i, size = 1, len(text)
+    while i < size:
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == '"':
+            return text[i + 1 :]
+        i += 1
+    return None  # unterminated: no URI can be told apart from the name
+
+
+def parse_raw_uri(raw: str) -> RawUri | None:
+    """The ``sip:``, ``sips:`` or ``tel:`` URI of a raw address, split; None if it has none."""
+    text = _after_display_name(raw.strip())
+    if text is None:
+        return None
+    start = text.find("<")
+    bracketed = start >= 0
+    if bracketed:
+        end = text.find(">", start)
+        uri = text[start + 1 : end] if end > 0 else text[start + 1 :]
+        header = text[end + 1 :] if end > 0 else ""
+    else:
+        uri, header = text, ""
+    scheme, colon, rest = uri.partition(":")
+    scheme = scheme.strip().lower()
+    if not colon or scheme not in _URI_SCHEMES:
+        return None
+    rest = rest.partition("?")[0]  # ?headers of the URI are not parameters
+    if scheme == "tel":
+        number, _, uri_params = rest.partition(";")
+        return RawUri(scheme, number, "", "", uri_params, header)
+    # The user part runs to the last "@": a parameter value in it may hold another.
+    userinfo, at, hostport = rest.rpartition("@")
+    user: str | None = None
+    user_params = ""
+    if at:
+        user, _, user_params = userinfo.partition(";")
+    host, _, uri_params = hostport.partition(";")
+    if not bracketed:
+        # RFC 3261 §20.10: without <>, parameters after the URI belong to the header.
+        uri_params, header = "", uri_params
+    return RawUri(scheme, user, user_params, host, uri_params, header)
+
+
 def _user_from_raw(raw: str) -> str | None:
     """The user part of the URI in a raw address (``"N" <sip:user@host>;tag=x``)."""
-    start = raw.find("<")
-    if start >= 0:
-        end = raw.find(">", start)
-        uri = raw[start + 1 : end if end > 0 else None]
-    else:
-        uri = raw.strip()
-    lowered = uri[:5].lower()
-    if lowered.startswith("tel:"):
-        user = uri[4:]
-    elif lowered.startswith(("sip:", "sips:")):
-        rest = uri[uri.index(":") + 1 :]
-        if "@" not in rest:
-            return None
-        user = rest.split("@", 1)[0]
-    else:
+    uri = parse_raw_uri(raw)
+    return uri.user if uri is not None else None
+
+
+def _clean(value: str) -> str | None:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1].strip()
+    return value[:MAX_FIELD_CHARS] or None
+
+
+def _find_param(params: str, name: str) -> str | None:
+    """The value of parameter ``name`` (lower case) in ``a=1;b=2`` text, by exact name."""
+    if not params:
         return None
-    return user.split(";", 1)[0]
+    for item in params.split(";"):
+        key, eq, value = item.partition("=")
+        if eq and key.strip().lower() == name:
+            return _clean(value)
+    return None
+
+
+def _dict_param(params: Any, name: str) -> str | None:
+    """Parameter ``name`` (lower case) of a parsed-parameters object from CarrierX."""
+    if not isinstance(params, dict):
+        return None
+    value = params.get(name)
+    if value is None:
+        for key, item in itertools.islice(params.items(), MAX_PARAMS):
+            if isinstance(key, str) and key.lower() == name:
+                value = item
+                break
+    return _clean(value) if isinstance(value, str) else None
 
 
 def _param(address: dict[str, Any], name: str) -> str | None:
-    """A SIP parameter of an address: from its parsed URI or header parameters, else
-    from its raw text (``...;verstat=TN-Validation-Passed;...``), case-insensitively."""
+    """A SIP parameter of an address, by exact name (``name`` in lower case, matched
+    case-insensitively), or None.
+
+    Looked for in CarrierX's parsed ``uri_parameters`` and ``header_parameters``, then
+    in the parameters of its ``user`` field (``+1212;verstat=X``), then in the raw
+    address: the URI's user-part parameters, its URI parameters, its header parameters.
+    """
     for kind in ("uri_parameters", "header_parameters"):
-        params = address.get(kind)
-        if isinstance(params, dict):
-            value = params.get(name)
-            if isinstance(value, str):
-                return value[:MAX_FIELD_CHARS]
+        value = _dict_param(address.get(kind), name)
+        if value is not None:
+            return value
+    user = address.get("user")
+    if isinstance(user, str) and ";" in user:
+        value = _find_param(user[:MAX_RAW_CHARS].partition(";")[2], name)
+        if value is not None:
+            return value
     raw = address.get("raw")
-    if isinstance(raw, str) and raw:
-        raw = raw[:MAX_FIELD_CHARS]
-        at = raw.lower().find(name + "=")
-        if at >= 0:
-            value = raw[at + len(name) + 1 :]
-            for stop in ";>,":
-                value = value.split(stop, 1)[0]
-            return value.strip() or None
+    if not isinstance(raw, str) or not raw:
+        return None
+    uri = parse_raw_uri(raw[:MAX_RAW_CHARS])
+    if uri is None:
+        return None
+    # Several addresses in one header value are separated by commas: keep to the first.
+    header = uri.header_params.partition(",")[0]
+    for params in (uri.user_params, uri.uri_params, header):
+        value = _find_param(params, name)
+        if value is not None:
+            return value
     return None
 
 
@@ -201,7 +310,10 @@ def _party(address: dict[str, Any]) -> Any:
 
 def _withheld(user: str) -> bool:
     # Digits are the usual case and never a withheld word: skip the normalising.
-    return not user.isdigit() and user.strip().lower() in WITHHELD_USERS
+    if user.isdigit():
+        return False
+    # CarrierX may hand the user part with its parameters: "anonymous;verstat=...".
+    return user.partition(";")[0].strip().lower() in WITHHELD_USERS
 
 
 def _user(address: dict[str, Any]) -> str | None:
