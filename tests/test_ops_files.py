@@ -1,16 +1,21 @@
 """The operations files: dashboard and alerts use exported metrics, compose and Docker wiring.
 
 Docker cannot run here, so docker-compose.yml and the Dockerfile are checked by reading
-them: every component is there and every file they mount or copy exists in the repo.
-Prometheus files are also checked by ``promtool`` where it is installed.
+them: every component is there, every image is pinned, every file they mount or copy
+exists in the repo; ``docker-compose config`` (1.29) or ``docker compose config`` also
+validates the compose file where one is installed. Prometheus files are checked by
+``promtool`` and the Alertmanager config by ``amtool`` where they are installed; in CI
+(``CI`` set) a missing one fails the test instead, since .ci/run installs both.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from core.config import load_config
 from loader.metrics import LoaderMetrics
-from service.metrics import Metrics
+from service.metrics import ERROR_KINDS, FALLBACK_REASONS, Metrics
 from service.workers import SupervisorMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +35,11 @@ PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 COMPOSE_CONFIG = DEPLOY / "config.compose.yaml"
+ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
+ENV_EXAMPLE = DEPLOY / "callscreen.env.example"
+#: The one receiver every alert reaches (deploy/alertmanager/alertmanager.yml).
+RECEIVER = "oncall-webhook"
+SEVERITIES = {"critical", "warning"}
 #: Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"job", "instance"}
 METRIC = re.compile(r"\b(callscreen_[a-z0-9_]+|up)\b(\{[^}]*\})?")
@@ -59,9 +69,27 @@ def dashboard_exprs() -> list[str]:
     return exprs
 
 
-def alert_exprs() -> list[str]:
+def alert_rules() -> list[dict[str, Any]]:
     rules = yaml.safe_load(ALERTS.read_text())
-    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    return [rule for group in rules["groups"] for rule in group["rules"]]
+
+
+def alert_exprs() -> list[str]:
+    return [rule["expr"] for rule in alert_rules()]
+
+
+def tool(name: str) -> str:
+    """The path of a command-line tool: skip without it, but fail in CI, which installs it."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed, and .ci/run should have installed it")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
 
 
 @pytest.mark.parametrize("source", ["dashboard", "alerts"])
@@ -88,32 +116,61 @@ def test_every_queried_metric_and_label_is_exported(source: str) -> None:
             "callscreen_loader_last_success_timestamp_seconds",
         ):
             assert wanted in used, wanted
+    else:  # label values the alerts select on are ones the service counts
+        values = "\n".join(exprs)
+        for kind in re.findall(r'kind="([^"]+)"', values):
+            assert kind in ERROR_KINDS, kind
+        for reason in re.findall(r'reason!?="([^"]+)"', values):
+            assert reason in FALLBACK_REASONS, reason
 
 
-def test_alerts_cover_latency_fallbacks_stale_sync_and_down() -> None:
-    rules = {
-        rule["alert"]: rule["expr"]
-        for group in yaml.safe_load(ALERTS.read_text())["groups"]
-        for rule in group["rules"]
-    }
-    assert "callscreen_request_duration_seconds_bucket" in rules["CallscreenLatencyNearTimeout"]
-    assert "callscreen_on_error_total" in rules["CallscreenOnErrorFallbacks"]
-    assert "last_success_timestamp" in rules["CallscreenListSyncStale"]
-    assert 'up{job="callscreen"}' in rules["CallscreenDown"]
+def test_alerts_cover_latency_fallbacks_stale_sync_down_lost_lists_and_overload() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    exprs = {name: rule["expr"] for name, rule in rules.items()}
+    assert "callscreen_request_duration_seconds_bucket" in exprs["CallscreenLatencyNearTimeout"]
+    assert "callscreen_on_error_total" in exprs["CallscreenOnErrorFallbacks"]
+    assert "last_success_timestamp" in exprs["CallscreenListSyncStale"]
+    assert 'up{job="callscreen"}' in exprs["CallscreenDown"]
+    # Lists lost from Redis: critical, and not also reported as an ordinary fallback.
+    assert 'callscreen_on_error_total{reason="list_lost"}' in exprs["CallscreenListLost"]
+    assert rules["CallscreenListLost"]["labels"]["severity"] == "critical"
+    assert 'reason!="list_lost"' in exprs["CallscreenOnErrorFallbacks"]
+    assert 'callscreen_errors_total{kind="overloaded"}' in exprs["CallscreenOverloaded"]
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in SEVERITIES, name
+        assert rule["annotations"]["summary"], name
     # The jobs the alerts watch are the jobs Prometheus scrapes.
     jobs = {job["job_name"] for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
-    assert set(re.findall(r'job="([^"]+)"', "\n".join(rules.values()))) <= jobs
+    assert set(re.findall(r'job="([^"]+)"', "\n".join(exprs.values()))) <= jobs
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_every_alert_has_a_rule_test_where_it_fires_and_one_where_it_does_not() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    cases = [
+        case
+        for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+    ]
+    assert {case["alertname"] for case in cases} <= set(rules), "a test of an unknown alert"
+    for name, rule in rules.items():
+        own = [case for case in cases if case["alertname"] == name]
+        firing = [alert for case in own for alert in case["exp_alerts"]]
+        assert firing, f"no test where {name} fires"
+        assert any(not case["exp_alerts"] for case in own), f"no test where {name} is quiet"
+        for alert in firing:  # with the rule's labels and every one of its annotations
+            assert rule["labels"].items() <= alert["exp_labels"].items(), name
+            assert set(alert["exp_annotations"]) == set(rule["annotations"]), name
+
+
 def test_promtool_accepts_config_rules_and_rule_tests(tmp_path: Path) -> None:
+    promtool = tool("promtool")
     for command in (
-        ["check", "config", str(PROMETHEUS)],
+        ["check", "config", str(PROMETHEUS)],  # rule_files are relative to the config's folder
         ["check", "rules", str(ALERTS)],
         ["test", "rules", str(ALERT_TESTS)],
     ):
-        run = subprocess.run(["promtool", *command], capture_output=True, text=True, check=False)
-        assert run.returncode == 0, run.stdout + run.stderr
+        done = run(promtool, *command)
+        assert done.returncode == 0, done.stdout + done.stderr
     # The dashboard's queries parse too: as recording rules, with Grafana's variables set.
     queries = [
         expr.replace("$__rate_interval", "1m").replace("$trunk_group", ".*")
@@ -125,10 +182,103 @@ def test_promtool_accepts_config_rules_and_rule_tests(tmp_path: Path) -> None:
     ]}]}  # fmt: skip
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules))
-    run = subprocess.run(
-        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    done = run(promtool, "check", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def duration_s(text: str) -> float:
+    """An Alertmanager duration (``1h30m``, ``10s``) in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d|w)", text)
+    assert "".join(n + u for n, u in parts) == text, f"not a duration: {text}"
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def alertmanager() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(ALERTMANAGER.read_text())
+    return data
+
+
+def test_alertmanager_routes_to_a_webhook_whose_url_is_not_in_the_repo() -> None:
+    config = alertmanager()
+    route = config["route"]
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    assert route["receiver"] == RECEIVER
+    assert {sub["receiver"] for sub in route.get("routes", [])} <= set(receivers)
+    webhooks = receivers[RECEIVER]["webhook_configs"]
+    assert webhooks
+    for webhook in webhooks:  # the URL comes from a file, never from this one
+        assert "url" not in webhook
+        assert webhook["url_file"].startswith("/")
+    # Critical alerts are sent sooner and repeated more often than the rest.
+    critical = [sub for sub in route["routes"] if sub.get("matchers") == ['severity="critical"']]
+    assert len(critical) == 1
+    for timing in ("group_wait", "group_interval", "repeat_interval"):
+        assert duration_s(critical[0][timing]) < duration_s(route[timing]), timing
+    # Compose writes that file from the environment, which the example documents.
+    command = " ".join(compose()["services"]["alertmanager"]["command"])
+    for webhook in webhooks:
+        assert f"> {webhook['url_file']}" in command
+    assert "ALERTMANAGER_WEBHOOK_URL" in command
+    assert "ALERTMANAGER_WEBHOOK_URL=" in ENV_EXAMPLE.read_text()
+
+
+def amtool_readable_config(amtool: str, tmp_path: Path) -> Path:
+    """alertmanager.yml as the installed amtool can load it.
+
+    ``url_file`` in webhook_configs came with Alertmanager 0.26 (the stack runs 0.27);
+    Debian 12's amtool is 0.25 and rejects it. For such an amtool the file is checked
+    with that one key swapped for a placeholder ``url``; everything else is as written.
+    """
+    version = re.search(r"version (\d+)\.(\d+)", run(amtool, "--version").stdout)
+    assert version, "amtool --version printed no version"
+    text = ALERTMANAGER.read_text()
+    if (int(version[1]), int(version[2])) < (0, 26):
+        text, swapped = re.subn(r"\burl_file: \S+", "url: http://webhook.invalid/", text)
+        assert swapped == len(alertmanager()["receivers"][0]["webhook_configs"])
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(text)
+    return path
+
+
+def test_amtool_accepts_the_config_and_routes_every_alert_to_the_webhook(
+    tmp_path: Path,
+) -> None:
+    amtool = tool("amtool")
+    config = amtool_readable_config(amtool, tmp_path)
+    done = run(amtool, "check-config", str(config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rule in alert_rules():
+        severity = rule["labels"]["severity"]
+        done = run(
+            amtool, "config", "routes", "test", f"--config.file={config}", "--tree",
+            f"--verify.receivers={RECEIVER}", f"alertname={rule['alert']}", f"severity={severity}",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.split()[-1] == RECEIVER, done.stdout
+        # --tree shows the route taken: critical ones take the faster one.
+        assert ('{severity="critical"}' in done.stdout) == (severity == "critical"), done.stdout
+
+
+def test_prometheus_sends_alerts_to_the_compose_alertmanager() -> None:
+    alerting = yaml.safe_load(PROMETHEUS.read_text())["alerting"]
+    targets = [
+        target
+        for manager in alerting["alertmanagers"]
+        for static in manager["static_configs"]
+        for target in static["targets"]
+    ]
+    assert targets
+    service = compose()["services"]["alertmanager"]
+    assert service["image"].startswith("prom/alertmanager:")
+    command = " ".join(service["command"])
+    listen = re.search(r"--web\.listen-address=(\S*):(\d+)", command)
+    assert listen and listen[1] in ("", "0.0.0.0"), "Alertmanager must listen on every address"
+    for target in targets:
+        assert target == f"alertmanager:{listen[2]}"
+    config_file = re.search(r"--config\.file=(\S+)", command)
+    assert config_file
+    assert f"./deploy/alertmanager/alertmanager.yml:{config_file[1]}:ro" in service["volumes"]
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_datasource() -> None:
@@ -151,24 +301,87 @@ def compose() -> dict[str, Any]:
 
 def test_compose_names_every_component_and_mounts_only_repo_files() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "service", "loader", "prometheus", "grafana"}
+    assert set(services) == {"redis", "service", "loader", "prometheus", "alertmanager", "grafana"}
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
     for name, spec in services.items():
         assert "healthcheck" in spec, f"{name} has no health check"
         for volume in spec.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (ROOT / source).exists(), f"{name} mounts missing {source}"
-        for env_file in spec.get("env_file", []):
-            path = env_file["path"]
-            assert not env_file.get("required", True), f"{name}: {path} must be optional"
-            assert not (ROOT / path).exists(), f"{path} holds secrets: keep it out of the repo"
-            assert f"{path}\n" in (ROOT / ".gitignore").read_text()
+        for path in spec.get("env_file", []):
+            # The short form (a path) for docker-compose 1.29: the file must exist, made
+            # from the example; it holds secrets, so git ignores it.
+            assert isinstance(path, str), f"{name}: env_file {path} needs Compose 2.24"
+            assert (ROOT / f"{path}.example").is_file(), f"{path} has no example"
+            assert path in ignored, f"{path} holds secrets: keep it out of the repo"
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        tracked = run("git", "-C", str(ROOT), "ls-files", "deploy/callscreen.env")
+        assert tracked.stdout == "", "deploy/callscreen.env holds secrets: keep it out of git"
     redis = services["redis"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(v.endswith(":/data") for v in redis["volumes"])
     assert "redis-cli" in redis["healthcheck"]["test"]
     assert "/readyz" in " ".join(services["service"]["healthcheck"]["test"])
     assert services["loader"]["command"][-1] == "run"
+
+
+def test_compose_pins_every_image() -> None:
+    data = compose()
+    assert "version" not in data  # obsolete in Compose v2; 1.29 reads the file without it
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for name, spec in data["services"].items():
+        image = spec["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest" and re.fullmatch(r"v?\d+\.\d+\.\d+(-[a-z0-9.]+)?", tag), (
+            f"{name}: {image} is not pinned to a version"
+        )
+        if "build" in spec:  # built from this repo: tagged with its version
+            assert tag == version, f"{name}: {image} is not tagged {version} (pyproject.toml)"
+
+
+def test_the_service_scales_without_a_fixed_host_port() -> None:
+    service = compose()["services"]["service"]
+    config = load_config(COMPOSE_CONFIG)
+    assert "container_name" not in service  # one name cannot be given to several replicas
+    for port in service.get("ports", []):
+        *host, container = str(port).split(":")
+        assert container == str(config.server.port)
+        published = host[-1] if host else ""
+        if published:  # a range, of which each replica takes a free port
+            assert re.fullmatch(r"(\d+)-(\d+)", published), f"fixed host port in {port}"
+            first, last = (int(n) for n in published.split("-"))
+            assert first < last, port
+    # Prometheus scrapes every replica: Docker's DNS has one A record per container.
+    scrape = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
+    job = next(job for job in scrape if job["job_name"] == "callscreen")
+    assert job["dns_sd_configs"] == [
+        {"names": ["service"], "type": "A", "port": config.server.port, "refresh_interval": "30s"}
+    ]
+
+
+def compose_commands() -> list[list[str]]:
+    """Compose programs on this machine: docker-compose (1.29) and the docker plugin."""
+    found = []
+    if shutil.which("docker-compose"):
+        found.append(["docker-compose"])
+    if shutil.which("docker") and run("docker", "compose", "version").returncode == 0:
+        found.append(["docker", "compose"])
+    return found
+
+
+@pytest.mark.skipif(not compose_commands(), reason="neither docker-compose nor docker compose")
+def test_compose_validates_the_file(tmp_path: Path) -> None:
+    # In a copy: the env file must exist (it is made from the example), and the repo's
+    # own deploy/callscreen.env, which may hold secrets, is neither needed nor read.
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "callscreen.env").write_text(ENV_EXAMPLE.read_text())
+    shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    for command in compose_commands():
+        done = run(*command, "--project-directory", str(tmp_path),
+                   "-f", str(tmp_path / "docker-compose.yml"), "config", "-q")  # fmt: skip
+        assert done.returncode == 0, f"{' '.join(command)}: {done.stdout}{done.stderr}"
 
 
 def test_compose_commands_use_the_compose_config() -> None:
