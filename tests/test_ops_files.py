@@ -220,7 +220,7 @@ def test_alertmanager_routes_to_a_webhook_whose_url_is_not_in_the_repo() -> None
     for webhook in webhooks:
         assert f"> {webhook['url_file']}" in command
     assert "ALERTMANAGER_WEBHOOK_URL" in command
-    assert "ALERTMANAGER_WEBHOOK_URL=" in ENV_EXAMPLE.read_text()
+    assert "ALERTMANAGER_WEBHOOK_URL=" in (DEPLOY / "alertmanager.env.example").read_text()
 
 
 def amtool_readable_config(amtool: str, tmp_path: Path) -> Path:
@@ -316,14 +316,39 @@ def test_compose_names_every_component_and_mounts_only_repo_files() -> None:
             assert (ROOT / f"{path}.example").is_file(), f"{path} has no example"
             assert path in ignored, f"{path} holds secrets: keep it out of the repo"
     if (ROOT / ".git").exists() and shutil.which("git"):
-        tracked = run("git", "-C", str(ROOT), "ls-files", "deploy/callscreen.env")
-        assert tracked.stdout == "", "deploy/callscreen.env holds secrets: keep it out of git"
+        for env in ("callscreen", "grafana", "alertmanager"):
+            tracked = run("git", "-C", str(ROOT), "ls-files", f"deploy/{env}.env")
+            assert tracked.stdout == "", f"deploy/{env}.env holds secrets: keep it out of git"
     redis = services["redis"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(v.endswith(":/data") for v in redis["volumes"])
     assert "redis-cli" in redis["healthcheck"]["test"]
     assert "/readyz" in " ".join(services["service"]["healthcheck"]["test"])
     assert services["loader"]["command"][-1] == "run"
+
+
+def test_each_container_gets_only_its_own_secrets_and_ops_tools_stay_private() -> None:
+    services = compose()["services"]
+    env_files = {name: spec.get("env_file", []) for name, spec in services.items()}
+    # The admin tokens and handler secrets reach the service and the loader only.
+    assert env_files["service"] == env_files["loader"] == ["deploy/callscreen.env"]
+    assert env_files["grafana"] == ["deploy/grafana.env"]
+    assert env_files["alertmanager"] == ["deploy/alertmanager.env"]
+    for example in ("grafana", "alertmanager"):
+        assert "CALLSCREEN_" not in (DEPLOY / f"{example}.env.example").read_text()
+    # No default Grafana password: it refuses to start without one.
+    grafana = " ".join(services["grafana"]["command"])
+    assert "GF_SECURITY_ADMIN_PASSWORD" in grafana and "exit 1" in grafana
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in services["grafana"].get("environment", {})
+    # Prometheus, Alertmanager and Grafana: published on the host's loopback only.
+    for name in ("prometheus", "alertmanager", "grafana"):
+        for port in services[name]["ports"]:
+            assert str(port).startswith("127.0.0.1:"), f"{name} published on every interface"
+    # The operator listener (admin API, explain, /metrics) is not published at all.
+    config = load_config(COMPOSE_CONFIG)
+    assert config.server.admin_port not in (None, config.server.port)
+    published = [str(p).rsplit(":", 1)[-1] for p in services["service"].get("ports", [])]
+    assert published == [str(config.server.port)]
 
 
 def test_compose_pins_every_image() -> None:
@@ -357,8 +382,9 @@ def test_the_service_scales_without_a_fixed_host_port() -> None:
     scrape = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
     job = next(job for job in scrape if job["job_name"] == "callscreen")
     assert job["dns_sd_configs"] == [
-        {"names": ["service"], "type": "A", "port": config.server.port, "refresh_interval": "30s"}
-    ]
+        {"names": ["service"], "type": "A", "port": config.server.admin_port,
+         "refresh_interval": "30s"}
+    ]  # fmt: skip
 
 
 def compose_commands() -> list[list[str]]:
@@ -376,7 +402,9 @@ def test_compose_validates_the_file(tmp_path: Path) -> None:
     # In a copy: the env file must exist (it is made from the example), and the repo's
     # own deploy/callscreen.env, which may hold secrets, is neither needed nor read.
     (tmp_path / "deploy").mkdir()
-    (tmp_path / "deploy" / "callscreen.env").write_text(ENV_EXAMPLE.read_text())
+    for env in ("callscreen", "grafana", "alertmanager"):
+        example = DEPLOY / f"{env}.env.example"
+        (tmp_path / "deploy" / f"{env}.env").write_text(example.read_text())
     shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
     for command in compose_commands():
         done = run(*command, "--project-directory", str(tmp_path),
@@ -402,7 +430,7 @@ def test_compose_commands_use_the_compose_config() -> None:
     ports = {str(c.get("port", "")) for job in scrape for c in job.get("dns_sd_configs", [])}
     ports |= {t.split(":")[1] for job in scrape for c in job.get("static_configs", [])
               for t in c["targets"]}  # fmt: skip
-    assert ports == {str(config.server.port), str(config.loader.metrics_port)}
+    assert ports == {str(config.server.admin_port), str(config.loader.metrics_port)}
 
 
 def test_dockerfile_builds_the_service_and_the_loader() -> None:
@@ -414,4 +442,4 @@ def test_dockerfile_builds_the_service_and_the_loader() -> None:
     for package in ("core", "service", "loader"):
         assert f"COPY {package} ./{package}" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".venv", ".git", "deploy/callscreen.env"} <= set(ignored)
+    assert {".venv", ".git", "deploy/callscreen.env", "*.env"} <= set(ignored)
