@@ -210,14 +210,15 @@ class ConnectionGuard:
         server = self.server
         if server is None or len(server._connections) <= self.max_connections:
             return
-        over = len(server._connections) - self.max_connections
+        # Connections closed a moment ago stay listed until their task ends: count the
+        # open ones only, or a flood would evict far more than it needs to.
+        open_now = [c for c in server.guarded_connections() if c.transport is not None]
+        over = len(open_now) - self.max_connections
+        if over <= 0:
+            return
         # Evicting a few at a time spares a scan per connection during a flood.
         count = max(over, self.max_connections // 64)
-        candidates = [
-            c
-            for c in server.guarded_connections()
-            if c is not newcomer and not c.busy and c.transport is not None
-        ]
+        candidates = [c for c in open_now if c is not newcomer and not c.busy]
         # Slow senders (a head begun long ago) before plain idle keep-alive connections.
         victims = heapq.nsmallest(
             count,
