@@ -3,7 +3,8 @@
 Each list lives under one hash tag, ``{cs:<list>}``, so all of its keys share a Cluster
 slot and a swap can run in one MULTI/EXEC. Per list:
 
-``{cs:<list>}:meta``            hash: kind, gen, version, size, source, checksum, synced_at, ...
+``{cs:<list>}:meta``            hash: kind, gen, version, size, source, checksum, synced_at,
+                                accepted_at (``loader accept``), ...
 ``{cs:<list>}:base:<gen>``      the list as of its last full sync (immutable once swapped in)
                                 - numbers: hash, bucket id -> sorted little-endian uint64s
                                 - prefixes, names: set of entries
@@ -11,6 +12,9 @@ slot and a swap can run in one MULTI/EXEC. Per list:
 ``{cs:<list>}:dels``            set: base entries removed since the base
 ``{cs:<list>}:stage:<gen>:<b>`` string: a numbers bucket being built by a sync (has a TTL)
 ``{cs:<list>}:lock``            string: held by the one full sync or compaction running (TTL)
+``{cs:<list>}:adds:staged:<add|remove>:<token>``
+                                set: a large admin change written in chunks before one
+                                script applies it whole (10-minute TTL)
 
 Call-rate counters (one hash tag per caller, so they spread over a Cluster):
 
@@ -68,6 +72,11 @@ def stage(name: str, gen: int, bucket: int) -> str:
 
 def lock(name: str) -> str:
     return _tag(name) + ":lock"
+
+
+def staged_change(name: str, what: str, token: str) -> str:
+    """Part of a large admin change (``what``: add or remove) written before it applies."""
+    return f"{adds(name)}:staged:{what}:{token}"
 
 
 def rate(caller: str, rule_key: str, window_index: int) -> str:

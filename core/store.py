@@ -8,8 +8,15 @@ changed by polling two fields, and reloads the base only when ``gen`` moved.
 
 Membership: an entry is on the list if it is in ``adds``, or in the base and not in
 ``dels``. Adding puts the entry in ``adds`` and takes it out of ``dels``; removing does
-the opposite, so the last write wins. Both are one MULTI/EXEC, acknowledged only after
-Redis accepted it.
+the opposite, so the last write wins. Both are one atomic step (a MULTI/EXEC; for a
+large change, chunks staged aside and one script: :meth:`ListStore._change_staged`),
+acknowledged only after Redis accepted it.
+
+Trust: ``meta.synced_at`` (written by every full sync, changed or not) and
+``meta.accepted_at`` (written by ``python -m loader accept``) stamp the moments the list
+was known whole. :meth:`ListStore.states` reads them with ``gen`` and ``version`` so a
+reader can tell a list that changed from one Redis lost (see :mod:`service.cache`).
+Single-entry writes never touch them.
 
 Numbers bases are compact: a hash of ``NUMBER_BUCKETS`` fields, each the sorted,
 de-duplicated little-endian uint64 numbers with ``number % NUMBER_BUCKETS`` equal to the
@@ -18,7 +25,9 @@ field, about 8 bytes a number (a plain Redis set takes ~50).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import secrets
 import sys
 from array import array
 from bisect import bisect_left
@@ -115,12 +124,101 @@ class ListMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class ListState:
+    """What a poll learns of one list: enough to tell a change from a loss."""
+
+    gen: int
+    #: 0 when the list was never written (or its ``meta`` hash is gone).
+    version: int
+    #: Raw ``synced_at`` and ``accepted_at`` ("" when not set): compared, never parsed,
+    #: so two loader hosts with different clocks cannot confuse a reader.
+    synced_at: str = ""
+    accepted_at: str = ""
+    #: Of the live base, written by every commit: with ``gen``, tells whether a copy's
+    #: base is still the live one even where ``gen`` numbers started over (a flush).
+    checksum: str = ""
+
+    @property
+    def stamp(self) -> str:
+        """The trust stamp: changes with every full sync and every ``loader accept``."""
+        return f"{self.synced_at}|{self.accepted_at}" if self.stamped else ""
+
+    @property
+    def base(self) -> tuple[int, str]:
+        """Which base is live: equal for two states means the same base entries."""
+        return self.gen, self.checksum
+
+    @property
+    def stamped(self) -> bool:
+        """Whether a full sync or an operator ever vouched for the list."""
+        return bool(self.synced_at or self.accepted_at)
+
+    @classmethod
+    def from_fields(cls, fields: Sequence[bytes | str | None]) -> ListState:
+        """From the replies to ``HMGET meta`` + :data:`STATE_FIELDS`, in that order."""
+        gen, version, synced_at, accepted_at, checksum = fields
+        return cls(
+            int(gen or 0),
+            int(version or 0),
+            _text(synced_at),
+            _text(accepted_at),
+            _text(checksum),
+        )
+
+
+#: The ``meta`` fields a :class:`ListState` is read from.
+STATE_FIELDS = ("gen", "version", "synced_at", "accepted_at", "checksum")
+
+_ACCEPT = """
+if redis.call('hexists', KEYS[1], 'version') == 0 then
+  return false
+end
+redis.call('hset', KEYS[1], 'accepted_at', ARGV[1])
+return redis.call('hincrby', KEYS[1], 'version', 1)
+"""
+
+
+#: A change of more entries than this is staged (see :meth:`ListStore._change_staged`).
+STAGE_OVER = 2_000
+#: Entries per command while staging.
+STAGE_CHUNK = 1_000
+#: A staging set left by a process that died mid-change vanishes after this long.
+STAGED_TTL_S = 600
+#: KEYS: meta, adds, dels, staged adds, staged removals; ARGV: kind. Adds first, then
+#: removals, as :meth:`ListStore.change` does; ``unpack`` in slices stays far below
+#: Lua's limit on arguments.
+_APPLY_STAGED = """
+local function move(from, into, out_of)
+  local entries = redis.call('smembers', from)
+  for i = 1, #entries, 1000 do
+    local slice = {unpack(entries, i, math.min(i + 999, #entries))}
+    redis.call('sadd', into, unpack(slice))
+    redis.call('srem', out_of, unpack(slice))
+  end
+end
+redis.call('hsetnx', KEYS[1], 'kind', ARGV[1])
+redis.call('hsetnx', KEYS[1], 'gen', 0)
+move(KEYS[4], KEYS[2], KEYS[3])
+move(KEYS[5], KEYS[3], KEYS[2])
+redis.call('del', KEYS[4], KEYS[5])
+return redis.call('hincrby', KEYS[1], 'version', 1)
+"""
+
+
+def _staged_key(name: str, what: str, token: str) -> str:
+    """A change being staged: under the list's hash tag, so the script may use it."""
+    return keys.staged_change(name, what, token)
+
+
+@dataclass(frozen=True, slots=True)
 class Deltas:
     gen: int
     version: int
     synced_at: float
     adds: frozenset[str]
     dels: frozenset[str]
+    #: The list's state as read with the deltas (same MULTI/EXEC).
+    state: ListState = ListState(0, 0)
 
 
 class ListStore:
@@ -142,19 +240,32 @@ class ListStore:
             for name, (gen, version) in zip(names, replies, strict=True)
         }
 
+    async def states(self, names: Iterable[str]) -> dict[str, ListState]:
+        """The :class:`ListState` of each list, in one pipelined round trip."""
+        names = list(names)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(keys.meta(name), STATE_FIELDS)
+            replies = await pipe.execute()
+        return {
+            name: ListState.from_fields(fields) for name, fields in zip(names, replies, strict=True)
+        }
+
     async def deltas(self, name: str) -> Deltas:
         """The live ``gen`` and ``version`` with the delta sets they belong to, read atomically."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hmget(keys.meta(name), "gen", "version", "synced_at")
+            pipe.hmget(keys.meta(name), STATE_FIELDS)
             pipe.smembers(keys.adds(name))
             pipe.smembers(keys.dels(name))
-            (gen, version, synced_at), adds, dels = await pipe.execute()
+            fields, adds, dels = await pipe.execute()
+        state = ListState.from_fields(fields)
         return Deltas(
-            gen=int(gen or 0),
-            version=int(version or 0),
-            synced_at=float(synced_at or 0),
+            gen=state.gen,
+            version=state.version,
+            synced_at=float(state.synced_at or 0),
             adds=frozenset(_text(a) for a in adds),
             dels=frozenset(_text(d) for d in dels),
+            state=state,
         )
 
     async def number_base(self, name: str, gen: int) -> list[array[int]]:
@@ -229,15 +340,28 @@ class ListStore:
             replies = await pipe.execute()
         return int(replies[-1])
 
+    async def accept(self, name: str, accepted_at: float) -> int | None:
+        """Vouch for the list as it is in Redis now (``python -m loader accept``).
+
+        Sets ``meta.accepted_at`` and bumps ``version`` in one step, so every service
+        instance trusts the list again (see :mod:`service.cache`). Returns the new
+        version, or None when the list does not exist in Redis (nothing is written).
+        """
+        reply = await self.redis.eval(_ACCEPT, 1, keys.meta(name), f"{accepted_at:.3f}")
+        return None if reply is None else int(reply)
+
     # --- single-entry writes -------------------------------------------------------
     async def change(
         self, name: str, kind: ListKind, *, add: Iterable[str] = (), remove: Iterable[str] = ()
     ) -> int:
         """Add and remove canonical entries in one atomic step; return the new version.
 
-        Returns only after Redis accepted the write (MULTI/EXEC reply received).
+        Returns only after Redis accepted the write (MULTI/EXEC reply received). Over
+        :data:`STAGE_OVER` entries, see :meth:`_change_staged`.
         """
         add, remove = list(add), list(remove)
+        if len(add) + len(remove) > STAGE_OVER:
+            return await self._change_staged(name, kind, add, remove)
         meta_key = keys.meta(name)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(meta_key, "kind", kind)
@@ -251,6 +375,36 @@ class ListStore:
             pipe.hincrby(meta_key, "version", 1)
             replies = await pipe.execute()
         return int(replies[-1])
+
+    async def _change_staged(
+        self, name: str, kind: ListKind, add: list[str], remove: list[str]
+    ) -> int:
+        """A large change: staged in chunks aside, then applied by one atomic script.
+
+        redis-py encodes a whole command on the event loop, about 1.4 ms per thousand
+        entries: 100 k entries in one SADD would stall every call the process answers
+        for 300 ms. Chunks with an await between them keep each stall short. Nobody
+        reads the staging sets (they expire if this process dies); the script moves
+        them into ``adds``/``dels`` and bumps ``version`` in one step, so readers still
+        see all of the change or none of it. Its Redis time grows with the change, not
+        with the list.
+        """
+        token = secrets.token_hex(8)
+        staged = (_staged_key(name, "add", token), _staged_key(name, "remove", token))
+        try:
+            for key, entries in zip(staged, (add, remove), strict=True):
+                for start in range(0, len(entries), STAGE_CHUNK):
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        pipe.sadd(key, *entries[start : start + STAGE_CHUNK])
+                        pipe.expire(key, STAGED_TTL_S)
+                        await pipe.execute()
+            lists = (keys.meta(name), keys.adds(name), keys.dels(name))
+            version = await self.redis.eval(_APPLY_STAGED, 5, *lists, *staged, kind)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: they expire anyway
+                await self.redis.delete(*staged)
+            raise
+        return int(version)
 
     # --- call-rate counters --------------------------------------------------------
     async def count_call(

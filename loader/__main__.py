@@ -3,6 +3,7 @@
     python -m loader [--config config.yaml] sync [--list NAME]... [--dry-run] [--force]
     python -m loader [--config config.yaml] apply --list NAME FILE
     python -m loader [--config config.yaml] compact [--list NAME]...
+    python -m loader [--config config.yaml] accept --list NAME
     python -m loader [--config config.yaml] run
 
 ``sync`` loads every list that has a source (or the ``--list`` ones) once. ``--dry-run``
@@ -11,6 +12,14 @@ and removal-share guards (and refetches a URL without ``If-None-Match``).
 ``apply`` applies a delta file (see :mod:`loader.delta`); ``compact`` folds single-entry
 changes into a new base; ``run`` syncs on each list's ``interval_s`` and serves
 ``/metrics`` until SIGTERM.
+
+``accept`` vouches for a list as Redis holds it now: it stamps ``meta.accepted_at``
+(and bumps ``version``), which the service takes like a full sync. Needed after Redis
+lost data, for a list the service therefore stopped answering from (``/readyz``: "lost
+from Redis") that no sync can restore: one without a ``source``, or one restored from a
+backup that should be used as it is. Check the list first (``GET /v1/lists/NAME``);
+single-entry writes alone never restore trust. Exit status: 0 accepted, 1 when the list
+does not exist in Redis (nothing to accept) or Redis failed, 2 for an unknown list.
 
 Exit status: 0 when everything went through, 1 when a list failed or was refused (for
 ``--dry-run``: when a real sync would be), 2 on a bad config or command line.
@@ -23,13 +32,15 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from core.config import Config, ConfigError, load_config
 from core.connect import connect, redact
-from core.store import RedisClient
+from core.redact import RedactingFilter, redact_text
+from core.store import ListStore, RedisClient
 from loader.delta import apply_delta, compact_list
 from loader.metrics import LoaderMetrics
 from loader.schedule import Scheduler, bound_port, scheduled_lists, serve_metrics
@@ -60,6 +71,18 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     compact = commands.add_parser("compact", help="fold single-entry changes into the base")
     compact.add_argument("--list", dest="names", action="append", help="only this list")
     commands.add_parser("run", help="sync on schedule and serve /metrics until SIGTERM")
+    accept = commands.add_parser(
+        "accept",
+        help="trust a list as Redis holds it now, after Redis lost data",
+        description=(
+            "Mark the list as whole as Redis holds it now. After Redis lost data (flush, "
+            "restart without persistence, failover, restore from a backup) the service "
+            "answers calls that need the list by on_error until a full sync or this "
+            "command; use it for lists without a source, or a restore to keep as it is. "
+            "Exit status 0: accepted; 1: the list is not in Redis; 2: unknown list."
+        ),
+    )
+    accept.add_argument("--list", dest="name", required=True, help="the list to accept")
     return parser.parse_args(argv)
 
 
@@ -93,7 +116,8 @@ async def _sync(config: Config, names: list[str], options: SyncOptions) -> int:
                 continue
             except Exception as exc:  # Redis errors and the like: report, go on
                 status = 1
-                logger.error("%s: sync failed, the old list is kept: %r", name, exc)
+                shown = redact_text(repr(exc))
+                logger.error("%s: sync failed, the old list is kept: %s", name, shown)
                 continue
             if options.dry_run:
                 print("\n".join(report.diff_lines()), flush=True)
@@ -135,13 +159,39 @@ async def _compact(config: Config, names: list[str]) -> int:
                 version = await compact_list(redis, config, name)
             except Exception as exc:
                 status = 1
-                logger.error("%s: compaction failed, nothing changed: %s", name, exc)
+                shown = redact_text(str(exc))
+                logger.error("%s: compaction failed, nothing changed: %s", name, shown)
                 continue
             if version is None:
                 logger.info("%s: no pending changes to compact", name)
     finally:
         await redis.aclose()
     return status
+
+
+async def _accept(config: Config, name: str) -> int:
+    redis = _connect(config)
+    try:
+        version = await ListStore(redis).accept(name, time.time())
+    except Exception as exc:  # Redis errors and the like
+        logger.error("%s: not accepted, nothing changed: %s", name, redact_text(str(exc)))
+        return 1
+    finally:
+        await redis.aclose()
+    if version is None:
+        logger.error(
+            "%s: not in Redis, nothing to accept: sync it, or write its entries through "
+            "the admin API and accept it then",
+            name,
+        )
+        return 1
+    logger.info(
+        "%s: accepted as Redis holds it (version %d); the service trusts it again within "
+        "a cache refresh",
+        name,
+        version,
+    )
+    return 0
 
 
 async def _run(config: Config, redis: RedisClient | None = None) -> int:
@@ -172,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # Every line, not only aiohttp's and exceptions': the loader's lines quote list
+    # sources and their errors, and there are few of them.
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter(everything=True))
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"config error:\n{exc}", file=sys.stderr)
+        print(f"config error:\n{redact_text(str(exc))}", file=sys.stderr)
         return 2
     if args.command == "run":
         return asyncio.run(_run(config))
@@ -185,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
             return 2
         return asyncio.run(_apply(config, args.name, args.file, args.progress))
+    if args.command == "accept":
+        problem = _check_names(config, [args.name])
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
+        return asyncio.run(_accept(config, args.name))
     names = args.names or [
         name for name, spec in config.lists.items() if args.command == "compact" or spec.source
     ]

@@ -3,12 +3,46 @@
 Answering from memory is what keeps the request path free of Redis round trips. The
 copy stays honest this way:
 
-- every ``cache.refresh_ms`` one pipelined poll reads ``(gen, version)`` of every list;
-  a list whose pair moved is reloaded in the background (deltas only, unless ``gen``
-  moved too), so a change reaches every worker within about one refresh interval;
+- every ``cache.refresh_ms`` one pipelined poll reads ``gen``, ``version`` and the two
+  trust stamps (``synced_at``, ``accepted_at``) of every list; a list whose ``(gen,
+  version)`` moved is reloaded in the background (deltas only, unless ``gen`` moved
+  too), so a change reaches every worker within about one refresh interval;
 - each successful poll confirms the copy; when no poll has succeeded for
   ``cache.max_stale_ms`` (Redis down, slow or unreachable), :meth:`ListCache.usable`
   turns false and answers follow ``handler.on_error`` until Redis answers again.
+
+Trust. Redis can come back without the data it had: FLUSHALL, a restart without
+persistence, a failover to an empty or lagging replica, a restore from an old backup.
+Reloading then would answer calls from an empty or partial list, letting blocked callers
+through. So a list is **lost** (reason ``list_lost``) when, against the copy in use, its
+``meta`` hash is gone, its ``version`` went back, its sync stamp vanished or its ``gen``
+went back to an older base. A lost list is dropped from :attr:`ListCache.lists`: calls
+whose policy needs it are answered by ``on_error`` and ``/readyz`` answers 503, until a
+sync restores it. **Restored** means: ``meta`` exists and its stamp (``synced_at`` plus
+``accepted_at``) differs from the one seen when the loss was noticed, i.e. a full sync
+committed (or an unchanged-source sync touched ``synced_at``), or an operator ran
+``python -m loader accept --list NAME`` after checking what Redis holds. Single-entry
+writes (admin API, delta files) and compactions leave the stamp alone, so they do not
+restore a list: a one-entry list written after the loss would look whole.
+
+Generation numbers start over once ``meta`` is gone, so a kept base is matched by
+``gen`` and checksum, never ``gen`` alone, and a moved stamp means a reload even at the
+``(gen, version)`` of the copy in use.
+
+Known limits: a loss and a full sync that both land between two polls mostly look like a
+loss (the stamp seen is already the new one), so the list stays lost until the next
+sync or ``accept``: the safe side. A worker that starts after the loss has nothing to compare
+with: it trusts what Redis holds, except for lists with a ``source``, below.
+
+Lists with a configured ``source`` are trusted only once a sync stamped them: one that
+was never synced (no stamp, whether or not admin writes reached it) is not answered
+from either (reason ``list_not_loaded``, ``/readyz`` "never synced"). A list without a
+source whose ``meta`` does not exist yet is a new, empty list and is trusted as such.
+
+Reloads build the list objects off the event loop (numpy and RE2 work, sets of tens of
+thousands of entries) so answers keep flowing while a large change lands, and the last
+base of each prefixes or names list is kept so that a delta-only change reads the
+deltas alone.
 """
 
 from __future__ import annotations
@@ -17,14 +51,61 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from core.config import CacheSettings, ListKind
-from core.store import ListStore
+from core.store import ListState, ListStore
 from service.lists import ListObject, NameList, NumberList, PrefixList
 from service.ratelimit import RateLimitedLog
 
 logger = logging.getLogger(__name__)
+
+#: ``on_error`` reasons for lists that may not be answered from (service/metrics.py).
+LIST_LOST = "list_lost"
+LIST_NOT_LOADED = "list_not_loaded"
+
+
+@dataclass(frozen=True, slots=True)
+class Distrust:
+    """Why calls may not be answered from a list right now."""
+
+    #: The ``on_error`` reason: :data:`LIST_LOST` or :data:`LIST_NOT_LOADED`.
+    reason: str
+    #: For ``/readyz`` and the logs, naming the list.
+    detail: str
+    #: For a lost list: the stamp Redis showed when the loss was noticed.
+    stamp: str = ""
+
+
+def _loss(copy: ListState, seen: ListState) -> str | None:
+    """How ``seen`` shows Redis lost data the copy in use (``copy``) was built from."""
+    if copy.version == 0:  # the copy is of a list never written: nothing to lose
+        return None
+    if seen.version == 0:
+        return "its meta hash is gone (Redis flushed, restarted empty or failed over)"
+    if seen.version < copy.version:
+        return (
+            f"its version went back from {copy.version} to {seen.version} (Redis restored "
+            "from an older copy or failed over to a lagging replica)"
+        )
+    # Neither stamp is ever deleted, and a live base is only ever replaced by a newer
+    # one (or none): either going back means the meta hash was rewritten from scratch.
+    if copy.stamped and not seen.stamped:
+        return "its sync stamp is gone (Redis lost the list and it was rewritten since)"
+    if 0 < seen.gen < copy.gen:
+        return f"its base went back from generation {copy.gen} to {seen.gen}"
+    return None
+
+
+def _set_list(
+    kind: ListKind, base: frozenset[str], adds: frozenset[str], dels: frozenset[str]
+) -> ListObject:
+    """A prefixes or names copy; run in a thread (sets, sorting, RE2 compilation)."""
+    # Each set operation copies the whole list while holding the GIL: skip the no-ops.
+    entries = base - dels if dels else base
+    entries = entries | adds if adds else entries
+    return PrefixList(entries) if kind == "prefixes" else NameList(entries)
 
 
 class ListCache:
@@ -36,18 +117,28 @@ class ListCache:
         kinds: Mapping[str, ListKind],
         settings: CacheSettings,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        sourced: Iterable[str] = (),
     ) -> None:
         self.store = store
         self.kinds = dict(kinds)
         self.refresh_s = settings.refresh_ms / 1000
         self.max_stale_s = settings.max_stale_ms / 1000
         self.clock = clock
+        #: Lists with a configured ``source``: trusted only once synced.
+        self.sourced = frozenset(sourced)
+        #: The copies calls are answered from: trusted ones only.
         self.lists: dict[str, ListObject] = {}
-        #: (gen, version) of each loaded list.
-        self.loaded: dict[str, tuple[int, int]] = {}
+        #: The state each copy in :attr:`lists` was loaded at.
+        self.loaded: dict[str, ListState] = {}
+        #: Lists that may not be answered from, and why (see the module docstring).
+        self.distrusted: dict[str, Distrust] = {}
         self.confirmed_at = float("-inf")
         self.last_error: str | None = None
         self._loads: dict[str, asyncio.Task[None]] = {}
+        #: The last base read of each prefixes/names list, by :attr:`ListState.base`: a
+        #: base never changes once live, so a delta-only change need not read it again.
+        self._bases: dict[str, tuple[tuple[int, str], frozenset[str]]] = {}
         self._closing = asyncio.Event()
         self._warn = RateLimitedLog(logger, interval_s=10.0)
         #: Called after each successful poll with the time it took (seconds).
@@ -60,22 +151,75 @@ class ListCache:
         return self.clock() - self.confirmed_at <= self.max_stale_s
 
     def missing(self, names: set[str] | frozenset[str]) -> list[str]:
-        """Names among ``names`` not loaded yet."""
+        """Names among ``names`` not loaded yet (distrusted ones included)."""
         return sorted(n for n in names if n not in self.lists)
 
+    def distrust_of(self, names: Iterable[str]) -> Distrust | None:
+        """Why one of ``names`` may not be answered from (a lost list first), or None."""
+        found = [d for n in names if (d := self.distrusted.get(n)) is not None]
+        lost = [d for d in found if d.reason == LIST_LOST]
+        return (lost or found)[0] if found else None
+
     async def poll_once(self) -> None:
-        """One poll; start a reload of each list that changed. Raises on Redis errors."""
+        """One poll; judge each list, start a reload of each that changed.
+
+        Raises on Redis errors.
+        """
         started = time.perf_counter()
-        versions = await self.store.poll(self.kinds)
+        states = await self.store.states(self.kinds)
         self.confirmed_at = self.clock()
         self.last_error = None
         if self.on_poll is not None:
             self.on_poll(time.perf_counter() - started)
-        for name, seen in versions.items():
-            if self.loaded.get(name) != seen and name not in self._loads:
+        for name, seen in states.items():
+            verdict = self._judge(name, seen)
+            if verdict is not None:
+                self._distrust(name, verdict)
+                continue
+            copy = self.loaded.get(name)
+            # The stamp too: a list flushed and synced again between two polls can come
+            # back at the very gen and version of the copy in use.
+            now = (seen.gen, seen.version, seen.stamp)
+            changed = copy is None or (copy.gen, copy.version, copy.stamp) != now
+            if changed and name not in self._loads:
                 task = asyncio.create_task(self._load(name), name=f"load-list-{name}")
                 self._loads[name] = task
                 task.add_done_callback(self._forget_load)
+
+    def _judge(self, name: str, seen: ListState) -> Distrust | None:
+        """Why the list, as Redis shows it now, may not be answered from; None if it may."""
+        held = self.distrusted.get(name)
+        if held is not None and held.reason == LIST_LOST:
+            return None if seen.stamped and seen.stamp != held.stamp else held
+        copy = self.loaded.get(name)
+        if copy is not None and (how := _loss(copy, seen)) is not None:
+            return Distrust(
+                LIST_LOST,
+                f"list {name!r} lost from Redis: {how}; answering by on_error until a full "
+                f"sync, or `python -m loader accept --list {name}`",
+                seen.stamp,
+            )
+        if name in self.sourced and not seen.stamped:
+            return Distrust(LIST_NOT_LOADED, f"list {name!r} was never synced from its source")
+        return None
+
+    def _distrust(self, name: str, verdict: Distrust) -> None:
+        """Stop answering from ``name``; drop its copy, its kept base and any reload."""
+        held = self.distrusted.get(name)
+        self.distrusted[name] = verdict
+        dropped = self.lists.pop(name, None) is not None
+        self.loaded.pop(name, None)
+        # Generation numbers start over once the meta hash is gone: a kept base (or a
+        # reload begun before the loss) might be taken for the new list's.
+        self._bases.pop(name, None)
+        running = self._loads.get(name)
+        if running is not None and running is not asyncio.current_task():
+            running.cancel()
+        if verdict != held:
+            if verdict.reason == LIST_LOST or dropped:
+                logger.error("%s", verdict.detail)
+            else:
+                logger.warning("%s; calls that need it are answered by on_error", verdict.detail)
 
     def _forget_load(self, task: asyncio.Task[None]) -> None:
         for name, running in list(self._loads.items()):
@@ -88,33 +232,58 @@ class ListCache:
         if self._loads:
             await asyncio.gather(*self._loads.values(), return_exceptions=True)
 
+    async def _set_base(self, name: str, state: ListState) -> frozenset[str]:
+        kept = self._bases.get(name)
+        if kept is not None and kept[0] == state.base:
+            return kept[1]
+        base = await self.store.set_base(name, state.gen)
+        self._bases[name] = (state.base, base)
+        return base
+
     async def _load(self, name: str) -> None:
         kind = self.kinds[name]
         try:
             deltas = await self.store.deltas(name)
+            state = deltas.state
+            # Judged again on what was read: Redis may have lost the list since the poll.
+            verdict = self._judge(name, state)
+            if verdict is not None:
+                self._distrust(name, verdict)
+                return
             current = self.lists.get(name)
-            loaded_gen = self.loaded.get(name, (None, None))[0]
+            copy = self.loaded.get(name)
+            same_base = copy is not None and copy.base == state.base
             fresh: ListObject
+            # Every copy is built in a thread: indexing 10 M numbers, or sets, sorts and
+            # RE2 compilation over tens of thousands of names, would stall the answers
+            # (numpy and RE2 release the GIL; Python code shares it in 5 ms slices).
             if kind == "numbers":
-                if isinstance(current, NumberList) and loaded_gen == deltas.gen:
-                    fresh = current.with_deltas(deltas.adds, deltas.dels)
+                if isinstance(current, NumberList) and same_base:
+                    fresh = await asyncio.to_thread(current.with_deltas, deltas.adds, deltas.dels)
                 else:
-                    buckets = await self.store.number_base(name, deltas.gen)
-                    # Indexing 10 M numbers takes a moment: off the event loop (numpy
-                    # releases the GIL), so answers keep flowing meanwhile.
+                    buckets = await self.store.number_base(name, state.gen)
                     fresh = await asyncio.to_thread(NumberList, buckets, deltas.adds, deltas.dels)
             else:
-                base = await self.store.set_base(name, deltas.gen)
-                entries = (base - deltas.dels) | deltas.adds
-                fresh = PrefixList(entries) if kind == "prefixes" else NameList(entries)
+                base = await self._set_base(name, state)
+                fresh = await asyncio.to_thread(_set_list, kind, base, deltas.adds, deltas.dels)
         except Exception as exc:  # the next poll retries; the old copy stays in use
             self._warn.warning("list %r: reload failed (%s); keeping the copy in use", name, exc)
             return
+        # No await since the judgement above: nothing can have been noticed in between
+        # (a loss noticed during the awaits cancelled this task).
         self.lists[name] = fresh
-        self.loaded[name] = (deltas.gen, deltas.version)
+        self.loaded[name] = state
+        if self.distrusted.pop(name, None) is not None:
+            logger.warning(
+                "list %r: trusted again at version %d (synced_at %s, accepted_at %s)",
+                name,
+                state.version,
+                state.synced_at or "-",
+                state.accepted_at or "-",
+            )
         if self.on_load is not None:
             self.on_load(name, fresh, deltas.synced_at)
-        logger.debug("list %r: loaded gen %d version %d", name, deltas.gen, deltas.version)
+        logger.debug("list %r: loaded gen %d version %d", name, state.gen, state.version)
 
     async def run(self) -> None:
         """Poll until :meth:`close`; errors are logged at a limited rate and retried.

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from service.admin import explain_refusal
 from service.appkeys import AUTH, SCREENER
+from service.cache import LIST_LOST, LIST_NOT_LOADED
 from service.errors import client_gone, internal_error, json_error
 from service.logs import REQUEST_ID
 from service.policy import CompiledPolicy, Evaluation
@@ -169,10 +170,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: Redis confirmed the lists recently and every list a policy uses is loaded.
+    """Ready: Redis confirmed the lists recently and every list a policy uses is trusted.
 
-    A list with a configured ``source`` that was never synced counts as not loaded (the
-    loader has not run); a list kept only through the admin API may be empty.
+    503 names each list that is not: not loaded yet; never synced (it has a ``source``
+    and no sync stamped it: the loader has not run); or lost (Redis lost its data: it is
+    trusted again after a full sync or ``python -m loader accept``; see
+    :mod:`service.cache`). A list kept only through the admin API may be empty.
     """
     screener = request.app[SCREENER]
     cache = screener.cache
@@ -180,21 +183,18 @@ async def readyz(request: web.Request) -> web.Response:
     reasons = []
     if not cache.usable():
         reasons.append(f"Redis not reachable: {cache.last_error or 'no successful poll yet'}")
-    missing = cache.missing(needed)
+    distrusted = {name: cache.distrusted[name] for name in needed if name in cache.distrusted}
+    missing = [name for name in cache.missing(needed) if name not in distrusted]
     if missing:
         reasons.append(f"lists not loaded: {', '.join(missing)}")
-    specs = screener.config.lists
-    never = sorted(
-        name
-        for name in needed
-        if specs[name].source is not None and cache.loaded.get(name, (0, 0)) == (0, 0)
-    )
-    if never and not missing:
+    never = sorted(n for n, why in distrusted.items() if why.reason == LIST_NOT_LOADED)
+    if never:
         reasons.append(f"lists never synced from their source: {', '.join(never)}")
-    lists = {
-        name: {"entries": obj.size, "gen": cache.loaded[name][0], "version": cache.loaded[name][1]}
-        for name, obj in sorted(cache.lists.items())
-    }
+    reasons += [why.detail for _, why in sorted(distrusted.items()) if why.reason == LIST_LOST]
+    lists = {}
+    for name, obj in sorted(cache.lists.items()):
+        state = cache.loaded[name]
+        lists[name] = {"entries": obj.size, "gen": state.gen, "version": state.version}
     body = {"ready": not reasons, "reasons": reasons, "lists": lists}
     return web.Response(
         status=200 if not reasons else 503, body=orjson.dumps(body), content_type=_JSON

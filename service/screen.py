@@ -3,6 +3,10 @@
 :class:`Screener` holds what every request needs (parser, compiled policies, the list
 cache, the store for call-rate counts, metrics) and turns failures into ``on_error``
 outcomes: nothing that goes wrong while deciding becomes an HTTP error.
+
+A policy that needs a list the cache does not answer from is decided by ``on_error``:
+``list_lost`` when Redis lost the list's data, ``list_not_loaded`` when it was never
+loaded, or has a source and was never synced (see :mod:`service.cache`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from redis.exceptions import RedisError
 
 from core.config import Config
 from core.store import ListStore
-from service.cache import ListCache
+from service.cache import LIST_NOT_LOADED, ListCache
 from service.logs import log_fields
 from service.metrics import ROOT_TRUNK_GROUP, Metrics
 from service.policy import (
@@ -48,6 +52,9 @@ class Screener:
     ) -> None:
         self.config = config
         self.cache = cache
+        # The cache is built before the config reaches it; which lists must be synced
+        # before they are trusted is the config's to say.
+        cache.sourced = frozenset(n for n, spec in config.lists.items() if spec.source)
         self.store = store
         self.metrics = metrics
         self.parser = CallParser(config.caller.sources, config.caller.default_country)
@@ -75,6 +82,13 @@ class Screener:
         self._warn.warning("answering by on_error (%s): %s", reason, detail)
         return Evaluation(self.on_error.outcome, fallback=reason)
 
+    def _unavailable(self, policy: CompiledPolicy, exc: ListsUnavailable) -> Evaluation:
+        """The on_error answer for a policy whose list the cache does not answer from."""
+        why = self.cache.distrust_of(policy.lists)
+        if why is None:
+            return self._fallback(LIST_NOT_LOADED, str(exc))
+        return self._fallback(why.reason, why.detail)
+
     def decide_locally(self, policy: CompiledPolicy, call: Call) -> Evaluation | None:
         """Decide ``call`` from the local list copies, without awaiting anything.
 
@@ -87,7 +101,7 @@ class Screener:
         try:
             return policy.evaluate(call, cache.lists)
         except ListsUnavailable as exc:
-            return self._fallback("list_not_loaded", str(exc))
+            return self._unavailable(policy, exc)
         except NeedsRates:
             return None
 
@@ -117,7 +131,7 @@ class Screener:
         try:
             return policy.evaluate(call, cache.lists, counts)
         except ListsUnavailable as exc:
-            return self._fallback("list_not_loaded", str(exc))
+            return self._unavailable(policy, exc)
 
     def record(self, group: str, call: Call, evaluation: Evaluation) -> None:
         """Count a decision and log a rejected call (one line each).

@@ -9,8 +9,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from core import keys
 from core.config import Config
-from core.store import ListStore
+from core.store import STAGE_OVER, ListStore
+from service.appkeys import CACHE
 from tests.helpers import REJECT, body_from, load_list, wait_for
 
 TOKEN = "tok-0123456789abcdef"
@@ -255,3 +257,46 @@ async def test_a_write_redis_did_not_take_is_not_acknowledged(
     response = await client.put("/v1/lists/blocklist/entries/15162065613", headers=AUTH)
     assert response.status == 503
     assert "nothing was changed" in (await response.json())["error"]
+
+
+async def test_a_large_bulk_change_lands_at_once_and_reloads_without_the_base(
+    admin: Client, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over STAGE_OVER entries the write is staged in chunks, then applied in one step."""
+    await load_list(redis, "premium", "prefixes", ["1900", "1976"])
+    store = ListStore(redis)
+    await store.change("premium", "prefixes", remove=["1900"])
+    url = "/v1/lists/premium"
+
+    async def loaded_entries(count: int) -> bool:
+        body = await (await admin.get(url, headers=AUTH)).json()
+        return bool(body["loaded"] and body["loaded"]["entries"] == count)
+
+    await wait_for(lambda: loaded_entries(1))
+    base_reads: list[str] = []
+    assert admin.app is not None
+    cache_store: ListStore = admin.app[CACHE].store
+    read_base = cache_store.set_base
+
+    async def counted_set_base(name: str, gen: int) -> frozenset[str]:
+        base_reads.append(name)
+        return await read_base(name, gen)
+
+    monkeypatch.setattr(cache_store, "set_base", counted_set_base)
+    version = (await store.meta("premium")).version  # type: ignore[union-attr]
+    added = ["1900", *(f"44{i:06d}" for i in range(STAGE_OVER + 500))]
+    response = await admin.post(
+        f"{url}/entries", json={"add": added, "remove": ["1976", "1555"]}, headers=AUTH
+    )
+    assert response.status == 200
+    assert await response.json() == {
+        "list": "premium", "added": len(added), "removed": 2, "version": version + 1
+    }  # fmt: skip
+    assert await store.contains("premium", "prefixes", "1900")  # out of dels again
+    assert not await store.contains("premium", "prefixes", "1976")
+    assert await redis.scard(keys.dels("premium")) == 2
+    assert [k async for k in redis.scan_iter(match="*staged*")] == []
+    await wait_for(lambda: loaded_entries(len(added)))
+    assert base_reads == []  # the same base: only the deltas were read again
+    assert await (await admin.post("/", json=body_from("15162065600"))).json() == []
+    assert await (await admin.post("/", json=body_from("+44000042123"))).json() == REJECT

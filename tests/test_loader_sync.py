@@ -14,7 +14,8 @@ from core import keys
 from core.build import start_build
 from core.config import Config
 from core.numbers import normalise
-from core.store import ListStore
+from core.store import ListState, ListStore
+from loader.delta import compact_list
 from loader.sync import SyncError, SyncOptions, SyncRefused, sync_list
 from tests.helpers import REJECT, body_from, wait_for
 
@@ -231,3 +232,35 @@ async def test_the_handler_decides_by_the_new_list_after_a_sync(
         return bool(await answer("15162065699") == REJECT and await answer("15162065613") == [])
 
     await wait_for(swapped, timeout_s=2.0)
+
+
+async def test_every_sync_moves_the_trust_stamp_and_single_changes_do_not(
+    redis: Redis, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """The stamp the service trusts a list by (service/cache.py) after Redis lost data."""
+    write_numbers(tmp_path, *SEED)
+    config = blocklist_config(make_config, tmp_path)
+    store = ListStore(redis)
+
+    async def state() -> ListState:
+        return (await store.states(["blocklist"]))["blocklist"]
+
+    assert (await state()) == ListState(0, 0)  # never written: no stamp
+    await sync_list(redis, config, "blocklist", QUIET)
+    synced = await state()
+    assert synced.stamped and synced.accepted_at == ""
+    await store.change("blocklist", "numbers", add=["15162065699"])
+    await compact_list(redis, config, "blocklist")
+    folded = await state()
+    assert folded.stamp == synced.stamp and folded.gen > synced.gen
+    write_numbers(tmp_path, *SEED, "5162065699")  # the same entries as the live list
+    assert (await sync_list(redis, config, "blocklist", QUIET)).outcome == "unchanged"
+    touched = await state()
+    assert touched.stamp != folded.stamp and touched.version == folded.version + 1
+
+    assert await store.accept("blocklist", 1234.5) == touched.version + 1
+    accepted = await state()
+    assert (accepted.synced_at, accepted.accepted_at) == (touched.synced_at, "1234.500")
+    before = await snapshot(redis)
+    assert await store.accept("other", 1234.5) is None  # not in Redis: nothing written
+    assert await snapshot(redis) == before
