@@ -22,8 +22,9 @@ timeout. This module puts four rules around aiohttp's :class:`RequestHandler`:
   answer carries ``Connection: close``, and the client reconnects; the kernel then
   spreads the new connections over the workers, so a restarted worker gets its share
   back instead of the survivors keeping every keep-alive connection forever;
-- **drain** (:meth:`ConnectionGuard.drain`, on SIGTERM once listening stopped): every
-  answer from then on carries ``Connection: close``; a connection idle for
+- **drain** (:meth:`ConnectionGuard.drain`, on SIGTERM once listening stopped): after
+  a short pause (:data:`LISTEN_SETTLE_S`, see the method), every answer carries
+  ``Connection: close``; a connection idle for
   :data:`DRAIN_IDLE_S` or longer is closed at once (really closed, not just marked);
   one that answered more recently, or has bytes waiting, is kept until its next request
   is answered, because its client may have that request on the wire already. A closed
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 SWEEP_S = 0.25
 #: During a drain, connections idle for this long are closed at once (see the module doc).
 DRAIN_IDLE_S = 0.5
+#: Between closing the listening socket and sending the first ``Connection: close``.
+LISTEN_SETTLE_S = 0.25
 _DRAIN_POLL_S = 0.01
 #: File descriptors kept free for Redis, log files and metrics snapshots.
 RESERVED_FDS = 64
@@ -286,13 +289,22 @@ class ConnectionGuard:
 
         Call it once listening has stopped; returns when no connection is left or at
         the timeout.
+
+        It first serves on as usual for :data:`LISTEN_SETTLE_S`. Workers sharing a port
+        get SIGTERM together but close their listening sockets a moment apart; a client
+        told to reconnect meanwhile could land in the queue of a socket about to close,
+        and a queued connection is reset when its socket closes. After the pause every
+        socket of the port is closed, so a reconnecting client is refused at once, before
+        it sends anything, or, when only this worker stops, reaches the others.
         """
-        self.draining = True
         server = self.server
         if server is None:
+            self.draining = True
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        await asyncio.sleep(LISTEN_SETTLE_S)
+        self.draining = True
         while server.guarded_connections() and loop.time() < deadline:
             now = loop.time()
             for connection in server.guarded_connections():
