@@ -39,8 +39,10 @@ from prometheus_client import CollectorRegistry
 
 from core.config import Config, ConfigError, load_config
 from core.connect import connect, redact
-from core.redact import RedactingFilter, redact_text
+from core.logs import configure_logging
+from core.redact import redact_text
 from core.store import ListStore, RedisClient
+from core.version import VERSION
 from loader.delta import apply_delta, compact_list
 from loader.metrics import LoaderMetrics
 from loader.schedule import Scheduler, bound_port, scheduled_lists, serve_metrics
@@ -53,7 +55,11 @@ LOADER_SOCKET_TIMEOUT_S = 30.0
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loader", description="List loader")
     parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="config file")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--version", action="version", version=f"callscreen {VERSION}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), help="overrides server.log_format"
+    )
     parser.add_argument(
         "--progress",
         choices=("auto", "log", "off"),
@@ -219,18 +225,19 @@ async def _run(config: Config, redis: RedisClient | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    # Every line, not only aiohttp's and exceptions': the loader's lines quote list
-    # sources and their errors, and there are few of them.
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter(everything=True))
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"config error:\n{redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    try:
+        # Every line redacted, not only aiohttp's and exceptions': the loader's lines
+        # quote list sources and their errors, and there are few of them.
+        configure_logging(
+            args.log_level, args.log_format or config.server.log_format, redact_all=True
+        )
+    except ValueError as exc:
+        print(f"bad --log-level: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
         return asyncio.run(_run(config))

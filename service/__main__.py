@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from core.config import ConfigError, load_config
+from core.logs import configure_logging
 from core.version import VERSION
 from service.auth import check_secrets
-from service.logs import configure_logging
 from service.serve import serve_one
 from service.workers import Supervisor, worker_count
 

@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from core.logs import REQUEST_ID
 from service.admin import explain_refusal
 from service.appkeys import AUTH, SCREENER
 from service.cache import LIST_LOST, LIST_NOT_LOADED
 from service.errors import client_gone, internal_error, json_error
-from service.logs import REQUEST_ID
 from service.policy import CompiledPolicy, Evaluation
 from service.screen import Screener
 

@@ -18,9 +18,9 @@ import time
 from redis.exceptions import RedisError
 
 from core.config import Config
+from core.logs import log_fields
 from core.store import ListStore
 from service.cache import LIST_NOT_LOADED, ListCache
-from service.logs import log_fields
 from service.metrics import ROOT_TRUNK_GROUP, Metrics
 from service.policy import (
     ON_ERROR_RULE,
@@ -138,7 +138,7 @@ class Screener:
 
         The log lines carry their fields twice: in the text (``k=v``) and as record
         attributes, which JSON logs turn into fields; the Call-ID comes with every line of the
-        request as its request id (service/logs.py).
+        request as its request id (core/logs.py).
         """
         outcome = evaluation.outcome
         metrics = self.metrics

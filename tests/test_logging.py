@@ -12,8 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from core.config import Config
+from core.logs import REQUEST_ID, configure_logging
 from devtools.redis_server import free_port
-from service.logs import REQUEST_ID, configure_logging
 from service.ratelimit import RateLimitedLog
 from tests.conftest import SEED_CONFIG
 from tests.helpers import REJECT, body_from, load_list

@@ -18,10 +18,10 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from core.connect import redact as redact_from_connect
+from core.logs import LogFormat, configure_logging
 from core.redact import RedactingFilter, redact, redact_text
 from core.store import ListStore
 from devtools.redis_server import RedisProcess
-from service.logs import LogFormat, configure_logging
 from tests.helpers import wait_for
 from tests.procs import ServiceProcess
 

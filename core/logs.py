@@ -1,4 +1,4 @@
-"""Logging set-up for ``python -m service``: text lines or JSON lines, with request ids.
+"""Logging set-up for ``python -m service`` and ``python -m loader``: text or JSON lines.
 
 Only the entry point calls :func:`configure_logging`; modules just use
 ``logging.getLogger(__name__)``. Two things reach every line:
@@ -136,25 +136,36 @@ def log_fields(
 
 
 def configure_logging(
-    level: str | int = "INFO", log_format: LogFormat = "text", stream: TextIO | None = None
+    level: str | int = "INFO",
+    log_format: LogFormat = "text",
+    stream: TextIO | None = None,
+    *,
+    redact_all: bool = False,
 ) -> logging.Handler:
     """Send every log record to ``stream`` (stderr) as text or JSON lines; returns the handler.
 
     Replaces the root logger's handlers, so calling it again switches format cleanly.
+    ``redact_all`` passes every record through the redaction, not only aiohttp's and
+    those with an exception (the loader: its few lines quote list sources and errors).
+    Raises ValueError for an unknown level.
     Records skip the caller's file/line and thread look-ups (the logging HOWTO's
     "Optimization"): neither is printed, and the look-up more than doubled the cost of
     the line logged for every rejected call.
     """
+    if isinstance(level, str):
+        level = level.upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
-    handler.addFilter(RedactingFilter())
+    handler.addFilter(RedactingFilter(everything=redact_all))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper() if isinstance(level, str) else level)
+    root.setLevel(level)
     return handler
