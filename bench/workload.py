@@ -108,10 +108,11 @@ def _nanp_codes(exclude: tuple[int, ...] = ()) -> np.ndarray[Any, np.dtype[np.in
 
 
 def random_numbers(rng: np.random.Generator, count: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
-    """``count`` distinct dialable NANP numbers (``1NPANXXXXXX``) in random order.
+    """``count`` distinct NANP-shaped numbers (``1NPANXXXXXX``) in random order.
 
     NPA 809/900/976 are left out (the prefix list's), and NXX 555 too (555-01xx is
-    fictional, hence not dialable).
+    fictional). Many NPAs drawn are unassigned, so an ``invalid_number`` rule would flag
+    them; the benchmark's policy has none.
     """
     npas = _nanp_codes(PREFIX_NPAS)
     nxxs = _nanp_codes((555,))
