@@ -35,6 +35,11 @@ from redis.exceptions import WatchError
 from core import keys
 from core.config import ListKind
 from core.store import BUCKETS_PER_READ, RedisClient
+from core.subscribers import MAX_ENTRIES as subscribers_max
+from core.subscribers import entry_of as subscribers_entry_of
+from core.subscribers import pack as subscribers_pack
+from core.subscribers import settle as subscribers_settle
+from core.subscribers import unpack_codes as subscribers_unpack
 
 _LE_U64 = np.dtype("<u8")
 DEFAULT_LOCK_TTL_S = 30.0
@@ -446,6 +451,191 @@ class SetListBuilder(ListBuilder):
         return self.result
 
 
+#: Buckets of a subscribers list handled per pipelined round trip while building.
+SUBSCRIBER_BUCKETS_PER_ROUND = 512
+
+
+class SubscriberListBuilder(ListBuilder):
+    """A subscribers list (:mod:`core.subscribers`): staged per bucket, packed in ``finish``.
+
+    Pairs are buffered ``batch_size`` at a time and appended to per-bucket staging
+    strings (``subscriber code`` lines); ``finish`` then reads
+    :data:`SUBSCRIBER_BUCKETS_PER_ROUND` buckets at a time, settles and packs each
+    subscriber's entries into the new generation's bucket hashes and diffs them
+    against the live generation, so memory stays flat whatever the list's size. Sizes
+    count pairs (subscriber, entry). The buckets live on other slots than ``meta``:
+    new ones get a TTL while building and lose it just before the swap; the swap is the
+    one MULTI/EXEC on ``meta`` (its ``gen``); the old generation's buckets then expire
+    after :data:`core.keys.OLD_GENERATION_GRACE_S`. A loader killed before the swap
+    leaves ``meta.building``, whose keys the next build deletes; one killed after it
+    leaves ``meta.retiring``, whose keys the next build expires.
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        name: str,
+        gen: int,
+        old_gen: int,
+        *,
+        batch_size: int,
+        lock: BuildLock | None = None,
+    ) -> None:
+        super().__init__(redis, name, "subscribers", gen, old_gen, lock=lock)
+        self.batch_size = batch_size
+        self._pending: dict[int, list[str]] = {}
+        self._count = 0
+        self._expiring = np.zeros(keys.SUBSCRIBER_BUCKETS, dtype=bool)
+        #: Subscribers in the new generation (set by ``finish``).
+        self.subscribers = 0
+
+    async def add(self, entries: Iterable[str]) -> None:
+        raise TypeError("a subscribers list takes pairs: use add_pair()")
+
+    async def add_pair(self, subscriber: str, code: str) -> None:
+        """Stage one canonical subscriber with one packed code (core.subscribers.code_of)."""
+        bucket = keys.subscriber_bucket_of(subscriber)
+        self._pending.setdefault(bucket, []).append(f"{subscriber} {code}\n")
+        self._count += 1
+        if self._count >= self.batch_size:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        await self._refresh_lock()
+        pending, self._pending, self._count = self._pending, {}, 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bucket, lines in pending.items():
+                key = keys.subscribers_stage(self.name, bucket, self.gen)
+                pipe.append(key, "".join(lines))
+                if not self._expiring[bucket]:
+                    pipe.expire(key, keys.STAGING_TTL_S)
+                    self._expiring[bucket] = True
+            await pipe.execute()
+
+    async def _each_bucket(self, command: str, *args: Any, gen: int) -> None:
+        """Run ``command`` on every bucket key of generation ``gen`` (pipelined)."""
+        for first in range(0, keys.SUBSCRIBER_BUCKETS, 2048):
+            await self._refresh_lock()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for bucket in range(first, min(first + 2048, keys.SUBSCRIBER_BUCKETS)):
+                    getattr(pipe, command)(keys.subscribers(self.name, bucket, gen), *args)
+                    if command == "delete":
+                        pipe.delete(keys.subscribers_stage(self.name, bucket, gen))
+                await pipe.execute()
+
+    async def _retire_leftover(self) -> None:
+        """Expire the buckets of a generation a killed loader swapped out (``retiring``)."""
+        meta_key = keys.meta(self.name)
+        retiring = int(await self.redis.hget(meta_key, "retiring") or 0)
+        if retiring and retiring not in (self.gen, self.old_gen):
+            await self._each_bucket("expire", keys.OLD_GENERATION_GRACE_S, gen=retiring)
+            await self.redis.hdel(meta_key, "retiring")
+
+    async def finish(self, *, sample: int = 0) -> BuildResult:
+        await self._flush()
+        await self._retire_leftover()
+        digest = hashlib.sha256()
+        size = added = removed = old_size = subscribers = dropped = 0
+        added_sample: list[str] = []
+        removed_sample: list[str] = []
+        step = SUBSCRIBER_BUCKETS_PER_ROUND
+        for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
+            await self._refresh_lock()
+            ids = range(first, min(first + step, keys.SUBSCRIBER_BUCKETS))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for bucket in ids:
+                    pipe.get(keys.subscribers_stage(self.name, bucket, self.gen))
+                    if self.old_gen:
+                        pipe.hgetall(keys.subscribers(self.name, bucket, self.old_gen))
+                replies = await pipe.execute()
+            per = 2 if self.old_gen else 1
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i, bucket in enumerate(ids):
+                    staged = replies[per * i]
+                    old_raw = replies[per * i + 1] if self.old_gen else {}
+                    new: dict[str, list[str]] = {}
+                    for line in _text(staged or b"").splitlines():
+                        subscriber, _, code = line.partition(" ")
+                        new.setdefault(subscriber, []).append(code)
+                    packed: dict[str, bytes] = {}
+                    for subscriber in sorted(new):
+                        codes = subscribers_settle(new[subscriber])
+                        dropped += max(0, len(set(new[subscriber])) - len(codes))
+                        blob = subscribers_pack(codes)
+                        packed[subscriber] = blob
+                        digest.update(f"{subscriber}:".encode() + blob)
+                        size += len(codes)
+                    subscribers += len(packed)
+                    old = {_text(k): subscribers_unpack(v) for k, v in old_raw.items()}
+                    for subscriber in set(packed) | set(old):
+                        now = set(subscribers_unpack(packed.get(subscriber, b"")))
+                        was = set(old.get(subscriber, ()))
+                        old_size += len(was)
+                        more, fewer = sorted(now - was), sorted(was - now)
+                        added += len(more)
+                        removed += len(fewer)
+                        room = sample - len(added_sample)
+                        added_sample += [f"{subscriber}:{c}" for c in more[:room]]
+                        room = sample - len(removed_sample)
+                        removed_sample += [f"{subscriber}:{c}" for c in fewer[:room]]
+                    stage_key = keys.subscribers_stage(self.name, bucket, self.gen)
+                    if packed:
+                        key = keys.subscribers(self.name, bucket, self.gen)
+                        pipe.hset(key, mapping=packed)  # type: ignore[arg-type]
+                        pipe.expire(key, keys.STAGING_TTL_S)
+                    if staged:
+                        pipe.delete(stage_key)
+                await pipe.execute()
+        if dropped:
+            logger.warning(
+                "list %r: %d entries dropped: duplicates on both sides, or over %d a subscriber",
+                self.name,
+                dropped,
+                subscribers_max,
+            )
+        self.subscribers = subscribers
+        self.result = BuildResult(
+            size,
+            added,
+            removed,
+            "sha256:" + digest.hexdigest(),
+            old_size,
+            tuple(_readable(s) for s in added_sample),
+            tuple(_readable(s) for s in removed_sample),
+        )
+        return self.result
+
+    async def commit(
+        self,
+        fields: Mapping[str, str | int | float],
+        *,
+        expect_version: int | None = None,
+        compaction: bool = False,
+    ) -> int:
+        if self.result is not None and self.result.size:
+            await self._each_bucket("persist", gen=self.gen)
+        extra = {"subscribers": self.subscribers, "retiring": self.old_gen}
+        version = await super().commit(
+            {**fields, **extra}, expect_version=expect_version, compaction=compaction
+        )
+        if self.old_gen:
+            await self._each_bucket("expire", keys.OLD_GENERATION_GRACE_S, gen=self.old_gen)
+        await self.redis.hdel(keys.meta(self.name), "retiring")
+        return version
+
+    async def _delete_built(self) -> None:
+        await self._each_bucket("delete", gen=self.gen)
+
+
+def _readable(pair: str) -> str:
+    """``subscriber:code`` as ``subscriber:entry (side)`` for the dry-run report."""
+    subscriber, _, code = pair.partition(":")
+    entry, side = subscribers_entry_of(code)
+    return f"{subscriber}:{entry} ({side})"
+
+
 def _builder(
     redis: RedisClient,
     name: str,
@@ -458,6 +648,8 @@ def _builder(
     gen, old_gen = gens
     if kind == "numbers":
         return NumberListBuilder(redis, name, gen, old_gen, batch_size=batch_size, lock=lock)
+    if kind == "subscribers":
+        return SubscriberListBuilder(redis, name, gen, old_gen, batch_size=batch_size, lock=lock)
     return SetListBuilder(redis, name, kind, gen, old_gen, lock=lock)
 
 

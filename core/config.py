@@ -43,7 +43,7 @@ DEFAULT_OPERANDS = ("unavailable", "aniblock")
 CallerSource = Literal["from", "p-asserted-identity", "remote-party-id"]
 CALLER_SOURCES: tuple[CallerSource, ...] = ("from", "p-asserted-identity", "remote-party-id")
 
-ListKind = Literal["numbers", "prefixes", "names"]
+ListKind = Literal["numbers", "prefixes", "names", "subscribers"]
 Action = Literal["allow", "reject"]
 
 
@@ -179,6 +179,7 @@ Match = Literal[
     "invalid_number",
     "attestation_failed",
     "call_rate",
+    "caller_in_subscriber_list",
 ]
 #: The list kind each list-based condition needs.
 MATCH_LIST_KIND: dict[str, ListKind] = {
@@ -186,6 +187,7 @@ MATCH_LIST_KIND: dict[str, ListKind] = {
     "caller_prefix_in_list": "prefixes",
     "caller_name_matches_list": "names",
     "called_in_list": "numbers",
+    "caller_in_subscriber_list": "subscribers",
 }
 
 

@@ -5,6 +5,7 @@ so an entry written by one is found by the others.
 
 - ``numbers``: the E.164 digits from :func:`core.numbers.normalise`.
 - ``prefixes``: E.164 leading digits, country code first (``1900``, ``44870``).
+- ``subscribers``: no entries of its own (:mod:`core.subscribers` has its format).
 - ``names`` (CNAM): case-insensitive. ``re:<pattern>`` is a regular expression searched
   anywhere in the name, ``contains:<text>`` a substring, and anything else (or
   ``exact:<text>``) the whole name. Stored lower-cased, with the ``exact:`` marker dropped.
@@ -103,7 +104,16 @@ def _canonical_name(raw: str) -> str:
 
 
 def canonical(kind: ListKind, raw: str, default_country: str = "1") -> str:
-    """Return the canonical entry for ``raw`` on a list of ``kind``, or raise BadEntry."""
+    """Return the canonical entry for ``raw`` on a list of ``kind``, or raise BadEntry.
+
+    A ``subscribers`` list has no single entries: its entries belong to a subscriber
+    (see :mod:`core.subscribers`), so this refuses them.
+    """
+    if kind == "subscribers":
+        raise BadEntry(
+            "a subscribers list holds entries per subscriber: use "
+            "/v1/lists/{name}/subscribers/{subscriber}/entries/{entry}"
+        )
     if kind == "numbers":
         number = normalise(raw, default_country) if len(raw) <= 64 else None
         if number is None:

@@ -16,6 +16,15 @@ slot and a swap can run in one MULTI/EXEC. Per list:
                                 set: a large admin change written in chunks before one
                                 script applies it whole (10-minute TTL)
 
+A ``subscribers`` list (per-subscriber block/allow entries, :mod:`core.subscribers`)
+keeps ``meta`` and ``lock`` as above, but its data is spread over
+``SUBSCRIBER_BUCKETS`` hash tags of its own, one per bucket, so it spreads over every
+master of a Cluster (a single slot could not hold 100 M pairs):
+
+``{cs:<list>:<b>}:sub:<gen>``   hash: subscriber -> its packed entries (bucket ``b`` =
+                                ``crc32(subscriber) % SUBSCRIBER_BUCKETS``)
+``{cs:<list>:<b>}:stage:<gen>`` string: rows of bucket ``b`` being staged by a sync (TTL)
+
 Call-rate counters (one hash tag per caller, so they spread over a Cluster):
 
 ``{cs:rate:<caller>}:<policy>:<rule>:<window index>``  counter, expires after 2 windows
@@ -24,10 +33,16 @@ Call-rate counters (one hash tag per caller, so they spread over a Cluster):
 from __future__ import annotations
 
 import re
+import zlib
 
 LIST_NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
 #: Numbers lists are split into this many buckets by ``number % NUMBER_BUCKETS``.
 NUMBER_BUCKETS = 4096
+#: Subscribers lists are split into this many buckets (hash tags) by
+#: ``crc32(subscriber) % SUBSCRIBER_BUCKETS``: 16,384 tags land on ~16 k distinct Cluster
+#: slots, spread evenly over the masters, and at 10 M subscribers a bucket holds ~610
+#: of them (~40 kB), small enough to move in a resharding without a pause.
+SUBSCRIBER_BUCKETS = 16384
 #: Old generations stay readable this long after a swap, so a reader that saw the old
 #: ``gen`` a moment before the swap can still fetch it whole.
 OLD_GENERATION_GRACE_S = 120
@@ -77,6 +92,21 @@ def lock(name: str) -> str:
 def staged_change(name: str, what: str, token: str) -> str:
     """Part of a large admin change (``what``: add or remove) written before it applies."""
     return f"{adds(name)}:staged:{what}:{token}"
+
+
+def subscriber_bucket_of(subscriber: str) -> int:
+    """The bucket of a (canonical) subscriber number."""
+    return zlib.crc32(subscriber.encode()) % SUBSCRIBER_BUCKETS
+
+
+def subscribers(name: str, bucket: int, gen: int) -> str:
+    """One bucket of generation ``gen`` of a subscribers list."""
+    return f"{{cs:{check_list_name(name)}:{bucket}}}:sub:{gen}"
+
+
+def subscribers_stage(name: str, bucket: int, gen: int) -> str:
+    """Rows of one bucket staged by a sync building generation ``gen``."""
+    return f"{{cs:{check_list_name(name)}:{bucket}}}:stage:{gen}"
 
 
 def rate(caller: str, rule_key: str, window_index: int) -> str:

@@ -97,6 +97,7 @@ class ListMeta:
     source: str
     checksum: str
     synced_at: float
+    accepted_at: float
     rows_read: int
     rows_rejected: int
     added: int
@@ -114,6 +115,7 @@ class ListMeta:
             source=fields.get("source", ""),
             checksum=fields.get("checksum", ""),
             synced_at=float(fields.get("synced_at") or 0),
+            accepted_at=float(fields.get("accepted_at") or 0),
             pending_adds=adds,
             pending_dels=dels,
             **ints,
@@ -425,8 +427,29 @@ class ListStore:
         counters live in Redis. ``increment=False`` (explain) stores nothing but still
         counts this call, so it reports what the call would be judged on.
         """
+        counts, _ = await self.fetch_for_call(caller, windows, now_s, increment=increment)
+        return counts
+
+    async def fetch_for_call(
+        self,
+        caller: str | None,
+        windows: Sequence[tuple[str, int]],
+        now_s: float,
+        *,
+        increment: bool = True,
+        subscribers: Sequence[tuple[str, int, str]] = (),
+    ) -> tuple[dict[str, int], dict[str, bytes | None]]:
+        """Everything one call needs from Redis, in one pipelined round trip.
+
+        The call-rate counts of :meth:`count_call` (when ``caller`` and ``windows``) and,
+        for each ``(list, gen, subscriber)`` of ``subscribers``, that subscriber's packed
+        entries in that generation of a subscribers list (``core.subscribers``): one
+        HGET each. Returns (counts per rule, packed entries per list; None: no entries).
+        """
+        counted = windows if caller else ()
         async with self.redis.pipeline(transaction=False) as pipe:
-            for rule_key, window_s in windows:
+            for rule_key, window_s in counted:
+                assert caller is not None
                 index = int(now_s // window_s)
                 current = keys.rate(caller, rule_key, index)
                 if increment:
@@ -435,15 +458,23 @@ class ListStore:
                 else:
                     pipe.get(current)
                 pipe.get(keys.rate(caller, rule_key, index - 1))
+            for name, gen, subscriber in subscribers:
+                bucket = keys.subscriber_bucket_of(subscriber)
+                pipe.hget(keys.subscribers(name, bucket, gen), subscriber)
             replies = await pipe.execute()
         step = 3 if increment else 2
         counts = {}
-        for i, (rule_key, window_s) in enumerate(windows):
+        for i, (rule_key, window_s) in enumerate(counted):
             current, previous = replies[step * i], replies[step * i + step - 1]
             overlap = 1 - (now_s % window_s) / window_s
             weighted = math.ceil(int(previous or 0) * overlap - 1e-9)
             counts[rule_key] = int(current or 0) + weighted + (0 if increment else 1)
-        return counts
+        first = step * len(counted)
+        entries = {
+            name: blob if isinstance(blob, bytes) else None
+            for (name, _, _), blob in zip(subscribers, replies[first:], strict=True)
+        }
+        return counts, entries
 
 
 class MissingGeneration(LookupError):

@@ -77,6 +77,8 @@ async def apply_delta(
 ) -> DeltaReport:
     """Apply a delta file to list ``name``; see the module doc for the format."""
     spec = config.lists[name]
+    if spec.kind == "subscribers":
+        raise SyncError(f"{name}: delta files do not apply to a subscribers list; sync it")
     store = ListStore(redis)
     country = config.caller.default_country
     report = DeltaReport(name, str(path))

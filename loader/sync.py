@@ -10,6 +10,10 @@ equal the live list's: nothing is rewritten, only ``synced_at`` moves), ``dry_ru
 (built, diffed, dropped), or an exception: :class:`SyncRefused` when a guard stopped it,
 :class:`SyncError` when the source could not be read.
 
+A ``subscribers`` list (:mod:`core.subscribers`) is read as CSV rows
+``subscriber,entry[,side]`` whatever ``format``, ``column`` and ``label_columns`` say;
+its sizes and the removal guard count pairs (subscriber, entry).
+
 Guards (``--force`` overrides the first two):
 
 - a source with no valid entry is refused;
@@ -31,12 +35,26 @@ from typing import IO
 import aiohttp
 import numpy as np
 
-from core.build import BuildResult, ListBuilder, ListLocked, NumberListBuilder, start_build
+from core.build import (
+    BuildResult,
+    ListBuilder,
+    ListLocked,
+    NumberListBuilder,
+    SubscriberListBuilder,
+    start_build,
+)
 from core.config import Config, ListSpec
 from core.connect import redact
 from core.entries import BadEntry, canonical
 from core.numbers import normalise
 from core.store import ListStore, RedisClient
+from core.subscribers import (
+    BadSubscriberEntry,
+    canonical_entry,
+    canonical_side,
+    canonical_subscriber,
+    code_of,
+)
 from loader.fetch import Fetched, FetchError, Validators, fetch
 from loader.progress import Progress, make_progress
 from loader.sources import Rows, SourceError, choose_format, open_local
@@ -208,13 +226,16 @@ class _ListSync:
             fmt = choose_format(
                 spec.format, self.source, spec.column, spec.label_columns, content_type
             )
+            column, labels = spec.column, spec.label_columns
+            if spec.kind == "subscribers":  # always CSV: subscriber,entry[,side]
+                fmt, column, labels = "csv", 0, (1, 2)
             try:
                 rows = files.enter_context(
                     Rows(
                         raw,
                         fmt,
-                        column=spec.column,
-                        label_columns=spec.label_columns,
+                        column=column,
+                        label_columns=labels,
                         where=report.source,
                         detect_header=spec.kind != "names",
                     )
@@ -273,6 +294,8 @@ class _ListSync:
         try:
             if isinstance(builder, NumberListBuilder):
                 await self._read_numbers(builder, rows, progress)
+            elif isinstance(builder, SubscriberListBuilder):
+                await self._read_subscribers(builder, rows, progress)
             else:
                 await self._read_entries(builder, rows, progress)
             result = report.result = await builder.finish(sample=options.sample)
@@ -355,6 +378,30 @@ class _ListSync:
                 await asyncio.sleep(0)  # let the scheduler and /metrics breathe
         if pending:
             await builder.add_ints(np.frombuffer(pending, dtype=np.uint64))
+
+    async def _read_subscribers(
+        self, builder: SubscriberListBuilder, rows: Rows, progress: Progress
+    ) -> None:
+        """``subscriber,entry[,side]`` rows (core/subscribers.py); labels are not reported."""
+        report = self.report
+        country = self.config.caller.default_country
+        for values in rows.chunks():
+            report.rows_read += len(values) - values.count(None)
+            for i, value in enumerate(values):
+                if value is None:
+                    continue
+                raw_entry, raw_side = rows.labels_of(i)
+                try:
+                    subscriber = canonical_subscriber(value, country)
+                    entry = canonical_entry(raw_entry, country)
+                    side = canonical_side(raw_side)
+                except BadSubscriberEntry as exc:
+                    report.reject(rows.line_of(i), str(exc))
+                    continue
+                await builder.add_pair(subscriber, code_of(entry, side))
+            progress.update(rows.position(), report.rows_read)
+            await builder.keep_alive()
+            await asyncio.sleep(0)
 
     async def _read_entries(self, builder: ListBuilder, rows: Rows, progress: Progress) -> None:
         """Prefixes and names: through :func:`core.entries.canonical`."""

@@ -20,6 +20,7 @@ from core.config import Config
 from core.connect import connect, redact
 from core.store import ListStore, RedisClient
 from service.admin import add_admin_routes
+from service.admin_subscribers import add_subscriber_routes
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, REDIS, REGISTRY, SCREENER, STORE
 from service.auth import HandlerAuth
 from service.cache import ListCache
@@ -102,6 +103,7 @@ def _add_operator_routes(app: web.Application) -> None:
     app.router.add_post("/v1/explain/tg/{trunk_group}", json_errors(explain))
     app.router.add_get("/metrics", json_errors(make_aiohttp_handler(app[REGISTRY])))
     add_admin_routes(app)  # /v1/lists..., /v1/openapi.json (service/admin.py)
+    add_subscriber_routes(app)  # /v1/lists/{name}/subscribers/... (service/admin_subscribers.py)
 
 
 def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]

@@ -39,6 +39,13 @@ was never synced (no stamp, whether or not admin writes reached it) is not answe
 from either (reason ``list_not_loaded``, ``/readyz`` "never synced"). A list without a
 source whose ``meta`` does not exist yet is a new, empty list and is trusted as such.
 
+A ``subscribers`` list is polled like the others, and the same trust rules apply to its
+``meta``, but it is never loaded: its "copy" is only the live ``gen`` (a
+:class:`service.lists.SubscriberList`), which calls use to read their subscriber's
+entries from Redis. Its data lives in buckets on other slots than ``meta``: a loss of
+some buckets alone (a Cluster master failed over to a lagging replica while the
+``meta`` slot's master kept its data) is not noticed; see docs/subscribers.md.
+
 Reloads build the list objects off the event loop (numpy and RE2 work, sets of tens of
 thousands of entries) so answers keep flowing while a large change lands, and the last
 base of each prefixes or names list is kept so that a delta-only change reads the
@@ -56,7 +63,7 @@ from dataclasses import dataclass
 
 from core.config import CacheSettings, ListKind
 from core.store import ListState, ListStore
-from service.lists import ListObject, NameList, NumberList, PrefixList
+from service.lists import ListObject, NameList, NumberList, PrefixList, SubscriberList
 from service.ratelimit import RateLimitedLog
 
 logger = logging.getLogger(__name__)
@@ -257,7 +264,12 @@ class ListCache:
             # Every copy is built in a thread: indexing 10 M numbers, or sets, sorts and
             # RE2 compilation over tens of thousands of names, would stall the answers
             # (numpy and RE2 release the GIL; Python code shares it in 5 ms slices).
-            if kind == "numbers":
+            if kind == "subscribers":
+                # Never loaded into memory: calls read their subscriber from Redis at
+                # the live gen held here (service/screen.py).
+                size = (await self.store.meta_fields(name, "size"))["size"]
+                fresh = SubscriberList(state.gen, int(size or 0))
+            elif kind == "numbers":
                 if isinstance(current, NumberList) and same_base:
                     fresh = await asyncio.to_thread(current.with_deltas, deltas.adds, deltas.dels)
                 else:

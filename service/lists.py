@@ -277,4 +277,19 @@ class NameList:
         return None
 
 
-ListObject = NumberList | PrefixList | NameList
+class SubscriberList:
+    """A subscribers list as a worker holds it: only its live generation, no entries.
+
+    100 M pairs cannot live in every worker: calls read the one subscriber they need
+    from Redis (service/screen.py); this tells them which generation to read.
+    """
+
+    __slots__ = ("gen", "size")
+
+    def __init__(self, gen: int, size: int) -> None:
+        self.gen = gen
+        #: Pairs at the last full sync (``meta.size``), for metrics and ``/readyz``.
+        self.size = size
+
+
+ListObject = NumberList | PrefixList | NameList | SubscriberList

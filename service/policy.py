@@ -6,9 +6,11 @@ look-ups. Evaluation is pure: it reads the call and the local list copies and re
 an :class:`Evaluation`; counting, logging and answering happen in the handler.
 
 ``dry_run`` rules are recorded when they match and evaluation goes on past them.
-``call_rate`` rules need counts from Redis: evaluation stops with :class:`NeedsRates`
-the first time it reaches one, the handler fetches every rate rule's count in one round
-trip, and evaluates again with the counts.
+``call_rate`` rules need counts from Redis, and ``caller_in_subscriber_list`` rules the
+called subscriber's entries (:mod:`core.subscribers`; never held in worker memory):
+evaluation stops with :class:`NeedsRates` the first time it reaches either, the handler
+fetches every rate rule's count and the subscriber's entries in every subscribers list
+of the policy in one round trip, and evaluates again with them.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from dataclasses import dataclass
 import orjson
 
 from core.config import Config, Operands, Policy, Rule
-from service.lists import ListObject, NameList, NumberList, PrefixList
+from core.subscribers import NO_ENTRIES, Entries, Side
+from service.lists import ListObject, NameList, NumberList, PrefixList, SubscriberList
 from service.request import Call
 
 Lists = Mapping[str, ListObject]
 Rates = Mapping[str, int] | None
+#: Per subscribers list, the called subscriber's entries as read from Redis; None
+#: before they were read.
+Found = Mapping[str, Entries] | None
 ALLOW_ANSWER = b"[]"
 DEFAULT_RULE = "default"
 ON_ERROR_RULE = "on_error"
@@ -56,7 +62,8 @@ class ListsUnavailable(Exception):
 
 @dataclass(slots=True)
 class NeedsRates(Exception):
-    """Evaluation reached a ``call_rate`` rule and needs the counts first."""
+    """Evaluation reached a ``call_rate`` or ``caller_in_subscriber_list`` rule: it needs
+    the counts and subscriber entries from Redis first."""
 
     rules: tuple[RateRule, ...]
 
@@ -100,45 +107,56 @@ class CompiledRule:
             if rule.limit is not None and rule.window_s is not None
             else None
         )
-        self.test: Callable[[Call, Lists, Rates], str | None] = getattr(self, "_" + rule.match)
+        #: ``caller_in_subscriber_list``: a reject rule reads the block entries, an
+        #: allow rule the allow entries.
+        self.side: Side = "allow" if rule.action == "allow" else "block"
+        self.test: Callable[[Call, Lists, Rates, Found], str | None] = getattr(
+            self, "_" + rule.match
+        )
 
     # One method per condition; __init__ binds the rule's own as ``test`` so a call
     # costs one attribute look-up, not a chain of comparisons. A list missing from
     # ``lists`` raises KeyError, which evaluate() reports as ListsUnavailable.
-    def _caller_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+    def _caller_in_list(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
         numbers = lists[self.list_key]
         assert isinstance(numbers, NumberList)
         number = call.caller_int
         return call.caller if number is not None and number in numbers else None
 
-    def _caller_prefix_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+    def _caller_prefix_in_list(
+        self, call: Call, lists: Lists, rates: Rates, found: Found
+    ) -> str | None:
         prefixes = lists[self.list_key]
         assert isinstance(prefixes, PrefixList)
         return prefixes.match(call.caller) if call.caller else None
 
-    def _caller_name_matches_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+    def _caller_name_matches_list(
+        self, call: Call, lists: Lists, rates: Rates, found: Found
+    ) -> str | None:
         names = lists[self.list_key]
         assert isinstance(names, NameList)
         return names.match(call.caller_name)
 
-    def _called_in_list(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+    def _called_in_list(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
         numbers = lists[self.list_key]
         assert isinstance(numbers, NumberList)
         number = call.called_int
         return call.called if number is not None and number in numbers else None
 
-    def _anonymous(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+    def _anonymous(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
         return "anonymous" if call.anonymous else None
 
-    def _invalid_number(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+    def _invalid_number(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
         if not call.invalid_number:
             return None
         return call.caller or call.caller_user or "invalid"
 
-    def _attestation_failed(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+    def _attestation_failed(
+        self, call: Call, lists: Lists, rates: Rates, found: Found
+    ) -> str | None:
         return call.verstat if call.attestation_failed else None
 
-    def _call_rate(self, call: Call, lists: Lists, rates: Rates) -> str | None:
+    def _call_rate(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
         assert self.rate is not None
         if call.caller is None:  # anonymous callers have no identity to count
             return None
@@ -146,6 +164,19 @@ class CompiledRule:
             raise NeedsRates(())
         count = rates.get(self.rate.key, 0)
         return f"{count} calls in {self.rate.window_s}s" if count > self.rate.limit else None
+
+    def _caller_in_subscriber_list(
+        self, call: Call, lists: Lists, rates: Rates, found: Found
+    ) -> str | None:
+        subscribers = lists[self.list_key]
+        assert isinstance(subscribers, SubscriberList)
+        caller, called = call.caller, call.called
+        if caller is None or called is None:
+            return None
+        if found is None:
+            raise NeedsRates(())
+        matched = found.get(self.list_key, NO_ENTRIES).match(self.side, caller)
+        return f"{matched} (subscriber {called})" if matched else None
 
 
 class CompiledPolicy:
@@ -158,18 +189,23 @@ class CompiledPolicy:
         self._by_default = Evaluation(self.default)
         self.lists = frozenset(r.list_name for r in self.rules if r.list_name is not None)
         self.rate_rules = tuple(r.rate for r in self.rules if r.rate is not None)
+        #: Subscribers lists whose entries a call reaching a remote rule reads.
+        self.subscriber_lists = tuple(
+            sorted({r.list_key for r in self.rules if r.match == "caller_in_subscriber_list"})
+        )
 
     def evaluate(
         self,
         call: Call,
         lists: Mapping[str, ListObject],
         rates: Mapping[str, int] | None = None,
+        found: Mapping[str, Entries] | None = None,
     ) -> Evaluation:
         """Decide ``call``; raises ListsUnavailable or NeedsRates (see module doc)."""
         dry_runs: tuple[tuple[Outcome, str], ...] = ()
         for rule in self.rules:
             try:
-                matched = rule.test(call, lists, rates)
+                matched = rule.test(call, lists, rates, found)
             except NeedsRates:
                 raise NeedsRates(self.rate_rules) from None
             except KeyError:

@@ -20,7 +20,9 @@ from redis.exceptions import RedisError
 from core.config import Config
 from core.logs import log_fields
 from core.store import ListStore
+from core.subscribers import Entries
 from service.cache import LIST_NOT_LOADED, ListCache
+from service.lists import SubscriberList
 from service.metrics import ROOT_TRUNK_GROUP, Metrics
 from service.policy import (
     ON_ERROR_RULE,
@@ -92,8 +94,9 @@ class Screener:
     def decide_locally(self, policy: CompiledPolicy, call: Call) -> Evaluation | None:
         """Decide ``call`` from the local list copies, without awaiting anything.
 
-        None when a ``call_rate`` rule needs counts from Redis first: then use
-        :meth:`decide`. Never raises for Redis or list trouble.
+        None when a ``call_rate`` rule needs counts, or a ``caller_in_subscriber_list``
+        rule the subscriber's entries, from Redis first: then use :meth:`decide`. Never
+        raises for Redis or list trouble.
         """
         cache = self.cache
         if not cache.usable():
@@ -109,29 +112,45 @@ class Screener:
         """Decide ``call`` under ``policy``; never raises for Redis or list trouble.
 
         ``count=False`` (explain) reads call-rate counters without adding this call.
+        Call-rate counts and subscriber entries come in one pipelined round trip under
+        ``handler.deadline_ms``; a call that reaches a remote rule counts itself for
+        every call-rate rule of its policy (see docs/subscribers.md).
         """
         decision = self.decide_locally(policy, call)
         if decision is not None:
             return decision
         cache = self.cache
-        rules = policy.rate_rules
-        assert call.caller is not None
-        windows = [(rule.key, rule.window_s) for rule in rules]
+        windows = [(rule.key, rule.window_s) for rule in policy.rate_rules]
+        reads = self._subscriber_reads(policy, call)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.deadline_s):
-                counts = await self.store.count_call(
-                    call.caller, windows, time.time(), increment=count
+                counts, packed = await self.store.fetch_for_call(
+                    call.caller, windows, time.time(), increment=count, subscribers=reads
                 )
         except TimeoutError:
-            return self._fallback("deadline", f"call-rate count took over {self.deadline_s}s")
+            return self._fallback("deadline", f"Redis read took over {self.deadline_s}s")
         except (RedisError, OSError) as exc:
-            return self._fallback("redis_error", f"call-rate count failed: {exc}")
+            return self._fallback("redis_error", f"Redis read failed: {exc}")
         self.metrics.redis_rate.observe(time.perf_counter() - started)
+        found = {name: Entries.unpack(blob) for name, blob in packed.items()}
         try:
-            return policy.evaluate(call, cache.lists, counts)
+            return policy.evaluate(call, cache.lists, counts, found)
         except ListsUnavailable as exc:
             return self._unavailable(policy, exc)
+
+    def _subscriber_reads(self, policy: CompiledPolicy, call: Call) -> list[tuple[str, int, str]]:
+        """``(list, live gen, subscriber)`` for each subscribers list the policy uses."""
+        called = call.called
+        if called is None or call.caller is None:
+            return []
+        reads = []
+        for name in policy.subscriber_lists:
+            held = self.cache.lists.get(name)
+            # Not trusted (or empty: gen 0): nothing to read; evaluate() tells which.
+            if isinstance(held, SubscriberList) and held.gen:
+                reads.append((name, held.gen, called))
+        return reads
 
     def record(self, group: str, call: Call, evaluation: Evaluation) -> None:
         """Count a decision and log a rejected call (one line each).

@@ -1,0 +1,113 @@
+"""Subscribers lists on a real 3-master Redis Cluster: buckets spread, calls answered right."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from core import keys
+from core.config import Config
+from core.connect import connect
+from devtools.redis_server import LocalCluster
+from loader.sync import SyncOptions, sync_list
+from tests.helpers import wait_for
+from tests.test_subscribers import PERSONAL, answer
+
+ADMIN_TOKEN = "cluster-subscribers-admin-token-01"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    running = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def cluster_redis(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    client = connect(cluster.url)
+    assert isinstance(client, RedisCluster)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+async def test_subscribers_spread_over_the_masters_and_calls_are_answered(
+    cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", ADMIN_TOKEN)
+    subscribers = [f"1951262{i:04d}" for i in range(60)]
+    rows = "".join(f"{s},1516555{i:04d}\n{s},1900*\n" for i, s in enumerate(subscribers))
+    (tmp_path / "personal.csv").write_text(rows + f"{subscribers[0]},19005550000,allow\n")
+    data = {
+        "redis": {"url": cluster.url},
+        "cache": {"refresh_ms": 100, "max_stale_ms": 2000},
+        "lists": {"personal": {"kind": "subscribers", "source": "personal.csv"}},
+        "policies": {
+            "default": {
+                "rules": [
+                    {
+                        "name": "personal-allow",
+                        "match": "caller_in_subscriber_list",
+                        "list": "personal",
+                        "action": "allow",
+                    },
+                    {
+                        "name": "personal-block",
+                        "match": "caller_in_subscriber_list",
+                        "list": "personal",
+                        "operands": ["decline", "subscriber-block"],
+                    },
+                ]
+            }
+        },
+        "trunk_groups": {"main": {"policy": "default"}},
+    }
+    config = make_config(data, base_dir=tmp_path)
+    report = await sync_list(cluster_redis, config, "personal")
+    assert report.result is not None and report.result.size == 121
+    gen = int(await cluster_redis.hget(keys.meta("personal"), "gen") or 0)
+    nodes = set()
+    for s in subscribers:
+        key = keys.subscribers("personal", keys.subscriber_bucket_of(s), gen)
+        node = cluster_redis.get_node_from_key(key)
+        assert node is not None
+        nodes.add(node.name)
+    assert len(nodes) == 3  # the buckets of one list spread over every master
+
+    client = await make_client(config)
+
+    async def ready() -> bool:
+        return bool((await client.get("/readyz")).status == 200)
+
+    await wait_for(ready)
+    for i, s in enumerate(subscribers):
+        assert await answer(client, f"1516555{i:04d}", s) == PERSONAL
+        assert await answer(client, f"1516555{(i + 1) % 60:04d}", s) == []  # another's
+    assert await answer(client, "19005551234", subscribers[5]) == PERSONAL
+    assert await answer(client, "19005550000", subscribers[0]) == []
+    # An admin change lands in its bucket's slot and is seen by the next call.
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    path = f"/v1/lists/personal/subscribers/{subscribers[7]}/entries/15165550001"
+    assert (await client.put(path, headers=admin)).status == 200
+    assert await answer(client, "15165550001", subscribers[7]) == PERSONAL
+    # A second sync swaps the generation; workers follow within a refresh.
+    (tmp_path / "personal.csv").write_text(rows.replace("1900*", "1976*"))
+    await sync_list(cluster_redis, config, "personal", SyncOptions(force=True))
+
+    async def swapped() -> bool:
+        return bool(await answer(client, "19005551234", subscribers[5]) == [])
+
+    await wait_for(swapped, timeout_s=2.0)
+    assert await answer(client, "19765551234", subscribers[5]) == PERSONAL
+    metrics = await (await client.get("/metrics")).text()
+    assert 'callscreen_on_error_total{reason="redis_error"} 0.0' in metrics
