@@ -1,4 +1,4 @@
-"""``make bench`` / ``python -m bench``: the SPEC §9 benchmark, in one run on one machine.
+"""``make bench`` / ``python -m bench``: the benchmark of BENCHMARKS.md, in one run on one machine.
 
     python -m bench [--numbers 10000000] [--duration 10] [--rounds 2] [--workers 1] ...
 

@@ -1,4 +1,4 @@
-"""The printed report: the figures, then each SPEC §9 target with ``ok`` or ``MISSED``."""
+"""The printed report: the figures, then each target of BENCHMARKS.md with ``ok`` or ``MISSED``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from statistics import mean, median
 from typing import Any
 
-#: SPEC §9 targets.
+#: The targets (BENCHMARKS.md).
 MIN_THROUGHPUT_RATIO = 0.8
 MAX_P99_MS = 5.0
 MAX_REDIS_BYTES_PER_NUMBER = 16.0
@@ -177,7 +177,7 @@ class Report:
         )
 
     def print(self) -> None:
-        print("\n".join(["", *self.lines, "", "Targets (SPEC §9)", *self._target_lines]))
+        print("\n".join(["", *self.lines, "", "Targets", *self._target_lines]))
 
 
 def _share(value: float | None) -> str:

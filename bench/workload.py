@@ -1,4 +1,4 @@
-"""The SPEC §9 workload: lists, request bodies and the answers each body must get.
+"""The benchmark workload (BENCHMARKS.md): lists, request bodies and the answers each body must get.
 
 Everything is generated from a seed, so two runs with the same sizes load the same
 numbers and send the same bodies. Callers fall in five classes:
@@ -14,7 +14,7 @@ allow_list    5 %     on the allow list; one in ten of those is on the block lis
 unlisted      75 %    on no list, with an ordinary name
 ============  ======  ==========================================================
 
-The first three are the SPEC's "20 % blocked". General callers are NANP numbers whose
+The first three are the workload's "20 % blocked". General callers are NANP numbers whose
 area code is never 809, 900 or 976: those are kept for the prefix list, so no
 ordinary caller can match a prefix by chance.
 """
@@ -193,7 +193,7 @@ def _user_form(rng: random.Random, number: str) -> str:
 
 
 def request_body(rng: random.Random, caller: str, name: str) -> dict[str, Any]:
-    """A CarrierX external-handler body (SPEC §2) for one call from ``caller``."""
+    """A CarrierX external-handler body for one call from ``caller``."""
     host = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
     called = f"1{rng.choice((212, 312, 415, 516, 617, 951))}{rng.randrange(2_000_000, 10**7)}"
     user = _user_form(rng, caller)

@@ -29,7 +29,7 @@ from core.keys import LIST_NAME_RE
 
 REDIS_URL_ENV = "CALLSCREEN_REDIS_URL"
 
-#: CarrierX's reject reasons (SPEC §3) and the SIP status each one sends.
+#: CarrierX's reject reasons and the SIP status each one sends.
 REJECT_REASONS = {
     "rejected": 403,
     "forbidden": 403,

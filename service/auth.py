@@ -1,4 +1,4 @@
-"""Who may call the screening endpoints (SPEC §7): shared secret, HTTP Basic, source IPs.
+"""Who may call the screening endpoints (docs/security.md): shared secret, HTTP Basic, source IPs.
 
 A trunk group's ``auth`` block replaces the top-level one; a request for an unknown trunk
 group (or ``POST /``) is checked against the top-level block, so nobody learns which

@@ -1,7 +1,7 @@
 """HTTP handlers: the CarrierX screening endpoint, explain, and health probes.
 
 The screening handler reads like its pipeline: trunk group -> body -> JSON -> call ->
-decision -> answer. Bad requests get 4xx JSON errors (SPEC §6); anything that goes
+decision -> answer. Bad requests get 4xx JSON errors (docs/failure.md); anything that goes
 wrong after the body was understood is answered by ``on_error``, never a 5xx.
 """
 

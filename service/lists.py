@@ -2,7 +2,7 @@
 
 Each object is immutable once built; the cache swaps in a new one when Redis says the
 list changed, so a request always sees one whole version of a list. Look-ups are built
-to cost the same whatever the list's size (SPEC §9: decision cost flat from 1 k to 10 M
+to cost the same whatever the list's size (decision cost flat from 1 k to 10 M
 numbers); see each class.
 
 CNAM ``re:`` patterns run on RE2 (google-re2), not Python's backtracking ``re``: RE2's

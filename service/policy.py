@@ -1,4 +1,4 @@
-"""The policy engine (SPEC §4): ordered rules, first match wins, then the default.
+"""The policy engine (docs/configuration.md): ordered rules, first match wins, then the default.
 
 Policies from the config are compiled once into :class:`CompiledPolicy` objects whose
 answers are pre-encoded bytes, so deciding a call costs a few dictionary and set

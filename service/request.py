@@ -1,11 +1,11 @@
-"""From a CarrierX request body to the facts a policy decides on (SPEC §2).
+"""From a CarrierX request body to the facts a policy decides on (README, "How it decides").
 
 The body is a JSON object of SIP header name -> list of values; address headers hold
 ``{user, host, name, raw, header_parameters, uri_parameters}`` objects. Nothing here
 trusts the shape: a value of the wrong type counts as absent, so odd input makes the
 caller unknown (and so anonymous) instead of an error.
 
-Decisions where the spec is silent:
+Decisions taken here:
 - The caller number is the first of ``caller.sources`` whose user part normalises to a
   number; ``Remote-Party-ID`` entries count only with ``party=calling`` or no party.
 - *Anonymous* means: privacy asked for (``Privacy: id``, ``user`` or ``full``; RPID

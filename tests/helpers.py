@@ -13,7 +13,7 @@ from core.config import ListKind
 from core.entries import canonical
 from core.store import RedisClient
 
-#: The request CarrierX documents for its external handlers (SPEC §2).
+#: The request CarrierX documents for its external handlers.
 EXAMPLE_BODY: dict[str, Any] = {
     "Call-ID": ["243b35b872d5bb005af22dd9339e8149@10.1.10.190"],
     "From": [

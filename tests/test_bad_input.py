@@ -1,4 +1,4 @@
-"""Bad input (SPEC §6): clear 4xx JSON errors, and no body that yields a 500."""
+"""Bad input (docs/failure.md): clear 4xx JSON errors, and no body that yields a 500."""
 
 from __future__ import annotations
 

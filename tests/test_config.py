@@ -1,4 +1,4 @@
-"""Config validation (SPEC §6) and the shipped config reproducing the seed (SPEC §4)."""
+"""Config validation, and the shipped config reproducing the seed scenario (block list)."""
 
 from __future__ import annotations
 

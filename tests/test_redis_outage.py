@@ -1,4 +1,4 @@
-"""Redis stopped, restarted or absent at start (SPEC §6): answers follow on_error within
+"""Redis stopped, restarted or absent at start (docs/failure.md): answers follow on_error within
 the deadline, and go back to normal by themselves once Redis is back."""
 
 from __future__ import annotations

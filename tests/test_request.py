@@ -1,4 +1,4 @@
-"""Caller identification from CarrierX bodies (SPEC §2), and a fuzz of the parser."""
+"""Caller identification from CarrierX bodies (README, "How it decides"), and a fuzz of the parser."""
 
 from __future__ import annotations
 
