@@ -38,12 +38,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from redis.exceptions import RedisError
 
 from core.config import Config, ListKind
 from core.connect import redact
 from core.entries import BadEntry, canonical
 from core.keys import LIST_NAME_RE
+from service import api_models as api
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
 from service.errors import json_error, json_errors
 from service.openapi import openapi_document
@@ -80,7 +83,8 @@ def add_admin_routes(app: web.Application) -> None:
     """Register the admin routes and ``/v1/openapi.json``; read the tokens."""
     config = app[CONFIG]
     app[ADMIN_TOKENS] = read_tokens(config)
-    app[OPENAPI] = orjson.dumps(openapi_document(config.lists, config.trunk_groups))
+    kinds = {name: spec.kind for name, spec in config.lists.items()}
+    app[OPENAPI] = orjson.dumps(openapi_document(kinds, config.trunk_groups))
     if not app[ADMIN_TOKENS]:
         logger.info("admin API disabled: %s is not set", config.admin.tokens_env)
     router = app.router
@@ -137,7 +141,7 @@ def admin_only(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except AdminError as exc:
-            return web.Response(status=exc.status, body=orjson.dumps(exc.body), content_type=_JSON)
+            return _json(exc.body, exc.status)
         except RedisError as exc:
             logger.warning("admin %s %s: Redis error: %r", request.method, request.path, exc)
             return json_error(503, f"Redis unavailable, nothing was changed: {exc}")
@@ -153,12 +157,12 @@ class AdminError(Exception):
     def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
-        self.body = {"error": message, **extra}
+        self.body = api.Error(error=message, **extra)
 
 
 # --- helpers ----------------------------------------------------------------------------
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+def _json(body: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=api.answer(body), content_type=_JSON)
 
 
 def _list_kind(request: web.Request) -> tuple[str, ListKind]:
@@ -179,31 +183,30 @@ def _canonical(request: web.Request, kind: ListKind, raw: str) -> str:
         raise AdminError(400, f"bad entry for a {kind} list: {exc}", entry=raw[:200]) from None
 
 
-async def _list_info(request: web.Request, name: str) -> dict[str, Any]:
+async def _list_info(request: web.Request, name: str) -> api.ListInfo:
     config = request.app[CONFIG]
     spec = config.lists[name]
     meta = await request.app[STORE].meta(name)
     stored = None
     if meta is not None:
-        stored = meta.as_dict()
-        del stored["name"], stored["kind"]
         # A loader older than the redaction stored its source as given.
-        stored["source"] = redact(stored["source"]) if stored["source"] else stored["source"]
+        source = redact(meta.source) if meta.source else meta.source
+        stored = api.ListMeta.model_validate({**meta.as_dict(), "source": source})
     cache = request.app[CACHE]
     copy = cache.lists.get(name)
     loaded = None
     if copy is not None:
         state = cache.loaded[name]
-        loaded = {"entries": copy.size, "gen": state.gen, "version": state.version}
-    return {
-        "name": name,
-        "kind": spec.kind,
-        "description": spec.description,
-        "source": redact(spec.source) if spec.source else None,
-        "interval_s": spec.interval_s,
-        "meta": stored,
-        "loaded": loaded,
-    }
+        loaded = api.LoadedCopy(entries=copy.size, gen=state.gen, version=state.version)
+    return api.ListInfo(
+        name=name,
+        kind=spec.kind,
+        description=spec.description,
+        source=redact(spec.source) if spec.source else None,
+        interval_s=spec.interval_s,
+        meta=stored,
+        loaded=loaded,
+    )
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -230,7 +233,7 @@ async def openapi(request: web.Request) -> web.Response:
 async def list_lists(request: web.Request) -> web.Response:
     """``GET /v1/lists``: every configured list with its metadata."""
     names = list(request.app[CONFIG].lists)
-    return _json({"lists": [await _list_info(request, name) for name in names]})
+    return _json(api.Lists(lists=[await _list_info(request, name) for name in names]))
 
 
 async def get_list(request: web.Request) -> web.Response:
@@ -240,11 +243,17 @@ async def get_list(request: web.Request) -> web.Response:
 
 
 async def check_entry(request: web.Request) -> web.Response:
-    """``GET /v1/lists/{name}/entries/{entry}``: is the entry on the list (asks Redis)?"""
+    """``GET /v1/lists/{name}/entries/{entry}``: is the entry on the list (asks Redis)?
+
+    An entry not on the list is ``404``, like any resource that is not there (one just
+    deleted included), with ``"listed": false`` for clients that read that.
+    """
     name, kind = _list_kind(request)
     entry = _canonical(request, kind, request.match_info["entry"])
-    listed = await request.app[STORE].contains(name, kind, entry)
-    return _json({"list": name, "entry": entry, "listed": listed})
+    if not await request.app[STORE].contains(name, kind, entry):
+        not_listed = api.NotListed(list=name, entry=entry, listed=False, error="not on the list")
+        return _json(not_listed, 404)
+    return _json(api.EntryState(list=name, entry=entry, listed=True))
 
 
 async def add_entry(request: web.Request) -> web.Response:
@@ -253,7 +262,7 @@ async def add_entry(request: web.Request) -> web.Response:
     entry = _canonical(request, kind, request.match_info["entry"])
     version = await request.app[STORE].change(name, kind, add=[entry])
     logger.info("admin: added %r to list %s (version %d)", entry, name, version)
-    return _json({"list": name, "entry": entry, "listed": True, "version": version})
+    return _json(api.EntryState(list=name, entry=entry, listed=True, version=version))
 
 
 async def remove_entry(request: web.Request) -> web.Response:
@@ -262,28 +271,25 @@ async def remove_entry(request: web.Request) -> web.Response:
     entry = _canonical(request, kind, request.match_info["entry"])
     version = await request.app[STORE].change(name, kind, remove=[entry])
     logger.info("admin: removed %r from list %s (version %d)", entry, name, version)
-    return _json({"list": name, "entry": entry, "listed": False, "version": version})
+    return _json(api.EntryState(list=name, entry=entry, listed=False, version=version))
 
 
 async def bulk_change(request: web.Request) -> web.Response:
     """``POST /v1/lists/{name}/entries``: ``{"add": [...], "remove": [...]}``, all or nothing.
 
-    The entries are counted first: over ``admin.max_bulk_entries`` is ``413`` before any
-    is looked at. Then every entry is checked; if any is bad, nothing is written and the
-    answer lists each bad entry with its field and index. An entry may not be both added
-    and removed. The change lands in one atomic step (:meth:`ListStore.change`).
+    :class:`api.BulkChange` checks the body's shape. Then the entries are counted: over
+    ``admin.max_bulk_entries`` is ``413`` before any is looked at. Then every entry is
+    checked; if any is bad, nothing is written and the answer lists each bad entry with
+    its field and index. An entry may not be both added and removed. The change lands in
+    one atomic step (:meth:`ListStore.change`).
     """
     name, kind = _list_kind(request)
-    body = await _read_json(request)
-    if not isinstance(body, dict) or set(body) - {"add", "remove"}:
-        raise AdminError(400, 'the body must be an object with "add" and/or "remove" arrays')
-    raw: dict[str, list[Any]] = {}
-    for field in ("add", "remove"):
-        items = body.get(field, [])
-        if not isinstance(items, list):
-            raise AdminError(400, f'"{field}" must be an array of strings')
-        raw[field] = items
-    total = len(raw["add"]) + len(raw["remove"])
+    try:
+        change = api.BulkChange.model_validate(await _read_json(request))
+    except ValidationError as exc:
+        raise _bulk_refusal(exc.errors(include_url=False)) from None
+    raw = {"add": change.add, "remove": change.remove}
+    total = len(change.add) + len(change.remove)
     limit = request.app[CONFIG].admin.max_bulk_entries
     if total > limit:  # before any work on the entries: a huge body costs nothing more
         raise AdminError(413, f"{total} entries in one request; at most {limit}")
@@ -298,13 +304,21 @@ async def bulk_change(request: web.Request) -> web.Response:
     both = sorted(set(changes["add"]) & set(changes["remove"]))
     if both:
         raise AdminError(400, "entries both added and removed; nothing was changed", entries=both)
-    if not total:
-        raise AdminError(400, 'nothing to change: give "add" and/or "remove" entries')
     # De-duplicated in order, not sorted: sorting 100 k entries alone stalls the loop.
     adds, removes = list(dict.fromkeys(changes["add"])), list(dict.fromkeys(changes["remove"]))
     version = await request.app[STORE].change(name, kind, add=adds, remove=removes)
     logger.info("admin: list %s +%d -%d (version %d)", name, len(adds), len(removes), version)
-    return _json({"list": name, "added": len(adds), "removed": len(removes), "version": version})
+    return _json(api.BulkResult(list=name, added=len(adds), removed=len(removes), version=version))
+
+
+def _bulk_refusal(errors: list[ErrorDetails]) -> AdminError:
+    """The ``400`` for a bulk body :class:`api.BulkChange` refused: one plain sentence."""
+    first = errors[0]
+    if first["type"] == "nothing_to_change":
+        return AdminError(400, first["msg"])
+    if all(error["type"] == "list_type" for error in errors):
+        return AdminError(400, f'"{first["loc"][0]}" must be an array of strings')
+    return AdminError(400, 'the body must be an object with "add" and/or "remove" arrays')
 
 
 async def _canonical_all(

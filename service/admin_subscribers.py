@@ -11,8 +11,8 @@ Each write is an atomic read-modify-write of the subscriber's field in Redis (a 
 compare-and-set, :class:`core.subscribers.SubscriberStore`), answered after Redis
 acknowledged it. The service reads subscribers from Redis on every call that needs
 them, so the very next call sees the change. A full sync of a list with a ``source``
-replaces such changes, as for every list. These routes are not in the OpenAPI document
-yet.
+replaces such changes, as for every list. The OpenAPI document (service/openapi.py)
+describes these routes too.
 """
 
 from __future__ import annotations

@@ -1,297 +1,68 @@
 """The OpenAPI 3.1 description of the service, served at ``GET /v1/openapi.json``.
 
-Written by hand next to the routes it describes; tests check that every route of the
-app is in it and nothing else is (tests/test_admin_openapi.py), and schemathesis checks
-the answers against it. The configured list and trunk group names are filled in as
-``enum`` values, so the document shows what this deployment accepts.
+Built from a route table (:data:`ROUTES`) and the pydantic models of the bodies
+(:mod:`service.api_models`), whose JSON schemas become ``components/schemas``. Tests
+check that every route of the app is in it and nothing else is, and schemathesis checks
+the answers against it (tests/test_admin_openapi.py). The configured list and trunk group
+names become ``enum`` values of the path parameters, so the document shows what this
+deployment accepts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
-_LIST_NAME = {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}
+from pydantic import TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
+
+from core.config import ListKind
+from service import api_models as api
+
+_JSON = "application/json"
 
 
-def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
+@dataclass(frozen=True)
+class Reply:
+    """One documented answer: what it means and its body (any type pydantic describes)."""
+
+    description: str
+    body: Any = api.Error
+    media: str = _JSON
+    #: The answer carries ``WWW-Authenticate`` (401).
+    challenge: bool = False
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": _json_content(_ERROR)}
+Auth = Literal["none", "handler", "explain", "admin"]
 
 
-_UNAUTHORIZED = {
-    "description": "No admin token: send `Authorization: Bearer <token>`.",
-    "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-    "content": _json_content(_ERROR),
+@dataclass(frozen=True)
+class Route:
+    """One operation; ``auth`` picks its security, and for admin routes adds their refusals."""
+
+    method: str
+    path: str
+    tag: str
+    summary: str
+    replies: Mapping[int, Reply]
+    request: type | None = None
+    auth: Auth = "none"
+    description: str | None = None
+    #: The kinds of list ``{name}`` may be; the others answer 400.
+    kinds: tuple[ListKind, ...] = get_args(ListKind)
+    #: Parameters beyond :data:`_PATH_PARAMS`, or in place of one of the same name.
+    params: tuple[dict[str, Any], ...] = ()
+
+
+_SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
+    "handler": [{}, {"handlerBasic": []}],
+    "explain": [{"adminToken": []}, {}, {"handlerBasic": []}],
+    "admin": [{"adminToken": []}],
 }
-_FORBIDDEN = _error("Wrong admin token, or the admin API is disabled (no tokens set).")
-_UNAVAILABLE = _error("Redis did not answer; nothing was changed.")
-_ADMIN_ERRORS = {"401": _UNAUTHORIZED, "403": _FORBIDDEN, "503": _UNAVAILABLE}
-
-_NAME_PARAM = {
-    "name": "name",
-    "in": "path",
-    "required": True,
-    "description": "List name, as configured.",
-    "schema": _LIST_NAME,
-}
-_ENTRY_PARAM = {
-    "name": "entry",
-    "in": "path",
-    "required": True,
-    "description": "A number (any common format), a prefix, or a CNAM entry "
-    "(`contains:` / `re:` / exact), by the list's kind; URL-encoded.",
-    "schema": {"type": "string", "minLength": 1},
-    "examples": {"number": {"value": "15162065613"}, "name": {"value": "contains:warranty"}},
-}
-_TRUNK_GROUP_PARAM = {
-    "name": "trunk_group",
-    "in": "path",
-    "required": True,
-    "description": "A key of `trunk_groups` in config.yaml.",
-    "schema": {"type": "string"},
-}
-_SECRET_PARAM = {
-    "name": "secret",
-    "in": "path",
-    "required": True,
-    "description": "The handler shared secret, when configured.",
-    "schema": {"type": "string"},
-}
-_KEY_QUERY = {
-    "name": "key",
-    "in": "query",
-    "required": False,
-    "description": "The handler shared secret, when configured (instead of the path).",
-    "schema": {"type": "string"},
-}
-
-_SIP_BODY = {
-    "required": True,
-    "description": "The call's SIP headers as CarrierX sends them: header name -> values.",
-    "content": _json_content({"$ref": "#/components/schemas/SipHeaders"}),
-}
-_SCREEN_RESPONSES = {
-    "200": {
-        "description": "`[]` lets the call continue; a reject action blocks it.",
-        "content": _json_content({"$ref": "#/components/schemas/Actions"}),
-    },
-    "400": _error("The body is not JSON, not UTF-8, or not an object."),
-    "401": {
-        "description": "Handler authentication is on and no credentials came.",
-        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-        "content": _json_content(_ERROR),
-    },
-    "403": _error("Wrong credentials, or the source address is not allowed."),
-    "404": _error("Unknown trunk group."),
-    "413": _error("The body is over `server.max_body_bytes`."),
-}
-_EXPLAIN_RESPONSES = {
-    **_SCREEN_RESPONSES,
-    "200": {
-        "description": "The decision, the rule and list behind it, and the caller as parsed.",
-        "content": _json_content({"$ref": "#/components/schemas/Explanation"}),
-    },
-}
-
-
-def _screen(summary: str, params: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": summary,
-            "tags": ["screening"],
-            "parameters": [*params, _KEY_QUERY],
-            "requestBody": _SIP_BODY,
-            "responses": _SCREEN_RESPONSES,
-            "security": [{}, {"handlerBasic": []}],
-        }
-    }
-
-
-def _explain(params: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": "Why this call would be blocked or allowed (counts nothing).",
-            "description": "Needs an admin token while admin tokens are configured; "
-            "otherwise the screening endpoints' authentication applies.",
-            "tags": ["screening"],
-            "parameters": [*params, _KEY_QUERY],
-            "requestBody": _SIP_BODY,
-            "responses": _EXPLAIN_RESPONSES,
-            "security": [{"adminToken": []}, {}, {"handlerBasic": []}],
-        }
-    }
-
-
-def _admin(
-    summary: str, responses: dict[str, Any], *, params: list[dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    operation: dict[str, Any] = {
-        "summary": summary,
-        "tags": ["admin"],
-        "responses": {**responses, **_ADMIN_ERRORS},
-        "security": [{"adminToken": []}],
-    }
-    if params:
-        operation["parameters"] = params
-    return operation
-
-
-_ENTRY_STATE = {
-    "description": "The entry (canonical form) and whether it is on the list.",
-    "content": _json_content({"$ref": "#/components/schemas/EntryState"}),
-}
-_ENTRY_ERRORS = {"400": _error("Bad list name or entry."), "404": _error("Unknown list.")}
-
-
-def _build() -> dict[str, Any]:
-    paths: dict[str, Any] = {
-        "/": _screen("Screen a call under `default_policy` (the CarrierX handler).", []),
-        "/tg/{trunk_group}": _screen(
-            "Screen a call under the trunk group's policy.", [_TRUNK_GROUP_PARAM]
-        ),
-        "/k/{secret}": _screen("`POST /` with the shared secret in the path.", [_SECRET_PARAM]),
-        "/k/{secret}/tg/{trunk_group}": _screen(
-            "`POST /tg/{trunk_group}` with the shared secret in the path.",
-            [_SECRET_PARAM, _TRUNK_GROUP_PARAM],
-        ),
-        "/v1/explain": _explain([]),
-        "/v1/explain/tg/{trunk_group}": _explain([_TRUNK_GROUP_PARAM]),
-        "/healthz": {
-            "get": {
-                "summary": "Alive: the process serves HTTP.",
-                "tags": ["operations"],
-                "responses": {
-                    "200": {"description": "Alive.", "content": _json_content({"type": "object"})}
-                },
-            }
-        },
-        "/readyz": {
-            "get": {
-                "summary": "Ready: Redis answers and every list a policy uses is loaded.",
-                "tags": ["operations"],
-                "responses": {
-                    "200": {"description": "Ready.", "content": _json_content({"type": "object"})},
-                    "503": {
-                        "description": "Not ready; `reasons` says why.",
-                        "content": _json_content({"type": "object"}),
-                    },
-                },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics (text exposition format).",
-                "tags": ["operations"],
-                "responses": {
-                    "200": {
-                        "description": "Metrics.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
-        "/v1/openapi.json": {
-            "get": {
-                "summary": "This document.",
-                "tags": ["admin"],
-                "responses": {"200": {"description": "OpenAPI 3.1.", "content": _json_content({})}},
-            }
-        },
-        "/v1/lists": {
-            "get": _admin(
-                "Every configured list with its metadata.",
-                {
-                    "200": {
-                        "description": "The lists.",
-                        "content": _json_content(
-                            {
-                                "type": "object",
-                                "required": ["lists"],
-                                "properties": {
-                                    "lists": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/ListInfo"},
-                                    }
-                                },
-                            }
-                        ),
-                    }
-                },
-            )
-        },
-        "/v1/lists/{name}": {
-            "get": _admin(
-                "One list with its metadata.",
-                {
-                    "200": {
-                        "description": "The list.",
-                        "content": _json_content({"$ref": "#/components/schemas/ListInfo"}),
-                    },
-                    **_ENTRY_ERRORS,
-                },
-                params=[_NAME_PARAM],
-            )
-        },
-        "/v1/lists/{name}/entries": {
-            "post": {
-                **_admin(
-                    "Add and remove many entries at once, all or nothing.",
-                    {
-                        "200": {
-                            "description": "Redis accepted the change.",
-                            "content": _json_content({"$ref": "#/components/schemas/BulkResult"}),
-                        },
-                        "400": _error(
-                            "Bad body or entries (`bad_entries` lists each with its index); "
-                            "nothing was changed."
-                        ),
-                        "404": _error("Unknown list."),
-                        "413": _error("Too large a body or too many entries."),
-                    },
-                    params=[_NAME_PARAM],
-                ),
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": "#/components/schemas/BulkChange"}),
-                },
-            }
-        },
-        "/v1/lists/{name}/entries/{entry}": {
-            "get": _admin(
-                "Is this entry on the list? (asks Redis)",
-                {"200": _ENTRY_STATE, **_ENTRY_ERRORS},
-                params=[_NAME_PARAM, _ENTRY_PARAM],
-            ),
-            "put": _admin(
-                "Add one entry; answered after Redis accepted it.",
-                {"200": _ENTRY_STATE, **_ENTRY_ERRORS},
-                params=[_NAME_PARAM, _ENTRY_PARAM],
-            ),
-            "delete": _admin(
-                "Remove one entry; answered after Redis accepted it.",
-                {"200": _ENTRY_STATE, **_ENTRY_ERRORS},
-                params=[_NAME_PARAM, _ENTRY_PARAM],
-            ),
-        },
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "callscreen",
-            "version": "1",
-            "description": "Call screening for CarrierX trunk groups, and its admin API.",
-        },
-        "paths": paths,
-        "components": {"schemas": _SCHEMAS, "securitySchemes": _SECURITY},
-    }
-
-
-_SECURITY = {
+_SECURITY_SCHEMES = {
     "adminToken": {
         "type": "http",
         "scheme": "bearer",
@@ -304,165 +75,237 @@ _SECURITY = {
     },
 }
 
-_NULLABLE_INT = {"type": ["integer", "null"]}
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {"type": "string"},
-            "entry": {"type": "string"},
-            "entries": {"type": "array", "items": {"type": "string"}},
-            "bad_entries": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["field", "index", "error"],
-                    "properties": {
-                        "field": {"enum": ["add", "remove"]},
-                        "index": {"type": "integer", "minimum": 0},
-                        "entry": {"type": "string"},
-                        "error": {"type": "string"},
-                    },
-                },
-            },
-        },
-    },
-    "SipHeaders": {
-        "type": "object",
-        "additionalProperties": {"type": "array"},
-        "example": {
-            "From": [{"user": "15162065613", "host": "10.1.10.190", "name": "John Smith"}],
-            "To": [{"user": "19512623062", "host": "10.1.10.190:5060"}],
-        },
-    },
-    "Actions": {
-        "type": "array",
-        "maxItems": 1,
-        "items": {
-            "type": "object",
-            "required": ["action", "operands"],
-            "properties": {
-                "action": {"const": "reject"},
-                "operands": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": '[reason, tag], e.g. ["unavailable", "aniblock"].',
-                    "minItems": 2,
-                    "maxItems": 2,
-                },
-            },
-        },
-    },
-    "Explanation": {
-        "type": "object",
-        "required": ["decision", "answer", "policy", "rule", "caller"],
-        "properties": {
-            "decision": {"enum": ["allow", "reject"]},
-            "answer": {"$ref": "#/components/schemas/Actions"},
-            "trunk_group": {"type": ["string", "null"]},
-            "policy": {"type": "string"},
-            "rule": {"type": "string"},
-            "list": {"type": ["string", "null"]},
-            "caller": {"type": "object"},
-        },
-    },
-    "ListMeta": {
-        "type": "object",
-        "description": "As stored in Redis by the last sync and changes.",
-        "properties": {
-            "gen": {"type": "integer"},
-            "version": {"type": "integer"},
-            "size": {"type": "integer", "description": "Entries in the base (last sync)."},
-            "source": {"type": "string"},
-            "checksum": {"type": "string"},
-            "synced_at": {"type": "number", "description": "Unix time; 0: never synced."},
-            "rows_read": {"type": "integer"},
-            "rows_rejected": {"type": "integer"},
-            "added": {"type": "integer"},
-            "removed": {"type": "integer"},
-            "pending_adds": {"type": "integer"},
-            "pending_dels": {"type": "integer"},
-        },
-    },
-    "ListInfo": {
-        "type": "object",
-        "required": ["name", "kind", "meta", "loaded"],
-        "properties": {
-            "name": _LIST_NAME,
-            "kind": {"enum": ["numbers", "prefixes", "names"]},
-            "description": {"type": "string"},
-            "source": {"type": ["string", "null"]},
-            "interval_s": _NULLABLE_INT,
-            "meta": {
-                "oneOf": [{"$ref": "#/components/schemas/ListMeta"}, {"type": "null"}],
-                "description": "null: never written.",
-            },
-            "loaded": {
-                "description": "This instance's copy; null: not loaded.",
-                "oneOf": [
-                    {
-                        "type": "object",
-                        "required": ["entries", "gen", "version"],
-                        "properties": {
-                            "entries": {"type": "integer"},
-                            "gen": {"type": "integer"},
-                            "version": {"type": "integer"},
-                        },
-                    },
-                    {"type": "null"},
-                ],
-            },
-        },
-    },
-    "EntryState": {
-        "type": "object",
-        "required": ["list", "entry", "listed"],
-        "properties": {
-            "list": _LIST_NAME,
-            "entry": {"type": "string"},
-            "listed": {"type": "boolean"},
-            "version": {"type": "integer", "description": "After a write: the list's version."},
-        },
-    },
-    "BulkChange": {
-        "type": "object",
-        "additionalProperties": False,
-        "minProperties": 1,
-        "properties": {
-            "add": {"type": "array", "items": {"type": "string"}},
-            "remove": {"type": "array", "items": {"type": "string"}},
-        },
-        "example": {"add": ["+1 516 206 5617"], "remove": ["15162065613"]},
-    },
-    "BulkResult": {
-        "type": "object",
-        "required": ["list", "added", "removed", "version"],
-        "properties": {
-            "list": _LIST_NAME,
-            "added": {"type": "integer"},
-            "removed": {"type": "integer"},
-            "version": {"type": "integer"},
-        },
-    },
+
+def _param(
+    name: str, description: str, schema: dict[str, Any], where: str = "path", **extra: Any
+) -> dict[str, Any]:
+    """A parameter: required in the path, optional in the query."""
+    required = where == "path"
+    return {
+        "name": name,
+        "in": where,
+        "required": required,
+        "description": description,
+        "schema": schema,
+        **extra,
+    }
+
+
+_STRING = {"type": "string"}
+_NOT_EMPTY = {"type": "string", "minLength": 1}
+#: The path parameters, by name; every ``{name}`` in a route's path is one of these.
+_PATH_PARAMS = {
+    param["name"]: param
+    for param in (
+        _param("name", "List name, as configured.", TypeAdapter(api.ListName).json_schema()),
+        _param("entry", "A number (any common format), a prefix, or a CNAM entry "
+               "(`contains:` / `re:` / exact), by the list's kind; URL-encoded.", _NOT_EMPTY,
+               examples={"number": {"value": "15162065613"},
+                         "name": {"value": "contains:warranty"}}),
+        _param("trunk_group", "A key of `trunk_groups` in config.yaml.", _STRING),
+        _param("secret", "The handler shared secret, when configured.", _STRING),
+        _param("subscriber", "The subscriber (a called number), in any common format.",
+               _NOT_EMPTY, examples={"number": {"value": "19512623062"}}),
+    )
+}  # fmt: skip
+_KEY_QUERY = _param(
+    "key", "The handler shared secret, when configured (instead of the path).", _STRING, "query"
+)
+_SUBSCRIBER_ENTRY = _param(
+    "entry",
+    "A number (any common format) or a prefix ending in `*` (`%2A`).",
+    _NOT_EMPTY,
+    examples={"number": {"value": "15162065613"}, "prefix": {"value": "1900*"}},
+)
+_SIDE = _param(
+    "side",
+    "The side to put the entry on; an entry on the other side moves.",
+    {"enum": ["block", "allow"], "default": "block"},
+    "query",
+)
+
+_SCREEN_REPLIES = {
+    200: Reply("`[]` lets the call continue; a reject action blocks it.", api.Actions),
+    400: Reply("The body is not JSON, not UTF-8, or not an object."),
+    401: Reply("Handler authentication is on and no credentials came.", challenge=True),
+    403: Reply("Wrong credentials, or the source address is not allowed."),
+    404: Reply("Unknown trunk group."),
+    413: Reply("The body is over `server.max_body_bytes`."),
+}
+_EXPLAIN_REPLIES = {
+    **_SCREEN_REPLIES,
+    200: Reply(
+        "The decision, the rule and list behind it, and the caller as parsed.", api.Explanation
+    ),
+}
+_EXPLAIN_AUTH = (
+    "Needs an admin token while admin tokens are configured; "
+    "otherwise the screening endpoints' authentication applies."
+)
+#: Every admin route may answer these.
+_ADMIN_REFUSALS = {
+    401: Reply("No admin token: send `Authorization: Bearer <token>`.", challenge=True),
+    403: Reply("Wrong admin token, or the admin API is disabled (no tokens set)."),
+    503: Reply("Redis did not answer; nothing was changed."),
+}
+_BAD_NAME = {400: Reply("Bad list name."), 404: Reply("Unknown list.")}
+_BAD_ENTRY = {**_BAD_NAME, 400: Reply("Bad list name or entry.")}
+_WRITTEN = Reply("Redis accepted the write.", api.EntryState)
+_ENTRY_KINDS: tuple[ListKind, ...] = ("numbers", "prefixes", "names")
+_SUBSCRIBER_REPLIES = {
+    200: Reply("The subscriber's entries, after the write for a write.", api.SubscriberEntries),
+    400: Reply("Bad list name, not a subscribers list, or a bad subscriber, entry or side."),
+    404: Reply("Unknown list."),
 }
 
+ROUTES: tuple[Route, ...] = (
+    Route("post", "/", "screening", "Screen a call under `default_policy` (the CarrierX handler).",
+          _SCREEN_REPLIES, request=api.SipHeaders, auth="handler"),
+    Route("post", "/tg/{trunk_group}", "screening", "Screen a call under the trunk group's policy.",
+          _SCREEN_REPLIES, request=api.SipHeaders, auth="handler"),
+    Route("post", "/k/{secret}", "screening", "`POST /` with the shared secret in the path.",
+          _SCREEN_REPLIES, request=api.SipHeaders, auth="handler"),
+    Route("post", "/k/{secret}/tg/{trunk_group}", "screening",
+          "`POST /tg/{trunk_group}` with the shared secret in the path.",
+          _SCREEN_REPLIES, request=api.SipHeaders, auth="handler"),
+    Route("post", "/v1/explain", "screening",
+          "Why this call would be blocked or allowed (counts nothing).",
+          _EXPLAIN_REPLIES, request=api.SipHeaders, auth="explain", description=_EXPLAIN_AUTH),
+    Route("post", "/v1/explain/tg/{trunk_group}", "screening",
+          "Why this call would be blocked or allowed under the trunk group's policy.",
+          _EXPLAIN_REPLIES, request=api.SipHeaders, auth="explain", description=_EXPLAIN_AUTH),
+    Route("get", "/healthz", "operations", "Alive: the process serves HTTP.",
+          {200: Reply("Alive.", api.Health)}),
+    Route("get", "/readyz", "operations",
+          "Ready: Redis answers and every list a policy uses is loaded.",
+          {200: Reply("Ready.", api.Readiness),
+           503: Reply("Not ready; `reasons` says why.", api.Readiness)}),
+    Route("get", "/metrics", "operations", "Prometheus metrics (text exposition format).",
+          {200: Reply("Metrics.", str, "text/plain")}),
+    Route("get", "/v1/openapi.json", "admin", "This document.",
+          {200: Reply("OpenAPI 3.1.", dict[str, Any])}),
+    Route("get", "/v1/lists", "admin", "Every configured list with its metadata.",
+          {200: Reply("The lists.", api.Lists)}, auth="admin"),
+    Route("get", "/v1/lists/{name}", "admin", "One list with its metadata.",
+          {200: Reply("The list.", api.ListInfo), **_BAD_NAME}, auth="admin"),
+    Route("post", "/v1/lists/{name}/entries", "admin",
+          "Add and remove many entries at once, all or nothing.",
+          {200: Reply("Redis accepted the change.", api.BulkResult),
+           400: Reply("Bad body or entries (`bad_entries` lists each with its index); "
+                      "nothing was changed."),
+           404: Reply("Unknown list."),
+           413: Reply("Too large a body or too many entries.")},
+          request=api.BulkChange, auth="admin", kinds=_ENTRY_KINDS),
+    Route("get", "/v1/lists/{name}/entries/{entry}", "admin",
+          "Is this entry on the list? (asks Redis)",
+          {200: Reply("On the list.", api.EntryState),
+           **_BAD_ENTRY,
+           404: Reply("Not on the list (`listed` is false), or unknown list.",
+                      api.NotListed | api.Error)},
+          auth="admin", kinds=_ENTRY_KINDS),
+    Route("put", "/v1/lists/{name}/entries/{entry}", "admin",
+          "Add one entry; answered after Redis accepted it.",
+          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS),
+    Route("delete", "/v1/lists/{name}/entries/{entry}", "admin",
+          "Remove one entry; answered after Redis accepted it.",
+          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS),
+    Route("get", "/v1/lists/{name}/subscribers/{subscriber}", "admin",
+          "One subscriber's block and allow entries (asks Redis).",
+          _SUBSCRIBER_REPLIES, auth="admin", kinds=("subscribers",)),
+    Route("put", "/v1/lists/{name}/subscribers/{subscriber}/entries/{entry}", "admin",
+          "Put one entry on a side of the subscriber; answered after Redis accepted it.",
+          {**_SUBSCRIBER_REPLIES, 409: Reply("The subscriber holds the most entries already.")},
+          auth="admin", kinds=("subscribers",), params=(_SUBSCRIBER_ENTRY, _SIDE)),
+    Route("delete", "/v1/lists/{name}/subscribers/{subscriber}/entries/{entry}", "admin",
+          "Remove one entry from the subscriber; answered after Redis accepted it.",
+          _SUBSCRIBER_REPLIES, auth="admin", kinds=("subscribers",), params=(_SUBSCRIBER_ENTRY,)),
+)  # fmt: skip
 
-def openapi_document(lists: Iterable[str] = (), trunk_groups: Iterable[str] = ()) -> dict[str, Any]:
-    """The document; the configured list and trunk group names become ``enum`` values."""
-    document = _build()
-    lists, trunk_groups = sorted(lists), sorted(trunk_groups)
-    for path_item in document["paths"].values():
-        for operation in path_item.values():
-            params = operation.get("parameters", [])
-            operation["parameters"] = [_named(p, lists, trunk_groups) for p in params]
-            if not operation["parameters"]:
-                del operation["parameters"]
-    return document
+
+class _Schemas(GenerateJsonSchema):
+    """pydantic's JSON schemas without the noise: no per-field titles, no ``null`` defaults."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        json_schema = super().default_schema(schema)
+        if json_schema.get("default", ...) is None:
+            del json_schema["default"]
+        return json_schema
 
 
-def _named(param: dict[str, Any], lists: list[str], trunk_groups: list[str]) -> dict[str, Any]:
-    names = {"name": lists, "trunk_group": trunk_groups}.get(param["name"])
-    if param["in"] != "path" or not names:
-        return param
-    return {**param, "schema": {**param["schema"], "enum": names}}
+def openapi_document(
+    lists: Mapping[str, ListKind] | None = None, trunk_groups: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The document; the configured list and trunk group names become ``enum`` values.
+
+    ``lists`` maps each list's name to its kind: a route taking lists of some kinds only
+    names those.
+    """
+    bodies = {t for r in ROUTES for t in (r.request, *(a.body for a in r.replies.values())) if t}
+    # One mode for requests and answers: the models read and write the same JSON.
+    by_body, definitions = TypeAdapter.json_schemas(
+        [(body, "validation", TypeAdapter(body)) for body in bodies],
+        ref_template="#/components/schemas/{model}",
+        union_format="primitive_type_array",
+        schema_generator=_Schemas,
+    )
+    schemas = {body: schema for (body, _), schema in by_body.items()}
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        names = sorted(name for name, kind in (lists or {}).items() if kind in route.kinds)
+        enums = {"name": names, "trunk_group": sorted(trunk_groups)}
+        paths.setdefault(route.path, {})[route.method] = _operation(route, schemas, enums)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "callscreen",
+            "version": "1",
+            "description": "Call screening for CarrierX trunk groups, and its admin API.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": _SECURITY_SCHEMES,
+        },
+    }
+
+
+def _operation(
+    route: Route, schemas: Mapping[Any, JsonSchemaValue], enums: Mapping[str, list[str]]
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": route.summary, "tags": [route.tag]}
+    if route.description:
+        operation["description"] = route.description
+    given = {param["name"]: param for param in route.params}
+    parameters = [
+        given.pop(name) if name in given else _path_param(name, enums.get(name))
+        for name in re.findall(r"{(\w+)}", route.path)
+    ]
+    parameters += given.values()
+    if route.auth in ("handler", "explain"):
+        parameters.append(_KEY_QUERY)
+    if parameters:
+        operation["parameters"] = parameters
+    if route.request:
+        content = {_JSON: {"schema": schemas[route.request]}}
+        operation["requestBody"] = {"required": True, "content": content}
+    replies = {**route.replies, **(_ADMIN_REFUSALS if route.auth == "admin" else {})}
+    operation["responses"] = {}
+    for status, reply in sorted(replies.items()):
+        response = {
+            "description": reply.description,
+            "content": {reply.media: {"schema": schemas[reply.body]}},
+        }
+        if reply.challenge:
+            response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        operation["responses"][str(status)] = response
+    if route.auth != "none":
+        operation["security"] = _SECURITY[route.auth]
+    return operation
+
+
+def _path_param(name: str, enum: list[str] | None) -> dict[str, Any]:
+    param = _PATH_PARAMS[name]
+    return {**param, "schema": {**param["schema"], "enum": enum}} if enum else param

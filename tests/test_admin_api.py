@@ -119,6 +119,7 @@ async def test_lists_are_listed_with_their_metadata(admin: Client, redis: Redis)
     meta = blocklist["meta"]
     assert (meta["size"], meta["pending_adds"], meta["source"]) == (2, 1, "test")
     assert meta["checksum"].startswith("sha256:") and meta["version"] == 2
+    assert meta["synced_at"] > 0 and meta["accepted_at"] == 0  # never `loader accept`ed
     assert blocklist["loaded"]["entries"] == 3
     assert lists["premium"]["meta"] is None  # never written
 
@@ -145,17 +146,26 @@ async def test_single_entries_are_canonicalised_checked_added_and_removed(
 ) -> None:
     url = "/v1/lists/blocklist/entries/"
     check = await admin.get(url + "+1%20(516)%20206-5613", headers=AUTH)
-    assert await check.json() == {"list": "blocklist", "entry": "15162065613", "listed": False}
+    assert check.status == 404  # not there, like any resource that is not
+    assert await check.json() == {
+        "list": "blocklist", "entry": "15162065613", "listed": False, "error": "not on the list"
+    }  # fmt: skip
     added = await admin.put(url + "5162065613", headers=AUTH)
     assert added.status == 200
     body = await added.json()
     assert (body["entry"], body["listed"]) == ("15162065613", True) and body["version"] >= 1
     # Acknowledged means in Redis already.
     assert await ListStore(redis).contains("blocklist", "numbers", "15162065613")
-    assert (await (await admin.get(url + "15162065613", headers=AUTH)).json())["listed"]
+    listed = await admin.get(url + "15162065613", headers=AUTH)
+    assert listed.status == 200
+    assert await listed.json() == {"list": "blocklist", "entry": "15162065613", "listed": True}
     removed = await admin.delete(url + "tel:+15162065613", headers=AUTH)
-    assert (await removed.json())["listed"] is False
+    assert removed.status == 200 and (await removed.json())["listed"] is False
     assert not await ListStore(redis).contains("blocklist", "numbers", "15162065613")
+    gone = await admin.get(url + "15162065613", headers=AUTH)
+    assert gone.status == 404 and (await gone.json())["listed"] is False
+    again = await admin.delete(url + "15162065613", headers=AUTH)  # idempotent
+    assert again.status == 200 and (await again.json())["listed"] is False
     name = await admin.put("/v1/lists/cnam/entries/Contains:Warranty", headers=AUTH)
     assert (await name.json())["entry"] == "contains:warranty"
 
@@ -191,6 +201,36 @@ async def test_bulk_changes_are_all_or_nothing(admin: Client, redis: Redis) -> N
     assert ok.status == 200
     assert await ok.json() == {"list": "blocklist", "added": 2, "removed": 1, "version": 1}
     assert await store.contains("blocklist", "numbers", "15162065614")
+
+
+async def test_a_bulk_body_of_the_wrong_shape_is_told_what_is_wrong(admin: Client) -> None:
+    url = "/v1/lists/blocklist/entries"
+    shape = 'the body must be an object with "add" and/or "remove" arrays'
+    nothing = 'nothing to change: give "add" and/or "remove" entries'
+    refusals = {
+        b"{": "request body is not valid JSON: ",
+        b"[]": shape,
+        b'{"drop": []}': shape,
+        b'{"add": "15162065613", "drop": []}': shape,
+        b'{"add": "15162065613"}': '"add" must be an array of strings',
+        b'{"remove": null}': '"remove" must be an array of strings',
+        b"{}": nothing,
+        b'{"add": [], "remove": []}': nothing,
+    }
+    for body, error in refusals.items():
+        response = await admin.post(url, data=body, headers=AUTH)
+        assert response.status == 400, body
+        assert (await response.json())["error"].startswith(error), body
+    # Items that are not strings are bad entries, reported by index like the others.
+    odd = await admin.post(url, json={"remove": [None, 15162065613]}, headers=AUTH)
+    assert odd.status == 400
+    assert await odd.json() == {
+        "error": "2 bad entries; nothing was changed",
+        "bad_entries": [
+            {"field": "remove", "index": 0, "error": "not a string"},
+            {"field": "remove", "index": 1, "error": "not a string"},
+        ],
+    }
 
 
 async def test_too_large_a_bulk_change_is_refused(

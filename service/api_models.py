@@ -1,0 +1,246 @@
+"""The bodies of the HTTP API as pydantic models, which are also its OpenAPI schemas.
+
+:mod:`service.openapi` builds the document from these models, and the admin API
+(:mod:`service.admin`) validates its bulk change with :class:`BulkChange` and builds its
+answers from them, so what it answers is what the document says. The screening and
+explain answers (:mod:`service.handlers`, where each call is on the clock) and the
+subscriber routes' (:mod:`service.admin_subscribers`) are built without them: for those
+the models only describe the answers, and schemathesis checks that they match.
+
+A model's or field's docstring becomes its ``description`` in the document, as Markdown.
+An optional field that is ``None`` is left out of the answer, not sent as ``null``:
+:func:`answer` drops the fields an answer did not set, which is why its schema says
+``string`` and not ``string | null``.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from core.config import Action, CallerSource, ListKind
+from core.keys import LIST_NAME_RE
+
+ListName = Annotated[str, Field(pattern=f"^{LIST_NAME_RE.pattern}$")]
+#: An optional field of an error: absent from the answer when not set.
+Absent = SkipJsonSchema[None]
+#: An entry of a bulk change: a string, checked one by one with its canonical form
+#: (service/admin.py), so every bad one is reported by its index. Were the model to check
+#: the type, a body of 100 k numbers would cost 100 k error objects built in one go, a
+#: stall of about 0.15 s for every call the worker is answering.
+BulkEntry = Annotated[Any, WithJsonSchema({"type": "string"})]
+NOTHING_TO_CHANGE = 'nothing to change: give "add" and/or "remove" entries'
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+def answer(body: BaseModel) -> bytes:
+    """``body`` as JSON, without the optional fields it did not set."""
+    return body.model_dump_json(exclude_unset=True).encode()
+
+
+# --- screening and explain --------------------------------------------------------------
+class SipHeaders(RootModel[dict[str, list[Any]]]):
+    """The call's SIP headers as CarrierX sends them: header name -> values."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "From": [{"user": "15162065613", "host": "10.1.10.190", "name": "John Smith"}],
+                    "To": [{"user": "19512623062", "host": "10.1.10.190:5060"}],
+                }
+            ]
+        }
+    )
+
+
+class RejectAction(_Body):
+    action: Literal["reject"]
+    operands: tuple[str, str]
+    """[reason, tag], e.g. ["unavailable", "aniblock"]."""
+
+
+class Actions(RootModel[Annotated[list[RejectAction], Field(max_length=1)]]):
+    """`[]` lets the call continue; a reject action blocks it."""
+
+
+class DryRunMatch(_Body):
+    rule: str
+    list: str | None
+    matched: str
+
+
+class Caller(_Body):
+    """The caller as parsed and normalised."""
+
+    number: str | None
+    """Canonical digits (E.164 without "+"); null: no usable number."""
+    source: CallerSource | None
+    """The header the number came from."""
+    user: str | None
+    """The user part as sent."""
+    name: str | None
+    anonymous: bool
+    invalid_number: bool
+    verstat: str | None
+
+
+class Explanation(_Body):
+    """Why a call would be blocked or allowed."""
+
+    decision: Action
+    answer: Actions
+    """What the screening endpoint would answer."""
+    trunk_group: str | None
+    policy: str
+    rule: str
+    """The rule that decided, or "default" / "on_error"."""
+    list: str | None
+    matched: str | None
+    """The list entry or fact that matched."""
+    on_error: str | None
+    """Why `on_error` answered instead of the lists; null when the lists decided."""
+    dry_run_matches: builtins.list[DryRunMatch]  # builtins: "list" is a field here
+    caller: Caller
+    called: str | None
+    call_id: str | None
+
+
+class LoadedCopy(_Body):
+    """A list as this instance holds it."""
+
+    entries: int
+    gen: int
+    version: int
+
+
+class Health(_Body):
+    status: Literal["ok"]
+
+
+class Readiness(_Body):
+    ready: bool
+    reasons: list[str]
+    """Why not ready; empty when ready."""
+    lists: dict[str, LoadedCopy]
+
+
+# --- admin ------------------------------------------------------------------------------
+class BulkChange(_Body):
+    """Entries to add and to remove in one step, all or nothing; at least one entry."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "minProperties": 1,
+            "examples": [{"add": ["+1 516 206 5617"], "remove": ["15162065613"]}],
+        },
+    )
+
+    add: list[BulkEntry] = []
+    remove: list[BulkEntry] = []
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> BulkChange:
+        if not self.add and not self.remove:
+            raise PydanticCustomError("nothing_to_change", NOTHING_TO_CHANGE)
+        return self
+
+
+class BulkResult(_Body):
+    list: ListName
+    added: int
+    removed: int
+    version: int
+    """The list's version after the change."""
+
+
+class EntryState(_Body):
+    """The entry (canonical form) and whether it is on the list."""
+
+    list: ListName
+    entry: str
+    listed: bool
+    version: int | Absent = None
+    """After a write: the list's version."""
+
+
+class NotListed(EntryState):
+    """The entry (canonical form) is not on the list."""
+
+    listed: Literal[False]
+    error: Literal["not on the list"]
+
+
+class ListMeta(_Body):
+    """As stored in Redis by the last sync and changes."""
+
+    gen: int
+    version: int
+    size: int
+    """Entries in the base (last sync)."""
+    source: str
+    checksum: str
+    synced_at: float
+    """Unix time of the last full sync; 0: never synced."""
+    accepted_at: float
+    """Unix time of the last `loader accept`; 0: never."""
+    rows_read: int
+    rows_rejected: int
+    added: int
+    removed: int
+    pending_adds: int
+    pending_dels: int
+
+
+class ListInfo(_Body):
+    name: ListName
+    kind: ListKind
+    description: str
+    source: str | None
+    interval_s: int | None
+    meta: ListMeta | None
+    """null: never written."""
+    loaded: LoadedCopy | None
+    """This instance's copy; null: not loaded."""
+
+
+class Lists(_Body):
+    lists: list[ListInfo]
+
+
+class SubscriberEntries(_Body):
+    """One subscriber's entries: numbers, then prefixes ending in `*`."""
+
+    list: ListName
+    subscriber: str
+    """The subscriber, normalised."""
+    gen: int
+    """The list's live generation; 0: nothing was ever written."""
+    block: builtins.list[str]  # builtins: "list" is a field here
+    allow: builtins.list[str]
+
+
+class BadEntryReport(_Body):
+    field: Literal["add", "remove"]
+    index: Annotated[int, Field(ge=0)]
+    entry: str | Absent = None
+    """Absent when the item is not a string."""
+    error: str
+
+
+class Error(_Body):
+    error: str
+    entry: str | Absent = None
+    """The bad entry as given (at most 200 characters)."""
+    entries: list[str] | Absent = None
+    """Entries both added and removed."""
+    bad_entries: list[BadEntryReport] | Absent = None
+    """Each bad entry of a bulk change (the first 100)."""
