@@ -14,9 +14,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from core.config import Config, parse_config
-from devtools.redis_server import RedisProcess
+from core.connect import connect
+from devtools.redis_server import LocalCluster, RedisProcess
 from service.app import create_app
 
 SEED_CONFIG: dict[str, Any] = {
@@ -36,6 +38,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real three-master Redis Cluster, started once for the tests that ask for it."""
+    running = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def cluster_redis(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    client = connect(cluster.url)
+    assert isinstance(client, RedisCluster)
+    await client.flushall()
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from redis.asyncio.cluster import RedisCluster
 
 from core import keys
 from core.config import REDIS_URL_ENV, Config
-from core.connect import connect
 from core.store import ListStore
 from devtools.redis_server import LocalCluster
 from loader.sync import sync_list
@@ -30,22 +29,6 @@ RATE_REJECT = [{"action": "reject", "operands": ["busy-here", "too-many-calls"]}
 PREFIX_REJECT = [{"action": "reject", "operands": ["decline", "premium"]}]
 ADMIN_TOKEN = "cluster-test-admin-token-0123456789"
 SEED_REST = "5162065614\n5162065615\n5162065616\n"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    running = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-async def cluster_redis(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
-    client = connect(cluster.url)
-    assert isinstance(client, RedisCluster)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 def cluster_config(cluster: LocalCluster, folder: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,29 +11,12 @@ from redis.asyncio.cluster import RedisCluster
 
 from core import keys
 from core.config import Config
-from core.connect import connect
 from devtools.redis_server import LocalCluster
 from loader.sync import SyncOptions, sync_list
 from tests.helpers import wait_for
 from tests.test_subscribers import PERSONAL, answer
 
 ADMIN_TOKEN = "cluster-subscribers-admin-token-01"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    running = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-async def cluster_redis(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
-    client = connect(cluster.url)
-    assert isinstance(client, RedisCluster)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 async def test_subscribers_spread_over_the_masters_and_calls_are_answered(
