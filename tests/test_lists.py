@@ -11,6 +11,7 @@ import pytest
 from core import keys
 from core.entries import BadEntry, canonical
 from core.store import unpack_bucket
+from service import lists as lists_module
 from service.lists import NameList, NumberList, PrefixList
 
 
@@ -142,3 +143,23 @@ def test_patterns_too_big_for_one_set_are_tried_one_by_one() -> None:
     assert names.pattern_set is None
     assert names.match("Caller07") == "re:^caller07$|x[a-z]{1000}"
     assert names.match("caller99") is None
+
+
+def test_a_names_list_remembers_answers_without_changing_them() -> None:
+    names = NameList(frozenset({"contains:warranty", "re:^v[0-9]{6}$", "robo caller"}))
+    calls = ["Car Warranty Dept", "V123456", "Jane Doe", "ROBO CALLER"] * 3
+    expected = ["contains:warranty", "re:^v[0-9]{6}$", None, "robo caller"] * 3
+    assert [names.match(name) for name in calls] == expected  # second and third: remembered
+    assert len(names.memo) == 4
+    # A changed list is a new object: nothing remembered carries over.
+    changed = NameList(frozenset({"contains:warranty"}))
+    assert changed.match("V123456") is None and changed.match("Car Warranty Dept")
+
+
+def test_the_names_memo_stays_under_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lists_module, "MEMO_NAMES", 10)
+    names = NameList(frozenset({"contains:warranty"}))
+    for i in range(35):
+        names.match(f"caller {i}")
+        assert len(names.memo) <= 10
+    assert names.match("warranty 9") == "contains:warranty"
