@@ -27,7 +27,6 @@ import pytest
 from redis.asyncio import Redis
 
 from devtools.redis_server import RedisProcess, free_port
-from service.connections import DRAIN_IDLE_S
 from tests.helpers import REJECT, body_from, load_list, wait_for
 from tests.procs import BLOCKLIST_CONFIG, ServiceProcess, scrape
 
@@ -117,7 +116,6 @@ async def test_sigterm_closes_idle_keepalive_connections_at_once(
         fields, answer = await _read_answer(reader)
         assert answer == REJECT and fields.get(b"connection") != b"close"
         idle.append((reader, writer))
-    await asyncio.sleep(DRAIN_IDLE_S + 0.2)  # idle keep-alive connections now
 
     service.signal(signal.SIGTERM)
     # Closed by the server itself at once, not left open until the 10 s shutdown timeout.
@@ -146,8 +144,7 @@ async def test_sigterm_answers_a_busy_connection_until_it_says_connection_close(
     answers = 0
     async with asyncio.timeout(5.0):
         while True:
-            await asyncio.sleep(0.02)  # a client making a call every 20 ms
-            writer.write(_request(BLOCKED))
+            writer.write(_request(BLOCKED))  # calls back to back
             fields, answer = await _read_answer(reader)
             assert answer == REJECT
             answers += 1
@@ -228,13 +225,17 @@ def _answered_at_least(count: Any, wanted: int) -> Any:
 
 
 # --- read timeouts and the connection cap --------------------------------------------------
-async def _slow_sender(port: int, stop: asyncio.Event, closed: list[bool]) -> None:
+async def _slow_sender(
+    port: int, stop: asyncio.Event, started: list[bool], closed: list[bool]
+) -> None:
     """A slowloris client: a request head sent one byte at a time, every 0.5 s."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
+        started.append(True)
         closed.append(True)
         return
+    started.append(True)
     head = b"POST /tg/main HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * 200
     try:
         for byte in head:
@@ -295,15 +296,16 @@ async def test_slow_senders_neither_starve_real_calls_nor_stay(
         overrides={"server": {**SERVER, "request_timeout_ms": 2000}},
     )
     stop = asyncio.Event()
+    started: list[bool] = []
     closed: list[bool] = []
     attackers = []
     for start in range(0, slow, 500):
         attackers += [
-            asyncio.create_task(_slow_sender(service.port, stop, closed))
+            asyncio.create_task(_slow_sender(service.port, stop, started, closed))
             for _ in range(min(500, slow - start))
         ]
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(1.0)
+        # A batch at a time, each connected before the next: the listen queue is short.
+        await wait_for(_answered_at_least(lambda: len(started), len(attackers)), timeout_s=60.0)
     answers = await _real_calls(service.url, 20)
     assert answers == [REJECT if i % 2 else [] for i in range(20)]
     # The read timeout (2 s) closes the slow connections long before their heads end.
@@ -327,12 +329,15 @@ async def test_a_client_hanging_up_mid_body_is_counted_not_an_internal_error(
     service = await _service(processes, tmp_path, redis_server.url)
     head = (
         b"POST /tg/main HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000\r\n\r\n" + BLOCKED[:20]
+        b"Expect: 100-continue\r\nContent-Length: 1000\r\n\r\n"
     )
     for abort in (False, True):
         sock = socket.create_connection(("127.0.0.1", service.port))
         sock.sendall(head)
-        await asyncio.sleep(0.2)  # the handler is waiting for the rest of the body
+        # "100 Continue" comes from inside the handler: it is reading the body now.
+        sock.settimeout(10.0)
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(BLOCKED[:20])
         if abort:  # RST instead of FIN
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -260,7 +261,13 @@ async def test_a_list_flushed_and_synced_again_between_two_polls_is_read_whole(
     await load_list(redis, "blocklist", "numbers", [LISTED])
     await cache.load_all()
     before = dict(cache.loaded)
-    await asyncio.sleep(0.01)  # sync stamps have millisecond resolution
+    # Sync stamps have millisecond resolution: the next sync must get a later one.
+    synced_ms = int(time.time() * 1000)
+
+    async def later() -> bool:
+        return int(time.time() * 1000) > synced_ms
+
+    await wait_for(later, timeout_s=1.0)
     await redis.flushall()
     await load_list(redis, "premium", "prefixes", ["1976"])
     await load_list(redis, "blocklist", "numbers", [UNLISTED])
