@@ -165,7 +165,8 @@ def _json(body: BaseModel, status: int = 200) -> web.Response:
     return web.Response(status=status, body=api.answer(body), content_type=_JSON)
 
 
-def _list_kind(request: web.Request) -> tuple[str, ListKind]:
+def list_kind(request: web.Request) -> tuple[str, ListKind]:
+    """The configured list a route names, and its kind; AdminError 400/404 otherwise."""
     name = request.match_info["name"]
     if not LIST_NAME_RE.fullmatch(name):
         raise AdminError(400, f"invalid list name {name[:80]!r}: use 1-64 of a-z, 0-9, '_', '-'")
@@ -238,7 +239,7 @@ async def list_lists(request: web.Request) -> web.Response:
 
 async def get_list(request: web.Request) -> web.Response:
     """``GET /v1/lists/{name}``: one list with its metadata."""
-    name, _ = _list_kind(request)
+    name, _ = list_kind(request)
     return _json(await _list_info(request, name))
 
 
@@ -248,7 +249,7 @@ async def check_entry(request: web.Request) -> web.Response:
     An entry not on the list is ``404``, like any resource that is not there (one just
     deleted included), with ``"listed": false`` for clients that read that.
     """
-    name, kind = _list_kind(request)
+    name, kind = list_kind(request)
     entry = _canonical(request, kind, request.match_info["entry"])
     if not await request.app[STORE].contains(name, kind, entry):
         not_listed = api.NotListed(list=name, entry=entry, listed=False, error="not on the list")
@@ -258,7 +259,7 @@ async def check_entry(request: web.Request) -> web.Response:
 
 async def add_entry(request: web.Request) -> web.Response:
     """``PUT /v1/lists/{name}/entries/{entry}``: add one entry (idempotent)."""
-    name, kind = _list_kind(request)
+    name, kind = list_kind(request)
     entry = _canonical(request, kind, request.match_info["entry"])
     version = await request.app[STORE].change(name, kind, add=[entry])
     logger.info("admin: added %r to list %s (version %d)", entry, name, version)
@@ -267,7 +268,7 @@ async def add_entry(request: web.Request) -> web.Response:
 
 async def remove_entry(request: web.Request) -> web.Response:
     """``DELETE /v1/lists/{name}/entries/{entry}``: remove one entry (idempotent)."""
-    name, kind = _list_kind(request)
+    name, kind = list_kind(request)
     entry = _canonical(request, kind, request.match_info["entry"])
     version = await request.app[STORE].change(name, kind, remove=[entry])
     logger.info("admin: removed %r from list %s (version %d)", entry, name, version)
@@ -283,7 +284,7 @@ async def bulk_change(request: web.Request) -> web.Response:
     its field and index. An entry may not be both added and removed. The change lands in
     one atomic step (:meth:`ListStore.change`).
     """
-    name, kind = _list_kind(request)
+    name, kind = list_kind(request)
     try:
         change = api.BulkChange.model_validate(await _read_json(request))
     except ValidationError as exc:

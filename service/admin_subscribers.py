@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from core.keys import LIST_NAME_RE
 from core.subscribers import (
     BadSubscriberEntry,
     Side,
@@ -32,7 +31,7 @@ from core.subscribers import (
     canonical_side,
     canonical_subscriber,
 )
-from service.admin import AdminError, admin_only
+from service.admin import AdminError, admin_only, list_kind
 from service.appkeys import CONFIG, REDIS
 
 logger = logging.getLogger(__name__)
@@ -51,14 +50,9 @@ def _json(body: Any) -> web.Response:
 
 def _target(request: web.Request) -> tuple[str, str]:
     """The subscribers list and the canonical subscriber of a request."""
-    name = request.match_info["name"]
-    if not LIST_NAME_RE.fullmatch(name):
-        raise AdminError(400, f"invalid list name {name[:80]!r}: use 1-64 of a-z, 0-9, '_', '-'")
-    spec = request.app[CONFIG].lists.get(name)
-    if spec is None:
-        raise AdminError(404, f"unknown list {name!r}")
-    if spec.kind != "subscribers":
-        raise AdminError(400, f"list {name!r} is a {spec.kind} list, not a subscribers list")
+    name, kind = list_kind(request)
+    if kind != "subscribers":
+        raise AdminError(400, f"list {name!r} is a {kind} list, not a subscribers list")
     country = request.app[CONFIG].caller.default_country
     try:
         return name, canonical_subscriber(request.match_info["subscriber"], country)
