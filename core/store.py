@@ -207,11 +207,6 @@ return redis.call('hincrby', KEYS[1], 'version', 1)
 """
 
 
-def _staged_key(name: str, what: str, token: str) -> str:
-    """A change being staged: under the list's hash tag, so the script may use it."""
-    return keys.staged_change(name, what, token)
-
-
 @dataclass(frozen=True, slots=True)
 class Deltas:
     gen: int
@@ -230,18 +225,6 @@ class ListStore:
         self.redis = redis
 
     # --- reading -------------------------------------------------------------------
-    async def poll(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
-        """``(gen, version)`` of each list; (0, 0) for a list never written."""
-        names = list(names)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hmget(keys.meta(name), "gen", "version")
-            replies = await pipe.execute()
-        return {
-            name: (int(gen or 0), int(version or 0))
-            for name, (gen, version) in zip(names, replies, strict=True)
-        }
-
     async def states(self, names: Iterable[str]) -> dict[str, ListState]:
         """The :class:`ListState` of each list, in one pipelined round trip."""
         names = list(names)
@@ -392,7 +375,7 @@ class ListStore:
         with the list.
         """
         token = secrets.token_hex(8)
-        staged = (_staged_key(name, "add", token), _staged_key(name, "remove", token))
+        staged = (keys.staged_change(name, "add", token), keys.staged_change(name, "remove", token))
         try:
             for key, entries in zip(staged, (add, remove), strict=True):
                 for start in range(0, len(entries), STAGE_CHUNK):

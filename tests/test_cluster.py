@@ -91,8 +91,8 @@ async def test_each_list_lives_in_one_slot_and_lists_spread_over_nodes(
         assert {cluster_redis.keyslot(k) for k in found} == {cluster_redis.keyslot(keys.meta(name))}
     # Six lists over three masters: the one poll pipeline has to span several nodes.
     assert len({node_of(cluster_redis, keys.meta(name)) for name in config.lists}) >= 2
-    versions = await ListStore(cluster_redis).poll(config.lists)
-    assert all(gen > 0 for gen, _ in versions.values())
+    states = await ListStore(cluster_redis).states(config.lists)
+    assert all(state.gen > 0 for state in states.values())
 
 
 def cluster_config_for_names(folder: Path) -> dict[str, Any]:

@@ -121,7 +121,7 @@ async def test_compaction_of_an_admin_only_list_and_a_change_during_it(
     assert await store.contains("cnam", "names", "spam caller")
 
     # A change that lands while a rebuild runs wins: the rebuild is dropped.
-    (version,) = [v for _, v in (await store.poll(["cnam"])).values()]
+    version = (await store.states(["cnam"]))["cnam"].version
     builder = await start_build(redis, "cnam", "names")
     await builder.add(["spam caller", "contains:warranty"])
     await builder.finish()

@@ -85,7 +85,7 @@ async def test_loaded_numbers_equal_normalise_for_every_shape(
     report = await sync_list(redis, config, "numbers", QUIET)
     expected = {n for n in map(normalise, shapes) if n is not None}
     buckets = await ListStore(redis).number_base(
-        "numbers", (await ListStore(redis).poll(["numbers"]))["numbers"][0]
+        "numbers", (await ListStore(redis).states(["numbers"]))["numbers"].gen
     )
     loaded = {str(n) for bucket in buckets for n in bucket}
     assert loaded == expected
@@ -174,7 +174,8 @@ async def test_an_identical_source_leaves_the_list_alone(
     config = blocklist_config(make_config, tmp_path)
     await sync_list(redis, config, "blocklist", QUIET)
     store = ListStore(redis)
-    ((gen, version),) = (await store.poll(["blocklist"])).values()
+    (state,) = (await store.states(["blocklist"])).values()
+    gen, version = state.gen, state.version
     first = await store.meta("blocklist")
     report = await sync_list(redis, config, "blocklist", QUIET)
     assert report.outcome == "unchanged"
