@@ -31,8 +31,9 @@ turns its metadata into :mod:`core.numbering_plan` (generated, ~210 kB): per cal
 code (and, for codes shared by several regions, per first national digits), one regular
 expression per national-number length: the union of the patterns of every number type
 of the regions that can own the number, tried in libphonenumber's order of regions
-(the generator's docstring says how). They are compiled here at import (~0.25 s)
-and the national prefixes are a plain dict, so neither function imports ``phonenumbers``.
+(the generator's docstring says how). Each is compiled the first time a number needs
+it (all of them at import would cost every process ~0.25 s), and the national prefixes
+are a plain dict, so neither function imports ``phonenumbers``.
 ``is_dialable`` is two dict look-ups and one ``fullmatch``: 0.1-0.5 µs a call, up to
 ~1.5 µs for the regions tried last of a shared code (+1 784 after the US and Canada,
 +44 7624 after GB and Guernsey).
@@ -106,33 +107,44 @@ _NANP_REJECTS = r"(?!\d11|\d{3}\d11|\d{3}55501)"
 _Fullmatch = Callable[[str], "re.Match[str] | None"]
 
 
-def _compile_plans() -> dict[str, dict[int, _Fullmatch]]:
-    """:data:`_PLANS`: first E.164 digits -> {E.164 length: fullmatch of the whole number}."""
-    compiled: dict[tuple[str, int], _Fullmatch] = {}
-    plans: dict[str, dict[int, _Fullmatch]] = {}
+def _plan_tables() -> dict[str, dict[int, str | _Fullmatch]]:
+    """:data:`_PLANS`: first E.164 digits -> {E.164 length: pattern of the whole number}.
+
+    The patterns stay source text until :func:`is_dialable` first needs one: compiling
+    all of them takes about 0.25 s, which every process (each worker, each loader run)
+    would pay at import though most see a few countries only.
+    """
+    plans: dict[str, dict[int, str | _Fullmatch]] = {}
     for key, (code, lengths) in PLANS.items():
-        table: dict[int, _Fullmatch] = {}
+        table: dict[int, str | _Fullmatch] = {}
         for national_length, index in lengths.items():
             size = len(code) + national_length
             if not MIN_DIALABLE_DIGITS <= size <= MAX_E164_DIGITS:
                 continue
             if code == "1" and size != 11:
                 continue  # libphonenumber's 7-digit Canadian 310-xxxx numbers: not callers
-            fullmatch = compiled.get((code, index))
-            if fullmatch is None:
-                rejects = _NANP_REJECTS if code == "1" else ""
-                pattern = re.compile(f"{code}{rejects}(?:{PATTERNS[index]})", re.ASCII)
-                fullmatch = compiled[code, index] = pattern.fullmatch
-            table[size] = fullmatch
+            rejects = _NANP_REJECTS if code == "1" else ""
+            table[size] = f"{code}{rejects}(?:{PATTERNS[index]})"
         # Keys shorter than _KEY_DIGITS (a two-digit code of a single region) stand for
-        # every key they begin.
+        # every key they begin: they share the one table, so a pattern compiled for one
+        # key serves them all.
         free = _KEY_DIGITS - len(key)
         for tail in range(10**free):
             plans[key + str(tail).zfill(free) if free else key] = table
     return plans
 
 
-_PLANS = _compile_plans()
+_PLANS = _plan_tables()
+#: Compiled patterns by source: several lengths and keys share one.
+_COMPILED: dict[str, _Fullmatch] = {}
+
+
+def _compiled(table: dict[int, str | _Fullmatch], size: int, source: str) -> _Fullmatch:
+    fullmatch = _COMPILED.get(source)
+    if fullmatch is None:
+        fullmatch = _COMPILED[source] = re.compile(source, re.ASCII).fullmatch
+    table[size] = fullmatch
+    return fullmatch
 
 
 def is_dialable(e164: str) -> bool:
@@ -161,8 +173,13 @@ def is_dialable(e164: str) -> bool:
     table = _PLANS.get(e164[:_KEY_DIGITS])
     if table is None:
         return False
-    fullmatch = table.get(len(e164))
-    return fullmatch is not None and fullmatch(e164) is not None
+    size = len(e164)
+    fullmatch = table.get(size)
+    if fullmatch is None:
+        return False
+    if isinstance(fullmatch, str):  # first use of this pattern in this process
+        fullmatch = _compiled(table, size, fullmatch)
+    return fullmatch(e164) is not None
 
 
 def normalise_prefix(raw: str) -> str | None:
