@@ -126,6 +126,12 @@ class CacheSettings(_Model):
     #: answers follow ``handler.on_error``. Raise it to serve slightly stale lists
     #: through short Redis outages instead.
     max_stale_ms: Annotated[int, Field(gt=0)] = 1000
+    #: Numbers lists are indexed once per host into a file every worker maps, instead of
+    #: one copy per worker (service/shared_lists.py). ``false``: each keeps its own.
+    share_lists: bool = True
+    #: Where the shared files' folder (one per service instance, mode 0700) is made;
+    #: ``null``: ``/dev/shm`` (memory) when usable, else the temp folder.
+    share_dir: str | None = None
 
     @model_validator(mode="after")
     def _stale_after_refresh(self) -> CacheSettings:

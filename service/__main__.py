@@ -22,6 +22,7 @@ from core.logs import configure_logging
 from core.version import VERSION
 from service.auth import check_secrets
 from service.serve import serve_one
+from service.shared_lists import parent_folder
 from service.workers import Supervisor, worker_count
 
 
@@ -58,6 +59,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     # Set by the supervisor for the workers it starts.
     parser.add_argument("--worker-id", help=argparse.SUPPRESS)
     parser.add_argument("--metrics-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--lists-dir", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -91,11 +93,17 @@ def main(argv: list[str] | None = None) -> int:
             metrics_dir=args.metrics_dir,
             worker_id=args.worker_id,
             operator=operator,
+            lists_dir=args.lists_dir,
         )
     if args.workers is not None and args.workers < 0:
         print("--workers must be 0 (one per core) or more", file=sys.stderr)
         return 2
     workers = worker_count(args.workers if args.workers is not None else config.server.workers)
+    try:
+        share_parent = parent_folder(config.cache.share_dir)
+    except ValueError as exc:
+        print(f"config error:\n{args.config}: {exc}", file=sys.stderr)
+        return 2
     if workers == 1:
         return serve_one(config, host, port, operator=operator)
     worker_argv = [
@@ -103,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         "--log-level", args.log_level,
         "--log-format", log_format,
     ]  # fmt: skip
-    return Supervisor(host, port, workers, worker_argv, operator=operator).run()
+    return Supervisor(
+        host,
+        port,
+        workers,
+        worker_argv,
+        operator=operator,
+        share_parent=share_parent if config.cache.share_lists else None,
+    ).run()
 
 
 if __name__ == "__main__":

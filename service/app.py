@@ -1,7 +1,9 @@
 """The aiohttp application factory: ``create_app(config)``, no I/O until it starts.
 
 Resources are set up by ``cleanup_ctx`` generators, in order: the Redis client, then the
-list cache with its refresh task (which needs the client). The service starts whether or
+list cache with its refresh task (which needs the client) and the folder its numbers
+bases are shared through (service/shared_lists.py): the supervisor's, for a worker, or
+one of its own, removed when the app stops. The service starts whether or
 not Redis answers; ``/readyz`` says when it is ready, and the refresher reconnects by
 itself.
 """
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -29,6 +32,14 @@ from service.handlers import explain, healthz, readyz, screen
 from service.lists import ListObject
 from service.metrics import Metrics
 from service.screen import Screener
+from service.shared_lists import (
+    SharedBases,
+    UnsafeFolder,
+    configure_allocator,
+    make_folder,
+    parent_folder,
+    remove_folder,
+)
 
 logger = logging.getLogger(__name__)
 #: How long start-up waits for the first list load before serving anyway.
@@ -41,11 +52,14 @@ def create_app(
     redis: RedisClient | None = None,
     registry: CollectorRegistry | None = None,
     operator_routes: bool = True,
+    lists_dir: Path | None = None,
 ) -> web.Application:
     """Build the service. A ``redis`` client passed in is used as is and not closed.
 
     ``operator_routes=False`` leaves out the admin API, explain and /metrics: they are
     then served by :func:`create_operator_app` on a listener of their own.
+    ``lists_dir``: the folder numbers bases are shared through, made by the supervisor
+    for all its workers (left in place); without it, the app makes its own.
     """
     # No middleware: errors are answered per route (see service/errors.py).
     app = web.Application(client_max_size=config.server.max_body_bytes)
@@ -54,7 +68,7 @@ def create_app(
     app[METRICS] = Metrics(config, app[REGISTRY])
     app[AUTH] = HandlerAuth(config, app[METRICS])  # secrets from the environment
     app.cleanup_ctx.append(_redis_ctx(redis))
-    app.cleanup_ctx.append(_lists_ctx)
+    app.cleanup_ctx.append(_lists_ctx(lists_dir))
 
     app.router.add_post("/", screen)
     app.router.add_post("/tg/{trunk_group}", screen)
@@ -124,26 +138,62 @@ def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]
     return redis_ctx
 
 
-async def _lists_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    metrics = app[METRICS]
-    kinds = {name: spec.kind for name, spec in config.lists.items()}
-    cache = ListCache(app[STORE], kinds, config.cache)
-
-    def loaded(name: str, copy: ListObject, synced_at: float) -> None:
-        metrics.list_entries.labels(name).set(copy.size)
-        metrics.list_synced.labels(name).set(synced_at)
-
-    cache.on_load = loaded
-    cache.on_poll = metrics.redis_poll.observe
-    app[CACHE] = cache
-    app[SCREENER] = Screener(config, cache, app[STORE], metrics)
-    # Serve with the lists loaded when Redis is there; start anyway when it is not.
+def _shared_bases(
+    config: Config, given: Path | None
+) -> tuple[SharedBases | None, tuple[Path, int] | None]:
+    """The shared numbers bases, and the folder made here with its owner lock, if any."""
+    if not config.cache.share_lists:
+        return None, None
+    made = None
     try:
-        async with asyncio.timeout(STARTUP_LOAD_WAIT_S):
-            await cache.load_all()
-    except Exception as exc:
-        logger.warning("lists not loaded at start-up (%s); serving by on_error until they are", exc)
-    refresher = asyncio.create_task(cache.run(), name="list-refresher")
-    yield
-    await cache.close(refresher)
+        folder = given
+        if folder is None:
+            made = make_folder(parent_folder(config.cache.share_dir))
+            folder = made[0]
+        return SharedBases(folder), made
+    except (OSError, ValueError, UnsafeFolder) as exc:
+        logger.error("numbers lists are not shared (%s): this process keeps its own copies", exc)
+        if made is not None:
+            remove_folder(*made)
+        return None, None
+
+
+def _lists_ctx(lists_dir: Path | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lists_ctx(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        metrics = app[METRICS]
+        kinds = {name: spec.kind for name, spec in config.lists.items()}
+        configure_allocator()  # before the first list is indexed (service/shared_lists.py)
+        shared, made = _shared_bases(config, lists_dir)
+        cache = ListCache(app[STORE], kinds, config.cache, shared=shared)
+        cache.share_wanted = config.cache.share_lists
+
+        def loaded(name: str, copy: ListObject, synced_at: float) -> None:
+            metrics.list_entries.labels(name).set(copy.size)
+            metrics.list_synced.labels(name).set(synced_at)
+
+        cache.on_load = loaded
+        cache.on_private = lambda name: metrics.list_private_copies.labels(name).inc()
+        cache.on_poll = metrics.redis_poll.observe
+        app[CACHE] = cache
+        app[SCREENER] = Screener(config, cache, app[STORE], metrics)
+        # Serve with the lists loaded when Redis is there; start anyway when it is not.
+        try:
+            async with asyncio.timeout(STARTUP_LOAD_WAIT_S):
+                await cache.load_all()
+        except Exception as exc:
+            logger.warning(
+                "lists not loaded at start-up (%s); serving by on_error until they are", exc
+            )
+        refresher = asyncio.create_task(cache.run(), name="list-refresher")
+        try:
+            yield
+        finally:
+            await cache.close(refresher)
+            if shared is not None:
+                shared.close()
+            if made is not None:
+                # Mapped files stay readable until the last list object using them goes.
+                remove_folder(*made)
+
+    return lists_ctx

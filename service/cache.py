@@ -44,12 +44,21 @@ A ``subscribers`` list is polled like the others, and the same trust rules apply
 :class:`service.lists.SubscriberList`), which calls use to read their subscriber's
 entries from Redis. Its data lives in buckets on other slots than ``meta``: a loss of
 some buckets alone (a Cluster master failed over to a lagging replica while the
-``meta`` slot's master kept its data) is not noticed; see docs/subscribers.md.
+``meta`` slot's master kept its data) is noticed per call, by the bucket's ``_gen``
+marker read in the same round trip, and answered by ``on_error`` (``list_lost``) while
+``/readyz`` stays 200; see docs/subscribers.md.
 
 Reloads build the list objects off the event loop (numpy and RE2 work, sets of tens of
 thousands of entries) so answers keep flowing while a large change lands, and the last
 base of each prefixes or names list is kept so that a delta-only change reads the
 deltas alone.
+
+Numbers bases are shared between the workers of a host when the cache is given a
+:class:`service.shared_lists.SharedBases`: one worker indexes a new base into a file
+the others map, instead of each building its own copy (see that module). Where the
+file cannot be shared, this worker builds a private copy as before and says so in the
+log. Each new base put in use is logged at INFO with where it came from and how long
+it took; delta-only reloads at DEBUG.
 """
 
 from __future__ import annotations
@@ -58,13 +67,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from core.config import CacheSettings, ListKind
-from core.store import ListState, ListStore
+from core.store import Deltas, ListState, ListStore
 from service.lists import ListObject, NameList, NumberList, PrefixList, SubscriberList
 from service.ratelimit import RateLimitedLog
+from service.shared_lists import SharedBases, SharingFailed, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +126,13 @@ def _set_list(
     return PrefixList(entries) if kind == "prefixes" else NameList(entries)
 
 
+def _private_numbers(held: list[list[array[int]]], deltas: Deltas) -> NumberList:
+    """A numbers copy of this process's own; run in a thread. Empties ``held``: a finished
+    ``to_thread`` call may keep its arguments until the next garbage collection, and
+    the buckets are as large as the list (see service/shared_lists.py)."""
+    return NumberList(held.pop(), deltas.adds, deltas.dels)
+
+
 class ListCache:
     """Local, read-only copies of the configured lists."""
 
@@ -126,8 +144,11 @@ class ListCache:
         clock: Callable[[], float] = time.monotonic,
         *,
         sourced: Iterable[str] = (),
+        shared: SharedBases | None = None,
     ) -> None:
         self.store = store
+        #: Where numbers bases are shared with the host's other workers (None: private).
+        self.shared = shared
         self.kinds = dict(kinds)
         self.refresh_s = settings.refresh_ms / 1000
         self.max_stale_s = settings.max_stale_ms / 1000
@@ -152,6 +173,12 @@ class ListCache:
         self.on_poll: Callable[[float], None] | None = None
         #: Called after a list is (re)loaded: name, new copy, last full sync (epoch s).
         self.on_load: Callable[[str, ListObject, float], None] | None = None
+        #: Whether numbers bases should be shared: with :attr:`shared` None (the folder
+        #: could not be made) each numbers load then counts as a private copy.
+        self.share_wanted = shared is not None
+        #: Called with the list's name when a numbers base is indexed privately although
+        #: sharing was wanted (memory per worker grows by the list's size).
+        self.on_private: Callable[[str], None] | None = None
 
     def usable(self) -> bool:
         """Whether the copy was confirmed against Redis recently enough to decide on."""
@@ -260,6 +287,8 @@ class ListCache:
             current = self.lists.get(name)
             copy = self.loaded.get(name)
             same_base = copy is not None and copy.base == state.base
+            started = time.perf_counter()
+            how = ""  # set when a new numbers base is put in use
             fresh: ListObject
             # Every copy is built in a thread: indexing 10 M numbers, or sets, sorts and
             # RE2 compilation over tens of thousands of names, would stall the answers
@@ -273,8 +302,7 @@ class ListCache:
                 if isinstance(current, NumberList) and same_base:
                     fresh = await asyncio.to_thread(current.with_deltas, deltas.adds, deltas.dels)
                 else:
-                    buckets = await self.store.number_base(name, state.gen)
-                    fresh = await asyncio.to_thread(NumberList, buckets, deltas.adds, deltas.dels)
+                    fresh, how = await self._number_list(name, deltas)
             else:
                 base = await self._set_base(name, state)
                 fresh = await asyncio.to_thread(_set_list, kind, base, deltas.adds, deltas.dels)
@@ -295,7 +323,50 @@ class ListCache:
             )
         if self.on_load is not None:
             self.on_load(name, fresh, deltas.synced_at)
-        logger.debug("list %r: loaded gen %d version %d", name, state.gen, state.version)
+        if how:
+            logger.info(
+                "list %r: gen %d in use, %d numbers (%s, %.3f s)",
+                name, state.gen, fresh.size, how, time.perf_counter() - started,
+            )  # fmt: skip
+            # ``current`` holds the last reference to the old base: let it go in a thread
+            # (unmapping a shared file takes ms) and hand the memory freed since the
+            # indexing began back to the system (see service/shared_lists.py).
+            dropped: list[object] = [current]
+            del current, fresh
+            await asyncio.to_thread(release_free_memory, dropped)
+        else:
+            logger.debug("list %r: loaded gen %d version %d", name, state.gen, state.version)
+
+    async def _number_list(self, name: str, deltas: Deltas) -> tuple[NumberList, str]:
+        """A numbers list on a new base, and how it was obtained (for the log).
+
+        From the shared file when there is a folder to share through (and a base to
+        share: ``gen`` 0 has none), else indexed here from Redis.
+        """
+        state = deltas.state
+        if self.shared is not None and state.gen:
+            try:
+                got = await self.shared.numbers(
+                    name, state, lambda: self.store.number_base(name, state.gen)
+                )
+            except SharingFailed as exc:
+                self._warn.warning(
+                    "list %r: cannot share gen %d (%s); this worker builds a private copy",
+                    name, state.gen, exc,
+                )  # fmt: skip
+                if self.on_private is not None:
+                    self.on_private(name)
+            else:
+                fresh = await asyncio.to_thread(
+                    NumberList.from_base, got.mapped.base, deltas.adds, deltas.dels
+                )
+                waited = f", waited {got.waited_s:.3f} s for the lock" if got.waited_s else ""
+                return fresh, f"shared file {got.how}{waited}: {got.mapped.path}"
+        elif self.share_wanted and state.gen and self.on_private is not None:
+            self.on_private(name)
+        held = [await self.store.number_base(name, state.gen)]
+        fresh = await asyncio.to_thread(_private_numbers, held, deltas)
+        return fresh, "private copy"
 
     async def run(self) -> None:
         """Poll until :meth:`close`; errors are logged at a limited rate and retried.

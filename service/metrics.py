@@ -143,6 +143,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        self.list_private_copies = Counter(
+            "callscreen_list_private_copies_total",
+            "Numbers lists this worker indexed into memory of its own because the shared "
+            "folder (cache.share_dir) could not be used.",
+            ["list"],
+            registry=registry,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         ProcessCollector(registry=registry)
         Info(
@@ -169,6 +176,8 @@ class Metrics:
         for name in config.lists:
             self.list_entries.labels(name)
             self.list_synced.labels(name)
+            if config.lists[name].kind == "numbers":
+                self.list_private_copies.labels(name)
 
     def decided(self, trunk_group: str, action: str, rule: str, dry_run: bool = False) -> None:
         self.decisions.counts[(trunk_group, action, rule, dry_run)] += 1

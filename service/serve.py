@@ -65,12 +65,14 @@ def serve_one(
     metrics_dir: Path | None = None,
     worker_id: str | None = None,
     operator: tuple[str, int] | None = None,
+    lists_dir: Path | None = None,
 ) -> int:
     """Run the service in this process until SIGTERM/SIGINT; returns the exit status.
 
     With ``metrics_dir`` and ``worker_id`` this process is one worker of a
     :class:`service.workers.Supervisor`: it binds with ``SO_REUSEPORT``, shares its
-    metrics through the folder, and stops if the supervisor goes away.
+    metrics through the folder (and its numbers lists through ``lists_dir``), and stops
+    if the supervisor goes away.
     """
     from service.app import create_app, create_operator_app
 
@@ -79,11 +81,13 @@ def serve_one(
         registry = SharedRegistry(metrics_dir, worker_id)
     else:
         registry = CollectorRegistry()
-    app = create_app(config, registry=registry, operator_routes=operator is None)
+    app = create_app(
+        config, registry=registry, operator_routes=operator is None, lists_dir=lists_dir
+    )
     operator_app = create_operator_app(app) if operator is not None else None
     if isinstance(registry, SharedRegistry):
         # Cleaned up in reverse: the last snapshot is written before an orphan's clean-up.
-        app.cleanup_ctx.append(_orphan_ctx(os.getppid(), registry.folder))
+        app.cleanup_ctx.append(_orphan_ctx(os.getppid(), registry.folder, lists_dir))
         app.cleanup_ctx.append(_flush_ctx(registry))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(
@@ -192,9 +196,9 @@ def _flush_ctx(registry: SharedRegistry) -> Callable[[web.Application], AsyncIte
 
 
 def _orphan_ctx(
-    parent_pid: int, metrics_dir: Path
+    parent_pid: int, metrics_dir: Path, lists_dir: Path | None = None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Stop when the supervisor is gone; then remove the metrics folder it cannot."""
+    """Stop when the supervisor is gone; then remove the folders it cannot (metrics, lists)."""
     orphaned = False
 
     async def orphan_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -216,5 +220,7 @@ def _orphan_ctx(
             await task
         if orphaned:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            if lists_dir is not None:
+                shutil.rmtree(lists_dir, ignore_errors=True)
 
     return orphan_ctx

@@ -13,8 +13,11 @@
   in-flight requests, closes Redis and exits (see :mod:`service.serve`); the
   supervisor exits 0 when all of them did.
 
-Decisions: workers are fresh interpreters (not forks), so nothing is shared by accident
-and each builds its own list copies. They sit in their own process groups so a
+Decisions: workers are fresh interpreters (not forks), so nothing is shared by accident.
+What is shared is shared on purpose, through folders the supervisor makes and removes:
+the metrics snapshots, and the numbers-list files every worker maps (``--lists-dir``,
+a 0700 folder under ``cache.share_dir``; see :mod:`service.shared_lists`), so N workers
+hold one copy of each numbers list. They sit in their own process groups so a
 terminal's Ctrl-C reaches the supervisor only and each worker gets exactly one signal
 (a second one would be ignored anyway). A worker whose supervisor
 vanished (killed with SIGKILL) notices within a second and stops gracefully.
@@ -43,6 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from service.multiproc import retire, snapshot, write_json
 from service.serve import SHUTDOWN_TIMEOUT_S
+from service.shared_lists import make_folder, remove_folder
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +136,12 @@ class Supervisor:
         worker_argv: Sequence[str],
         *,
         operator: tuple[str, int] | None = None,
+        share_parent: Path | None = None,
     ) -> None:
         """``worker_argv``: arguments for ``python -m service`` that every worker gets;
-        ``operator``: the admin/metrics listener's address, shared by the workers too."""
+        ``operator``: the admin/metrics listener's address, shared by the workers too;
+        ``share_parent``: where to make the folder the workers share numbers lists
+        through (None: they do not share)."""
         self.host = host
         self.port = port
         self.operator = operator
@@ -145,6 +152,9 @@ class Supervisor:
         self._registry = CollectorRegistry()
         self._metrics = SupervisorMetrics(self._registry, workers)
         self._folder = Path()
+        self.share_parent = share_parent
+        #: The shared lists folder and the descriptor holding it (see make_folder).
+        self._lists: tuple[Path, int] | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; 0 when every worker stopped cleanly."""
@@ -164,6 +174,14 @@ class Supervisor:
                 return 1
             self.operator = (self.operator[0], reserved_operator.getsockname()[1])
         self._folder = Path(tempfile.mkdtemp(prefix="callscreen-metrics-"))
+        if self.share_parent is not None:
+            try:
+                self._lists = make_folder(self.share_parent)
+            except OSError as exc:
+                logger.error(
+                    "cannot make a folder in %s to share lists through (%s): each worker "
+                    "keeps its own copies", self.share_parent, exc,
+                )  # fmt: skip
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -191,6 +209,8 @@ class Supervisor:
             if reserved_operator is not None:
                 reserved_operator.close()
             shutil.rmtree(self._folder, ignore_errors=True)
+            if self._lists is not None:
+                remove_folder(*self._lists)
 
     def _install_signals(self, wake_fd: int) -> dict[int, Any]:
         def stop(signum: int, frame: FrameType | None) -> None:
@@ -230,6 +250,8 @@ class Supervisor:
             "--host", self.host, "--port", str(self.port),
             "--worker-id", worker.worker_id, "--metrics-dir", str(self._folder),
         ]  # fmt: skip
+        if self._lists is not None:
+            argv += ["--lists-dir", str(self._lists[0])]
         if self.operator is None:
             argv += ["--admin-port", "none"]
         else:
