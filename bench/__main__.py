@@ -7,7 +7,9 @@ Steps: generate the workload; start a private redis-server on a free port; time
 and the loader's peak memory; measure decision cost against list size; then start the
 service and the bare-aiohttp baseline with the same worker count and drive both with
 wrk (same bodies, duration and connections), alternating rounds so both see the same
-machine noise, after checking a sample of the service's answers.
+machine noise, after checking a sample of the service's answers. Last, the
+per-subscriber list (bench/subscribers.py, ``--subscribers N``, 0 to skip): its full
+sync, Redis bytes per pair, and a trunk group reading it served beside the local-only one.
 
 Everything it starts (Redis, servers) is stopped at the end, and its temporary folder
 removed unless ``--keep``.
@@ -31,7 +33,7 @@ import orjson
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import decision, load, machine, servers, storage
+from bench import decision, load, machine, servers, storage, subscribers
 from bench.report import Report
 from bench.workload import (
     CLASS_SHARES,
@@ -73,6 +75,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default="1000,10000,100000,1000000,10000000",
         help="list sizes for the decision-cost micro-benchmark",
     )
+    subscribers.add_arguments(parser)
     parser.add_argument("--skip-http", action="store_true", help="only the Redis/loader parts")
     parser.add_argument("--folder", type=Path, help="work folder (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -312,9 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         done()
         server = RedisProcess(work / "redis").start()
         service_port = free_port()
-        config = write_config(
-            work / "bench.yaml", bench_config(files, server.url, service_port, args.workers)
-        )
+        base_config = bench_config(files, server.url, service_port, args.workers)
+        config = write_config(work / "bench.yaml", base_config)
         results["storage"] = run_storage(work, workload, config, server)
         report.storage(results["storage"])
 
@@ -335,6 +337,18 @@ def main(argv: list[str] | None = None) -> int:
                 env=env,
             )
             report.http(results["http"])
+
+        if args.subscribers > 0:
+            results["subscribers"] = subscribers.run(
+                args,
+                work=work,
+                server=server,
+                base_config=base_config,
+                local_bodies=files.bodies,
+                env=_child_env(server.url),
+                step=_step,
+            )
+            report.subscribers(results["subscribers"])
     finally:
         if server is not None:
             server.stop()
@@ -345,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2, default=str))
     # Missed targets are reported, not failures; wrong answers are.
-    return 1 if results.get("http", {}).get("answers", {}).get("wrong") else 0
+    wrong = results.get("http", {}).get("answers", {}).get("wrong")
+    wrong_subscribers = (
+        results.get("subscribers", {}).get("http", {}).get("answers", {}).get("wrong")
+    )
+    return 1 if wrong or wrong_subscribers else 0
 
 
 if __name__ == "__main__":

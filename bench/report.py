@@ -176,6 +176,93 @@ class Report:
             "sampled answers right", answers["wrong"] == 0, f"{answers['checked']} checked"
         )
 
+    def subscribers(self, s: dict[str, Any]) -> None:
+        """The per-subscriber list (bench/subscribers.py): sync, memory, serving."""
+        args = self.args
+        encodings = ", ".join(f"{n:,} {name}" for name, n in sorted(s["encodings"].items()))
+        self.lines += [
+            "",
+            f"Per-subscriber list ({s['subscribers']:,} subscribers, {s['pairs']:,} pairs; "
+            f"{s['subscribers_per_bucket']:.1f} subscribers a bucket)",
+            f"  loader full sync (whole process)        {s['loader_s']:8.2f} s"
+            f"   ({s['loader_pairs_per_s']:,.0f} pairs/s; peak RSS "
+            f"{s['loader_peak_rss_mib']:.0f} MiB)",
+            f"  Redis memory, MEMORY USAGE of buckets   {s['bytes_per_pair']:8.1f} B/pair"
+            f"   (markers {s['marker_bytes_per_pair']:.2f} B/pair of it; "
+            f"used_memory grew {s['used_memory_per_pair']:.1f} B/pair)",
+            f"  bucket encodings: {encodings}",
+        ]
+        dense = s.get("dense")
+        if dense:
+            self.lines.append(
+                f"  at the 10 M-subscriber density ({dense['subscribers_per_bucket']} a bucket, "
+                f"{dense['encoding']}, built aside): {dense['bytes_per_pair']:.1f} B/pair "
+                f"(markers {dense['marker_bytes_per_pair']:.3f}), "
+                f"{dense['gb_for_100m_pairs']:.2f} GB for 100 M pairs"
+            )
+        h = s.get("http")
+        if not h:
+            return
+        runs = h["runs"]
+        self.lines += [
+            f"  HTTP ({h['tool']}, {args.connections} connections, {args.workers} worker(s), "
+            f"{args.subscriber_rounds} x {args.duration} s per trunk group, rounds alternating,"
+            " one service)",
+            f"  {'policy':30} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
+        ]
+        labels = {"local": "local lists only", "subscribers": "subscriber + call rate"}
+        for name in ("local", "subscribers"):
+            results = runs[name]
+            self.lines.append(
+                f"  {labels[name]:30} {mean(r['rps'] for r in results):>10,.0f}"
+                f" {mean(r['p50_ms'] for r in results):>8.2f}"
+                f" {mean(r['p99_ms'] for r in results):>8.2f}"
+                f" {sum(r['errors'] for r in results):>7}"
+            )
+        paced = h.get("paced") or {}
+        for name, r in paced.items():
+            self.lines.append(
+                f"  {labels[name] + ', paced':30} {r['rps']:>10,.0f} {r['p50_ms']:>8.2f}"
+                f" {r['p99_ms']:>8.2f} {r['errors']:>7}"
+            )
+        pairs = [
+            sub["rps"] / local["rps"]
+            for local, sub in zip(runs["local"], runs["subscribers"], strict=True)
+        ]
+        self.lines.append(
+            f"  ratio subscribers/local: {median(pairs):.3f} (paired rounds: "
+            + ", ".join(f"{p:.2f}" for p in pairs)
+            + ")"
+        )
+        redis_ms = h["redis_mean_ms"]
+        on_error = h["on_error"]
+        self.lines.append(
+            f"  Redis round trips: {h['redis_round_trips']:,.0f} for {h['calls']:,.0f} calls "
+            "to the subscriber trunk group"
+            + (
+                f" (mean {redis_ms:.2f} ms, waiting for the event loop included)"
+                if redis_ms is not None
+                else ""
+            )
+        )
+        answers = h["answers"]
+        self.lines.append(
+            f"  answers checked: {answers['checked']}, wrong: {answers['wrong']}; "
+            f"rejects counted under load: {_share(h['reject_share_counted'])} "
+            f"(bodies blocked: {_share(h['reject_share_expected'])}); on_error answers: "
+            + (", ".join(f"{k} {v:,.0f}" for k, v in sorted(on_error.items())) or "none")
+        )
+        self._target(
+            "subscriber answers right", answers["wrong"] == 0, f"{answers['checked']} checked"
+        )
+        self._target(
+            "subscriber calls decided within the deadline",
+            not on_error,
+            "no on_error answer under load"
+            if not on_error
+            else ", ".join(f"{k} {v:,.0f}" for k, v in sorted(on_error.items())),
+        )
+
     def print(self) -> None:
         print("\n".join(["", *self.lines, "", "Targets", *self._target_lines]))
 

@@ -17,6 +17,20 @@ unlisted      75 %    on no list, with an ordinary name
 The first three are the workload's "20 % blocked". General callers are NANP numbers whose
 area code is never 809, 900 or 976: those are kept for the prefix list, so no
 ordinary caller can match a prefix by chance.
+
+The per-subscriber part (bench/subscribers.py) has its own list and bodies
+(:func:`write_subscribers`): ``subscribers`` subscribers with ``entries`` entries each
+(11-digit numbers: all on the block side but the last, on the allow side), as CSV rows
+``subscriber,entry[,side]``; and bodies calling a subscriber of the list, in three
+classes:
+
+============  ======  ==========================================================
+class         share   caller
+============  ======  ==========================================================
+sub_block     20 %    one of the called subscriber's block entries
+sub_allow     5 %     the called subscriber's allow entry
+sub_unlisted  75 %    on none of the called subscriber's entries
+============  ======  ==========================================================
 """
 
 from __future__ import annotations
@@ -48,6 +62,15 @@ ANSWERS: dict[str, list[dict[str, Any]]] = {
     "unlisted": [],
 }
 TRUNK_GROUP = "bench"
+#: The per-subscriber part: its list, trunk group, classes and answers.
+SUBSCRIBER_LIST = "personal"
+SUBSCRIBER_TRUNK_GROUP = "subscribers"
+SUBSCRIBER_CLASS_SHARES = {"sub_block": 0.20, "sub_allow": 0.05, "sub_unlisted": 0.75}
+SUBSCRIBER_ANSWERS: dict[str, list[dict[str, Any]]] = {
+    "sub_block": [{"action": "reject", "operands": ["decline", "subscriber-block"]}],
+    "sub_allow": [],
+    "sub_unlisted": [],
+}
 #: Area codes only the prefix list uses.
 PREFIX_NPAS = (809, 900, 976)
 _FIRST = (
@@ -192,10 +215,14 @@ def _user_form(rng: random.Random, number: str) -> str:
     return "+" + number
 
 
-def request_body(rng: random.Random, caller: str, name: str) -> dict[str, Any]:
-    """A CarrierX external-handler body for one call from ``caller``."""
+def request_body(
+    rng: random.Random, caller: str, name: str, called: str | None = None
+) -> dict[str, Any]:
+    """A CarrierX external-handler body for one call from ``caller`` (to ``called``, else
+    a random number)."""
     host = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
-    called = f"1{rng.choice((212, 312, 415, 516, 617, 951))}{rng.randrange(2_000_000, 10**7)}"
+    drawn = f"1{rng.choice((212, 312, 415, 516, 617, 951))}{rng.randrange(2_000_000, 10**7)}"
+    called = drawn if called is None else called  # drawn anyway: same bodies for a seed
     user = _user_form(rng, caller)
     tag = f"{rng.getrandbits(32):08x}"
     body: dict[str, Any] = {
@@ -331,14 +358,157 @@ def check_answer(cls: str, status: int, body: bytes) -> str | None:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
         return f"{cls}: answer is not JSON: {body[:200]!r}"
-    if answer != ANSWERS[cls]:
-        return f"{cls}: expected {ANSWERS[cls]}, got {answer}"
+    expected = ANSWERS.get(cls, SUBSCRIBER_ANSWERS.get(cls))
+    if answer != expected:
+        return f"{cls}: expected {expected}, got {answer}"
     return None
 
 
 def sample(workload: Workload, per_class: int) -> list[int]:
     """Indexes of up to ``per_class`` bodies of each class, for answer checks."""
     picked: dict[str, list[int]] = {cls: [] for cls in CLASS_SHARES}
+    for i, cls in enumerate(workload.classes):
+        if len(picked[cls]) < per_class:
+            picked[cls].append(i)
+    return [i for indexes in picked.values() for i in indexes]
+
+
+# --- per-subscriber lists -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SubscriberSizes:
+    subscribers: int = 100_000
+    #: Entries per subscriber: all on the block side but the last, on the allow side.
+    entries: int = 10
+    bodies: int = 20_000
+    #: Subscribers the bodies call (their entries are kept to build the bodies).
+    called: int = 5_000
+
+
+@dataclass(slots=True)
+class SubscriberWorkload:
+    """The subscribers CSV written, and bodies calling its subscribers, with their classes."""
+
+    path: Path
+    #: Rows written (pairs before the loader de-duplicates the odd repeated entry).
+    rows: int
+    bodies: list[bytes]
+    classes: list[str]
+
+
+#: Subscribers generated and written per step: memory stays flat at 10 M subscribers.
+SUBSCRIBER_CHUNK = 200_000
+
+
+def _nanp_numbers(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    """NANP-shaped numbers (not necessarily distinct), as :func:`random_numbers` draws them."""
+    npas = _nanp_codes(PREFIX_NPAS)
+    nxxs = _nanp_codes((555,))
+    numbers: np.ndarray[Any, Any] = (
+        10_000_000_000
+        + rng.choice(npas, shape) * 10_000_000
+        + rng.choice(nxxs, shape) * 10_000
+        + rng.integers(0, 10_000, shape)
+    ).astype(np.uint64)
+    return numbers
+
+
+def write_subscribers(path: Path, sizes: SubscriberSizes, seed: int = 2025) -> SubscriberWorkload:
+    """Write the subscribers list as CSV and build bodies that call its subscribers.
+
+    Streamed ``SUBSCRIBER_CHUNK`` subscribers at a time (10 M subscribers x 10 entries
+    is a 3 GB file); the entries of ``sizes.called`` subscribers picked at random are
+    kept for the bodies.
+    """
+    rng = np.random.default_rng(seed)
+    prng = random.Random(seed)
+    count, per = sizes.subscribers, sizes.entries
+    subscribers = random_numbers(rng, count)
+    picked = set(rng.choice(count, min(sizes.called, count), replace=False).tolist())
+    kept: dict[str, list[str]] = {}
+    rows = 0
+    with path.open("w", encoding="ascii") as out:
+        out.write("subscriber,entry,side\n")
+        for start in range(0, count, SUBSCRIBER_CHUNK):
+            chunk = subscribers[start : start + SUBSCRIBER_CHUNK].tolist()
+            entries = _nanp_numbers(rng, (len(chunk), per)).tolist()
+            lines: list[str] = []
+            for offset, (subscriber, row) in enumerate(zip(chunk, entries, strict=True)):
+                lines += [f"{subscriber},{entry}" for entry in row[:-1]]
+                lines.append(f"{subscriber},{row[-1]},allow")
+                if start + offset in picked:
+                    kept[str(subscriber)] = [str(entry) for entry in row]
+            out.write("\n".join(lines))
+            out.write("\n")
+            rows += len(lines)
+    bodies, classes = _subscriber_bodies(prng, rng, kept, sizes.bodies)
+    return SubscriberWorkload(path, rows, bodies, classes)
+
+
+def _subscriber_bodies(
+    prng: random.Random, rng: np.random.Generator, kept: dict[str, list[str]], count: int
+) -> tuple[list[bytes], list[str]]:
+    """``count`` bodies calling the ``kept`` subscribers, in the classes' shares, shuffled."""
+    called = sorted(kept)
+    counts = {cls: int(count * share) for cls, share in SUBSCRIBER_CLASS_SHARES.items()}
+    counts["sub_unlisted"] += count - sum(counts.values())
+    strangers = iter(_nanp_numbers(rng, (counts["sub_unlisted"],)).tolist())
+    calls: list[tuple[str, str, str]] = []
+    for cls, n in counts.items():
+        for _ in range(n):
+            subscriber = prng.choice(called)
+            entries = kept[subscriber]
+            if cls == "sub_block":
+                caller = prng.choice(entries[:-1])
+            elif cls == "sub_allow":
+                caller = entries[-1]
+            else:
+                caller = str(next(strangers))
+                while caller in entries:  # one chance in billions, but not zero
+                    caller = str(int(caller) + 1)
+            calls.append((cls, caller, subscriber))
+    prng.shuffle(calls)
+    bodies = [
+        orjson.dumps(request_body(prng, caller, ordinary_name(prng), subscriber))
+        for _, caller, subscriber in calls
+    ]
+    return bodies, [cls for cls, _, _ in calls]
+
+
+def subscriber_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
+    """``config`` (:func:`bench_config`) plus the subscribers list and its trunk group.
+
+    Its policy reads the called subscriber's entries (allow first, then block) and
+    counts the caller's calls (a limit no caller reaches): both come from Redis in the
+    call's one pipelined round trip.
+    """
+    personal = {"match": "caller_in_subscriber_list", "list": SUBSCRIBER_LIST}
+    spec = {"kind": "subscribers", "source": str(source)}
+    return {
+        **config,
+        "lists": {**config["lists"], SUBSCRIBER_LIST: spec},
+        "policies": {
+            **config["policies"],
+            SUBSCRIBER_TRUNK_GROUP: {
+                "default": "allow",
+                "rules": [
+                    {"name": "personal-allow", **personal, "action": "allow"},
+                    {"name": "personal-block", **personal,
+                     "operands": ["decline", "subscriber-block"]},
+                    {"name": "flood", "match": "call_rate", "limit": 1_000_000_000,
+                     "window_s": 60, "operands": ["busy-here", "too-many-calls"]},
+                ],
+            },
+        },
+        "trunk_groups": {
+            **config["trunk_groups"],
+            SUBSCRIBER_TRUNK_GROUP: {"policy": SUBSCRIBER_TRUNK_GROUP},
+        },
+    }  # fmt: skip
+
+
+def subscriber_sample(workload: SubscriberWorkload, per_class: int) -> list[int]:
+    """Indexes of up to ``per_class`` subscriber bodies of each class, for answer checks."""
+    picked: dict[str, list[int]] = {cls: [] for cls in SUBSCRIBER_CLASS_SHARES}
     for i, cls in enumerate(workload.classes):
         if len(picked[cls]) < per_class:
             picked[cls].append(i)

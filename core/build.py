@@ -469,6 +469,12 @@ class SubscriberListBuilder(ListBuilder):
     after :data:`core.keys.OLD_GENERATION_GRACE_S`. A loader killed before the swap
     leaves ``meta.building``, whose keys the next build deletes; one killed after it
     leaves ``meta.retiring``, whose keys the next build expires.
+
+    Every bucket of the new generation is written, empty or not, with the marker field
+    :data:`core.keys.SUBSCRIBER_MARKER` (a call reading a bucket without it answers by
+    ``on_error``: Redis lost that bucket). A bucket of the live generation found
+    without its marker is diffed as empty (its pairs count as added again) and counted
+    in :attr:`lost_buckets`; the new generation replaces it whole.
     """
 
     def __init__(
@@ -488,6 +494,8 @@ class SubscriberListBuilder(ListBuilder):
         self._expiring = np.zeros(keys.SUBSCRIBER_BUCKETS, dtype=bool)
         #: Subscribers in the new generation (set by ``finish``).
         self.subscribers = 0
+        #: Buckets of the live generation that had lost their marker (set by ``finish``).
+        self.lost_buckets = 0
 
     async def add(self, entries: Iterable[str]) -> None:
         raise TypeError("a subscribers list takes pairs: use add_pair()")
@@ -526,20 +534,30 @@ class SubscriberListBuilder(ListBuilder):
                 await pipe.execute()
 
     async def _retire_leftover(self) -> None:
-        """Expire the buckets of a generation a killed loader swapped out (``retiring``)."""
+        """Expire the buckets of a generation a killed loader swapped out (``retiring``).
+
+        Also delete those of a generation the admin API began to allocate and never made
+        live (``marking``, core/subscribers.py): once a generation is live, none can be
+        adopted any more. With none live, an admin write may be marking it right now.
+        """
         meta_key = keys.meta(self.name)
-        retiring = int(await self.redis.hget(meta_key, "retiring") or 0)
+        fields = await self.redis.hmget(meta_key, ["retiring", "marking"])
+        retiring, marking = (int(value or 0) for value in fields)
         if retiring and retiring not in (self.gen, self.old_gen):
             await self._each_bucket("expire", keys.OLD_GENERATION_GRACE_S, gen=retiring)
             await self.redis.hdel(meta_key, "retiring")
+        if self.old_gen and marking and marking not in (self.gen, self.old_gen):
+            await self.redis.hdel(meta_key, "marking")
+            await self._each_bucket("delete", gen=marking)
 
     async def finish(self, *, sample: int = 0) -> BuildResult:
         await self._flush()
         await self._retire_leftover()
         digest = hashlib.sha256()
-        size = added = removed = old_size = subscribers = dropped = 0
+        size = added = removed = old_size = subscribers = dropped = lost = 0
         added_sample: list[str] = []
         removed_sample: list[str] = []
+        marker = keys.SUBSCRIBER_MARKER.encode()
         step = SUBSCRIBER_BUCKETS_PER_ROUND
         for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
             await self._refresh_lock()
@@ -568,7 +586,12 @@ class SubscriberListBuilder(ListBuilder):
                         digest.update(f"{subscriber}:".encode() + blob)
                         size += len(codes)
                     subscribers += len(packed)
-                    old = {_text(k): subscribers_unpack(v) for k, v in old_raw.items()}
+                    if self.old_gen and marker not in old_raw:
+                        lost += 1  # Redis lost this bucket: what it holds is no base
+                        old_raw = {}
+                    old = {
+                        _text(k): subscribers_unpack(v) for k, v in old_raw.items() if k != marker
+                    }
                     for subscriber in set(packed) | set(old):
                         now = set(subscribers_unpack(packed.get(subscriber, b"")))
                         was = set(old.get(subscriber, ()))
@@ -581,10 +604,11 @@ class SubscriberListBuilder(ListBuilder):
                         room = sample - len(removed_sample)
                         removed_sample += [f"{subscriber}:{c}" for c in fewer[:room]]
                     stage_key = keys.subscribers_stage(self.name, bucket, self.gen)
-                    if packed:
-                        key = keys.subscribers(self.name, bucket, self.gen)
-                        pipe.hset(key, mapping=packed)  # type: ignore[arg-type]
-                        pipe.expire(key, keys.STAGING_TTL_S)
+                    # Every bucket, empty or not, gets the marker (core/keys.py).
+                    key = keys.subscribers(self.name, bucket, self.gen)
+                    mapping = {keys.SUBSCRIBER_MARKER: self.gen, **packed}
+                    pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+                    pipe.expire(key, keys.STAGING_TTL_S)
                     if staged:
                         pipe.delete(stage_key)
                 await pipe.execute()
@@ -595,7 +619,16 @@ class SubscriberListBuilder(ListBuilder):
                 dropped,
                 subscribers_max,
             )
+        if lost:
+            logger.warning(
+                "list %r: %d buckets of the live generation %d had lost their marker (Redis "
+                "lost them); this sync writes them again",
+                self.name,
+                lost,
+                self.old_gen,
+            )
         self.subscribers = subscribers
+        self.lost_buckets = lost
         self.result = BuildResult(
             size,
             added,

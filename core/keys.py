@@ -22,7 +22,10 @@ keeps ``meta`` and ``lock`` as above, but its data is spread over
 master of a Cluster (a single slot could not hold 100 M pairs):
 
 ``{cs:<list>:<b>}:sub:<gen>``   hash: subscriber -> its packed entries (bucket ``b`` =
-                                ``crc32(subscriber) % SUBSCRIBER_BUCKETS``)
+                                ``crc32(subscriber) % SUBSCRIBER_BUCKETS``), plus the
+                                marker field ``SUBSCRIBER_MARKER`` -> ``gen``: written in
+                                every bucket of a generation when it is made, never removed,
+                                so a bucket without it is one Redis lost
 ``{cs:<list>:<b>}:stage:<gen>`` string: rows of bucket ``b`` being staged by a sync (TTL)
 
 Call-rate counters (one hash tag per caller, so they spread over a Cluster):
@@ -43,6 +46,14 @@ NUMBER_BUCKETS = 4096
 #: slots, spread evenly over the masters, and at 10 M subscribers a bucket holds ~610
 #: of them (~40 kB), small enough to move in a resharding without a pause.
 SUBSCRIBER_BUCKETS = 16384
+#: The field every bucket hash of a subscribers generation carries (value: the
+#: generation), whether or not it holds subscribers. Written when the generation is
+#: built (or allocated by the admin API) and never removed: subscriber writes touch
+#: their own field only. A call reads it with its subscriber (one HMGET), so a bucket
+#: Redis lost while the list's ``meta`` survived (a Cluster master failed over to an
+#: empty or lagging replica) shows as a missing marker, not as a subscriber without
+#: entries. Never a subscriber: those are digits.
+SUBSCRIBER_MARKER = "_gen"
 #: Old generations stay readable this long after a swap, so a reader that saw the old
 #: ``gen`` a moment before the swap can still fetch it whole.
 OLD_GENERATION_GRACE_S = 120

@@ -410,7 +410,7 @@ class ListStore:
         counters live in Redis. ``increment=False`` (explain) stores nothing but still
         counts this call, so it reports what the call would be judged on.
         """
-        counts, _ = await self.fetch_for_call(caller, windows, now_s, increment=increment)
+        counts, _, _ = await self.fetch_for_call(caller, windows, now_s, increment=increment)
         return counts
 
     async def fetch_for_call(
@@ -421,13 +421,15 @@ class ListStore:
         *,
         increment: bool = True,
         subscribers: Sequence[tuple[str, int, str]] = (),
-    ) -> tuple[dict[str, int], dict[str, bytes | None]]:
+    ) -> tuple[dict[str, int], dict[str, bytes | None], tuple[str, ...]]:
         """Everything one call needs from Redis, in one pipelined round trip.
 
         The call-rate counts of :meth:`count_call` (when ``caller`` and ``windows``) and,
         for each ``(list, gen, subscriber)`` of ``subscribers``, that subscriber's packed
-        entries in that generation of a subscribers list (``core.subscribers``): one
-        HGET each. Returns (counts per rule, packed entries per list; None: no entries).
+        entries in that generation of a subscribers list (``core.subscribers``) with its
+        bucket's marker (:data:`core.keys.SUBSCRIBER_MARKER`): one HMGET each. Returns
+        (counts per rule, packed entries per list (None: no entries), the lists whose
+        bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted).
         """
         counted = windows if caller else ()
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -443,7 +445,7 @@ class ListStore:
                 pipe.get(keys.rate(caller, rule_key, index - 1))
             for name, gen, subscriber in subscribers:
                 bucket = keys.subscriber_bucket_of(subscriber)
-                pipe.hget(keys.subscribers(name, bucket, gen), subscriber)
+                pipe.hmget(keys.subscribers(name, bucket, gen), subscriber, keys.SUBSCRIBER_MARKER)
             replies = await pipe.execute()
         step = 3 if increment else 2
         counts = {}
@@ -453,11 +455,13 @@ class ListStore:
             weighted = math.ceil(int(previous or 0) * overlap - 1e-9)
             counts[rule_key] = int(current or 0) + weighted + (0 if increment else 1)
         first = step * len(counted)
-        entries = {
-            name: blob if isinstance(blob, bytes) else None
-            for (name, _, _), blob in zip(subscribers, replies[first:], strict=True)
-        }
-        return counts, entries
+        entries: dict[str, bytes | None] = {}
+        lost: tuple[str, ...] = ()
+        for (name, _, _), (blob, marker) in zip(subscribers, replies[first:], strict=True):
+            entries[name] = blob if isinstance(blob, bytes) else None
+            if marker is None:
+                lost += (name,)
+        return counts, entries, lost
 
 
 class MissingGeneration(LookupError):

@@ -22,13 +22,27 @@ Writes of one subscriber (the admin API) are a compare-and-set (:data:`_CAS`, on
 Lua script on the bucket's key): read the field, compute the new value in Python, write
 it only if the field still holds what was read, else read again. The live generation
 comes from the list's ``meta`` (another slot on a Cluster); a write that finds ``gen``
-moved meanwhile (a full sync swapped) is applied again to the new generation.
+moved meanwhile (a full sync swapped) is applied again to the new generation. A bulk
+change (:meth:`SubscriberStore.bulk_change`) does the same bucket by bucket: every
+subscriber it names is read and checked first, so a subscriber it would take past
+:data:`MAX_ENTRIES` refuses it whole before anything is written; then one script per
+bucket compares and sets all of that bucket's subscribers at once.
+
+Every bucket of a generation carries a marker field (:data:`core.keys.SUBSCRIBER_MARKER`),
+written when the generation is made: by a full sync (core/build.py) or, for a list kept
+by the admin API alone, when its first write allocates a generation
+(:meth:`SubscriberStore.live_gen`), which marks all :data:`core.keys.SUBSCRIBER_BUCKETS`
+buckets before ``meta.gen`` names it. Writes here touch subscriber fields only, so a
+bucket Redis lost stays without its marker, and calls to its subscribers are answered by
+``on_error`` (service/screen.py) until a full sync writes a new generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,18 +78,62 @@ else
 end
 return 1
 """
-#: The live generation, allocating one for a list that has none (a list kept by the
-#: admin API alone). KEYS: meta; ARGV: kind.
-_LIVE_GEN = """
+#: Compare-and-set of several subscribers of one bucket at once. KEYS: bucket; ARGV:
+#: (subscriber, expected value, new value) triples, "" meaning absent / delete. 1 when
+#: all were written, 0 (nothing written) when any had moved.
+_CAS_MANY = """
+for i = 1, #ARGV, 3 do
+  local current = redis.call('hget', KEYS[1], ARGV[i])
+  if (current or '') ~= ARGV[i + 1] then
+    return 0
+  end
+end
+for i = 1, #ARGV, 3 do
+  if ARGV[i + 2] == '' then
+    redis.call('hdel', KEYS[1], ARGV[i])
+  else
+    redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 2])
+  end
+end
+return 1
+"""
+#: First step of allocating a generation for a list that has none (a list kept by the
+#: admin API alone). KEYS: meta. Returns {live gen, 0} when one is live, else {0, the
+#: generation to mark}: the one another writer is marking (``meta.marking``), or a new
+#: one. Writers racing for a list's first generation thus mark and adopt the same one.
+_RESERVE_GEN = """
 local gen = tonumber(redis.call('hget', KEYS[1], 'gen') or '0')
 if gen > 0 then
-  return gen
+  return {gen, 0}
 end
-gen = redis.call('hincrby', KEYS[1], 'next_gen', 1)
-redis.call('hset', KEYS[1], 'gen', gen, 'kind', ARGV[1])
-redis.call('hincrby', KEYS[1], 'version', 1)
+local marking = tonumber(redis.call('hget', KEYS[1], 'marking') or '0')
+if marking == 0 then
+  marking = redis.call('hincrby', KEYS[1], 'next_gen', 1)
+  redis.call('hset', KEYS[1], 'marking', marking)
+end
+return {0, marking}
+"""
+#: Second step, once every bucket of ARGV[1] carries its marker: make it the live
+#: generation unless one is live already. KEYS: meta; ARGV: the marked gen, kind.
+#: Returns the live generation.
+_ADOPT_GEN = """
+local gen = tonumber(redis.call('hget', KEYS[1], 'gen') or '0')
+if gen == 0 then
+  gen = tonumber(ARGV[1])
+  redis.call('hset', KEYS[1], 'gen', gen, 'kind', ARGV[2])
+  redis.call('hincrby', KEYS[1], 'version', 1)
+end
+if redis.call('hget', KEYS[1], 'marking') == ARGV[1] then
+  redis.call('hdel', KEYS[1], 'marking')
+end
 return gen
 """
+#: Buckets per pipelined round trip when every bucket of a generation is written.
+MARK_BUCKETS_PER_ROUND = 512
+#: Buckets read (then written) per pipelined round trip by a bulk change.
+BULK_BUCKETS_PER_ROUND = 256
+#: Longest stretch of Python work in a bulk change between two yields to the event loop.
+SLICE_S = 0.002
 #: Compare-and-set attempts before a write gives up (only under a storm of writes).
 MAX_ATTEMPTS = 20
 
@@ -200,14 +258,92 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class Slices:
+    """Cuts long Python work into slices of about :data:`SLICE_S`, yielding in between.
+
+    Checking, unpacking and packing 100 k subscribers' changes is most of a second of
+    Python code holding the GIL: done in one go inside the service it would stall every
+    call the worker is answering. ``await slices.tick()`` after each item yields to the
+    event loop once a slice is used up (see service/admin.py, ``_canonical_all``, for why
+    not a thread).
+    """
+
+    def __init__(self, slice_s: float = SLICE_S) -> None:
+        self.slice_s = slice_s
+        self.since = time.perf_counter()
+
+    async def tick(self) -> None:
+        if time.perf_counter() - self.since >= self.slice_s:
+            await asyncio.sleep(0)
+            self.since = time.perf_counter()
+
+
+async def mark_buckets(redis: RedisClient, name: str, gen: int) -> int:
+    """Put the marker in every bucket of generation ``gen`` that lacks it; how many did.
+
+    HSETNX: a marker already there is left alone, so this is safe to run twice (two
+    writers allocating the same generation) and never touches a subscriber's field.
+    """
+    marked = 0
+    for first in range(0, keys.SUBSCRIBER_BUCKETS, MARK_BUCKETS_PER_ROUND):
+        async with redis.pipeline(transaction=False) as pipe:
+            for bucket in range(
+                first, min(first + MARK_BUCKETS_PER_ROUND, keys.SUBSCRIBER_BUCKETS)
+            ):
+                pipe.hsetnx(keys.subscribers(name, bucket, gen), keys.SUBSCRIBER_MARKER, gen)
+            marked += sum(int(reply) for reply in await pipe.execute())
+    return marked
+
+
+async def delete_buckets(redis: RedisClient, name: str, gen: int) -> None:
+    """Delete every bucket of generation ``gen`` (one nobody reads)."""
+    for first in range(0, keys.SUBSCRIBER_BUCKETS, MARK_BUCKETS_PER_ROUND):
+        async with redis.pipeline(transaction=False) as pipe:
+            for bucket in range(
+                first, min(first + MARK_BUCKETS_PER_ROUND, keys.SUBSCRIBER_BUCKETS)
+            ):
+                pipe.delete(keys.subscribers(name, bucket, gen))
+            await pipe.execute()
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One subscriber's field in a bulk change: the value read and the value to write."""
+
+    subscriber: str
+    expected: bytes
+    new: bytes
+
+
 class SubscriberStore:
-    """Reads and single-subscriber writes of subscribers lists (asks Redis, no cache)."""
+    """Reads and admin writes of subscribers lists (asks Redis, no cache)."""
 
     def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
 
     async def gen(self, name: str) -> int:
         return int(await self.redis.hget(keys.meta(name), "gen") or 0)
+
+    async def live_gen(self, name: str) -> int:
+        """The live generation, allocating one for a list that has none.
+
+        A list kept by the admin API alone has no generation until its first write.
+        Allocating one marks all its buckets first (:func:`mark_buckets`, about 16 k
+        small keys) and only then names it in ``meta.gen``, so a call never reads a
+        bucket of a live generation that lacks its marker unless Redis lost it. A writer
+        killed while marking leaves ``meta.marking``: the next writer finishes that
+        generation; a later full sync deletes it if it was never adopted.
+        """
+        meta = keys.meta(name)
+        live, marking = (int(n) for n in await self.redis.eval(_RESERVE_GEN, 1, meta))
+        if live:
+            return live
+        await mark_buckets(self.redis, name, marking)
+        gen = int(await self.redis.eval(_ADOPT_GEN, 1, meta, marking, "subscribers"))
+        if gen != marking:
+            # A full sync made its generation live meanwhile: the marked one is nobody's.
+            await delete_buckets(self.redis, name, marking)
+        return gen
 
     async def read(self, name: str, subscriber: str) -> tuple[int, Entries]:
         """The live generation and ``subscriber``'s entries in it."""
@@ -230,7 +366,7 @@ class SubscriberStore:
             return 0  # nothing to remove from a list that holds nothing
         for _ in range(MAX_ATTEMPTS):
             if not gen:
-                gen = int(await self.redis.eval(_LIVE_GEN, 1, keys.meta(name), "subscribers"))
+                gen = await self.live_gen(name)
             await self._change_in(keys.subscribers(name, bucket, gen), subscriber, entry, side)
             now = await self.gen(name)
             if now == gen:
@@ -253,3 +389,123 @@ class SubscriberStore:
             if await self.redis.eval(_CAS, 1, key, subscriber, blob, new):
                 return
         raise RuntimeError(f"subscriber {subscriber}: too many concurrent changes; retry")
+
+    async def bulk_change(self, name: str, changes: Mapping[str, Mapping[str, Side | None]]) -> int:
+        """Apply many subscribers' changes: ``{subscriber: {entry: side or None}}``.
+
+        ``None`` removes the entry (whatever its side); a side puts it there (moving it
+        from the other). Returns the generation written (0: only removals, from a list
+        that holds nothing). Raises :class:`BadSubscriberEntry`, having written nothing,
+        when a subscriber would end up with more than :data:`MAX_ENTRIES` entries.
+
+        Every subscriber is read and its new value computed before anything is written
+        (:meth:`_plan`); then one compare-and-set script per bucket (:data:`_CAS_MANY`),
+        pipelined. The buckets live on many slots (masters, on a Cluster), so the change
+        is atomic per bucket, not as a whole: a Redis failure halfway leaves the buckets
+        already written changed. Each change is idempotent, so sending it again finishes
+        it. A bucket whose subscribers moved meanwhile (another writer) is read and
+        planned again; a full sync that swapped meanwhile gets the whole change again.
+        """
+        if not changes:
+            return await self.gen(name)
+        by_bucket: dict[int, dict[str, Mapping[str, Side | None]]] = {}
+        for subscriber, entries in changes.items():
+            by_bucket.setdefault(keys.subscriber_bucket_of(subscriber), {})[subscriber] = entries
+        adds = any(side is not None for e in changes.values() for side in e.values())
+        gen = await self.gen(name)
+        if not gen and not adds:
+            return 0  # nothing to remove from a list that holds nothing
+        for _ in range(MAX_ATTEMPTS):
+            if not gen:
+                gen = await self.live_gen(name)
+            plan = await self._plan(name, gen, by_bucket, "nothing was changed")
+            await self._write(name, gen, plan, by_bucket)
+            now = await self.gen(name)
+            if now == gen:
+                return gen
+            gen = now  # a full sync swapped meanwhile: apply it to the new generation too
+        raise RuntimeError(f"list {name!r}: generation kept moving; change not confirmed")
+
+    async def _plan(
+        self,
+        name: str,
+        gen: int,
+        by_bucket: Mapping[int, Mapping[str, Mapping[str, Side | None]]],
+        refused: str,
+    ) -> dict[int, list[_Write]]:
+        """Read every subscriber named and compute its new value; refuse over-full ones
+        (``refused`` tells the caller what that left written)."""
+        slices = Slices()
+        plan: dict[int, list[_Write]] = {}
+        over: list[str] = []
+        buckets = sorted(by_bucket)
+        for first in range(0, len(buckets), BULK_BUCKETS_PER_ROUND):
+            ids = buckets[first : first + BULK_BUCKETS_PER_ROUND]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for bucket in ids:
+                    pipe.hmget(keys.subscribers(name, bucket, gen), list(by_bucket[bucket]))
+                replies = await pipe.execute()
+            for bucket, values in zip(ids, replies, strict=True):
+                writes, full = await _bucket_writes(by_bucket[bucket], values, slices)
+                over += full
+                if writes:
+                    plan[bucket] = writes
+        if over:
+            shown = ", ".join(sorted(over)[:10]) + (", ..." if len(over) > 10 else "")
+            raise BadSubscriberEntry(
+                f"{len(over)} subscribers would hold more than {MAX_ENTRIES} entries "
+                f"({shown}); {refused}"
+            )
+        return plan
+
+    async def _write(
+        self,
+        name: str,
+        gen: int,
+        plan: dict[int, list[_Write]],
+        by_bucket: Mapping[int, Mapping[str, Mapping[str, Side | None]]],
+    ) -> None:
+        """One compare-and-set script per bucket; the buckets that moved are planned again."""
+        slices = Slices()
+        for _ in range(MAX_ATTEMPTS):
+            buckets = sorted(plan)
+            moved: list[int] = []
+            for first in range(0, len(buckets), BULK_BUCKETS_PER_ROUND):
+                ids = buckets[first : first + BULK_BUCKETS_PER_ROUND]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for bucket in ids:
+                        args = [a for w in plan[bucket] for a in (w.subscriber, w.expected, w.new)]
+                        pipe.eval(_CAS_MANY, 1, keys.subscribers(name, bucket, gen), *args)
+                        await slices.tick()
+                    replies = await pipe.execute()
+                moved += [bucket for bucket, done in zip(ids, replies, strict=True) if not done]
+            if not moved:
+                return
+            # Another writer changed some of these subscribers meanwhile: read them again.
+            # A subscriber it filled up refuses the rest of the change, with the buckets
+            # already written kept: the message says so.
+            refused = "filled by another change meanwhile; the other buckets were written"
+            plan = await self._plan(name, gen, {b: by_bucket[b] for b in moved}, refused)
+        raise RuntimeError(f"list {name!r}: too many concurrent changes; send it again")
+
+
+async def _bucket_writes(
+    changes: Mapping[str, Mapping[str, Side | None]],
+    values: list[bytes | str | None],
+    slices: Slices,
+) -> tuple[list[_Write], list[str]]:
+    """The writes of one bucket's subscribers (read as ``values``) and the over-full ones."""
+    writes: list[_Write] = []
+    over: list[str] = []
+    for (subscriber, entries), value in zip(changes.items(), values, strict=True):
+        blob = value if isinstance(value, bytes) else _text(value).encode()
+        codes = [c for c in unpack_codes(blob) if entry_of(c)[0] not in entries]
+        codes += [code_of(entry, side) for entry, side in entries.items() if side is not None]
+        if len(codes) > MAX_ENTRIES:
+            over.append(subscriber)
+        else:
+            new = pack(settle(codes))
+            if new != blob:
+                writes.append(_Write(subscriber, blob, new))
+        await slices.tick()
+    return writes, over

@@ -314,8 +314,11 @@ class _ListSync:
                 "etag": self.validators.etag,
                 "last_modified": self.validators.last_modified,
             }
-            if result.added == 0 and result.removed == 0:
+            lost = isinstance(builder, SubscriberListBuilder) and builder.lost_buckets > 0
+            if result.added == 0 and result.removed == 0 and not lost:
                 # Same entries as the live list: keep it, spare every service a reload.
+                # (Not when buckets lost their marker: only a commit writes them again,
+                # even ones that held no pairs.)
                 await builder.abort()
                 report.outcome = "unchanged"
                 fields["synced_at"] = f"{time.time():.3f}"

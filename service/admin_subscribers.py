@@ -3,7 +3,10 @@
 - ``GET /v1/lists/{name}/subscribers/{subscriber}``: its block and allow entries;
 - ``PUT /v1/lists/{name}/subscribers/{subscriber}/entries/{entry}?side=block|allow``:
   put an entry on a side (``block`` by default; an entry on the other side moves);
-- ``DELETE`` on the same path: remove the entry (whatever its side).
+- ``DELETE`` on the same path: remove the entry (whatever its side);
+- ``POST /v1/lists/{name}/subscribers``: many subscribers' adds and removes in one
+  request, ``{"add": [{"subscriber", "entry", "side"}, ...], "remove": [{"subscriber",
+  "entry"}, ...]}``, with the guards of the other bulk change (:func:`bulk_change`).
 
 Entries are numbers or prefixes with a trailing ``*`` (``1900*``, URL-encoded ``%2A``
 works too). Authentication is the admin API's bearer token (:func:`service.admin.admin_only`).
@@ -22,22 +25,29 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from core.subscribers import (
     BadSubscriberEntry,
     Side,
+    Slices,
     SubscriberStore,
     canonical_entry,
     canonical_side,
     canonical_subscriber,
 )
-from service.admin import AdminError, admin_only, list_kind
+from service import api_models as api
+from service.admin import AdminError, _read_json, admin_only, list_kind
 from service.appkeys import CONFIG, REDIS
 
 logger = logging.getLogger(__name__)
+#: Pairs named in a refusal, at most (like ``bad_entries``).
+SHOWN = 100
 
 
 def add_subscriber_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/lists/{name}/subscribers", admin_only(bulk_change))
     base = "/v1/lists/{name}/subscribers/{subscriber}"
     app.router.add_get(base, admin_only(get_subscriber))
     app.router.add_put(base + "/entries/{entry}", admin_only(put_entry))
@@ -48,11 +58,17 @@ def _json(body: Any) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-def _target(request: web.Request) -> tuple[str, str]:
-    """The subscribers list and the canonical subscriber of a request."""
+def _subscribers_list(request: web.Request) -> str:
+    """The subscribers list a request names; AdminError 400/404 otherwise."""
     name, kind = list_kind(request)
     if kind != "subscribers":
         raise AdminError(400, f"list {name!r} is a {kind} list, not a subscribers list")
+    return name
+
+
+def _target(request: web.Request) -> tuple[str, str]:
+    """The subscribers list and the canonical subscriber of a request."""
+    name = _subscribers_list(request)
     country = request.app[CONFIG].caller.default_country
     try:
         return name, canonical_subscriber(request.match_info["subscriber"], country)
@@ -104,3 +120,123 @@ async def put_entry(request: web.Request) -> web.Response:
 async def delete_entry(request: web.Request) -> web.Response:
     """``DELETE .../entries/{entry}``: remove one entry from the subscriber."""
     return await _change(request, None)
+
+
+async def bulk_change(request: web.Request) -> web.Response:
+    """``POST /v1/lists/{name}/subscribers``: many subscribers' changes, checked whole first.
+
+    The guards of the other bulk change (:func:`service.admin.bulk_change`), in its
+    order: the body's size (``admin.max_body_bytes``, ``413``) and shape
+    (:class:`api.SubscriberBulkChange`, ``400``); then the items are counted, over
+    ``admin.max_bulk_entries`` is ``413`` before any is looked at; then every item is
+    checked (its model, then its subscriber and entry canonicalised) and any bad one
+    refuses the whole change, each reported with its field and index. A pair (subscriber,
+    entry) both added and removed, or added on both sides, refuses it too. Then
+    :meth:`SubscriberStore.bulk_change` reads every subscriber named before it writes
+    any: one taken past 100 entries is ``409`` with nothing written. Its writes are
+    atomic per bucket, not across buckets (they live on many Cluster slots): see there.
+    """
+    name = _subscribers_list(request)
+    try:
+        change = api.SubscriberBulkChange.model_validate(await _read_json(request))
+    except ValidationError as exc:
+        raise _bulk_refusal(exc.errors(include_url=False)) from None
+    total = len(change.add) + len(change.remove)
+    limit = request.app[CONFIG].admin.max_bulk_entries
+    if total > limit:  # before any work on the items: a huge body costs nothing more
+        raise AdminError(413, f"{total} items in one request; at most {limit}")
+    country = request.app[CONFIG].caller.default_country
+    bad: list[dict[str, Any]] = []
+    slices = Slices()
+    adds = await _items(api.SubscriberAdd, change.add, "add", country, bad, slices)
+    removes = await _items(api.SubscriberRemove, change.remove, "remove", country, bad, slices)
+    if bad:
+        raise AdminError(400, f"{len(bad)} bad items; nothing was changed", bad_entries=bad[:SHOWN])
+    changes: dict[str, dict[str, Side | None]] = {}
+    twice: list[str] = []
+    for subscriber, entry, side in adds + removes:
+        held = changes.setdefault(subscriber, {})
+        if entry in held and held[entry] != side:
+            twice.append(f"{subscriber}:{entry}")
+        held[entry] = side
+        await slices.tick()
+    if twice:
+        raise AdminError(
+            400,
+            "pairs both added and removed, or added on both sides; nothing was changed",
+            entries=sorted(set(twice))[:SHOWN],
+        )
+    added = sum(side is not None for held in changes.values() for side in held.values())
+    removed = sum(side is None for held in changes.values() for side in held.values())
+    try:
+        gen = await SubscriberStore(request.app[REDIS]).bulk_change(name, changes)
+    except BadSubscriberEntry as exc:
+        raise AdminError(409, str(exc)) from None
+    logger.info(
+        "admin: list %s: %d subscribers +%d -%d (gen %d)", name, len(changes), added, removed, gen
+    )
+    result = api.SubscriberBulkResult(
+        list=name, gen=gen, added=added, removed=removed, subscribers=len(changes)
+    )
+    return web.Response(body=api.answer(result), content_type="application/json")
+
+
+def _bulk_refusal(errors: list[ErrorDetails]) -> AdminError:
+    """The ``400`` for a body :class:`api.SubscriberBulkChange` refused: one plain sentence."""
+    first = errors[0]
+    if first["type"] == "nothing_to_change":
+        return AdminError(400, first["msg"])
+    if all(error["type"] == "list_type" for error in errors):
+        return AdminError(400, f'"{first["loc"][0]}" must be an array of objects')
+    return AdminError(400, 'the body must be an object with "add" and/or "remove" arrays')
+
+
+async def _items(
+    model: type[api.SubscriberAdd | api.SubscriberRemove],
+    items: list[Any],
+    field: str,
+    country: str,
+    bad: list[dict[str, Any]],
+    slices: Slices,
+) -> list[tuple[str, str, Side | None]]:
+    """``(subscriber, entry, side)`` of each item (side None: a removal); bad ones to ``bad``.
+
+    One item at a time, yielding to the event loop between slices (:class:`Slices`), so
+    that 100 k items neither stall the calls this worker answers nor, when bad, build
+    100 k error objects at once.
+    """
+    found: list[tuple[str, str, Side | None]] = []
+    for index, item in enumerate(items):
+        try:
+            parsed: BaseModel = model.model_validate(item)
+        except ValidationError as exc:
+            bad.append(_report(field, index, item, _first_error(item, exc)))
+        else:
+            assert isinstance(parsed, api.SubscriberAdd | api.SubscriberRemove)
+            side: Side | None = parsed.side if isinstance(parsed, api.SubscriberAdd) else None
+            try:
+                subscriber = canonical_subscriber(parsed.subscriber, country)
+                entry = canonical_entry(parsed.entry, country)
+            except BadSubscriberEntry as exc:
+                bad.append(_report(field, index, item, str(exc)))
+            else:
+                found.append((subscriber, entry, side))
+        await slices.tick()
+    return found
+
+
+def _first_error(item: Any, exc: ValidationError) -> str:
+    if not isinstance(item, dict):
+        return "not an object"
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def _report(field: str, index: int, item: Any, error: str) -> dict[str, Any]:
+    report: dict[str, Any] = {"field": field, "index": index, "error": error}
+    if isinstance(item, dict):
+        for key in ("subscriber", "entry"):
+            if isinstance(item.get(key), str):
+                report[key] = item[key][:200]
+    return report

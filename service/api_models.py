@@ -4,8 +4,10 @@
 (:mod:`service.admin`) validates its bulk change with :class:`BulkChange` and builds its
 answers from them, so what it answers is what the document says. The screening and
 explain answers (:mod:`service.handlers`, where each call is on the clock) and the
-subscriber routes' (:mod:`service.admin_subscribers`) are built without them: for those
-the models only describe the answers, and schemathesis checks that they match.
+single-subscriber routes' (:mod:`service.admin_subscribers`) are built without them: for
+those the models only describe the answers, and schemathesis checks that they match. The
+subscribers bulk change is validated with :class:`SubscriberBulkChange` and its items
+one by one with :class:`SubscriberAdd` and :class:`SubscriberRemove`.
 
 A model's or field's docstring becomes its ``description`` in the document, as Markdown.
 An optional field that is ``None`` is left out of the answer, not sent as ``null``:
@@ -228,11 +230,88 @@ class SubscriberEntries(_Body):
     allow: builtins.list[str]
 
 
+class SubscriberAdd(_Body):
+    """Put `entry` on a side of `subscriber` (an entry on the other side moves)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subscriber: str
+    """The subscriber (a called number), in any common format."""
+    entry: str
+    """A number (any common format) or a prefix ending in `*`."""
+    side: Literal["block", "allow"] = "block"
+
+
+class SubscriberRemove(_Body):
+    """Remove `entry` from `subscriber`, whatever its side."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subscriber: str
+    entry: str
+
+
+#: An item of a subscribers bulk change: checked one by one against its model
+#: (service/admin_subscribers.py), like :data:`BulkEntry`, so that every bad item is
+#: reported by its index and a body of 100 k items is not validated in one stall.
+SubscriberAddItem = Annotated[Any, WithJsonSchema({"$ref": "#/components/schemas/SubscriberAdd"})]
+SubscriberRemoveItem = Annotated[
+    Any, WithJsonSchema({"$ref": "#/components/schemas/SubscriberRemove"})
+]
+
+
+class SubscriberBulkChange(_Body):
+    """Entries of many subscribers to add and to remove in one request; at least one.
+
+    Checked whole before anything is written: any bad item, a pair both added and
+    removed, or a subscriber taken past 100 entries, and nothing changes.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "minProperties": 1,
+            "examples": [
+                {
+                    "add": [
+                        {"subscriber": "19512623062", "entry": "1900*"},
+                        {"subscriber": "19512623062", "entry": "911", "side": "allow"},
+                    ],
+                    "remove": [{"subscriber": "19512623063", "entry": "15165550102"}],
+                }
+            ],
+        },
+    )
+
+    add: list[SubscriberAddItem] = []
+    remove: list[SubscriberRemoveItem] = []
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SubscriberBulkChange:
+        if not self.add and not self.remove:
+            raise PydanticCustomError("nothing_to_change", NOTHING_TO_CHANGE)
+        return self
+
+
+class SubscriberBulkResult(_Body):
+    list: ListName
+    gen: int
+    """The generation written (0: nothing was ever written to the list)."""
+    added: int
+    """Pairs (subscriber, entry) put on a side, duplicates counted once."""
+    removed: int
+    """Pairs asked to be removed, duplicates counted once."""
+    subscribers: int
+    """Distinct subscribers the change named."""
+
+
 class BadEntryReport(_Body):
     field: Literal["add", "remove"]
     index: Annotated[int, Field(ge=0)]
     entry: str | Absent = None
-    """Absent when the item is not a string."""
+    """Absent when the item is not a string (or, for subscribers, has no string entry)."""
+    subscriber: str | Absent = None
+    """A subscribers bulk change: the item's subscriber, when a string."""
     error: str
 
 
@@ -241,6 +320,6 @@ class Error(_Body):
     entry: str | Absent = None
     """The bad entry as given (at most 200 characters)."""
     entries: list[str] | Absent = None
-    """Entries both added and removed."""
+    """Entries both added and removed (`subscriber:entry` for a subscribers list)."""
     bad_entries: list[BadEntryReport] | Absent = None
     """Each bad entry of a bulk change (the first 100)."""

@@ -152,6 +152,8 @@ _BAD_NAME = {400: Reply("Bad list name."), 404: Reply("Unknown list.")}
 _BAD_ENTRY = {**_BAD_NAME, 400: Reply("Bad list name or entry.")}
 _WRITTEN = Reply("Redis accepted the write.", api.EntryState)
 _ENTRY_KINDS: tuple[ListKind, ...] = ("numbers", "prefixes", "names")
+#: Schemas that bodies name by reference only (items checked one by one).
+_REFERENCED: tuple[type, ...] = (api.SubscriberAdd, api.SubscriberRemove)
 _SUBSCRIBER_REPLIES = {
     200: Reply("The subscriber's entries, after the write for a write.", api.SubscriberEntries),
     400: Reply("Bad list name, not a subscribers list, or a bad subscriber, entry or side."),
@@ -209,6 +211,19 @@ ROUTES: tuple[Route, ...] = (
     Route("delete", "/v1/lists/{name}/entries/{entry}", "admin",
           "Remove one entry; answered after Redis accepted it.",
           {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS),
+    Route("post", "/v1/lists/{name}/subscribers", "admin",
+          "Add and remove entries of many subscribers at once; checked whole first.",
+          {200: Reply("Redis accepted every change.", api.SubscriberBulkResult),
+           400: Reply("Bad list name, not a subscribers list, or a bad body or item "
+                      "(`bad_entries` lists each with its index); nothing was changed."),
+           404: Reply("Unknown list."),
+           409: Reply("A subscriber would hold more than 100 entries; nothing was changed."),
+           413: Reply("Too large a body or too many items.")},
+          request=api.SubscriberBulkChange, auth="admin", kinds=("subscribers",),
+          description="Each item is checked before anything is written. The subscribers' "
+          "buckets live on many Redis slots, so the change lands bucket by bucket: a "
+          "`503` halfway may leave part of it applied; every item is idempotent, so "
+          "sending the request again completes it."),
     Route("get", "/v1/lists/{name}/subscribers/{subscriber}", "admin",
           "One subscriber's block and allow entries (asks Redis).",
           _SUBSCRIBER_REPLIES, auth="admin", kinds=("subscribers",)),
@@ -244,6 +259,7 @@ def openapi_document(
     names those.
     """
     bodies = {t for r in ROUTES for t in (r.request, *(a.body for a in r.replies.values())) if t}
+    bodies.update(_REFERENCED)
     # One mode for requests and answers: the models read and write the same JSON.
     by_body, definitions = TypeAdapter.json_schemas(
         [(body, "validation", TypeAdapter(body)) for body in bodies],

@@ -18,10 +18,11 @@ import time
 from redis.exceptions import RedisError
 
 from core.config import Config
+from core.keys import subscriber_bucket_of
 from core.logs import log_fields
 from core.store import ListStore
 from core.subscribers import Entries
-from service.cache import LIST_NOT_LOADED, ListCache
+from service.cache import LIST_LOST, LIST_NOT_LOADED, ListCache
 from service.lists import SubscriberList
 from service.metrics import ROOT_TRUNK_GROUP, Metrics
 from service.policy import (
@@ -115,6 +116,11 @@ class Screener:
         Call-rate counts and subscriber entries come in one pipelined round trip under
         ``handler.deadline_ms``; a call that reaches a remote rule counts itself for
         every call-rate rule of its policy (see docs/subscribers.md).
+
+        A subscriber read whose bucket lacks its marker (Redis lost that bucket while the
+        list's ``meta`` survived: core/keys.py) cannot tell "no entries" from "entries
+        lost": the list is taken as unavailable for this call, so rules before it still
+        decide and reaching it answers by ``on_error`` with reason ``list_lost``.
         """
         decision = self.decide_locally(policy, call)
         if decision is not None:
@@ -125,7 +131,7 @@ class Screener:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.deadline_s):
-                counts, packed = await self.store.fetch_for_call(
+                counts, packed, lost = await self.store.fetch_for_call(
                     call.caller, windows, time.time(), increment=count, subscribers=reads
                 )
         except TimeoutError:
@@ -134,10 +140,28 @@ class Screener:
             return self._fallback("redis_error", f"Redis read failed: {exc}")
         self.metrics.redis_rate.observe(time.perf_counter() - started)
         found = {name: Entries.unpack(blob) for name, blob in packed.items()}
+        lists = cache.lists
+        if lost:  # rare: copy the (few) list objects without the lost ones
+            lists = {name: held for name, held in lists.items() if name not in lost}
         try:
-            return policy.evaluate(call, cache.lists, counts, found)
+            return policy.evaluate(call, lists, counts, found)
         except ListsUnavailable as exc:
-            return self._unavailable(policy, exc)
+            if not lost or cache.missing(policy.lists - frozenset(lost)):
+                return self._unavailable(policy, exc)
+        # The rule that needed a lost bucket was reached. Its own log line (rate-limited
+        # apart from the other fallbacks'), so another trouble cannot hide it.
+
+        name, gen, subscriber = next(read for read in reads if read[0] in lost)
+        self.metrics.fallback(LIST_LOST)
+        self._warn.warning(
+            "answering by on_error (list_lost): list %r, bucket %d of generation %d has no "
+            "marker: Redis lost it (a Cluster master failed over to an empty or lagging "
+            "replica?); calls to its subscribers are answered by on_error until a full sync",
+            name,
+            subscriber_bucket_of(subscriber),
+            gen,
+        )
+        return Evaluation(self.on_error.outcome, fallback=LIST_LOST)
 
     def _subscriber_reads(self, policy: CompiledPolicy, call: Call) -> list[tuple[str, int, str]]:
         """``(list, live gen, subscriber)`` for each subscribers list the policy uses."""

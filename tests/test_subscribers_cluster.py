@@ -1,4 +1,5 @@
-"""Subscribers lists on a real 3-master Redis Cluster: buckets spread, calls answered right."""
+"""Subscribers lists on a real 3-master Redis Cluster: buckets spread, calls answered right,
+a slow master's subscribers answered by on_error within the deadline."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from core.config import Config
 from devtools.redis_server import LocalCluster
 from loader.sync import SyncOptions, sync_list
 from tests.helpers import wait_for
-from tests.test_subscribers import PERSONAL, answer
+from tests.test_subscribers import ON_ERROR, PERSONAL, answer
+from tests.test_subscribers_lost import SUBSCRIBERS, lost_config, write_source
 
 ADMIN_TOKEN = "cluster-subscribers-admin-token-01"
 
@@ -94,3 +96,57 @@ async def test_subscribers_spread_over_the_masters_and_calls_are_answered(
     assert await answer(client, "19765551234", subscribers[5]) == PERSONAL
     metrics = await (await client.get("/metrics")).text()
     assert 'callscreen_on_error_total{reason="redis_error"} 0.0' in metrics
+
+
+async def test_a_slow_master_answers_its_subscribers_by_on_error_within_the_deadline(
+    cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """A frozen master: calls reading its buckets hit ``handler.deadline_ms`` (on_error,
+    ``deadline``); calls to subscribers on the other masters are answered meanwhile."""
+    write_source(tmp_path)
+    data = lost_config(cluster.url)
+    data["handler"]["deadline_ms"] = 100
+    config = make_config(data, base_dir=tmp_path)
+    await sync_list(cluster_redis, config, "personal")
+    gen = int(await cluster_redis.hget(keys.meta("personal"), "gen") or 0)
+    client = await make_client(config)
+
+    async def ready() -> bool:
+        return bool((await client.get("/readyz")).status == 200)
+
+    await wait_for(ready)
+
+    def node_of(key: str) -> str:
+        node = cluster_redis.get_node_from_key(key)
+        assert node is not None
+        return str(node.name)
+
+    meta_node = node_of(keys.meta("personal"))
+    where = {
+        s: node_of(keys.subscribers("personal", keys.subscriber_bucket_of(s), gen))
+        for s in SUBSCRIBERS
+    }
+    slow_name = sorted({n for n in where.values() if n != meta_node})[0]
+    slow = next(n for n in cluster.nodes if f"127.0.0.1:{n.port}" == slow_name)
+    victim = next(s for s in SUBSCRIBERS if where[s] == slow_name)
+    other = next(s for s in SUBSCRIBERS if where[s] != slow_name)
+    i, j = SUBSCRIBERS.index(victim), SUBSCRIBERS.index(other)
+    # Frozen for two deadlines' worth of calls only: well under cluster-node-timeout, so
+    # the cluster never marks it failed (the fixture is shared).
+    slow.pause()
+    try:
+        assert await answer(client, f"1516555{i:04d}", victim) == ON_ERROR
+        assert await answer(client, f"1516555{j:04d}", other) == PERSONAL
+    finally:
+        slow.resume()
+    metrics = await (await client.get("/metrics")).text()
+    assert 'callscreen_on_error_total{reason="deadline"} 1.0' in metrics
+
+    async def answered() -> bool:
+        return bool(await answer(client, f"1516555{i:04d}", victim) == PERSONAL)
+
+    await wait_for(answered)

@@ -1,0 +1,383 @@
+"""The per-subscriber lists in ``make bench``: full sync, Redis bytes per pair, serving.
+
+    python -m bench --subscribers 100000      # the default: 1 M pairs (10 a subscriber)
+    python -m bench --subscribers 10000000    # the 100 M-pair target (a 3 GB CSV)
+
+Steps, on the bench's private Redis (the block list and the others already loaded):
+
+1. write the subscribers CSV (``subscriber,entry,side``; bench/workload.py);
+2. full sync by the real loader (``python -m loader sync --list personal``), timed as
+   the whole process an operator runs, with its peak memory;
+3. Redis bytes per pair: ``MEMORY USAGE ... SAMPLES 0`` of every bucket key of the live
+   generation (all 16,384), divided by the pairs ``meta`` counts; and the share of that
+   which the buckets' markers take (each bucket copied, its marker removed, measured);
+   and the same for buckets as dense as the 100 M-pair target makes them, built aside
+   (:func:`dense_bucket_memory`);
+4. unless ``--skip-http``: a service whose config has both the bench's local-only policy
+   (trunk group ``bench``) and one reading the called subscriber's entries and counting
+   the caller's calls (trunk group ``subscribers``: both from Redis in one pipelined
+   round trip a call). A sample of answers is checked, then wrk drives both trunk
+   groups of the same service in alternating rounds (``--subscriber-rounds``), then
+   both once more at the same moderate rate (``--pace`` times the subscriber group's
+   full rate), where latency is the call's own cost rather than queueing.
+
+Default size: about 45 s on the bench machine (2 cores), most of it the sync and wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import load, servers, storage
+from bench.workload import (
+    SUBSCRIBER_CLASS_SHARES,
+    SUBSCRIBER_LIST,
+    SUBSCRIBER_TRUNK_GROUP,
+    TRUNK_GROUP,
+    SubscriberSizes,
+    SubscriberWorkload,
+    check_answer,
+    random_numbers,
+    subscriber_config,
+    subscriber_sample,
+    write_config,
+    write_subscribers,
+)
+from core import keys
+from core.subscribers import code_of, pack, settle
+from devtools.redis_server import RedisProcess, free_port
+
+Step = Callable[[str], Callable[[], None]]
+#: Bucket keys per pipelined round trip while measuring memory.
+BUCKETS_PER_ROUND = 1024
+#: Seconds each trunk group is driven before the measured rounds.
+WARMUP_S = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--subscribers",
+        type=int,
+        default=100_000,
+        help="subscribers on the per-subscriber list (10,000,000 for 100 M pairs; 0: skip)",
+    )
+    parser.add_argument("--subscriber-entries", type=int, default=10, help="entries each")
+    parser.add_argument(
+        "--subscriber-rounds", type=int, default=2, help="load runs per trunk group"
+    )
+    parser.add_argument(
+        "--subscriber-bodies", type=int, default=20_000, help="distinct subscriber bodies"
+    )
+
+
+def run(
+    args: argparse.Namespace,
+    *,
+    work: Path,
+    server: RedisProcess,
+    base_config: dict[str, Any],
+    local_bodies: Path,
+    env: dict[str, str],
+    step: Step,
+) -> dict[str, Any]:
+    """Sync, measure and serve the per-subscriber list; the figures as a dict."""
+    folder = work / "subscribers"
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = SubscriberSizes(
+        subscribers=args.subscribers, entries=args.subscriber_entries, bodies=args.subscriber_bodies
+    )
+    done = step(f"subscribers: writing {sizes.subscribers:,} subscribers x {sizes.entries} entries")
+    workload = write_subscribers(folder / "personal.csv", sizes)
+    bodies = folder / "bodies.jsonl"
+    bodies.write_bytes(b"\n".join(workload.bodies) + b"\n")
+    config_path = write_config(folder / "bench.yaml", subscriber_config(base_config, workload.path))
+    done()
+
+    client = redis.Redis(port=server.port)
+    try:
+        done = step(f"subscribers: loader full sync of {workload.rows:,} rows")
+        before = storage.used_memory(client)
+        synced = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
+        used = storage.used_memory(client) - before
+        done()
+        meta = client.hgetall(keys.meta(SUBSCRIBER_LIST))
+        pairs, subscribers = int(meta[b"size"]), int(meta[b"subscribers"])
+        done = step("subscribers: MEMORY USAGE of every bucket, with and without its marker")
+        memory = bucket_memory(client, int(meta[b"gen"]))
+        dense = dense_bucket_memory(client, sizes.entries)
+        done()
+    finally:
+        client.close()
+    results: dict[str, Any] = {
+        "subscribers": subscribers,
+        "pairs": pairs,
+        "rows": workload.rows,
+        "subscribers_per_bucket": subscribers / keys.SUBSCRIBER_BUCKETS,
+        "loader_s": synced.seconds,
+        "loader_pairs_per_s": pairs / synced.seconds,
+        "loader_peak_rss_mib": synced.peak_rss_bytes / 2**20,
+        "bucket_bytes": memory["bytes"],
+        "bytes_per_pair": memory["bytes"] / pairs,
+        "marker_bytes_per_pair": memory["marker_bytes"] / pairs,
+        "used_memory_per_pair": used / pairs,
+        "encodings": memory["encodings"],
+        "dense": dense,
+    }
+    if not args.skip_http:
+        results["http"] = serve(
+            args,
+            folder=folder,
+            workload=workload,
+            config=config_path,
+            local_bodies=local_bodies,
+            env=env,
+            step=step,
+        )
+    return results
+
+
+def bucket_memory(client: redis.Redis, gen: int) -> dict[str, Any]:
+    """``MEMORY USAGE`` of every bucket of ``gen``, and of each without its marker.
+
+    The second figure copies each bucket to a scratch key of the same hash tag, removes
+    the marker from the copy and measures it (a bucket holding the marker alone vanishes:
+    its whole key is the marker's cost). Encodings: how many buckets Redis keeps as a
+    compact listpack, how many as a hash table.
+    """
+    total = without = 0
+    encodings: dict[str, int] = {}
+    for first in range(0, keys.SUBSCRIBER_BUCKETS, BUCKETS_PER_ROUND):
+        ids = range(first, min(first + BUCKETS_PER_ROUND, keys.SUBSCRIBER_BUCKETS))
+        pipe = client.pipeline(transaction=False)
+        for bucket in ids:
+            key = keys.subscribers(SUBSCRIBER_LIST, bucket, gen)
+            scratch = key + ":bench-copy"
+            pipe.memory_usage(key, samples=0)
+            pipe.object("encoding", key)
+            pipe.copy(key, scratch, replace=True)
+            pipe.hdel(scratch, keys.SUBSCRIBER_MARKER)
+            pipe.memory_usage(scratch, samples=0)
+            pipe.delete(scratch)
+        replies = pipe.execute()
+        for i in range(len(ids)):
+            used, encoding, _, _, bare, _ = replies[6 * i : 6 * i + 6]
+            total += int(used or 0)
+            without += int(bare or 0)
+            name = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+            encodings[name] = encodings.get(name, 0) + 1
+    return {"bytes": total, "marker_bytes": total - without, "encodings": encodings}
+
+
+#: Subscribers a bucket holds at the 100 M-pair target (10 M subscribers).
+TARGET_PER_BUCKET = 10_000_000 // keys.SUBSCRIBER_BUCKETS
+#: Buckets built aside at that density for :func:`dense_bucket_memory`.
+DENSE_BUCKETS = 32
+
+
+def dense_bucket_memory(client: redis.Redis, entries: int, seed: int = 7) -> dict[str, Any]:
+    """Bytes per pair of buckets as dense as 10 M subscribers make them, built aside.
+
+    The default bench syncs 100 k subscribers (6 a bucket: compact listpacks). At the
+    target's 10 M, a bucket holds ~610 subscribers, a hash table with per-field
+    overhead. Rather than a 3 GB sync, :data:`DENSE_BUCKETS` scratch hashes get
+    :data:`TARGET_PER_BUCKET` subscribers each, ``entries`` packed 11-digit entries a
+    subscriber (the loader's own packing) and the marker, like real buckets, and are
+    measured, then deleted.
+    """
+    rng = np.random.default_rng(seed)
+    per = TARGET_PER_BUCKET
+    total = marker = 0
+    for bucket in range(DENSE_BUCKETS):
+        subscribers = random_numbers(rng, per).tolist()
+        numbers = random_numbers(rng, per * entries).reshape(per, entries).tolist()
+        fields: dict[str, bytes | int] = {keys.SUBSCRIBER_MARKER: 1}
+        for subscriber, row in zip(subscribers, numbers, strict=True):
+            fields[str(subscriber)] = pack(settle(code_of(str(n), "block") for n in row))
+        key = "{bench:dense:" + str(bucket) + "}"
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+        pipe.memory_usage(key, samples=0)
+        pipe.object("encoding", key)
+        pipe.hdel(key, keys.SUBSCRIBER_MARKER)
+        pipe.memory_usage(key, samples=0)
+        pipe.delete(key)
+        _, used, encoding, _, bare, _ = pipe.execute()
+        total += int(used)
+        marker += int(used) - int(bare)
+    pairs = DENSE_BUCKETS * per * entries
+    name = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+    return {
+        "subscribers_per_bucket": per,
+        "encoding": name,
+        "bytes_per_pair": total / pairs,
+        "marker_bytes_per_pair": marker / pairs,
+        "gb_for_100m_pairs": total / pairs * 100_000_000 / 1e9,
+    }
+
+
+def serve(
+    args: argparse.Namespace,
+    *,
+    folder: Path,
+    workload: SubscriberWorkload,
+    config: Path,
+    local_bodies: Path,
+    env: dict[str, str],
+    step: Step,
+) -> dict[str, Any]:
+    """Check a sample of answers, then wrk on both trunk groups, rounds alternating."""
+    wrk = load.wrk_binary()
+    targets = {
+        "local": (f"/tg/{TRUNK_GROUP}", local_bodies),
+        "subscribers": (f"/tg/{SUBSCRIBER_TRUNK_GROUP}", folder / "bodies.jsonl"),
+    }
+    scripts = {}
+    for name, (path, bodies) in targets.items():
+        script_folder = folder / f"wrk-{name}"
+        script_folder.mkdir(exist_ok=True)
+        scripts[name] = load.write_wrk_script(script_folder, bodies, path)
+    python_bodies = {
+        "local": local_bodies.read_bytes().splitlines(),
+        "subscribers": workload.bodies,
+    }
+
+    def drive(url: str, name: str, seconds: int) -> load.LoadResult:
+        path = targets[name][0]
+        if wrk is not None:
+            return load.run_wrk(url + path, scripts[name], seconds, args.connections, args.threads)
+        return load.run_python(url + path, python_bodies[name], seconds, args.connections)
+
+    runs: dict[str, list[load.LoadResult]] = {"local": [], "subscribers": []}
+    service = servers.service(config, free_port(), args.workers, folder / "service.log", env)
+    with service:
+        done = step("subscribers: checking a sample of the answers")
+        answers = check_answers(service.url, workload, per_class=200)
+        done()
+        if answers["wrong"]:
+            print("!! wrong subscriber answers:", *answers["examples"], sep="\n   ")
+        for name in runs:
+            drive(service.url, name, WARMUP_S)
+        before = _metrics(service.url)
+        for round_ in range(1, args.subscriber_rounds + 1):
+            for name, results in runs.items():
+                done = step(
+                    f"subscribers round {round_}/{args.subscriber_rounds}: {name} trunk group, "
+                    f"{args.duration} s"
+                )
+                result = drive(service.url, name, args.duration)
+                results.append(result)
+                print(
+                    f"   {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+                    f"p99 {result.p99_ms:.2f} ms, errors {result.errors}",
+                    flush=True,
+                )
+                done()
+        after = _metrics(service.url)
+        paced = _paced(args, folder, targets, runs["subscribers"], service.url, step)
+    decided = {k: after["decisions"].get(k, 0) - before["decisions"].get(k, 0)
+               for k in after["decisions"]}  # fmt: skip
+    total = sum(decided.values())
+    reads = after["redis_count"] - before["redis_count"]
+    return {
+        "tool": "wrk" if wrk else "python",
+        "answers": answers,
+        "reject_share_counted": decided.get("reject", 0) / total if total else None,
+        "reject_share_expected": SUBSCRIBER_CLASS_SHARES["sub_block"],
+        "on_error": {
+            reason: count - before["on_error"].get(reason, 0)
+            for reason, count in after["on_error"].items()
+            if count - before["on_error"].get(reason, 0)
+        },
+        "calls": total,
+        "redis_round_trips": reads,
+        "redis_mean_ms": (after["redis_sum"] - before["redis_sum"]) / reads * 1000
+        if reads
+        else None,
+        "runs": {
+            name: [asdict(r) | {"rps": r.rps} for r in results] for name, results in runs.items()
+        },
+        "paced": {name: asdict(r) | {"rps": r.rps} for name, r in paced.items()},
+    }
+
+
+def _paced(
+    args: argparse.Namespace,
+    folder: Path,
+    targets: dict[str, tuple[str, Path]],
+    saturated: list[load.LoadResult],
+    url: str,
+    step: Step,
+) -> dict[str, load.LoadResult]:
+    """Both trunk groups at one moderate rate: ``--pace`` times the subscriber group's
+    full rate, so neither queues and the latencies compare the work a call costs."""
+    if not args.pace or load.wrk_binary() is None or not saturated:
+        return {}
+    rate = args.pace * sum(r.rps for r in saturated) / len(saturated)
+    delay_ms = max(1, round(args.connections * 1000 / rate))
+    results = {}
+    for name, (path, bodies) in targets.items():
+        script = load.write_wrk_script(folder / f"wrk-{name}", bodies, path, delay_ms=delay_ms)
+        done = step(f"subscribers paced: {name} trunk group at about {rate:,.0f} req/s")
+        result = load.run_wrk(url + path, script, args.duration, args.connections, args.threads)
+        print(
+            f"   {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
+            flush=True,
+        )
+        results[name] = result
+        done()
+    return results
+
+
+def check_answers(url: str, workload: SubscriberWorkload, per_class: int) -> dict[str, Any]:
+    """POST a sample of each class's bodies; compare each answer with the expected one."""
+    problems: list[str] = []
+    indexes = subscriber_sample(workload, per_class)
+    for i in indexes:
+        request = urllib.request.Request(
+            f"{url}/tg/{SUBSCRIBER_TRUNK_GROUP}",
+            data=workload.bodies[i],
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            problem = check_answer(workload.classes[i], response.status, response.read())
+        if problem:
+            problems.append(problem)
+    return {"checked": len(indexes), "wrong": len(problems), "examples": problems[:5]}
+
+
+def _metrics(url: str) -> dict[str, Any]:
+    """From /metrics: the subscribers trunk group's decisions, on_error answers by reason,
+    and the count and sum of the per-call Redis round trips."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found: dict[str, Any] = {"decisions": {}, "on_error": {}, "redis_count": 0, "redis_sum": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if family.name == "callscreen_decisions" and sample.name.endswith("_total"):
+                if labels.get("trunk_group") == SUBSCRIBER_TRUNK_GROUP and (
+                    labels.get("dry_run", "false") == "false"
+                ):
+                    decision = labels["decision"]
+                    found["decisions"][decision] = (
+                        found["decisions"].get(decision, 0) + sample.value
+                    )
+            elif family.name == "callscreen_on_error" and sample.name.endswith("_total"):
+                found["on_error"][labels["reason"]] = sample.value
+            elif family.name == "callscreen_redis_duration_seconds" and (
+                labels.get("operation") == "rate"
+            ):
+                if sample.name.endswith("_count"):
+                    found["redis_count"] += sample.value
+                elif sample.name.endswith("_sum"):
+                    found["redis_sum"] += sample.value
+    return found
