@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 STARTUP_LOAD_WAIT_S = 5.0
 
 
+#: Route handlers whose POSTs the main listener takes without the router
+#: (service/dispatch.py; their routes are the first ones :func:`create_app` adds).
+DIRECT_HANDLERS = (screen,)
+
+
 def create_app(
     config: Config,
     *,

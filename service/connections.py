@@ -52,6 +52,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from core.config import ServerSettings
+from service.dispatch import DirectRunner
 from service.metrics import Metrics
 from service.ratelimit import RateLimitedLog
 
@@ -172,8 +173,11 @@ class GuardedServer(Server):
         return [c for c in self._connections if isinstance(c, GuardedHandler)]
 
 
-class GuardedRunner(web.AppRunner):
-    """An :class:`aiohttp.web.AppRunner` whose connections the guard watches."""
+class GuardedRunner(DirectRunner):
+    """An :class:`aiohttp.web.AppRunner` whose connections the guard watches.
+
+    ``direct``: route handlers whose POSTs skip the router (service/dispatch.py).
+    """
 
     def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)

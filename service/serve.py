@@ -112,6 +112,8 @@ async def _serve(
     who: str,
     operator: tuple[web.Application, str, int] | None = None,
 ) -> None:
+    from service.app import DIRECT_HANDLERS
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before start-up, so a signal while the lists load still ends in a clean stop.
@@ -122,6 +124,7 @@ async def _serve(
     runner = GuardedRunner(
         app,
         guard,
+        direct=DIRECT_HANDLERS,
         access_log=None,
         shutdown_timeout=_CLEANUP_TIMEOUT_S,
         keepalive_timeout=settings.keepalive_timeout_s,

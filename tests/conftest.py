@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -20,6 +20,7 @@ from core.config import Config, parse_config
 from core.connect import connect
 from devtools.redis_server import LocalCluster, RedisProcess
 from service.app import create_app
+from tests.helpers import ServiceTestServer
 
 SEED_CONFIG: dict[str, Any] = {
     "lists": {"blocklist": {"kind": "numbers"}},
@@ -84,7 +85,7 @@ async def make_client(redis: Redis) -> AsyncIterator[Callable[..., Any]]:
 
     async def make(config: Config, *, redis_client: Redis | None = None) -> TestClient[Any, Any]:
         app = create_app(config, redis=redis_client, registry=CollectorRegistry())
-        client: TestClient[Any, Any] = TestClient(TestServer(app))
+        client: TestClient[Any, Any] = TestClient(ServiceTestServer(app))
         await client.start_server()
         clients.append(client)
         return client

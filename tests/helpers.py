@@ -8,10 +8,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
+
 from core.build import start_build
 from core.config import ListKind
 from core.entries import canonical
 from core.store import RedisClient
+from service.app import DIRECT_HANDLERS
+from service.dispatch import DirectRunner
 
 #: The request CarrierX documents for its external handlers.
 EXAMPLE_BODY: dict[str, Any] = {
@@ -89,3 +94,11 @@ async def load_list(redis: RedisClient, name: str, kind: ListKind, entries: list
     await builder.add([canonical(kind, e) for e in entries])
     await builder.finish()
     return await builder.commit({"source": "test"})
+
+
+class ServiceTestServer(TestServer):
+    """aiohttp's test server with the service's runner: screening POSTs skip the router
+    as they do in production (service/dispatch.py)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return DirectRunner(self.app, direct=DIRECT_HANDLERS, **kwargs)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp import encode_basic_auth
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -18,7 +18,7 @@ from core.config import Config, ConfigError, load_config
 from service.app import create_app
 from service.auth import HandlerAuth
 from service.metrics import Metrics
-from tests.helpers import REJECT, body_from
+from tests.helpers import REJECT, ServiceTestServer, body_from
 
 SECRET = "s3cret-Handler-Key-0123456789"
 WRONG_SAME_LENGTH = "s3cret-Handler-Key-0123456780"
@@ -63,7 +63,7 @@ async def start(
 
     async def make(data: dict[str, Any]) -> Client:
         app = create_app(make_config(data), redis=redis, registry=CollectorRegistry())
-        server = TestServer(app)
+        server = ServiceTestServer(app)
         await server.start_server(access_log=None)
         client: Client = TestClient(server)
         await client.start_server()

@@ -40,7 +40,7 @@ from service.shared_lists import (
     remove_folder,
     sweep,
 )
-from tests.helpers import REJECT, body_from, load_list, wait_for
+from tests.helpers import REJECT, ServiceTestServer, body_from, load_list, wait_for
 from tests.procs import ServiceProcess
 
 LISTED = "15162065613"
@@ -208,7 +208,7 @@ def test_a_folder_others_may_write_to_is_refused(tmp_path: Path) -> None:
 async def test_a_worker_answers_from_its_own_copy_in_an_unsafe_folder(
     redis: Redis, tmp_path: Path, make_config: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
+    from aiohttp.test_utils import TestClient
     from prometheus_client import CollectorRegistry
 
     from service.app import create_app
@@ -220,7 +220,7 @@ async def test_a_worker_answers_from_its_own_copy_in_an_unsafe_folder(
     registry = CollectorRegistry()
     app = create_app(make_config(), registry=registry, lists_dir=planted)
     with caplog.at_level(logging.INFO):
-        async with TestClient(TestServer(app)) as client:
+        async with TestClient(ServiceTestServer(app)) as client:
             response = await client.post("/tg/main", json=body_from(LISTED))
             assert await response.json() == REJECT
             copies = registry.get_sample_value(
