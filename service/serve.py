@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from core.config import Config
+from core.logs import batch_logs, flush_logs
 from service.appkeys import CONFIG as CONFIG_KEY
 from service.appkeys import METRICS
 from service.connections import ConnectionGuard, GuardedRunner, raise_fd_limit
@@ -46,6 +48,9 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 10.0
 #: What aiohttp's cleanup may still wait after the drain (only stuck handlers are left).
 _CLEANUP_TIMEOUT_S = 1.0
+#: While serving, log lines below WARNING (one per rejected call) are written together
+#: this often instead of one write each (core/logs.py, LineHandler).
+LOG_FLUSH_S = 0.1
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -140,8 +145,14 @@ async def _serve(
         )  # fmt: skip
         await operator_runner.setup()
     sweeper = asyncio.create_task(guard.run(), name="connection-guard")
+    flusher = asyncio.create_task(_flush_logs(), name="log-flusher")
     try:
         if not stop.is_set():
+            # What start-up made (config, libraries, list indexes) lives as long as the
+            # process: kept out of the cyclic collector's scans, which then look at the
+            # requests' objects only (gc.freeze; about 0.5 % of the CPU per call).
+            gc.collect()
+            gc.freeze()
             site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
             await site.start()
             if operator_runner is not None and operator is not None:
@@ -163,15 +174,25 @@ async def _serve(
             await site.stop()
             await guard.drain(SHUTDOWN_TIMEOUT_S)
     finally:
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in (sweeper, flusher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        batch_logs(False)
         if operator_runner is not None:
             await operator_runner.cleanup()
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     logger.info("%s stopped", who)
+
+
+async def _flush_logs() -> None:
+    """Batch the log lines below WARNING while serving; write them every LOG_FLUSH_S."""
+    batch_logs(True)
+    while True:
+        await asyncio.sleep(LOG_FLUSH_S)
+        flush_logs()
 
 
 def _flush_ctx(registry: SharedRegistry) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.config import Config
-from core.logs import REQUEST_ID, configure_logging
+from core.logs import REQUEST_ID, batch_logs, configure_logging, flush_logs, log_fields
 from devtools.redis_server import free_port
 from service.ratelimit import RateLimitedLog
 from tests.conftest import SEED_CONFIG
@@ -159,3 +159,61 @@ def test_rate_limited_log_counts_what_it_suppressed(caplog: pytest.LogCaptureFix
         "other trouble",
         "Redis poll failed: timeout (5 similar suppressed)",
     ]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_call_line_reads_the_same_with_or_without_a_record(
+    logs: Callable[[str], io.StringIO], log_format: str
+) -> None:
+    """log_fields writes rejected-call lines without a LogRecord where it can: the line
+    must be the one the record would have given (time apart)."""
+    stream = logs(log_format)
+    log = logging.getLogger("service.screen")
+    fields = {"trunk_group": "main", "rule": "block", "list": "blocklist", "caller": "1516****"}
+    args = ("rejected call", "main", "block", "blocklist", "1516****")
+    token = REQUEST_ID.set(CALL_ID)
+    try:
+        log_fields(log, logging.INFO, "%s trunk_group=%s rule=%s list=%s caller=%s", args, fields)
+        # A second handler (as a test's log capture adds): the record is made.
+        extra = logging.NullHandler()
+        logging.getLogger().addHandler(extra)
+        try:
+            log_fields(
+                log, logging.INFO, "%s trunk_group=%s rule=%s list=%s caller=%s", args, fields
+            )
+        finally:
+            logging.getLogger().removeHandler(extra)
+    finally:
+        REQUEST_ID.reset(token)
+    fast, made = stream.getvalue().splitlines()
+    if log_format == "json":
+        fast_entry, made_entry = orjson.loads(fast), orjson.loads(made)
+        times = fast_entry.pop("time"), made_entry.pop("time")
+        assert all(len(t) == 29 and t.endswith("+00:00") for t in times)  # ms, UTC
+        assert fast_entry == made_entry
+        assert fast_entry["request_id"] == CALL_ID and fast_entry["rule"] == "block"
+    else:
+        assert fast.split(" ", 2)[2] == made.split(" ", 2)[2]  # past date and time
+        assert f"[{CALL_ID}] rejected call trunk_group=main rule=block" in fast
+
+
+def test_info_lines_wait_for_a_flush_while_batching(logs: Callable[[str], io.StringIO]) -> None:
+    stream = logs("text")
+    log = logging.getLogger("service.test")
+    batch_logs(True)
+    try:
+        log.info("first")
+        log_fields(log, logging.INFO, "second %s", ("call",), {"rule": "x"})
+        assert stream.getvalue() == ""  # held
+        log.warning("trouble")  # written at once, after what was held
+        assert [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()] == [
+            "first",
+            "second call",
+            "trouble",
+        ]
+        log.info("third")
+        assert "third" not in stream.getvalue()
+        flush_logs()
+        assert stream.getvalue().endswith(": third\n")
+    finally:
+        batch_logs(False)

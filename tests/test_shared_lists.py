@@ -325,8 +325,15 @@ async def test_two_workers_answer_from_one_file_and_swap_it_on_a_sync(
 
     await wait_for(swapped, timeout_s=20)
     assert await answers_everywhere(service, {NEW: REJECT, LISTED: [], UNLISTED: []})
-    in_use = [r for r in service.log_records() if " in use" in r["message"]]
-    assert sum("shared file built" in r["message"] for r in in_use) == 2
+
+    def built() -> int:
+        return sum("shared file built" in r["message"] for r in service.log_records())
+
+    async def both_built() -> bool:  # INFO lines are written every 0.1 s
+        return built() >= 2
+
+    await wait_for(both_built, timeout_s=5)
+    assert built() == 2
 
     service.signal(signal.SIGTERM)
     assert await service.exited() == 0

@@ -84,7 +84,13 @@ async def test_two_workers_metrics_add_up_to_the_calls_sent(
         assert samples[COUNT] == sent
         assert samples["callscreen_workers"] == 2
 
-    # Both workers answered calls (one reject line each, tagged with its pid and Call-ID).
+    # Both workers answered calls (one reject line each, tagged with its pid and Call-ID;
+    # INFO lines are written every 0.1 s).
+    async def all_logged() -> bool:
+        lines = [r for r in service.log_records() if r["message"].startswith("rejected call")]
+        return len(lines) >= rejected
+
+    await wait_for(all_logged, timeout_s=5)
     reject_lines = [r for r in service.log_records() if r["message"].startswith("rejected call")]
     assert len(reject_lines) == rejected
     assert len({r["pid"] for r in reject_lines}) == 2
