@@ -26,13 +26,16 @@ aiohttp is pinned in pyproject.toml.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import hdrs, web
 from aiohttp.web_server import Server
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: How many distinct paths :class:`ScreeningDispatch` remembers.
+KNOWN_PATHS = 1024
 
 #: Characters that stop a path from being taken here: the router decodes escapes
 #: before matching, and a dynamic segment never holds a brace.
@@ -85,6 +88,11 @@ class ScreeningDispatch:
         handlers: tuple[Handler, ...],
     ) -> None:
         self.fallback = fallback
+        #: Paths seen, with their frozen match information and handler (False: routed).
+        #: Screening calls come to a few paths (one per trunk group), so after the first
+        #: call each costs one dictionary look-up. Bounded: past KNOWN_PATHS (a scan of
+        #: made-up paths, say) new paths are matched each time, never remembered.
+        self.known: dict[str, tuple[UrlMappingMatchInfo, Handler] | Literal[False]] = {}
         #: Route shapes by segment count; empty (everything routed) with middlewares.
         self.shapes: dict[int, list[_Shape]] = {}
         if app.middlewares:
@@ -103,18 +111,32 @@ class ScreeningDispatch:
         # A plain method handing back the handler's coroutine: no frame of its own.
         if request.method == hdrs.METH_POST and hdrs.EXPECT not in request.headers:
             path = request.raw_path.partition("?")[0]
-            shapes = self.shapes.get(path.count("/") + 1)
-            if shapes is not None and _ROUTER_ONLY.isdisjoint(path):
-                parts = path.split("/")
-                for shape in shapes:
-                    found = shape.match(parts)
-                    if found is not None:
-                        info = UrlMappingMatchInfo(found, shape.route)
-                        info.add_app(shape.app)
-                        info.freeze()
-                        request._match_info = info  # type: ignore[attr-defined]
-                        return shape.handler(request)  # type: ignore[arg-type]
+            known = self.known.get(path)
+            if known is None:
+                known = self._look_up(path)
+            if known is not False:
+                info, handler = known
+                request._match_info = info  # type: ignore[attr-defined]
+                return handler(request)  # type: ignore[arg-type]
         return self.fallback(request)
+
+    def _look_up(self, path: str) -> tuple[UrlMappingMatchInfo, Handler] | Literal[False]:
+        """The match for ``path`` (False: the router's), remembered while there is room."""
+        found: tuple[UrlMappingMatchInfo, Handler] | Literal[False] = False
+        shapes = self.shapes.get(path.count("/") + 1)
+        if shapes is not None and _ROUTER_ONLY.isdisjoint(path):
+            parts = path.split("/")
+            for shape in shapes:
+                values = shape.match(parts)
+                if values is not None:
+                    info = UrlMappingMatchInfo(values, shape.route)
+                    info.add_app(shape.app)
+                    info.freeze()
+                    found = (info, shape.handler)
+                    break
+        if len(self.known) < KNOWN_PATHS:
+            self.known[path] = found
+        return found
 
 
 class DirectRunner(web.AppRunner):

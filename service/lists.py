@@ -116,7 +116,7 @@ class NumberList:
     No faster shared form was found.
     """
 
-    __slots__ = ("adds", "dels", "flat", "mask", "offsets", "size")
+    __slots__ = ("adds", "changes", "dels", "flat", "mask", "offsets", "size")
 
     flat: Sequence[int]
     offsets: Sequence[int]
@@ -132,6 +132,13 @@ class NumberList:
         self.flat, self.offsets, self.mask = _base if _base is not None else _index(buckets)
         self.adds = frozenset(int(a) for a in adds)
         self.dels = frozenset(int(d) for d in dels) - self.adds
+        #: Single-entry changes since the base: None when there are none (most calls
+        #: then skip both sets), else each changed number -> whether it is listed.
+        self.changes: dict[int, bool] | None = (
+            dict.fromkeys(self.adds, True) | dict.fromkeys(self.dels, False)
+            if self.adds or self.dels
+            else None
+        )
         self.size = (
             len(self.flat)
             + sum(1 for a in self.adds if not self._in_base(a))
@@ -162,10 +169,11 @@ class NumberList:
 
     def __contains__(self, number: int) -> bool:
         # The body of _in_base, inlined: this runs for every call on every numbers rule.
-        if number in self.adds:
-            return True
-        if number in self.dels:
-            return False
+        changes = self.changes
+        if changes is not None:
+            changed = changes.get(number)
+            if changed is not None:
+                return changed
         offsets = self.offsets
         group = number & self.mask
         start = offsets[group]

@@ -22,7 +22,7 @@ import orjson
 
 from core.config import Config, Operands, Policy, Rule
 from core.subscribers import NO_ENTRIES, Entries, Side
-from service.lists import ListObject, NameList, NumberList, PrefixList, SubscriberList
+from service.lists import ListObject, NameList, NumberList, PrefixList
 from service.request import Call
 
 Lists = Mapping[str, ListObject]
@@ -118,28 +118,24 @@ class CompiledRule:
     # costs one attribute look-up, not a chain of comparisons. A list missing from
     # ``lists`` raises KeyError, which evaluate() reports as ListsUnavailable.
     def _caller_in_list(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
-        numbers = lists[self.list_key]
-        assert isinstance(numbers, NumberList)
+        numbers: NumberList = lists[self.list_key]  # type: ignore[assignment]
         number = call.caller_int
         return call.caller if number is not None and number in numbers else None
 
     def _caller_prefix_in_list(
         self, call: Call, lists: Lists, rates: Rates, found: Found
     ) -> str | None:
-        prefixes = lists[self.list_key]
-        assert isinstance(prefixes, PrefixList)
+        prefixes: PrefixList = lists[self.list_key]  # type: ignore[assignment]
         return prefixes.match(call.caller) if call.caller else None
 
     def _caller_name_matches_list(
         self, call: Call, lists: Lists, rates: Rates, found: Found
     ) -> str | None:
-        names = lists[self.list_key]
-        assert isinstance(names, NameList)
+        names: NameList = lists[self.list_key]  # type: ignore[assignment]
         return names.match(call.caller_name)
 
     def _called_in_list(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
-        numbers = lists[self.list_key]
-        assert isinstance(numbers, NumberList)
+        numbers: NumberList = lists[self.list_key]  # type: ignore[assignment]
         number = call.called_int
         return call.called if number is not None and number in numbers else None
 
@@ -168,8 +164,7 @@ class CompiledRule:
     def _caller_in_subscriber_list(
         self, call: Call, lists: Lists, rates: Rates, found: Found
     ) -> str | None:
-        subscribers = lists[self.list_key]
-        assert isinstance(subscribers, SubscriberList)
+        lists[self.list_key]  # raises KeyError when not loaded: evaluate() reports it
         caller, called = call.caller, call.called
         if caller is None or called is None:
             return None

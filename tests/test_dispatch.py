@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from core.config import Config
 from service.app import create_app
-from service.dispatch import ScreeningDispatch
+from service.dispatch import KNOWN_PATHS, ScreeningDispatch
 from tests.helpers import REJECT, ServiceTestServer, body_from, load_list
 
 SECRET = "Dispatch-Handler-Secret-0123456789"
@@ -168,3 +168,20 @@ async def test_direct_calls_are_screened(
     status, _, payload = await send(direct.port, *post("/tg/secure", BLOCKED_BODY))
     assert (status, orjson.loads(payload)["error"].split(":")[0]) == (401, "unauthorized")
     assert seen == []
+
+
+async def test_paths_past_the_remembered_ones_are_still_matched(
+    servers: tuple[TestServer, TestServer, list[str]],
+) -> None:
+    """Made-up paths fill the memory of matched paths; real calls are answered as before."""
+    _, direct, seen = servers
+    assert direct.port is not None and direct.runner is not None
+    dispatch = direct.runner.server.request_handler  # type: ignore[union-attr]
+    assert isinstance(dispatch, ScreeningDispatch)
+    for i in range(KNOWN_PATHS + 5):
+        dispatch._look_up(f"/tg/made-up-{i}")
+    assert len(dispatch.known) == KNOWN_PATHS and "/tg/main" not in dispatch.known
+    for _ in range(2):
+        status, _, payload = await send(direct.port, *post("/tg/main", BLOCKED_BODY))
+        assert (status, orjson.loads(payload)) == (200, REJECT)
+    assert "/tg/main" not in dispatch.known and seen == []
