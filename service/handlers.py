@@ -16,6 +16,7 @@ from aiohttp import web
 
 from core.logs import REQUEST_ID
 from service.admin import explain_refusal
+from service.answers import screening_response
 from service.appkeys import AUTH, SCREENER
 from service.cache import LIST_LOST, LIST_NOT_LOADED
 from service.errors import client_gone, internal_error, json_error
@@ -76,7 +77,7 @@ def _refuse(screener: Screener, exc: BadRequest) -> web.Response:
     return json_error(exc.status, exc.message)
 
 
-async def screen(request: web.Request) -> web.Response:
+async def screen(request: web.Request) -> web.StreamResponse:
     """``POST /`` and ``POST /tg/{trunk_group}``: the CarrierX external handler.
 
     Every call passes here, so it does no more than the pipeline needs; a decision that
@@ -112,7 +113,7 @@ async def screen(request: web.Request) -> web.Response:
         screener.metrics.fallback("internal")
         answer = screener.on_error.outcome.answer
     screener.metrics.request_seconds.observe(time.perf_counter() - started)
-    return web.Response(body=answer, content_type=_JSON)
+    return screening_response(request, answer)
 
 
 def _explanation(group: str, policy: CompiledPolicy, evaluation: Evaluation, call: Any) -> bytes:

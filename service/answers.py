@@ -1,0 +1,121 @@
+"""The screening answer: a 200 JSON response written in one piece.
+
+Every screening call is answered ``200`` with one of a few pre-encoded JSON bodies
+(``[]`` or a rule's reject). aiohttp's :class:`aiohttp.web.Response` makes that answer
+in Python, field by field, on every call: a header multidict, the content type, the
+content length, the keep-alive rules, then a serialisation of it all. Measured with
+callgrind, that was about 58 k of the ~283 k CPU instructions the service spent per
+call, more than the parse and the decision together (docs/design.md).
+
+:class:`ScreeningAnswer` is a :class:`aiohttp.web.StreamResponse` whose bytes on the
+wire are put together from a status line and headers prepared once per second (the
+``Date`` header changes each second), and written through the request's own stream
+writer, so aiohttp's handling of closed connections and back-pressure is kept. The
+bytes are the ones aiohttp's ``Response`` writes for the same answer:
+``Content-Type: application/json``, ``Content-Length``, ``Date``, ``Server``, and the
+``Connection`` header aiohttp's rules give for the request's HTTP version and
+keep-alive (``tests/test_answers.py`` compares them byte for byte, the date aside).
+
+It is only for apps without ``on_response_prepare`` signal handlers (they could change
+headers it does not keep); :func:`screening_response` falls back to a plain ``Response`` there, and
+for HTTP versions other than 1.0 and 1.1.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from multidict import CIMultiDict, CIMultiDictProxy
+
+CONTENT_TYPE = "application/json"
+
+#: Status line and headers up to ``Content-Length: ``, by HTTP minor version.
+_STARTS = {
+    minor: f"HTTP/1.{minor} 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: "
+    for minor in (0, 1)
+}
+#: The ``Connection`` header by (minor version, keep-alive), as aiohttp sets it: HTTP/1.1
+#: says so when it closes, HTTP/1.0 when it keeps the connection open.
+_CONNECTION = {
+    (1, True): "",
+    (1, False): "Connection: close\r\n",
+    (0, True): "Connection: keep-alive\r\n",
+    (0, False): "",
+}
+
+
+class _Heads:
+    """The bytes before the body, by (minor version, keep-alive, body length), for the
+    current second's ``Date``; made anew when the date changes."""
+
+    def __init__(self) -> None:
+        self.date = ""
+        self.heads: dict[tuple[int, bool, int], bytes] = {}
+
+    def get(self, minor: int, keep_alive: bool, length: int) -> bytes:
+        date = rfc822_formatted_time()  # aiohttp's own, remade once a second
+        if date != self.date:
+            self.date = date
+            self.heads = {}
+        key = (minor, keep_alive, length)
+        head = self.heads.get(key)
+        if head is None:
+            head = self.heads[key] = (
+                f"{_STARTS[minor]}{length}\r\nDate: {date}\r\nServer: {SERVER_SOFTWARE}\r\n"
+                f"{_CONNECTION[key[:2]]}\r\n"
+            ).encode("latin-1")
+        return head
+
+
+_HEADS = _Heads()
+_FIXED_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": CONTENT_TYPE}))
+_VERSIONS = (HttpVersion11, HttpVersion10)
+
+
+class ScreeningAnswer(web.StreamResponse):
+    """``200`` with a JSON ``body``, written whole by :meth:`write_eof`."""
+
+    def __init__(self, body: bytes) -> None:
+        # What StreamResponse.__init__ sets, without a header multidict of its own: the
+        # headers are written from _HEADS; ``headers`` shows the fixed ones, read-only.
+        self._state = {}
+        self._headers = _FIXED_HEADERS  # type: ignore[assignment]
+        self._status = 200
+        self._reason = "OK"
+        self._answer = body
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
+            return None
+        if self._payload_writer is None:
+            if self._keep_alive is None:
+                self._keep_alive = request.keep_alive
+            self._req = request
+            self._payload_writer = request._payload_writer
+        return self._payload_writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._eof_sent:
+            return
+        request, writer = self._req, self._payload_writer
+        assert request is not None and writer is not None, "prepare() first"
+        body = self._answer
+        minor = request.version.minor
+        head = _HEADS.get(minor, bool(self._keep_alive), len(body))
+        # No headers were given to the writer: it sends these bytes as they are, with its
+        # own checks for a closed connection and its back-pressure wait.
+        await writer.write_eof(head + body)
+        self._eof_sent = True
+        self._body_length = len(body)
+        self._req = None
+        self._payload_writer = None
+
+
+def screening_response(request: web.Request, body: bytes) -> web.StreamResponse:
+    """The response for a screening answer ``body``: a :class:`ScreeningAnswer` where
+    its bytes are aiohttp's (see the module docstring), else a plain ``Response``."""
+    if request.version in _VERSIONS and not request.app.on_response_prepare:
+        return ScreeningAnswer(body)
+    return web.Response(body=body, content_type=CONTENT_TYPE)
