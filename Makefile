@@ -31,7 +31,7 @@ run: sync
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The benchmark (BENCHMARKS.md): about 3.5 minutes with a 1 M-number block list.
+# The benchmark (BENCHMARKS.md): about 4 minutes with a 1 M-number block list.
 # Flags go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--numbers 10000000 --rounds 12"
 BENCH_ARGS ?=
 bench: $(STAMP)
