@@ -41,7 +41,7 @@ from bench.workload import (
     Sizes,
     Workload,
     bench_config,
-    check_answer,
+    check_sample,
     generate,
     sample,
     write_config,
@@ -158,19 +158,8 @@ def run_storage(
 
 def check_service_answers(url: str, workload: Workload, per_class: int) -> dict[str, Any]:
     """POST a sample of bodies of every class; compare each answer with the expected one."""
-    problems: list[str] = []
     indexes = sample(workload, per_class)
-    for i in indexes:
-        request = urllib.request.Request(
-            f"{url}/tg/{TRUNK_GROUP}",
-            data=workload.bodies[i],
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            problem = check_answer(workload.classes[i], response.status, response.read())
-        if problem:
-            problems.append(problem)
-    return {"checked": len(indexes), "wrong": len(problems), "examples": problems[:5]}
+    return check_sample(f"{url}/tg/{TRUNK_GROUP}", workload.bodies, workload.classes, indexes)
 
 
 def decision_totals(url: str) -> dict[str, float]:
@@ -256,10 +245,7 @@ def run_http(
         "answers": answers,
         "reject_share_counted": _reject_share(counted_before, counted_after),
         "reject_share_expected": expected_reject,
-        "runs": {
-            name: [asdict(r) | {"rps": r.rps} for r in results] for name, results in runs.items()
-        },
-        "paced": {name: asdict(r) | {"rps": r.rps} for name, r in paced.items()},
+        **load.runs_json(runs, paced),
     }
 
 

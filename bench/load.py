@@ -13,8 +13,9 @@ import asyncio
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -87,6 +88,18 @@ class LoadResult:
     @property
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        """The fields and the rate, for ``--json``."""
+        return asdict(self) | {"rps": self.rps}
+
+
+def runs_json(runs: dict[str, list[LoadResult]], paced: dict[str, LoadResult]) -> dict[str, Any]:
+    """The ``runs`` and ``paced`` entries of a ``--json`` report."""
+    return {
+        "runs": {name: [r.as_json() for r in results] for name, results in runs.items()},
+        "paced": {name: r.as_json() for name, r in paced.items()},
+    }
 
 
 def wrk_binary() -> str | None:

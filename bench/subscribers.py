@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from bench.workload import (
     TRUNK_GROUP,
     SubscriberSizes,
     SubscriberWorkload,
-    check_answer,
+    check_sample,
     random_numbers,
     subscriber_config,
     subscriber_sample,
@@ -302,10 +301,7 @@ def serve(
         "redis_mean_ms": (after["redis_sum"] - before["redis_sum"]) / reads * 1000
         if reads
         else None,
-        "runs": {
-            name: [asdict(r) | {"rps": r.rps} for r in results] for name, results in runs.items()
-        },
-        "paced": {name: asdict(r) | {"rps": r.rps} for name, r in paced.items()},
+        **load.runs_json(runs, paced),
     }
 
 
@@ -339,19 +335,9 @@ def _paced(
 
 def check_answers(url: str, workload: SubscriberWorkload, per_class: int) -> dict[str, Any]:
     """POST a sample of each class's bodies; compare each answer with the expected one."""
-    problems: list[str] = []
     indexes = subscriber_sample(workload, per_class)
-    for i in indexes:
-        request = urllib.request.Request(
-            f"{url}/tg/{SUBSCRIBER_TRUNK_GROUP}",
-            data=workload.bodies[i],
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            problem = check_answer(workload.classes[i], response.status, response.read())
-        if problem:
-            problems.append(problem)
-    return {"checked": len(indexes), "wrong": len(problems), "examples": problems[:5]}
+    path = f"{url}/tg/{SUBSCRIBER_TRUNK_GROUP}"
+    return check_sample(path, workload.bodies, workload.classes, indexes)
 
 
 def _metrics(url: str) -> dict[str, Any]:

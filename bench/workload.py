@@ -36,7 +36,8 @@ sub_unlisted  75 %    on none of the called subscriber's entries
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -513,3 +514,21 @@ def subscriber_sample(workload: SubscriberWorkload, per_class: int) -> list[int]
         if len(picked[cls]) < per_class:
             picked[cls].append(i)
     return [i for indexes in picked.values() for i in indexes]
+
+
+def check_sample(
+    url: str, bodies: Sequence[bytes], classes: Sequence[str], indexes: Iterable[int]
+) -> dict[str, Any]:
+    """POST the bodies at ``indexes`` to ``url``; compare each answer with its class's."""
+    problems: list[str] = []
+    checked = 0
+    for i in indexes:
+        request = urllib.request.Request(
+            url, data=bodies[i], headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            problem = check_answer(classes[i], response.status, response.read())
+        checked += 1
+        if problem:
+            problems.append(problem)
+    return {"checked": checked, "wrong": len(problems), "examples": problems[:5]}

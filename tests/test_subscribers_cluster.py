@@ -16,7 +16,12 @@ from devtools.redis_server import LocalCluster
 from loader.sync import SyncOptions, sync_list
 from tests.helpers import wait_for
 from tests.test_subscribers import ON_ERROR, PERSONAL, answer
-from tests.test_subscribers_lost import SUBSCRIBERS, lost_config, write_source
+from tests.test_subscribers_lost import (
+    SUBSCRIBERS,
+    lost_config,
+    served_on_cluster,
+    write_source,
+)
 
 ADMIN_TOKEN = "cluster-subscribers-admin-token-01"
 
@@ -111,25 +116,7 @@ async def test_a_slow_master_answers_its_subscribers_by_on_error_within_the_dead
     data = lost_config(cluster.url)
     data["handler"]["deadline_ms"] = 100
     config = make_config(data, base_dir=tmp_path)
-    await sync_list(cluster_redis, config, "personal")
-    gen = int(await cluster_redis.hget(keys.meta("personal"), "gen") or 0)
-    client = await make_client(config)
-
-    async def ready() -> bool:
-        return bool((await client.get("/readyz")).status == 200)
-
-    await wait_for(ready)
-
-    def node_of(key: str) -> str:
-        node = cluster_redis.get_node_from_key(key)
-        assert node is not None
-        return str(node.name)
-
-    meta_node = node_of(keys.meta("personal"))
-    where = {
-        s: node_of(keys.subscribers("personal", keys.subscriber_bucket_of(s), gen))
-        for s in SUBSCRIBERS
-    }
+    client, meta_node, where = await served_on_cluster(cluster_redis, config, make_client)
     slow_name = sorted({n for n in where.values() if n != meta_node})[0]
     slow = next(n for n in cluster.nodes if f"127.0.0.1:{n.port}" == slow_name)
     victim = next(s for s in SUBSCRIBERS if where[s] == slow_name)

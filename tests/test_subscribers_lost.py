@@ -73,6 +73,32 @@ async def metric(client: Any, line: str) -> float:
 LOST = 'callscreen_on_error_total{reason="list_lost"}'
 
 
+async def served_on_cluster(
+    cluster_redis: RedisCluster, config: Config, make_client: Callable[..., Any]
+) -> tuple[Any, str, dict[str, str]]:
+    """Sync ``personal`` on the Cluster and serve it: the ready client, the node holding
+    the list's ``meta``, and the node holding each of SUBSCRIBERS' buckets."""
+    await sync_list(cluster_redis, config, "personal")
+    gen = int(await cluster_redis.hget(keys.meta("personal"), "gen") or 0)
+    client = await make_client(config)
+
+    async def ready() -> bool:
+        return bool((await client.get("/readyz")).status == 200)
+
+    await wait_for(ready)
+
+    def node_of(key: str) -> str:
+        node = cluster_redis.get_node_from_key(key)
+        assert node is not None
+        return str(node.name)
+
+    where = {
+        s: node_of(keys.subscribers("personal", keys.subscriber_bucket_of(s), gen))
+        for s in SUBSCRIBERS
+    }
+    return client, node_of(keys.meta("personal")), where
+
+
 async def test_a_lost_bucket_answers_its_subscribers_by_on_error(
     redis: Redis,
     make_config: Callable[..., Config],
@@ -179,25 +205,7 @@ async def test_a_cluster_master_lost_answers_its_buckets_by_on_error(
 ) -> None:
     write_source(tmp_path)
     config = make_config(lost_config(cluster.url), base_dir=tmp_path)
-    await sync_list(cluster_redis, config, "personal")
-    gen = int(await cluster_redis.hget(keys.meta("personal"), "gen") or 0)
-    client = await make_client(config)
-
-    async def ready() -> bool:
-        return bool((await client.get("/readyz")).status == 200)
-
-    await wait_for(ready)
-
-    def node_of(key: str) -> str:
-        node = cluster_redis.get_node_from_key(key)
-        assert node is not None
-        return str(node.name)
-
-    meta_node = node_of(keys.meta("personal"))
-    where = {
-        s: node_of(keys.subscribers("personal", keys.subscriber_bucket_of(s), gen))
-        for s in SUBSCRIBERS
-    }
+    client, meta_node, where = await served_on_cluster(cluster_redis, config, make_client)
     flushed = sorted({n for n in where.values() if n != meta_node})[0]
     lost = [s for s in SUBSCRIBERS if where[s] == flushed]
     kept = [s for s in SUBSCRIBERS if where[s] != flushed]
