@@ -14,6 +14,11 @@ JSON lines hold ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger`
 ``message``, ``pid``, then ``request_id`` and the structured fields when present, and
 ``exception`` with the traceback when one was logged. One object per line, via orjson.
 
+The handler (:class:`LineHandler`) writes each line at once, except while a service
+worker serves: lines below WARNING are then written in batches every 0.1 s
+(:func:`batch_logs`, service/serve.py). A rejected-call line (:func:`log_fields`) is
+formatted without a ``LogRecord`` when only this handler would see it.
+
 Secrets stay out of the log (:class:`core.redact.RedactingFilter`): aiohttp's own
 records, which quote the raw request line and headers of a request it could not parse,
 and every record carrying an exception are rewritten with handler secrets

@@ -14,7 +14,9 @@ with the match information the router would have given (``request.match_info``,
 other methods and paths, a path with percent-escapes, braces or an empty segment,
 an ``Expect`` header (100-continue is answered by the route's expect handler there),
 and every request of an app with middlewares. So the answers are the router's; only the
-look-up is shorter. ``tests/test_dispatch.py`` sends the same requests both ways.
+look-up is shorter. ``tests/test_dispatch.py`` sends the same requests both ways. A
+path's match is worked out once and remembered: the calls to that path share its frozen
+match information (at most :data:`KNOWN_PATHS` paths, so made-up ones cannot grow it).
 
 :class:`DirectRunner` is the ``AppRunner`` that installs it: the service's own runner
 (``service.connections.GuardedRunner``) is one, and so is the one the tests' service
