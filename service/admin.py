@@ -210,7 +210,8 @@ async def _list_info(request: web.Request, name: str) -> api.ListInfo:
     )
 
 
-async def _read_json(request: web.Request) -> Any:
+async def read_json(request: web.Request) -> Any:
+    """An admin request's JSON body: 413 over ``admin.max_body_bytes``, 400 if not JSON."""
     limit = request.app[CONFIG].admin.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise AdminError(413, f"request body over {limit} bytes")
@@ -286,7 +287,7 @@ async def bulk_change(request: web.Request) -> web.Response:
     """
     name, kind = list_kind(request)
     try:
-        change = api.BulkChange.model_validate(await _read_json(request))
+        change = api.BulkChange.model_validate(await read_json(request))
     except ValidationError as exc:
         raise _bulk_refusal(exc.errors(include_url=False)) from None
     raw = {"add": change.add, "remove": change.remove}

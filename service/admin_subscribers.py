@@ -38,7 +38,7 @@ from core.subscribers import (
     canonical_subscriber,
 )
 from service import api_models as api
-from service.admin import AdminError, _read_json, admin_only, list_kind
+from service.admin import AdminError, admin_only, list_kind, read_json
 from service.appkeys import CONFIG, REDIS
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ async def bulk_change(request: web.Request) -> web.Response:
     """
     name = _subscribers_list(request)
     try:
-        change = api.SubscriberBulkChange.model_validate(await _read_json(request))
+        change = api.SubscriberBulkChange.model_validate(await read_json(request))
     except ValidationError as exc:
         raise _bulk_refusal(exc.errors(include_url=False)) from None
     total = len(change.add) + len(change.remove)
