@@ -67,8 +67,8 @@ arguments alive until the next garbage collection, and so past the trim.
 What is not shared: the deltas (``adds``/``dels``, small sets per process), prefixes
 and names lists (thousands of entries), and ``gen`` 0 (a list never synced: no base).
 If the folder cannot take the file (a full tmpfs, e.g. Docker's 64 MB ``/dev/shm``
-default), the worker logs it and falls back to a private copy, as before: memory, not
-answers, is what sharing saves.
+default), the worker logs it, counts it (``callscreen_list_private_copies_total``) and
+falls back to a private copy, as before: memory, not answers, is what sharing saves.
 
 Measured (``python -m bench.memory``, BENCHMARKS.md), 10 M numbers, 4 workers on 2
 cores: the list costs 0.0-0.6 MB per worker beyond the first (132 MB before, 260 MB
