@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.answers import CONTENT_TYPE, ScreeningAnswer, screening_response
+from tests.helpers import wait_for
 
 BODY = b'[{"action":"reject","operands":["unavailable","aniblock"]}]'
 DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
@@ -120,10 +121,14 @@ async def test_the_access_log_sees_status_and_size(caplog: pytest.LogCaptureFixt
         assert test_server.port is not None
         with caplog.at_level(logging.INFO, logger="aiohttp.access"):
             await exchange(test_server.port, request("/whole", "1.1"))
-            await asyncio.sleep(0.05)
+
+            async def logged() -> bool:  # written just after the answer is sent
+                return bool(caplog.records)
+
+            await wait_for(logged)
     finally:
         await test_server.close()
-    assert f"200 {len(BODY)}" in [r.getMessage() for r in caplog.records]
+    assert [r.getMessage() for r in caplog.records] == [f"200 {len(BODY)}"]
 
 
 def test_an_app_with_response_signals_gets_a_plain_response() -> None:
