@@ -229,11 +229,7 @@ def run_http(
                 done = _step(f"round {round_}/{args.rounds}: {name}, {args.duration} s")
                 result = drive(server.url, args.duration)
                 runs[name].append(result)
-                print(
-                    f"   {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
-                    f"p99 {result.p99_ms:.2f} ms, errors {result.errors}",
-                    flush=True,
-                )
+                print(f"   {result.summary()}", flush=True)
                 done()
         counted_after = decision_totals(service.url)
         paced = _paced_runs(
@@ -264,7 +260,7 @@ def _paced_runs(
     if not args.pace or load.wrk_binary() is None or not saturated:
         return {}
     full_rps = sum(r.rps for r in saturated) / len(saturated)
-    delay_ms = max(1, round(args.connections * 1000 / (args.pace * full_rps)))
+    delay_ms = load.pace_delay_ms(args.connections, args.pace * full_rps)
     script = load.write_wrk_script(
         work, work / "data" / "bodies.jsonl", f"/tg/{TRUNK_GROUP}", delay_ms=delay_ms
     )
@@ -274,10 +270,7 @@ def _paced_runs(
         result = load.run_wrk(
             f"{server.url}/tg/{TRUNK_GROUP}", script, args.duration, args.connections, args.threads
         )
-        print(
-            f"   {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
-            flush=True,
-        )
+        print(f"   {result.summary(errors=False)}", flush=True)
         results[name] = result
         done()
     return results

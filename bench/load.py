@@ -89,9 +89,19 @@ class LoadResult:
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
+    def summary(self, errors: bool = True) -> str:
+        """The line printed after a run: rate, p50, p99 (and errors)."""
+        line = f"{self.rps:,.0f} req/s, p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms"
+        return f"{line}, errors {self.errors}" if errors else line
+
     def as_json(self) -> dict[str, Any]:
         """The fields and the rate, for ``--json``."""
         return asdict(self) | {"rps": self.rps}
+
+
+def pace_delay_ms(connections: int, rate: float) -> int:
+    """The pause each of ``connections`` makes between requests for ``rate`` in all."""
+    return max(1, round(connections * 1000 / rate))
 
 
 def runs_json(runs: dict[str, list[LoadResult]], paced: dict[str, LoadResult]) -> dict[str, Any]:

@@ -274,11 +274,7 @@ def serve(
                 )
                 result = drive(service.url, name, args.duration)
                 results.append(result)
-                print(
-                    f"   {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
-                    f"p99 {result.p99_ms:.2f} ms, errors {result.errors}",
-                    flush=True,
-                )
+                print(f"   {result.summary()}", flush=True)
                 done()
         after = _metrics(service.url)
         paced = _paced(args, folder, targets, runs["subscribers"], service.url, step)
@@ -318,16 +314,13 @@ def _paced(
     if not args.pace or load.wrk_binary() is None or not saturated:
         return {}
     rate = args.pace * sum(r.rps for r in saturated) / len(saturated)
-    delay_ms = max(1, round(args.connections * 1000 / rate))
+    delay_ms = load.pace_delay_ms(args.connections, rate)
     results = {}
     for name, (path, bodies) in targets.items():
         script = load.write_wrk_script(folder / f"wrk-{name}", bodies, path, delay_ms=delay_ms)
         done = step(f"subscribers paced: {name} trunk group at about {rate:,.0f} req/s")
         result = load.run_wrk(url + path, script, args.duration, args.connections, args.threads)
-        print(
-            f"   {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
-            flush=True,
-        )
+        print(f"   {result.summary(errors=False)}", flush=True)
         results[name] = result
         done()
     return results
