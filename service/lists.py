@@ -116,7 +116,7 @@ class NumberList:
     No faster shared form was found.
     """
 
-    __slots__ = ("adds", "changes", "dels", "flat", "mask", "offsets", "size")
+    __slots__ = ("changes", "flat", "mask", "offsets", "size")
 
     flat: Sequence[int]
     offsets: Sequence[int]
@@ -130,19 +130,17 @@ class NumberList:
         _base: NumberBase | None = None,
     ) -> None:
         self.flat, self.offsets, self.mask = _base if _base is not None else _index(buckets)
-        self.adds = frozenset(int(a) for a in adds)
-        self.dels = frozenset(int(d) for d in dels) - self.adds
+        added = frozenset(int(a) for a in adds)
+        removed = frozenset(int(d) for d in dels) - added
         #: Single-entry changes since the base: None when there are none (most calls
-        #: then skip both sets), else each changed number -> whether it is listed.
+        #: then skip the look-up), else each changed number -> whether it is listed.
         self.changes: dict[int, bool] | None = (
-            dict.fromkeys(self.adds, True) | dict.fromkeys(self.dels, False)
-            if self.adds or self.dels
-            else None
+            dict.fromkeys(removed, False) | dict.fromkeys(added, True) if added or removed else None
         )
         self.size = (
             len(self.flat)
-            + sum(1 for a in self.adds if not self._in_base(a))
-            - sum(1 for d in self.dels if self._in_base(d))
+            + sum(1 for a in added if not self._in_base(a))
+            - sum(1 for d in removed if self._in_base(d))
         )
 
     @classmethod

@@ -150,7 +150,6 @@ class Screener:
                 return self._unavailable(policy, exc)
         # The rule that needed a lost bucket was reached. Its own log line (rate-limited
         # apart from the other fallbacks'), so another trouble cannot hide it.
-
         name, gen, subscriber = next(read for read in reads if read[0] in lost)
         self.metrics.fallback(LIST_LOST)
         self._warn.warning(
