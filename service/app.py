@@ -171,7 +171,6 @@ def _lists_ctx(lists_dir: Path | None) -> Callable[[web.Application], AsyncItera
         configure_allocator()  # before the first list is indexed (service/shared_lists.py)
         shared, made = _shared_bases(config, lists_dir)
         cache = ListCache(app[STORE], kinds, config.cache, shared=shared)
-        cache.share_wanted = config.cache.share_lists
 
         def loaded(name: str, copy: ListObject, synced_at: float) -> None:
             metrics.list_entries.labels(name).set(copy.size)

@@ -173,9 +173,9 @@ class ListCache:
         self.on_poll: Callable[[float], None] | None = None
         #: Called after a list is (re)loaded: name, new copy, last full sync (epoch s).
         self.on_load: Callable[[str, ListObject, float], None] | None = None
-        #: Whether numbers bases should be shared: with :attr:`shared` None (the folder
-        #: could not be made) each numbers load then counts as a private copy.
-        self.share_wanted = shared is not None
+        #: ``cache.share_lists``: with :attr:`shared` None too (the folder could not be
+        #: made), each new numbers base is a private copy that :attr:`on_private` counts.
+        self.share_wanted = settings.share_lists
         #: Called with the list's name when a numbers base is indexed privately although
         #: sharing was wanted (memory per worker grows by the list's size).
         self.on_private: Callable[[str], None] | None = None
