@@ -27,12 +27,10 @@ The routes and bodies are described by the OpenAPI document at ``/v1/openapi.jso
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,6 +44,7 @@ from core.config import Config, ListKind
 from core.connect import redact
 from core.entries import BadEntry, canonical
 from core.keys import LIST_NAME_RE
+from core.subscribers import Slices
 from service import api_models as api
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
 from service.errors import json_error, json_errors
@@ -62,8 +61,6 @@ _BEARER_CHALLENGE = 'Bearer realm="callscreen-admin"'
 _JSON = "application/json"
 #: Tokens shorter than this are accepted but logged as weak at start-up.
 MIN_TOKEN_CHARS = 16
-#: Longest stretch of bulk-change canonicalisation between two yields to the event loop.
-CANONICAL_SLICE_S = 0.002
 
 
 def read_tokens(config: Config, environ: dict[str, str] | None = None) -> tuple[bytes, ...]:
@@ -330,15 +327,15 @@ async def _canonical_all(
 
     A bulk change may hold 100 k entries, and RE2 compiles every ``re:`` one: in one go,
     that stalls every call this worker is answering meanwhile. The work is cut into
-    slices of about :data:`CANONICAL_SLICE_S` with a yield to the event loop after each,
+    slices of about 2 ms (:class:`core.subscribers.Slices`) with a yield to the event loop
+    after each,
     rather than sent to a thread: ``canonical`` is Python code holding the GIL, so a
     thread would not run beside the loop, only make each of the loop's wake-ups wait for
     the GIL (up to the 5 ms switch interval, several times per call answered). Slices
     bound each stall to about 2 ms, need no thread and keep the entries in order.
     """
     entries: list[str] = []
-    clock = time.perf_counter
-    since = clock()
+    slices = Slices()
     for index, item in enumerate(items):
         if not isinstance(item, str):
             bad.append({"field": field, "index": index, "error": "not a string"})
@@ -347,7 +344,5 @@ async def _canonical_all(
                 entries.append(canonical(kind, item, country))
             except BadEntry as exc:
                 bad.append({"field": field, "index": index, "entry": item[:200], "error": str(exc)})
-        if clock() - since >= CANONICAL_SLICE_S:
-            await asyncio.sleep(0)
-            since = clock()
+        await slices.tick()
     return entries
