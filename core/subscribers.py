@@ -42,9 +42,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from core import keys
 from core.numbers import normalise, normalise_prefix
@@ -284,26 +284,31 @@ async def mark_buckets(redis: RedisClient, name: str, gen: int) -> int:
     HSETNX: a marker already there is left alone, so this is safe to run twice (two
     writers allocating the same generation) and never touches a subscriber's field.
     """
-    marked = 0
-    for first in range(0, keys.SUBSCRIBER_BUCKETS, MARK_BUCKETS_PER_ROUND):
-        async with redis.pipeline(transaction=False) as pipe:
-            for bucket in range(
-                first, min(first + MARK_BUCKETS_PER_ROUND, keys.SUBSCRIBER_BUCKETS)
-            ):
-                pipe.hsetnx(keys.subscribers(name, bucket, gen), keys.SUBSCRIBER_MARKER, gen)
-            marked += sum(int(reply) for reply in await pipe.execute())
-    return marked
+    replies = await _each_bucket(
+        redis, name, gen, lambda pipe, key: pipe.hsetnx(key, keys.SUBSCRIBER_MARKER, gen)
+    )
+    return sum(int(reply) for reply in replies)
 
 
 async def delete_buckets(redis: RedisClient, name: str, gen: int) -> None:
     """Delete every bucket of generation ``gen`` (one nobody reads)."""
+    await _each_bucket(redis, name, gen, lambda pipe, key: pipe.delete(key))
+
+
+async def _each_bucket(
+    redis: RedisClient, name: str, gen: int, command: Callable[[Any, str], object]
+) -> list[Any]:
+    """``command(pipe, key)`` for every bucket key of ``gen``, pipelined in rounds of
+    :data:`MARK_BUCKETS_PER_ROUND`; the replies in bucket order."""
+    replies: list[Any] = []
     for first in range(0, keys.SUBSCRIBER_BUCKETS, MARK_BUCKETS_PER_ROUND):
         async with redis.pipeline(transaction=False) as pipe:
             for bucket in range(
                 first, min(first + MARK_BUCKETS_PER_ROUND, keys.SUBSCRIBER_BUCKETS)
             ):
-                pipe.delete(keys.subscribers(name, bucket, gen))
-            await pipe.execute()
+                command(pipe, keys.subscribers(name, bucket, gen))
+            replies += await pipe.execute()
+    return replies
 
 
 @dataclass(frozen=True, slots=True)
