@@ -32,9 +32,9 @@ from core import keys
 from core.config import parse_config
 from core.entries import canonical
 from core.store import unpack_bucket
-from service.lists import ListObject, NameList, NumberList, PrefixList
-from service.policy import CompiledPolicy
-from service.request import Call, CallParser
+from service.screening.lists import ListObject, NameList, NumberList, PrefixList
+from service.screening.policy import CompiledPolicy
+from service.screening.request import Call, CallParser
 
 SIZES = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 

@@ -435,8 +435,8 @@ async def _stall_during(work: Awaitable[None]) -> tuple[float, float]:
 
 async def measure_stalls(bench: Bench) -> dict[str, dict[str, float]]:
     """Each role loads the list, then a sync swaps it; the longest stall of each."""
-    from service.cache import ListCache
-    from service.shared_lists import (
+    from service.screening.cache import ListCache
+    from service.screening.shared_lists import (
         SharedBases,
         configure_allocator,
         make_folder,

@@ -3,7 +3,7 @@
 Every call does one decision count and one latency observation. Measured here:
 
 - ``callscreen``: the service's own lock-free types (service/metrics.py), which each
-  worker snapshots to a folder for the sum (service/multiproc.py);
+  worker snapshots to a folder for the sum (service/procs/snapshots.py);
 - ``client``: prometheus_client's Counter and Histogram in one process;
 - ``multiprocess``: the same in prometheus_client's multiprocess mode
   (``PROMETHEUS_MULTIPROC_DIR`` set), where every update writes an mmap'ed file.

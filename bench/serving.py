@@ -3,8 +3,8 @@
 The same app (``service.app.create_app``, the seed block list) served with 2 workers
 two ways:
 
-- ``callscreen``: ``python -m service --workers 2`` (service/workers.py and the drain
-  of service/connections.py);
+- ``callscreen``: ``python -m service --workers 2`` (service/procs/workers.py and the drain
+  of service/edge/connections.py);
 - ``gunicorn``: ``gunicorn bench.gunicorn_app:app --worker-class
   aiohttp.GunicornUVLoopWebWorker --workers 2`` (gunicorn's arbiter and aiohttp's own
   graceful stop).

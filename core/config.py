@@ -82,14 +82,14 @@ class ServerSettings(_Model):
     #: ``port`` instead.
     admin_host: str = "127.0.0.1"
     admin_port: Annotated[int, Field(ge=0, le=65535)] | None = 9180
-    #: Worker processes; 0 (the default) means one per CPU core (service/workers.py).
+    #: Worker processes; 0 (the default) means one per CPU core (service/procs/workers.py).
     workers: Annotated[int, Field(ge=0, le=256)] = 0
     max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
     log_format: Literal["text", "json"] = "text"
     #: Log callers as ``1516206****`` instead of the full number.
     mask_callers: bool = True
     #: Connections one process holds at most (lowered to fit the open-files limit); past
-    #: it, those waiting longest for a request are closed (service/connections.py).
+    #: it, those waiting longest for a request are closed (service/edge/connections.py).
     max_connections: Annotated[int, Field(gt=0, le=1_000_000)] = 4096
     #: A request must arrive whole within this long of its first byte.
     request_timeout_ms: Annotated[int, Field(gt=0, le=600_000)] = 5000
@@ -127,7 +127,7 @@ class CacheSettings(_Model):
     #: through short Redis outages instead.
     max_stale_ms: Annotated[int, Field(gt=0)] = 1000
     #: Numbers lists are indexed once per host into a file every worker maps, instead of
-    #: one copy per worker (service/shared_lists.py). ``false``: each keeps its own.
+    #: one copy per worker (service/screening/shared_lists.py). ``false``: each keeps its own.
     share_lists: bool = True
     #: Where the shared files' folder (one per service instance, mode 0700) is made;
     #: ``null``: ``/dev/shm`` (memory) when usable, else the temp folder.
@@ -339,13 +339,6 @@ class Config(_Model):
             if not LIST_NAME_RE.fullmatch(name):
                 raise ValueError(f"trunk group name {name!r}: use 1-64 of a-z, 0-9, '_' or '-'")
         return groups
-
-    def policy_for(self, trunk_group: str | None) -> str | None:
-        """Name of the policy for a trunk group (``None``: ``POST /``), or None if unknown."""
-        if trunk_group is None:
-            return self.default_policy
-        group = self.trunk_groups.get(trunk_group)
-        return group.policy if group else None
 
     def resolve_source(self, source: str) -> str:
         """A list source as a URL or an absolute path."""

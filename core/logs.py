@@ -16,7 +16,7 @@ JSON lines hold ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger`
 
 The handler (:class:`LineHandler`) writes each line at once, except while a service
 worker serves: lines below WARNING are then written in batches every 0.1 s
-(:func:`batch_logs`, service/serve.py). A rejected-call line (:func:`log_fields`) is
+(:func:`batch_logs`, service/procs/serve.py). A rejected-call line (:func:`log_fields`) is
 formatted without a ``LogRecord`` when only this handler would see it.
 
 Secrets stay out of the log (:class:`core.redact.RedactingFilter`): aiohttp's own
@@ -198,7 +198,7 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler :func:`configure_logging` installs: text or JSON lines to a stream.
 
     While :attr:`batch` is on (the service turns it on while it serves, and flushes
-    every :data:`service.serve.LOG_FLUSH_S`), lines below WARNING are kept and written
+    every :data:`service.procs.serve.LOG_FLUSH_S`), lines below WARNING are kept and written
     together: when 64 KiB have gathered, at the next WARNING or worse line (written
     after them, so the order holds) and at every :meth:`flush`. One write per batch
     instead of one per rejected call; an INFO line reaches the stream at most one flush

@@ -15,7 +15,7 @@ acknowledged only after Redis accepted it.
 Trust: ``meta.synced_at`` (written by every full sync, changed or not) and
 ``meta.accepted_at`` (written by ``python -m loader accept``) stamp the moments the list
 was known whole. :meth:`ListStore.states` reads them with ``gen`` and ``version`` so a
-reader can tell a list that changed from one Redis lost (see :mod:`service.cache`).
+reader can tell a list that changed from one Redis lost (see :mod:`service.screening.cache`).
 Single-entry writes never touch them.
 
 Numbers bases are compact: a hash of ``NUMBER_BUCKETS`` fields, each the sorted,
@@ -329,7 +329,7 @@ class ListStore:
         """Vouch for the list as it is in Redis now (``python -m loader accept``).
 
         Sets ``meta.accepted_at`` and bumps ``version`` in one step, so every service
-        instance trusts the list again (see :mod:`service.cache`). Returns the new
+        instance trusts the list again (see :mod:`service.screening.cache`). Returns the new
         version, or None when the list does not exist in Redis (nothing is written).
         """
         reply = await self.redis.eval(_ACCEPT, 1, keys.meta(name), f"{accepted_at:.3f}")

@@ -34,7 +34,7 @@ by the admin API alone, when its first write allocates a generation
 (:meth:`SubscriberStore.live_gen`), which marks all :data:`core.keys.SUBSCRIBER_BUCKETS`
 buckets before ``meta.gen`` names it. Writes here touch subscriber fields only, so a
 bucket Redis lost stays without its marker, and calls to its subscribers are answered by
-``on_error`` (service/screen.py) until a full sync writes a new generation.
+``on_error`` (service/screening/screen.py) until a full sync writes a new generation.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ class Slices:
     Checking, unpacking and packing 100 k subscribers' changes is most of a second of
     Python code holding the GIL: done in one go inside the service it would stall every
     call the worker is answering. ``await slices.tick()`` after each item yields to the
-    event loop once a slice is used up (see service/admin.py, ``_canonical_all``, for why
+    event loop once a slice is used up (see service/operator/admin.py, ``_canonical_all``, for why
     not a thread).
     """
 

@@ -5,7 +5,7 @@
                       [--log-level INFO] [--log-format text|json]
 
 ``--workers`` (default ``server.workers``; 0 = one per CPU core) above 1 starts a
-supervisor and that many worker processes on the same port (see service/workers.py).
+supervisor and that many worker processes on the same port (see service/procs/workers.py).
 A bad config stops start-up with exit status 2 and the file, key path and problem.
 SIGTERM or SIGINT stops gracefully: no new connections, in-flight requests answered,
 Redis closed, exit status 0.
@@ -20,10 +20,10 @@ from pathlib import Path
 from core.config import ConfigError, load_config
 from core.logs import configure_logging
 from core.version import VERSION
-from service.auth import check_secrets
-from service.serve import serve_one
-from service.shared_lists import parent_folder
-from service.workers import Supervisor, worker_count
+from service.edge.auth import check_secrets
+from service.procs.serve import serve_one
+from service.procs.workers import Supervisor, worker_count
+from service.screening.shared_lists import parent_folder
 
 
 def _admin_port(text: str) -> int | str:

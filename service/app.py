@@ -2,7 +2,7 @@
 
 Resources are set up by ``cleanup_ctx`` generators, in order: the Redis client, then the
 list cache with its refresh task (which needs the client) and the folder its numbers
-bases are shared through (service/shared_lists.py): the supervisor's, for a worker, or
+bases are shared through (service/screening/shared_lists.py): the supervisor's, for a worker, or
 one of its own, removed when the app stops. The service starts whether or
 not Redis answers; ``/readyz`` says when it is ready, and the refresher reconnects by
 itself.
@@ -22,17 +22,18 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from core.config import Config
 from core.connect import connect, redact
 from core.store import ListStore, RedisClient
-from service.admin import add_admin_routes
-from service.admin_subscribers import add_subscriber_routes
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, REDIS, REGISTRY, SCREENER, STORE
-from service.auth import HandlerAuth
-from service.cache import ListCache
-from service.errors import json_errors, no_route
-from service.handlers import explain, healthz, readyz, screen
-from service.lists import ListObject
+from service.edge.auth import HandlerAuth
+from service.edge.errors import json_errors, no_route
+from service.edge.handlers import healthz, readyz, screen
 from service.metrics import Metrics
-from service.screen import Screener
-from service.shared_lists import (
+from service.operator.admin import add_admin_routes
+from service.operator.explain import explain
+from service.operator.subscribers import add_subscriber_routes
+from service.screening.cache import ListCache
+from service.screening.lists import ListObject
+from service.screening.screen import Screener
+from service.screening.shared_lists import (
     SharedBases,
     UnsafeFolder,
     configure_allocator,
@@ -47,7 +48,7 @@ STARTUP_LOAD_WAIT_S = 5.0
 
 
 #: Route handlers whose POSTs the main listener takes without the router
-#: (service/dispatch.py; their routes are the first ones :func:`create_app` adds).
+#: (service/edge/dispatch.py; their routes are the first ones :func:`create_app` adds).
 DIRECT_HANDLERS = (screen,)
 
 
@@ -66,7 +67,7 @@ def create_app(
     ``lists_dir``: the folder numbers bases are shared through, made by the supervisor
     for all its workers (left in place); without it, the app makes its own.
     """
-    # No middleware: errors are answered per route (see service/errors.py).
+    # No middleware: errors are answered per route (see service/edge/errors.py).
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[REGISTRY] = registry if registry is not None else CollectorRegistry()
@@ -77,7 +78,7 @@ def create_app(
 
     app.router.add_post("/", screen)
     app.router.add_post("/tg/{trunk_group}", screen)
-    # The same two with the shared secret as a path segment (service/auth.py).
+    # The same two with the shared secret as a path segment (service/edge/auth.py).
     app.router.add_post("/k/{secret}", screen)
     app.router.add_post("/k/{secret}/tg/{trunk_group}", screen)
     _add_probes(app)
@@ -121,8 +122,8 @@ def _add_operator_routes(app: web.Application) -> None:
     app.router.add_post("/v1/explain", json_errors(explain))
     app.router.add_post("/v1/explain/tg/{trunk_group}", json_errors(explain))
     app.router.add_get("/metrics", json_errors(make_aiohttp_handler(app[REGISTRY])))
-    add_admin_routes(app)  # /v1/lists..., /v1/openapi.json (service/admin.py)
-    add_subscriber_routes(app)  # /v1/lists/{name}/subscribers/... (service/admin_subscribers.py)
+    add_admin_routes(app)  # /v1/lists..., /v1/openapi.json (service/operator/admin.py)
+    add_subscriber_routes(app)  # /v1/lists/{name}/subscribers/... (service/operator/subscribers.py)
 
 
 def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]
@@ -168,9 +169,10 @@ def _lists_ctx(lists_dir: Path | None) -> Callable[[web.Application], AsyncItera
         config = app[CONFIG]
         metrics = app[METRICS]
         kinds = {name: spec.kind for name, spec in config.lists.items()}
-        configure_allocator()  # before the first list is indexed (service/shared_lists.py)
+        configure_allocator()  # before the first list is indexed (see shared_lists)
         shared, made = _shared_bases(config, lists_dir)
-        cache = ListCache(app[STORE], kinds, config.cache, shared=shared)
+        sourced = [name for name, spec in config.lists.items() if spec.source]
+        cache = ListCache(app[STORE], kinds, config.cache, sourced=sourced, shared=shared)
 
         def loaded(name: str, copy: ListObject, synced_at: float) -> None:
             metrics.list_entries.labels(name).set(copy.size)

@@ -7,10 +7,10 @@ from prometheus_client import CollectorRegistry
 
 from core.config import Config
 from core.store import ListStore, RedisClient
-from service.auth import HandlerAuth
-from service.cache import ListCache
+from service.edge.auth import HandlerAuth
 from service.metrics import Metrics
-from service.screen import Screener
+from service.screening.cache import ListCache
+from service.screening.screen import Screener
 
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", CollectorRegistry)

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from core.config import Config
 from core.version import build_labels
-from service.policy import DEFAULT_RULE, ON_ERROR_RULE
+from service.screening.policy import DEFAULT_RULE, ON_ERROR_RULE
 
 #: Sub-millisecond resolution where the answers live, up to the longest trunk timeouts.
 LATENCY_BUCKETS_S = (

@@ -16,7 +16,7 @@ from core.config import ListKind
 from core.entries import canonical
 from core.store import RedisClient
 from service.app import DIRECT_HANDLERS
-from service.dispatch import DirectRunner
+from service.edge.dispatch import DirectRunner
 
 #: The request CarrierX documents for its external handlers.
 EXAMPLE_BODY: dict[str, Any] = {
@@ -98,7 +98,7 @@ async def load_list(redis: RedisClient, name: str, kind: ListKind, entries: list
 
 class ServiceTestServer(TestServer):
     """aiohttp's test server with the service's runner: screening POSTs skip the router
-    as they do in production (service/dispatch.py)."""
+    as they do in production (service/edge/dispatch.py)."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         return DirectRunner(self.app, direct=DIRECT_HANDLERS, **kwargs)

@@ -41,8 +41,8 @@ from redis.asyncio import Redis
 from core.config import Config
 from core.entries import BadEntry, canonical
 from core.store import ListMeta
-from service import api_models
 from service.app import create_app
+from service.operator import models as api_models
 from tests.helpers import load_list
 
 TOKEN = "tok-0123456789abcdef"
@@ -100,7 +100,7 @@ def routes(app: web.Application) -> set[tuple[str, str]]:
     found = set()
     for resource in app.router.resources():
         for route in resource:
-            # aiohttp adds HEAD to every GET; "*" is the 404/405 catch-all (service/errors.py)
+            # aiohttp adds HEAD to every GET; "*" is the 404/405 catch-all (service/edge/errors.py)
             if route.method not in ("HEAD", "*"):
                 found.add((route.method.lower(), resource.canonical))
     return found

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from core.config import Config
 from devtools.redis_server import RedisProcess
-from service import admin as admin_module
+from service.operator import admin as admin_module
 from tests.helpers import body_from, load_list, wait_for
 from tests.procs import ServiceProcess
 

@@ -1,7 +1,7 @@
 """The screening answer's bytes are aiohttp's own for the same response.
 
 A small app answers the same body two ways, ``web.Response`` and
-:class:`service.answers.ScreeningAnswer`; raw requests of each HTTP version and
+:class:`service.edge.answers.ScreeningAnswer`; raw requests of each HTTP version and
 keep-alive choice go to both, and the bytes must match (the ``Date`` value aside).
 """
 
@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from service.answers import CONTENT_TYPE, ScreeningAnswer, screening_response
+from service.edge.answers import CONTENT_TYPE, ScreeningAnswer, screening_response
 from tests.helpers import wait_for
 
 BODY = b'[{"action":"reject","operands":["unavailable","aniblock"]}]'

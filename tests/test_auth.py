@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from core.build import start_build
 from core.config import Config, ConfigError, load_config
 from service.app import create_app
-from service.auth import HandlerAuth
+from service.edge.auth import HandlerAuth
 from service.metrics import Metrics
 from tests.helpers import REJECT, ServiceTestServer, body_from
 

@@ -25,9 +25,9 @@ from bench.workload import (
 )
 from core.config import parse_config
 from core.entries import canonical
-from service.lists import ListObject, NameList, PrefixList
-from service.policy import CompiledPolicy
-from service.request import CallParser
+from service.screening.lists import ListObject, NameList, PrefixList
+from service.screening.policy import CompiledPolicy
+from service.screening.request import CallParser
 
 TINY = Sizes(numbers=2_000, allow=200, prefixes=50, names=20, bodies=1_000)
 

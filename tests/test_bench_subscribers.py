@@ -33,9 +33,9 @@ from core.config import parse_config
 from core.subscribers import SubscriberStore
 from devtools.redis_server import RedisProcess
 from loader.sync import sync_list
-from service.lists import NameList, NumberList, PrefixList, SubscriberList
-from service.policy import CompiledPolicy
-from service.request import CallParser
+from service.screening.lists import NameList, NumberList, PrefixList, SubscriberList
+from service.screening.policy import CompiledPolicy
+from service.screening.request import CallParser
 
 TINY = SubscriberSizes(subscribers=3_000, entries=10, bodies=800, called=300)
 

@@ -23,8 +23,8 @@ from core import keys
 from core.config import CacheSettings
 from core.store import ListStore
 from devtools.redis_server import RedisProcess
-from service.cache import ListCache
-from service.lists import NumberList, PrefixList
+from service.screening.cache import ListCache
+from service.screening.lists import NumberList, PrefixList
 from tests.helpers import REJECT, body_from, load_list, wait_for
 from tests.procs import START_TIMEOUT_S, ServiceProcess, scrape
 

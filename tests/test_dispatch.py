@@ -1,7 +1,7 @@
 """Screening POSTs taken without the router answer exactly as the router would.
 
 Two services on the same config and Redis: one on aiohttp's plain runner (every request
-through the router), one on the service's runner (service/dispatch.py). Each request is
+through the router), one on the service's runner (service/edge/dispatch.py). Each request is
 sent byte for byte to both, over a raw socket so odd request targets reach the server
 as written, and the answers must be the same; the service's runner must also have
 taken the plain screening calls directly, and left the odd ones to the router.
@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from core.config import Config
 from service.app import create_app
-from service.dispatch import KNOWN_PATHS, ScreeningDispatch
+from service.edge.dispatch import KNOWN_PATHS, ScreeningDispatch
 from tests.helpers import REJECT, ServiceTestServer, body_from, load_list
 
 SECRET = "Dispatch-Handler-Secret-0123456789"

@@ -11,8 +11,8 @@ import pytest
 from core import keys
 from core.entries import BadEntry, canonical
 from core.store import unpack_bucket
-from service import lists as lists_module
-from service.lists import NameList, NumberList, PrefixList
+from service.screening import lists as lists_module
+from service.screening.lists import NameList, NumberList, PrefixList
 
 
 def stored_buckets(numbers: list[int]) -> list[array[int]]:

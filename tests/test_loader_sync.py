@@ -238,7 +238,7 @@ async def test_the_handler_decides_by_the_new_list_after_a_sync(
 async def test_every_sync_moves_the_trust_stamp_and_single_changes_do_not(
     redis: Redis, make_config: Callable[..., Config], tmp_path: Path
 ) -> None:
-    """The stamp the service trusts a list by (service/cache.py) after Redis lost data."""
+    """The stamp the service trusts a list by (service/screening/cache.py) after Redis lost data."""
     write_numbers(tmp_path, *SEED)
     config = blocklist_config(make_config, tmp_path)
     store = ListStore(redis)

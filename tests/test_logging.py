@@ -168,7 +168,7 @@ def test_a_call_line_reads_the_same_with_or_without_a_record(
     """log_fields writes rejected-call lines without a LogRecord where it can: the line
     must be the one the record would have given (time apart)."""
     stream = logs(log_format)
-    log = logging.getLogger("service.screen")
+    log = logging.getLogger("service.screening.screen")
     fields = {"trunk_group": "main", "rule": "block", "list": "blocklist", "caller": "1516****"}
     args = ("rejected call", "main", "block", "blocklist", "1516****")
     token = REQUEST_ID.set(CALL_ID)

@@ -1,4 +1,4 @@
-"""Metrics summed across worker processes (service.multiproc), on snapshot files in a folder."""
+"""Metrics summed across worker processes (service.procs.snapshots), on snapshot files in a folder."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
-from service.multiproc import SharedRegistry, retire
+from service.procs.snapshots import SharedRegistry, retire
 
 
 def worker(folder: Path, name: str) -> tuple[SharedRegistry, Counter, Histogram, Gauge]:

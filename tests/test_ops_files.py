@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from core.config import load_config
 from loader.metrics import LoaderMetrics
 from service.metrics import ERROR_KINDS, FALLBACK_REASONS, Metrics
-from service.workers import SupervisorMetrics
+from service.procs.workers import SupervisorMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -138,7 +138,7 @@ def log_line(name: str, exc: BaseException | None, log_format: LogFormat) -> str
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_the_log_filter_rewrites_aiohttp_records_and_exceptions(log_format: LogFormat) -> None:
     error = ValueError(f"b'GET /k/{SECRET}/tg?key={SECRET} HTTP/1.1' Authorization: Basic {BASIC}")
-    for name in ("aiohttp.server", "service.screen"):
+    for name in ("aiohttp.server", "service.screening.screen"):
         text = log_line(name, error, log_format)
         assert "ValueError" in text and "/k/***" in text
         assert SECRET not in text and BASIC not in text
@@ -146,7 +146,7 @@ def test_the_log_filter_rewrites_aiohttp_records_and_exceptions(log_format: LogF
             assert "/k/***" in orjson.loads(text)["exception"]
     assert SECRET not in log_line("aiohttp.web", None, log_format)
     # The service's own lines without an exception are not rewritten (nor paid for).
-    assert SECRET in log_line("service.screen", None, log_format)
+    assert SECRET in log_line("service.screening.screen", None, log_format)
 
 
 def test_the_filter_never_drops_a_record_and_copes_with_a_broken_format() -> None:

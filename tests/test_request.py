@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.request import CallParser
+from service.screening.request import CallParser
 from tests.helpers import EXAMPLE_BODY, body_from
 
 PARSER = CallParser(("from", "p-asserted-identity", "remote-party-id"))

@@ -1,4 +1,4 @@
-"""Numbers lists shared by the workers of a host through one mapped file (service/shared_lists.py).
+"""Numbers lists shared by the workers of a host through one mapped file (service/screening/shared_lists.py).
 
 In-process tests run list caches against the session's real Redis, two caches standing
 for two workers; the others run ``python -m service`` with real workers. The folder is
@@ -27,10 +27,10 @@ from bench.memory import mapped_files
 from core.config import CacheSettings
 from core.store import ListStore
 from devtools.redis_server import RedisProcess
-from service import shared_lists
-from service.cache import ListCache
-from service.lists import NumberList
-from service.shared_lists import (
+from service.screening import shared_lists
+from service.screening.cache import ListCache
+from service.screening.lists import NumberList
+from service.screening.shared_lists import (
     HEADER_BYTES,
     SUFFIX,
     SharedBases,
@@ -83,7 +83,7 @@ async def test_two_workers_load_at_once_and_one_builds_the_file(
 ) -> None:
     await load_list(redis, "blocklist", "numbers", [LISTED, *FILLER])
     first, second = cache_on(redis, folder), cache_on(redis, folder)
-    with caplog.at_level(logging.INFO, logger="service.cache"):
+    with caplog.at_level(logging.INFO, logger="service.screening.cache"):
         await asyncio.gather(first.load_all(), second.load_all())
 
     how = [r.getMessage() for r in caplog.records if "in use" in r.getMessage()]

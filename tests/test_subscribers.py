@@ -25,9 +25,9 @@ from core.subscribers import (
 from devtools.redis_server import RedisProcess
 from loader.sync import SyncOptions, SyncRefused, sync_list
 from service.appkeys import CACHE
-from service.lists import NumberList, SubscriberList
-from service.policy import CompiledPolicy, NeedsRates
-from service.request import CallParser
+from service.screening.lists import NumberList, SubscriberList
+from service.screening.policy import CompiledPolicy, NeedsRates
+from service.screening.request import CallParser
 from tests.helpers import REJECT, body_from, wait_for
 from tests.test_call_rate import CountingConnection, load_blocklist
 

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from devtools.redis_server import RedisProcess
-from service.request import MAX_FIELD_CHARS, CallParser, RawUri, parse_raw_uri
+from service.screening.request import MAX_FIELD_CHARS, CallParser, RawUri, parse_raw_uri
 from tests.helpers import EXAMPLE_BODY, REJECT
 from tests.procs import ServiceProcess
 

@@ -63,7 +63,7 @@ async def totals_reach(url: str, expected: dict[str, float]) -> None:
             return False
         return all(samples.get(name) == value for name, value in expected.items())
 
-    # Other workers' counts reach /metrics within service.multiproc.FLUSH_S.
+    # Other workers' counts reach /metrics within service.procs.snapshots.FLUSH_S.
     await wait_for(reached, timeout_s=10.0, interval_s=0.2)
 
 

@@ -3,7 +3,7 @@
 The stop, in order:
 
 1. stop listening: new connections are refused (or go to other workers);
-2. **drain** (:meth:`service.connections.ConnectionGuard.drain`): every answer now
+2. **drain** (:meth:`service.edge.connections.ConnectionGuard.drain`): every answer now
    carries ``Connection: close``; idle keep-alive connections are closed at once, and a
    connection that answered a moment ago is closed once its next request is answered,
    for up to :data:`SHUTDOWN_TIMEOUT_S`;
@@ -16,7 +16,7 @@ never be answered, nor its connection closed, until the whole shutdown timeout r
 CarrierX would wait its full timeout and then apply the trunk group's
 ``error_handler`` to a call we could have answered.
 
-While serving, :class:`service.connections.ConnectionGuard` also enforces the read
+While serving, :class:`service.edge.connections.ConnectionGuard` also enforces the read
 timeout, the connection cap and connection recycling.
 """
 
@@ -39,8 +39,8 @@ from core.config import Config
 from core.logs import batch_logs, flush_logs
 from service.appkeys import CONFIG as CONFIG_KEY
 from service.appkeys import METRICS
-from service.connections import ConnectionGuard, GuardedRunner, raise_fd_limit
-from service.multiproc import FLUSH_S, SharedRegistry
+from service.edge.connections import ConnectionGuard, GuardedRunner, raise_fd_limit
+from service.procs.snapshots import FLUSH_S, SharedRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def serve_one(
     """Run the service in this process until SIGTERM/SIGINT; returns the exit status.
 
     With ``metrics_dir`` and ``worker_id`` this process is one worker of a
-    :class:`service.workers.Supervisor`: it binds with ``SO_REUSEPORT``, shares its
+    :class:`service.procs.workers.Supervisor`: it binds with ``SO_REUSEPORT``, shares its
     metrics through the folder (and its numbers lists through ``lists_dir``), and stops
     if the supervisor goes away.
     """

@@ -61,7 +61,7 @@ def index_arrays(
     slice of one bucket, picked by the bits of the number just above the bucket bits. A
     stable sort on those bits alone (16 bits at most: a linear-time radix sort) therefore
     leaves every group sorted, without sorting the numbers themselves. The mask is
-    ``len(offsets) - 2``. Used as is to write a shared file (service/shared_lists.py).
+    ``len(offsets) - 2``. Used as is to write a shared file (service/screening/shared_lists.py).
     """
     size = sum(len(b) for b in buckets)
     groups = _group_count(size)
@@ -90,7 +90,7 @@ def _index(buckets: Sequence[array[int]]) -> tuple[array[int], array[int], int]:
 
 #: A numbers base as look-ups read it: ``(flat, offsets, mask)``. ``flat`` and
 #: ``offsets`` are arrays (a private copy) or memoryviews of a shared file
-#: (service/shared_lists.py); both index to Python ints at the same cost.
+#: (service/screening/shared_lists.py); both index to Python ints at the same cost.
 NumberBase = tuple[Sequence[int], Sequence[int], int]
 
 
@@ -105,7 +105,7 @@ class NumberList:
 
     ``flat`` and ``offsets`` are either ``array`` objects (this process's own copy) or
     memoryviews cast to ``'Q'`` and ``'I'`` over a file every worker of the host maps
-    (service/shared_lists.py), so that N workers hold one copy. Both index to a Python
+    (service/screening/shared_lists.py), so that N workers hold one copy. Both index to a Python
     int through the sequence protocol ``bisect_left`` uses, and cost about the same:
     ``__contains__`` on the same list both ways, best of 15-30 rounds of 20,000 calls
     (20 % listed) on the 2-core bench machine, took 275-287 ns against 272-287 ns at
@@ -355,7 +355,7 @@ class SubscriberList:
     """A subscribers list as a worker holds it: only its live generation, no entries.
 
     100 M pairs cannot live in every worker: calls read the one subscriber they need
-    from Redis (service/screen.py); this tells them which generation to read.
+    from Redis (service/screening/screen.py); this tells them which generation to read.
     """
 
     __slots__ = ("gen", "size")

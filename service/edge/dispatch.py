@@ -19,7 +19,7 @@ path's match is worked out once and remembered: the calls to that path share its
 match information (at most :data:`KNOWN_PATHS` paths, so made-up ones cannot grow it).
 
 :class:`DirectRunner` is the ``AppRunner`` that installs it: the service's own runner
-(``service.connections.GuardedRunner``) is one, and so is the one the tests' service
+(``service.edge.connections.GuardedRunner``) is one, and so is the one the tests' service
 fixture runs, so every screening test goes through this path. The match information is
 put on the request the way ``Application._handle`` does it (``request._match_info``);
 aiohttp is pinned in pyproject.toml.

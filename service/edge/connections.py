@@ -52,7 +52,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from core.config import ServerSettings
-from service.dispatch import DirectRunner
+from service.edge.dispatch import DirectRunner
 from service.metrics import Metrics
 from service.ratelimit import RateLimitedLog
 
@@ -176,7 +176,7 @@ class GuardedServer(Server):
 class GuardedRunner(DirectRunner):
     """An :class:`aiohttp.web.AppRunner` whose connections the guard watches.
 
-    ``direct``: route handlers whose POSTs skip the router (service/dispatch.py).
+    ``direct``: route handlers whose POSTs skip the router (service/edge/dispatch.py).
     """
 
     def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:

@@ -8,9 +8,9 @@ an :class:`Evaluation`; counting, logging and answering happen in the handler.
 ``dry_run`` rules are recorded when they match and evaluation goes on past them.
 ``call_rate`` rules need counts from Redis, and ``caller_in_subscriber_list`` rules the
 called subscriber's entries (:mod:`core.subscribers`; never held in worker memory):
-evaluation stops with :class:`NeedsRates` the first time it reaches either, the handler
-fetches every rate rule's count and the subscriber's entries in every subscribers list
-of the policy in one round trip, and evaluates again with them.
+evaluation stops with :class:`NeedsRates` the first time it reaches either, carrying where
+it stopped; the screener fetches every rate rule's count and the subscriber's entries in
+one round trip and resumes there, so each rule is evaluated once per call.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import orjson
 
 from core.config import Config, Operands, Policy, Rule
 from core.subscribers import NO_ENTRIES, Entries, Side
-from service.lists import ListObject, NameList, NumberList, PrefixList
-from service.request import Call
+from service.screening.lists import ListObject, NameList, NumberList, PrefixList
+from service.screening.request import Call
 
 Lists = Mapping[str, ListObject]
 Rates = Mapping[str, int] | None
@@ -60,12 +60,18 @@ class ListsUnavailable(Exception):
     """A list a rule needs is not loaded, or the local copies are too stale to trust."""
 
 
-@dataclass(slots=True)
 class NeedsRates(Exception):
     """Evaluation reached a ``call_rate`` or ``caller_in_subscriber_list`` rule: it needs
-    the counts and subscriber entries from Redis first."""
+    the counts and subscriber entries from Redis first.
 
-    rules: tuple[RateRule, ...]
+    ``at`` is the index of that rule and ``dry_runs`` the dry-run matches before it:
+    :meth:`CompiledPolicy.evaluate` resumes from there once the reads are in.
+    """
+
+    def __init__(self, at: int = 0, dry_runs: tuple[tuple[Outcome, str], ...] = ()) -> None:
+        super().__init__(at)
+        self.at = at
+        self.dry_runs = dry_runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +93,7 @@ class Evaluation:
     #: Dry-run rules that matched on the way, with what they matched.
     dry_runs: tuple[tuple[Outcome, str], ...] = ()
     #: Why ``on_error`` answered instead of the lists (set by the screener; see
-    #: service/screen.py); None when the lists decided.
+    #: service/screening/screen.py); None when the lists decided.
     fallback: str | None = None
 
 
@@ -157,7 +163,7 @@ class CompiledRule:
         if call.caller is None:  # anonymous callers have no identity to count
             return None
         if rates is None:
-            raise NeedsRates(())
+            raise NeedsRates()
         count = rates.get(self.rate.key, 0)
         return f"{count} calls in {self.rate.window_s}s" if count > self.rate.limit else None
 
@@ -169,7 +175,7 @@ class CompiledRule:
         if caller is None or called is None:
             return None
         if found is None:
-            raise NeedsRates(())
+            raise NeedsRates()
         matched = found.get(self.list_key, NO_ENTRIES).match(self.side, caller)
         return f"{matched} (subscriber {called})" if matched else None
 
@@ -195,14 +201,24 @@ class CompiledPolicy:
         lists: Mapping[str, ListObject],
         rates: Mapping[str, int] | None = None,
         found: Mapping[str, Entries] | None = None,
+        resume: NeedsRates | None = None,
     ) -> Evaluation:
-        """Decide ``call``; raises ListsUnavailable or NeedsRates (see module doc)."""
+        """Decide ``call``; raises ListsUnavailable or NeedsRates (see module doc).
+
+        ``resume``: the NeedsRates an earlier evaluation of the same call raised; the
+        rules before it are not evaluated again.
+        """
         dry_runs: tuple[tuple[Outcome, str], ...] = ()
-        for rule in self.rules:
+        start = 0
+        if resume is not None:
+            start, dry_runs = resume.at, resume.dry_runs
+        rules = self.rules
+        for at in range(start, len(rules)):
+            rule = rules[at]
             try:
                 matched = rule.test(call, lists, rates, found)
             except NeedsRates:
-                raise NeedsRates(self.rate_rules) from None
+                raise NeedsRates(at, dry_runs) from None
             except KeyError:
                 if rule.list_name is None or rule.list_name in lists:
                     raise

@@ -41,7 +41,7 @@ source whose ``meta`` does not exist yet is a new, empty list and is trusted as 
 
 A ``subscribers`` list is polled like the others, and the same trust rules apply to its
 ``meta``, but it is never loaded: its "copy" is only the live ``gen`` (a
-:class:`service.lists.SubscriberList`), which calls use to read their subscriber's
+:class:`service.screening.lists.SubscriberList`), which calls use to read their subscriber's
 entries from Redis. Its data lives in buckets on other slots than ``meta``: a loss of
 some buckets alone (a Cluster master failed over to a lagging replica while the
 ``meta`` slot's master kept its data) is noticed per call, by the bucket's ``_gen``
@@ -54,7 +54,7 @@ base of each prefixes or names list is kept so that a delta-only change reads th
 deltas alone.
 
 Numbers bases are shared between the workers of a host when the cache is given a
-:class:`service.shared_lists.SharedBases`: one worker indexes a new base into a file
+:class:`service.screening.shared_lists.SharedBases`: one worker indexes a new base into a file
 the others map, instead of each building its own copy (see that module). Where the
 file cannot be shared, this worker builds a private copy as before and says so in the
 log. Each new base put in use is logged at INFO with where it came from and how long
@@ -73,9 +73,9 @@ from dataclasses import dataclass
 
 from core.config import CacheSettings, ListKind
 from core.store import Deltas, ListState, ListStore
-from service.lists import ListObject, NameList, NumberList, PrefixList, SubscriberList
 from service.ratelimit import RateLimitedLog
-from service.shared_lists import SharedBases, SharingFailed, release_free_memory
+from service.screening.lists import ListObject, NameList, NumberList, PrefixList, SubscriberList
+from service.screening.shared_lists import SharedBases, SharingFailed, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _set_list(
 def _private_numbers(held: list[list[array[int]]], deltas: Deltas) -> NumberList:
     """A numbers copy of this process's own; run in a thread. Empties ``held``: a finished
     ``to_thread`` call may keep its arguments until the next garbage collection, and
-    the buckets are as large as the list (see service/shared_lists.py)."""
+    the buckets are as large as the list (see service/screening/shared_lists.py)."""
     return NumberList(held.pop(), deltas.adds, deltas.dels)
 
 
@@ -295,7 +295,7 @@ class ListCache:
             # (numpy and RE2 release the GIL; Python code shares it in 5 ms slices).
             if kind == "subscribers":
                 # Never loaded into memory: calls read their subscriber from Redis at
-                # the live gen held here (service/screen.py).
+                # the live gen held here (service/screening/screen.py).
                 size = (await self.store.meta_fields(name, "size"))["size"]
                 fresh = SubscriberList(state.gen, int(size or 0))
             elif kind == "numbers":
@@ -330,7 +330,7 @@ class ListCache:
             )  # fmt: skip
             # ``current`` holds the last reference to the old base: let it go in a thread
             # (unmapping a shared file takes ms) and hand the memory freed since the
-            # indexing began back to the system (see service/shared_lists.py).
+            # indexing began back to the system (see service/screening/shared_lists.py).
             dropped: list[object] = [current]
             del current, fresh
             await asyncio.to_thread(release_free_memory, dropped)

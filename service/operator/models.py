@@ -1,10 +1,10 @@
 """The bodies of the HTTP API as pydantic models, which are also its OpenAPI schemas.
 
-:mod:`service.openapi` builds the document from these models, and the admin API
-(:mod:`service.admin`) validates its bulk change with :class:`BulkChange` and builds its
+:mod:`service.operator.openapi` builds the document from these models, and the admin API
+(:mod:`service.operator.admin`) validates its bulk change with :class:`BulkChange` and builds its
 answers from them, so what it answers is what the document says. The screening and
-explain answers (:mod:`service.handlers`, where each call is on the clock) and the
-single-subscriber routes' (:mod:`service.admin_subscribers`) are built without them: for
+explain answers (:mod:`service.edge.handlers`, where each call is on the clock) and the
+single-subscriber routes' (:mod:`service.operator.subscribers`) are built without them: for
 those the models only describe the answers, and schemathesis checks that they match. The
 subscribers bulk change is validated with :class:`SubscriberBulkChange` and its items
 one by one with :class:`SubscriberAdd` and :class:`SubscriberRemove`.
@@ -31,7 +31,7 @@ ListName = Annotated[str, Field(pattern=f"^{LIST_NAME_RE.pattern}$")]
 #: An optional field of an error: absent from the answer when not set.
 Absent = SkipJsonSchema[None]
 #: An entry of a bulk change: a string, checked one by one with its canonical form
-#: (service/admin.py), so every bad one is reported by its index. Were the model to check
+#: (service/operator/admin.py), so every bad one is reported by its index. Were the model to check
 #: the type, a body of 100 k numbers would cost 100 k error objects built in one go, a
 #: stall of about 0.15 s for every call the worker is answering.
 BulkEntry = Annotated[Any, WithJsonSchema({"type": "string"})]
@@ -252,7 +252,7 @@ class SubscriberRemove(_Body):
 
 
 #: An item of a subscribers bulk change: checked one by one against its model
-#: (service/admin_subscribers.py), like :data:`BulkEntry`, so that every bad item is
+#: (service/operator/subscribers.py), like :data:`BulkEntry`, so that every bad item is
 #: reported by its index and a body of 100 k items is not validated in one stall.
 SubscriberAddItem = Annotated[Any, WithJsonSchema({"$ref": "#/components/schemas/SubscriberAdd"})]
 SubscriberRemoveItem = Annotated[

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of the service, served at ``GET /v1/openapi.json``.
 
 Built from a route table (:data:`ROUTES`) and the pydantic models of the bodies
-(:mod:`service.api_models`), whose JSON schemas become ``components/schemas``. Tests
+(:mod:`service.operator.models`), whose JSON schemas become ``components/schemas``. Tests
 check that every route of the app is in it and nothing else is, and schemathesis checks
 the answers against it (tests/test_admin_openapi.py). The configured list and trunk group
 names become ``enum`` values of the path parameters, so the document shows what this
@@ -20,7 +20,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from core.config import ListKind
-from service import api_models as api
+from service.operator import models as api
 
 _JSON = "application/json"
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service.appkeys import METRICS
-from service.auth import redact_path
+from service.edge.auth import redact_path
 
 logger = logging.getLogger(__name__)
 

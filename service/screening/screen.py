@@ -6,7 +6,7 @@ outcomes: nothing that goes wrong while deciding becomes an HTTP error.
 
 A policy that needs a list the cache does not answer from is decided by ``on_error``:
 ``list_lost`` when Redis lost the list's data, ``list_not_loaded`` when it was never
-loaded, or has a source and was never synced (see :mod:`service.cache`).
+loaded, or has a source and was never synced (see :mod:`service.screening.cache`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from core.keys import subscriber_bucket_of
 from core.logs import log_fields
 from core.store import ListStore
 from core.subscribers import Entries
-from service.cache import LIST_LOST, LIST_NOT_LOADED, ListCache
-from service.lists import SubscriberList
 from service.metrics import ROOT_TRUNK_GROUP, Metrics
-from service.policy import (
+from service.ratelimit import RateLimitedLog
+from service.screening.cache import LIST_LOST, LIST_NOT_LOADED, ListCache
+from service.screening.lists import SubscriberList
+from service.screening.policy import (
     ON_ERROR_RULE,
     CompiledPolicy,
     Evaluation,
@@ -34,8 +35,7 @@ from service.policy import (
     compile_policies,
     outcome_for,
 )
-from service.ratelimit import RateLimitedLog
-from service.request import Call, CallParser
+from service.screening.request import Call, CallParser
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,6 @@ class Screener:
     ) -> None:
         self.config = config
         self.cache = cache
-        # The cache is built before the config reaches it; which lists must be synced
-        # before they are trusted is the config's to say.
-        cache.sourced = frozenset(n for n, spec in config.lists.items() if spec.source)
         self.store = store
         self.metrics = metrics
         self.parser = CallParser(config.caller.sources, config.caller.default_country)
@@ -92,12 +89,12 @@ class Screener:
             return self._fallback(LIST_NOT_LOADED, str(exc))
         return self._fallback(why.reason, why.detail)
 
-    def decide_locally(self, policy: CompiledPolicy, call: Call) -> Evaluation | None:
+    def decide_locally(self, policy: CompiledPolicy, call: Call) -> Evaluation | NeedsRates:
         """Decide ``call`` from the local list copies, without awaiting anything.
 
-        None when a ``call_rate`` rule needs counts, or a ``caller_in_subscriber_list``
-        rule the subscriber's entries, from Redis first: then use :meth:`decide`. Never
-        raises for Redis or list trouble.
+        Returns where evaluation stopped (:class:`NeedsRates`) when a ``call_rate`` or
+        ``caller_in_subscriber_list`` rule needs Redis first: pass it to
+        :meth:`decide_remote`. Never raises for Redis or list trouble.
         """
         cache = self.cache
         if not cache.usable():
@@ -106,25 +103,31 @@ class Screener:
             return policy.evaluate(call, cache.lists)
         except ListsUnavailable as exc:
             return self._unavailable(policy, exc)
-        except NeedsRates:
-            return None
+        except NeedsRates as pending:
+            return pending
 
     async def decide(self, policy: CompiledPolicy, call: Call, *, count: bool = True) -> Evaluation:
-        """Decide ``call`` under ``policy``; never raises for Redis or list trouble.
+        """Decide ``call`` under ``policy``: the local rules, then the remote reads if needed.
 
         ``count=False`` (explain) reads call-rate counters without adding this call.
-        Call-rate counts and subscriber entries come in one pipelined round trip under
-        ``handler.deadline_ms``; a call that reaches a remote rule counts itself for
-        every call-rate rule of its policy (see docs/subscribers.md).
-
-        A subscriber read whose bucket lacks its marker (Redis lost that bucket while the
-        list's ``meta`` survived: core/keys.py) cannot tell "no entries" from "entries
-        lost": the list is taken as unavailable for this call, so rules before it still
-        decide and reaching it answers by ``on_error`` with reason ``list_lost``.
         """
         decision = self.decide_locally(policy, call)
-        if decision is not None:
-            return decision
+        if isinstance(decision, NeedsRates):
+            return await self.decide_remote(policy, call, decision, count=count)
+        return decision
+
+    async def decide_remote(
+        self, policy: CompiledPolicy, call: Call, pending: NeedsRates, *, count: bool = True
+    ) -> Evaluation:
+        """Finish a decision :meth:`decide_locally` left at a remote rule.
+
+        Call-rate counts and subscriber entries come in one pipelined round trip under
+        ``handler.deadline_ms``; a call that reaches a remote rule counts itself for every
+        call-rate rule of its policy (docs/subscribers.md). Evaluation resumes at the rule
+        that stopped it. A bucket without its marker (Redis lost it: core/keys.py) makes
+        that list unavailable for this call: reaching its rule answers by ``on_error``
+        with reason ``list_lost``.
+        """
         cache = self.cache
         windows = [(rule.key, rule.window_s) for rule in policy.rate_rules]
         reads = self._subscriber_reads(policy, call)
@@ -144,7 +147,7 @@ class Screener:
         if lost:  # rare: copy the (few) list objects without the lost ones
             lists = {name: held for name, held in lists.items() if name not in lost}
         try:
-            return policy.evaluate(call, lists, counts, found)
+            return policy.evaluate(call, lists, counts, found, resume=pending)
         except ListsUnavailable as exc:
             if not lost or cache.missing(policy.lists - frozenset(lost)):
                 return self._unavailable(policy, exc)

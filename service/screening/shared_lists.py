@@ -3,14 +3,14 @@
 Each worker used to index its own copy of every numbers base: about 97 MB at 10 M
 numbers, and with the indexing's leftovers ~210 MB of RSS per worker (250 MB after a
 swap), times the worker count. Here the index (``flat`` and ``offsets``, see
-:class:`service.lists.NumberList`) is written once per host into one file, and every
+:class:`service.screening.lists.NumberList`) is written once per host into one file, and every
 worker maps that file read-only: the kernel holds its pages once, whatever the number
 of workers, and a worker's own memory no longer grows with the list.
 
 The folder. One per service instance, made by :func:`make_folder` (``mkdtemp``: mode
 0700, a fresh name) under ``cache.share_dir``, by default ``/dev/shm`` (tmpfs: the
 files are memory, never disk) when it exists and is writable, else the temp folder. The
-supervisor (service/workers.py) makes it and hands it to its workers (``--lists-dir``)
+supervisor (service/procs/workers.py) makes it and hands it to its workers (``--lists-dir``)
 and removes it when it stops; its workers remove it if the supervisor is killed; a
 single-process run makes its own (service/app.py). Every process using a folder holds
 a shared ``flock`` on its ``.owner`` file, so a folder left by a service killed whole
@@ -102,7 +102,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.store import ListState, pack_bucket
-from service.lists import NumberBase, index_arrays
+from service.screening.lists import NumberBase, index_arrays
 
 logger = logging.getLogger(__name__)
 

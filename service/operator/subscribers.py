@@ -9,12 +9,13 @@
   "entry"}, ...]}``, with the guards of the other bulk change (:func:`bulk_change`).
 
 Entries are numbers or prefixes with a trailing ``*`` (``1900*``, URL-encoded ``%2A``
-works too). Authentication is the admin API's bearer token (:func:`service.admin.admin_only`).
+works too). Authentication is the admin API's bearer token
+(:func:`service.operator.admin.admin_only`).
 Each write is an atomic read-modify-write of the subscriber's field in Redis (a Lua
 compare-and-set, :class:`core.subscribers.SubscriberStore`), answered after Redis
 acknowledged it. The service reads subscribers from Redis on every call that needs
 them, so the very next call sees the change. A full sync of a list with a ``source``
-replaces such changes, as for every list. The OpenAPI document (service/openapi.py)
+replaces such changes, as for every list. The OpenAPI document (service/operator/openapi.py)
 describes these routes too.
 """
 
@@ -37,9 +38,9 @@ from core.subscribers import (
     canonical_side,
     canonical_subscriber,
 )
-from service import api_models as api
-from service.admin import AdminError, admin_only, list_kind, read_json
 from service.appkeys import CONFIG, REDIS
+from service.operator import models as api
+from service.operator.admin import AdminError, admin_only, list_kind, read_json
 
 logger = logging.getLogger(__name__)
 #: Pairs named in a refusal, at most (like ``bad_entries``).
@@ -125,7 +126,7 @@ async def delete_entry(request: web.Request) -> web.Response:
 async def bulk_change(request: web.Request) -> web.Response:
     """``POST /v1/lists/{name}/subscribers``: many subscribers' changes, checked whole first.
 
-    The guards of the other bulk change (:func:`service.admin.bulk_change`), in its
+    The guards of the other bulk change (:func:`service.operator.admin.bulk_change`), in its
     order: the body's size (``admin.max_body_bytes``, ``413``) and shape
     (:class:`api.SubscriberBulkChange`, ``400``); then the items are counted, over
     ``admin.max_bulk_entries`` is ``413`` before any is looked at; then every item is

@@ -3,20 +3,20 @@
 ``python -m service --workers N`` (or ``server.workers``; 0 = one per core):
 
 - **one worker**: the app runs in the calling process
-  (:func:`service.serve.serve_one`), with a plain in-process metrics registry;
+  (:func:`service.procs.serve.serve_one`), with a plain in-process metrics registry;
 - **several**: :class:`Supervisor` reserves host:port, makes a fresh metrics folder
-  (see :mod:`service.multiproc`), and starts N workers, each ``python -m service`` in
+  (see :mod:`service.procs.snapshots`), and starts N workers, each ``python -m service`` in
   its own process group, binding host:port with ``SO_REUSEPORT`` so the kernel spreads
   connections between them. A worker that dies is restarted (with a growing delay if it
   keeps dying at start) and its counts are kept. SIGTERM or SIGINT to the supervisor is
   forwarded to every worker as one SIGTERM; each stops accepting, finishes its
-  in-flight requests, closes Redis and exits (see :mod:`service.serve`); the
+  in-flight requests, closes Redis and exits (see :mod:`service.procs.serve`); the
   supervisor exits 0 when all of them did.
 
 Decisions: workers are fresh interpreters (not forks), so nothing is shared by accident.
 What is shared is shared on purpose, through folders the supervisor makes and removes:
 the metrics snapshots, and the numbers-list files every worker maps (``--lists-dir``,
-a 0700 folder under ``cache.share_dir``; see :mod:`service.shared_lists`), so N workers
+a 0700 folder under ``cache.share_dir``; see :mod:`service.screening.shared_lists`), so N workers
 hold one copy of each numbers list. They sit in their own process groups so a
 terminal's Ctrl-C reaches the supervisor only and each worker gets exactly one signal
 (a second one would be ignored anyway). A worker whose supervisor
@@ -44,9 +44,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from service.multiproc import retire, snapshot, write_json
-from service.serve import SHUTDOWN_TIMEOUT_S
-from service.shared_lists import make_folder, remove_folder
+from service.procs.serve import SHUTDOWN_TIMEOUT_S
+from service.procs.snapshots import retire, snapshot, write_json
+from service.screening.shared_lists import make_folder, remove_folder
 
 logger = logging.getLogger(__name__)
 

@@ -11,18 +11,18 @@ constant time over SHA-256 digests (neither content nor length leaks) and never 
 
 ``POST /v1/explain`` follows the same rule while admin tokens are configured: it tells
 which lists hold a caller, so it is an operator tool. With no admin token configured it
-stays under the screening endpoints' own authentication (:mod:`service.auth`).
+stays under the screening endpoints' own authentication (:mod:`service.edge.auth`).
 
 Writes go through :meth:`core.store.ListStore.change`, one atomic step, and are answered
 only after Redis acknowledged them; every service instance sees them within about
 ``cache.refresh_ms``. A Redis failure answers ``503`` and nothing is acknowledged.
 Writes to a list Redis lost land, but do not make the service trust it again: that takes
-a full sync or ``python -m loader accept`` (:mod:`service.cache`).
+a full sync or ``python -m loader accept`` (:mod:`service.screening.cache`).
 Entries are canonicalised like the loader's (:func:`core.entries.canonical`), so the
 answer shows the entry as stored.
 
 The routes and bodies are described by the OpenAPI document at ``/v1/openapi.json``
-(:mod:`service.openapi`), which needs no token.
+(:mod:`service.operator.openapi`), which needs no token.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from core.connect import redact
 from core.entries import BadEntry, canonical
 from core.keys import LIST_NAME_RE
 from core.subscribers import Slices
-from service import api_models as api
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
-from service.errors import json_error, json_errors
-from service.openapi import openapi_document
+from service.edge.errors import json_error, json_errors
+from service.operator import models as api
+from service.operator.openapi import openapi_document
 
 logger = logging.getLogger(__name__)
 

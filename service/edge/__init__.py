@@ -1,0 +1,1 @@
+"""The HTTP edge: handler routes, direct dispatch, whole answers, connection rules, handler auth."""

@@ -1,0 +1,104 @@
+"""HTTP handlers: the CarrierX screening endpoint and the health probes.
+
+The screening handler reads like its pipeline: trunk group -> body -> JSON -> call ->
+decision -> answer. Bad requests get 4xx JSON errors (docs/failure.md); anything that goes
+wrong after the body was understood is answered by ``on_error``, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+from aiohttp import web
+
+from core.logs import REQUEST_ID
+from service.appkeys import AUTH, SCREENER
+from service.edge.answers import screening_response
+from service.edge.body import BadRequest, decode, policy_of, refuse, too_large
+from service.edge.errors import client_gone, internal_error
+from service.screening.cache import LIST_LOST, LIST_NOT_LOADED
+from service.screening.policy import NeedsRates
+
+logger = logging.getLogger(__name__)
+
+_JSON = "application/json"
+
+
+async def screen(request: web.Request) -> web.StreamResponse:
+    """``POST /`` and ``POST /tg/{trunk_group}``: the CarrierX external handler.
+
+    Every call passes here, so it does no more than the pipeline needs; a decision that
+    needs no Redis round trip (no ``call_rate`` rule reached) is made without awaiting.
+    """
+    started = time.perf_counter()
+    app = request.app
+    screener = app[SCREENER]
+    try:
+        if (refusal := app[AUTH].refuse(request)) is not None:
+            return refusal
+        group, policy = policy_of(screener, request)
+        try:  # read_body(), inlined: one coroutine less on every call
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large(request) from None
+        body = decode(raw)
+    except BadRequest as exc:
+        return refuse(screener, exc)
+    except ConnectionError:  # the client hung up, or was cut off, before its body arrived
+        return client_gone(request)
+    except Exception:  # a bug before the call is understood: a plain 500, never a pass
+        return internal_error(request)
+    try:
+        call = screener.parser.parse(body)
+        REQUEST_ID.set(call.call_id)  # this request's task only: tags its log lines
+        decision = screener.decide_locally(policy, call)
+        if isinstance(decision, NeedsRates):  # a remote rule: one Redis round trip
+            decision = await screener.decide_remote(policy, call, decision)
+        screener.record(group, call, decision)
+        answer = decision.outcome.answer
+    except Exception:
+        # A bug must not turn into a 5xx that CarrierX would act on: answer by on_error.
+        logger.exception("screening failed; answering by on_error")
+        screener.metrics.fallback("internal")
+        answer = screener.on_error.outcome.answer
+    screener.metrics.request_seconds.observe(time.perf_counter() - started)
+    return screening_response(request, answer)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers HTTP."""
+    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: Redis confirmed the lists recently and every list a policy uses is trusted.
+
+    503 names each list that is not: not loaded yet; never synced (it has a ``source``
+    and no sync stamped it: the loader has not run); or lost (Redis lost its data: it is
+    trusted again after a full sync or ``python -m loader accept``; see
+    :mod:`service.screening.cache`). A list kept only through the admin API may be empty.
+    """
+    screener = request.app[SCREENER]
+    cache = screener.cache
+    needed = frozenset().union(*(p.lists for p in screener.policies.values()))
+    reasons = []
+    if not cache.usable():
+        reasons.append(f"Redis not reachable: {cache.last_error or 'no successful poll yet'}")
+    distrusted = {name: cache.distrusted[name] for name in needed if name in cache.distrusted}
+    missing = [name for name in cache.missing(needed) if name not in distrusted]
+    if missing:
+        reasons.append(f"lists not loaded: {', '.join(missing)}")
+    never = sorted(n for n, why in distrusted.items() if why.reason == LIST_NOT_LOADED)
+    if never:
+        reasons.append(f"lists never synced from their source: {', '.join(never)}")
+    reasons += [why.detail for _, why in sorted(distrusted.items()) if why.reason == LIST_LOST]
+    lists = {}
+    for name, obj in sorted(cache.lists.items()):
+        state = cache.loaded[name]
+        lists[name] = {"entries": obj.size, "gen": state.gen, "version": state.version}
+    body = {"ready": not reasons, "reasons": reasons, "lists": lists}
+    return web.Response(
+        status=200 if not reasons else 503, body=orjson.dumps(body), content_type=_JSON
+    )

@@ -1,0 +1,1 @@
+"""The operator API: admin routes, explain, the OpenAPI document and its models."""

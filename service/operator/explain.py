@@ -1,0 +1,66 @@
+"""``POST /v1/explain[/tg/{trunk_group}]``: why a call would be blocked or allowed.
+
+Takes the screening body and answers the decision, the rule and list that decided it,
+the dry-run matches on the way and the caller as parsed. Nothing is counted: explain
+leaves metrics and call-rate counters alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from service.appkeys import SCREENER
+from service.edge.body import BadRequest, policy_of, read_body, refuse
+from service.operator.admin import explain_refusal
+from service.screening.policy import CompiledPolicy, Evaluation
+
+_JSON = "application/json"
+
+
+def _explanation(group: str, policy: CompiledPolicy, evaluation: Evaluation, call: Any) -> bytes:
+    outcome = evaluation.outcome
+    return orjson.dumps(
+        {
+            "decision": outcome.action,
+            "answer": orjson.Fragment(outcome.answer),
+            "trunk_group": None if group.startswith("_") else group,
+            "policy": policy.name,
+            "rule": outcome.rule,
+            "list": outcome.list,
+            "matched": evaluation.matched,
+            "on_error": evaluation.fallback,
+            "dry_run_matches": [
+                {"rule": dry.rule, "list": dry.list, "matched": matched}
+                for dry, matched in evaluation.dry_runs
+            ],
+            "caller": {
+                "number": call.caller,
+                "source": call.caller_source,
+                "user": call.caller_user,
+                "name": call.caller_name or None,
+                "anonymous": call.anonymous,
+                "invalid_number": call.invalid_number,
+                "verstat": call.verstat,
+            },
+            "called": call.called,
+            "call_id": call.call_id,
+        }
+    )
+
+
+async def explain(request: web.Request) -> web.Response:
+    """Explain one call; admin tokens guard it when configured."""
+    if (refusal := explain_refusal(request)) is not None:
+        return refusal
+    screener = request.app[SCREENER]
+    try:
+        group, policy = policy_of(screener, request)
+        body = await read_body(request)
+    except BadRequest as exc:
+        return refuse(screener, exc)
+    call = screener.parser.parse(body)
+    decision = await screener.decide(policy, call, count=False)
+    return web.Response(body=_explanation(group, policy, decision, call), content_type=_JSON)

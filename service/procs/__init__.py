@@ -1,0 +1,1 @@
+"""Processes: one worker's server, the supervisor of several, metrics snapshots."""
