@@ -1,22 +1,12 @@
 """Full replacement of a list: build a new base aside, then swap it in atomically.
 
-A sync streams canonical entries into a :class:`ListBuilder`, which writes them to keys
-nobody reads (with a TTL, so a killed sync leaves nothing behind for long). ``finish``
-turns them into the new base and counts the diff against the live list (base plus
-single-entry changes); ``commit`` then points ``meta.gen`` at it in one MULTI/EXEC,
-guarded by WATCH so two syncs of one list cannot both win. Until that EXEC, readers see
-the old list whole; after it, the new one.
-
-One build per list at a time: :func:`start_build` takes the list's lock (a key with a
-TTL that the build keeps refreshing), so a second loader gets :class:`ListLocked` at
-once instead of wasting a full build. A build that dies (SIGKILL, lost connection)
-leaves its generation number in ``meta.building``; its keys expire on their own, and the
-next build of the list deletes them straight away.
-
-Memory stays flat whatever the list's size: numbers are buffered ``batch_size`` at a
-time and appended to per-bucket staging strings; ``finish`` then works one group of
-buckets at a time. Every write that creates a key sets its TTL in the same MULTI/EXEC,
-so a loader killed between two commands cannot leave a key that never expires.
+A sync streams canonical entries into a builder that writes keys nobody reads (each
+with a TTL set in the same MULTI/EXEC, so a killed sync leaves nothing for long);
+``finish`` counts the diff against the live list, and ``commit`` points ``meta.gen`` at
+the new base in one WATCHed MULTI/EXEC: readers see the old list whole until then.
+One build per list at a time (:func:`start_build`, a refreshed lock key; a second
+loader gets :class:`ListLocked`); a dead build's keys are deleted by the next one.
+Memory stays flat: entries are staged ``batch_size`` at a time, per bucket.
 """
 
 from __future__ import annotations
@@ -458,23 +448,13 @@ SUBSCRIBER_BUCKETS_PER_ROUND = 512
 class SubscriberListBuilder(ListBuilder):
     """A subscribers list (:mod:`core.subscribers`): staged per bucket, packed in ``finish``.
 
-    Pairs are buffered ``batch_size`` at a time and appended to per-bucket staging
-    strings (``subscriber code`` lines); ``finish`` then reads
-    :data:`SUBSCRIBER_BUCKETS_PER_ROUND` buckets at a time, settles and packs each
-    subscriber's entries into the new generation's bucket hashes and diffs them
-    against the live generation, so memory stays flat whatever the list's size. Sizes
-    count pairs (subscriber, entry). The buckets live on other slots than ``meta``:
-    new ones get a TTL while building and lose it just before the swap; the swap is the
-    one MULTI/EXEC on ``meta`` (its ``gen``); the old generation's buckets then expire
-    after :data:`core.keys.OLD_GENERATION_GRACE_S`. A loader killed before the swap
-    leaves ``meta.building``, whose keys the next build deletes; one killed after it
-    leaves ``meta.retiring``, whose keys the next build expires.
-
-    Every bucket of the new generation is written, empty or not, with the marker field
-    :data:`core.keys.SUBSCRIBER_MARKER` (a call reading a bucket without it answers by
-    ``on_error``: Redis lost that bucket). A bucket of the live generation found
-    without its marker is diffed as empty (its pairs count as added again) and counted
-    in :attr:`lost_buckets`; the new generation replaces it whole.
+    Sizes count pairs (subscriber, entry). ``finish`` works
+    :data:`SUBSCRIBER_BUCKETS_PER_ROUND` buckets at a time, so memory stays flat. The new
+    buckets carry a TTL until just before the swap (one MULTI/EXEC on ``meta``); a build
+    killed before it leaves ``meta.building`` (deleted by the next build), one killed
+    after it ``meta.retiring`` (expired by the next build). Every new bucket gets the
+    :data:`core.keys.SUBSCRIBER_MARKER` field; a live bucket found without it is diffed as
+    empty and counted in :attr:`lost_buckets`.
     """
 
     def __init__(

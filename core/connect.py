@@ -1,20 +1,11 @@
 """Redis clients from a URL, for the service, the loader and the tests alike.
 
-The URL's scheme picks the topology:
-
-``redis://[user:password@]host[:port][/db]`` (also ``rediss://`` for TLS, ``unix://``)
-    one server.
-``redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``
-    the primary that the Sentinels at those addresses (default port 26379) name for
-    ``service``; after a failover new connections go to the promoted replica. The
-    credentials are the data nodes'; Sentinels that need their own give them as
-    ``?sentinel_username=...&sentinel_password=...``.
-``redis+cluster://[user:password@]host[:port][,host[:port]...][/0]``
-    a Redis Cluster, discovered from any of the nodes given (default port 6379).
-
-``rediss+sentinel://`` and ``rediss+cluster://`` use TLS for every connection.
-Failures surface fast (one quick retry, short timeouts): the callers have their own
-loops and deadlines, and a stuck client would hide an outage from them.
+The scheme picks the topology: ``redis://``/``rediss://``/``unix://`` one server;
+``redis+sentinel://host[:port][,...]/service[/db]`` the primary the Sentinels name
+(their own credentials as ``?sentinel_username=&sentinel_password=``);
+``redis+cluster://host[:port][,...]`` a Cluster discovered from any node. The
+``rediss+`` forms use TLS throughout. Failures surface fast (one quick retry, short
+timeouts): callers have their own loops and deadlines.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """List entries in their canonical form, one function per list kind.
 
 The loader, the admin API and the service all pass entries through :func:`canonical`,
-so an entry written by one is found by the others.
-
-- ``numbers``: the E.164 digits from :func:`core.numbers.normalise`.
-- ``prefixes``: E.164 leading digits, country code first (``1900``, ``44870``).
-- ``subscribers``: no entries of its own (:mod:`core.subscribers` has its format).
-- ``names`` (CNAM): case-insensitive. ``re:<pattern>`` is a regular expression searched
-  anywhere in the name, ``contains:<text>`` a substring, and anything else (or
-  ``exact:<text>``) the whole name. Stored lower-cased, with the ``exact:`` marker dropped.
-  Patterns are RE2 syntax (:func:`compile_pattern`): the service matches them with RE2,
-  so one it could not use (backreferences, lookaround) is refused here, before it
-  reaches a list. Unlike Python's ``re``, RE2's digit, word, space and word-boundary
-  escapes are ASCII only.
+so an entry written by one is found by the others: ``numbers`` are E.164 digits,
+``prefixes`` E.164 leading digits, ``names`` lower-cased ``re:``/``contains:``/exact
+entries (``exact:`` dropped). ``re:`` patterns must compile under RE2
+(:func:`compile_pattern`), as the service matches them with RE2. ``subscribers`` entries
+have their own format (:mod:`core.subscribers`).
 """
 
 from __future__ import annotations

@@ -1,36 +1,11 @@
 """The Redis key layout: every key the project reads or writes is named here.
 
-Each list lives under one hash tag, ``{cs:<list>}``, so all of its keys share a Cluster
-slot and a swap can run in one MULTI/EXEC. Per list:
-
-``{cs:<list>}:meta``            hash: kind, gen, version, size, source, checksum, synced_at,
-                                accepted_at (``loader accept``), ...
-``{cs:<list>}:base:<gen>``      the list as of its last full sync (immutable once swapped in)
-                                - numbers: hash, bucket id -> sorted little-endian uint64s
-                                - prefixes, names: set of entries
-``{cs:<list>}:adds``            set: entries added since the base (admin API, delta files)
-``{cs:<list>}:dels``            set: base entries removed since the base
-``{cs:<list>}:stage:<gen>:<b>`` string: a numbers bucket being built by a sync (has a TTL)
-``{cs:<list>}:lock``            string: held by the one full sync or compaction running (TTL)
-``{cs:<list>}:adds:staged:<add|remove>:<token>``
-                                set: a large admin change written in chunks before one
-                                script applies it whole (10-minute TTL)
-
-A ``subscribers`` list (per-subscriber block/allow entries, :mod:`core.subscribers`)
-keeps ``meta`` and ``lock`` as above, but its data is spread over
-``SUBSCRIBER_BUCKETS`` hash tags of its own, one per bucket, so it spreads over every
-master of a Cluster (a single slot could not hold 100 M pairs):
-
-``{cs:<list>:<b>}:sub:<gen>``   hash: subscriber -> its packed entries (bucket ``b`` =
-                                ``crc32(subscriber) % SUBSCRIBER_BUCKETS``), plus the
-                                marker field ``SUBSCRIBER_MARKER`` -> ``gen``: written in
-                                every bucket of a generation when it is made, never removed,
-                                so a bucket without it is one Redis lost
-``{cs:<list>:<b>}:stage:<gen>`` string: rows of bucket ``b`` being staged by a sync (TTL)
-
-Call-rate counters (one hash tag per caller, so they spread over a Cluster):
-
-``{cs:rate:<caller>}:<policy>:<rule>:<window index>``  counter, expires after 2 windows
+Each list lives under one hash tag, ``{cs:<list>}`` (``meta``, ``base:<gen>``, ``adds``,
+``dels``, ``stage:<gen>:<b>``, ``lock``, staged admin changes), so a swap runs in one
+MULTI/EXEC on one Cluster slot. A ``subscribers`` list keeps ``meta`` and ``lock``
+there but spreads its data over ``SUBSCRIBER_BUCKETS`` tags ``{cs:<list>:<b>}``, each
+bucket carrying the :data:`SUBSCRIBER_MARKER` field. Call-rate counters use one tag per
+caller. The full table is in docs/design.md, "Redis key layout".
 """
 
 from __future__ import annotations

@@ -1,30 +1,12 @@
 """Logging set-up for ``python -m service`` and ``python -m loader``: text or JSON lines.
 
-Only the entry point calls :func:`configure_logging`; modules just use
-``logging.getLogger(__name__)``. Two things reach every line:
-
-- the **request id**: the screening handler puts the call's ``Call-ID`` in
-  :data:`REQUEST_ID` (a context variable, so each request task has its own), and a filter
-  on the handler copies it onto every record logged while that request runs;
-- **structured fields**: values passed with ``extra={...}`` (the rejected-call line gives
-  ``trunk_group``, ``rule``, ``list``, ``caller``) become keys of the JSON object. The
-  message keeps them too, so a text line reads the same without them.
-
-JSON lines hold ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``,
-``message``, ``pid``, then ``request_id`` and the structured fields when present, and
-``exception`` with the traceback when one was logged. One object per line, via orjson.
-
-The handler (:class:`LineHandler`) writes each line at once, except while a service
-worker serves: lines below WARNING are then written in batches every 0.1 s
-(:func:`batch_logs`, service/procs/serve.py). A rejected-call line (:func:`log_fields`) is
-formatted without a ``LogRecord`` when only this handler would see it.
-
-Secrets stay out of the log (:class:`core.redact.RedactingFilter`): aiohttp's own
-records, which quote the raw request line and headers of a request it could not parse,
-and every record carrying an exception are rewritten with handler secrets
-(``?key=``, ``/k/<secret>``), ``Authorization`` values and URL passwords hidden.
-Other records skip that work (one line is logged per rejected call); they are written
-so as never to quote a secret.
+Only the entry point calls :func:`configure_logging`; modules use
+``logging.getLogger(__name__)``. Every line carries the call's request id
+(:data:`REQUEST_ID`, a context variable) and the ``extra={...}`` fields; JSON lines are
+one orjson object each. While a worker serves, lines below WARNING are written in
+batches (:func:`batch_logs`), and a rejected-call line (:func:`log_fields`) skips the
+``LogRecord`` when only this handler would see it. Secrets never reach the log
+(:class:`core.redact.RedactingFilter`); see docs/operations.md, "Logs".
 """
 
 from __future__ import annotations
@@ -70,8 +52,8 @@ class TextFormatter(logging.Formatter):
     """``time LEVEL logger[pid]: message``, with ``[request id]`` before the message.
 
     The line is put together directly, and the date and time to the second are made
-    once per second: one line is logged per rejected call, and this took a third off
-    its cost (measured for BENCHMARKS.md). The output is :data:`TEXT_FORMAT`'s.
+    once per second: one line is logged per rejected call (cost: docs/operations.md,
+    "Logs"). The output is :data:`TEXT_FORMAT`'s.
     """
 
     def __init__(self) -> None:

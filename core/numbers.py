@@ -1,42 +1,12 @@
 """Telephone number normalisation and validity, shared by the service and the loader.
 
 Every number that becomes a Redis key or is looked up goes through :func:`normalise`,
-so ``5162065613``, ``15162065613``, ``+1 (516) 206-5613`` and ``tel:+15162065613`` are
-the same entry. The canonical form is the E.164 digit string without the ``+``.
-
-Rules, in order (* marks the project's own decisions):
-- A ``tel:``, ``sip:`` or ``sips:`` scheme is dropped; for SIP the user part before
-  ``@`` is kept; URI parameters after ``;`` are dropped.
-- Visual separators (space, ``-``, ``.``, ``(``, ``)``, ``/``) are dropped. Any other
-  non-digit, such as letters in ``anonymous``, makes the input not a number (``None``).
-- A leading ``+`` means the digits are already E.164.
-- ``00`` is the international prefix everywhere; ``011`` is when the default country is 1.
-  (Other international prefixes, such as Russia's ``810``, are not recognised.)
-- Default country 1 (NANP): 10 digits get a ``1`` in front; anything else is taken as
-  already carrying its country code.*
-- Another default country: if libphonenumber gives it a national (trunk) prefix, a
-  number starting with that prefix is national: the prefix is replaced by the country
-  code (``0`` for GB, DE, FR and most others; ``8`` for RU and BY, ``06`` for HU). If it
-  has none (IT, ES, NO, DK...), a number starting with ``0`` is national and keeps the
-  ``0`` behind the country code, as Italy's ``06 1234 5678`` is ``+39 06 1234 5678``.
-  Anything else is taken as already E.164.* A code libphonenumber does not know
-  keeps the most common rule, trunk prefix ``0``.
-- More than 15 digits (the E.164 maximum) is not a number.
-
-Validity (:func:`is_dialable`, the ``invalid_number`` rule) is Google's libphonenumber
-metadata, as shipped by the ``phonenumbers`` package (version in
-:data:`core.numbering_plan.PHONENUMBERS_VERSION`, pinned in pyproject.toml). Calling
-``phonenumbers`` per call costs tens of microseconds, so ``devtools/phone_metadata.py``
-turns its metadata into :mod:`core.numbering_plan` (generated, ~210 kB): per calling
-code (and, for codes shared by several regions, per first national digits), one regular
-expression per national-number length: the union of the patterns of every number type
-of the regions that can own the number, tried in libphonenumber's order of regions
-(the generator's docstring says how). Each is compiled the first time a number needs
-it (all of them at import would cost every process ~0.25 s), and the national prefixes
-are a plain dict, so neither function imports ``phonenumbers``.
-``is_dialable`` is two dict look-ups and one ``fullmatch``: 0.1-0.5 µs a call, up to
-~1.5 µs for the regions tried last of a shared code (+1 784 after the US and Canada,
-+44 7624 after GB and Guernsey).
+so ``5162065613``, ``+1 (516) 206-5613`` and ``tel:+15162065613`` are one entry: the
+E.164 digits without ``+``, or ``None`` for anything that is not a number. Validity
+(:func:`is_dialable`) is libphonenumber's metadata, precomputed into
+:mod:`core.numbering_plan` so nothing imports ``phonenumbers`` at run time. The rules,
+and the project's own decisions among them, are in docs/design.md, "Normalisation"
+and "Invalid number".
 """
 
 from __future__ import annotations
@@ -150,25 +120,10 @@ def _compiled(table: dict[int, str | _Fullmatch], size: int, source: str) -> _Fu
 def is_dialable(e164: str) -> bool:
     """Whether a normalised number could be a real caller.
 
-    Valid, as libphonenumber's ``is_valid_number`` says, for the digits exactly as
-    given; that is, for ``PhoneNumber(country_code, national_number)`` built from them,
-    the module docstring says how. Differences, all on purpose:
-
-    - NANP (country code 1): exactly 11 digits, neither an N11 service code as area
-      code or exchange, and not the fictional 555-0100..555-0199 range, which
-      libphonenumber accepts.* Nor its 7-digit Canadian ``310-xxxx`` numbers.*
-    - At least 8 digits in all. A few territories (Niue, Tokelau, St Helena) have
-      7-digit E.164 numbers, but a 7-digit caller ID is far more often a NANP local
-      number with its area code missing, so 7 digits count as invalid.*
-    - ``phonenumbers.parse("+" + digits)`` first strips what it takes for a national
-      prefix written after the country code (``+44 0 20 7946 0018``,
-      ``+1 1 212 555 0200``) or rewrites it (Argentina's ``+54 11 15 ...`` becomes
-      ``+54 9 11 ...``), so ``is_valid_number`` of its result accepts such forms too,
-      and rejects the odd valid number that begins like a national prefix
-      (``+375 810 ...``, Belarus premium rate). Here the digits are checked as they
-      are: they are the key the lists are looked up by, and a caller ID with a trunk
-      prefix inside is not E.164. On a 200,000-number sample these were the only
-      differences besides the ones above.
+    libphonenumber's ``is_valid_number`` on the digits exactly as given, plus the
+    project's stricter rules (NANP: 11 digits, no N11, no 555-01xx; at least 8 digits).
+    Unlike ``phonenumbers.parse``, a trunk prefix written after the country code is not
+    stripped: the digits are the key the lists use. See docs/design.md, "Invalid number".
     """
     table = _PLANS.get(e164[:_KEY_DIGITS])
     if table is None:

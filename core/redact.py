@@ -1,19 +1,10 @@
 """Hiding secrets in URLs and free text, for logs, error messages and API answers.
 
-- :func:`redact` takes one URL: the password of its userinfo becomes ``***``
-  (``user:***@host``; a userinfo without a password is hidden whole, as it is then
-  usually a token), and so does the value of every query or fragment parameter whose
-  name looks like a credential (see :data:`CREDENTIAL_NAME`).
-- :func:`redact_text` takes any text (a log message, an exception, a traceback): it
-  redacts each URL in it as above, the handler secret of ``/k/<secret>`` path segments,
-  credential-named ``name=value`` parameters wherever they stand, and the values of
-  ``Authorization``-like headers, keeping the scheme (``Authorization: Basic ***``).
-- :class:`RedactingFilter` applies :func:`redact_text` to log records: those of
-  aiohttp's loggers, which quote raw request lines and headers when a request cannot be
-  parsed, and those carrying an exception.
-
-Both err on the side of hiding: a harmless value that merely looks like a credential
-is hidden too, and nothing here ever raises on odd input.
+:func:`redact` hides a URL's userinfo password (or the whole userinfo when it has none)
+and credential-named parameters (:data:`CREDENTIAL_NAME`); :func:`redact_text` does
+that for every URL in any text, plus ``/k/<secret>`` segments, ``name=value`` secrets
+and ``Authorization`` values; :class:`RedactingFilter` applies it to aiohttp's records
+and to records carrying an exception. Both err on the side of hiding and never raise.
 """
 
 from __future__ import annotations

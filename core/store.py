@@ -1,26 +1,12 @@
 """The list store: reading lists from Redis and changing single entries.
 
-The layout is in :mod:`core.keys`. A list is a *base* (written whole by a full sync, see
-:mod:`core.build`, then never changed) plus two small delta sets, ``adds`` and ``dels``,
-written by the admin API and delta files. Its ``meta`` hash carries ``gen`` (which base
-is live) and ``version`` (bumped by every change), so a reader learns that something
-changed by polling two fields, and reloads the base only when ``gen`` moved.
-
-Membership: an entry is on the list if it is in ``adds``, or in the base and not in
-``dels``. Adding puts the entry in ``adds`` and takes it out of ``dels``; removing does
-the opposite, so the last write wins. Both are one atomic step (a MULTI/EXEC; for a
-large change, chunks staged aside and one script: :meth:`ListStore._change_staged`),
-acknowledged only after Redis accepted it.
-
-Trust: ``meta.synced_at`` (written by every full sync, changed or not) and
-``meta.accepted_at`` (written by ``python -m loader accept``) stamp the moments the list
-was known whole. :meth:`ListStore.states` reads them with ``gen`` and ``version`` so a
-reader can tell a list that changed from one Redis lost (see :mod:`service.screening.cache`).
-Single-entry writes never touch them.
-
-Numbers bases are compact: a hash of ``NUMBER_BUCKETS`` fields, each the sorted,
-de-duplicated little-endian uint64 numbers with ``number % NUMBER_BUCKETS`` equal to the
-field, about 8 bytes a number (a plain Redis set takes ~50).
+A list (layout in :mod:`core.keys`) is an immutable *base* written by a full sync
+(:mod:`core.build`) plus the delta sets ``adds`` and ``dels``: an entry is listed if
+it is in ``adds``, or in the base and not in ``dels``. Each change is one atomic step,
+last write wins, acknowledged only after Redis accepted it. ``meta.gen`` names the live
+base and ``meta.version`` moves with every change, so readers poll two fields;
+``synced_at``/``accepted_at`` stamp when the list was known whole (never touched by
+single-entry writes), which lets a reader tell a change from a loss.
 """
 
 from __future__ import annotations
@@ -366,9 +352,9 @@ class ListStore:
     ) -> int:
         """A large change: staged in chunks aside, then applied by one atomic script.
 
-        redis-py encodes a whole command on the event loop, about 1.4 ms per thousand
-        entries: 100 k entries in one SADD would stall every call the process answers
-        for 300 ms. Chunks with an await between them keep each stall short. Nobody
+        redis-py encodes a whole command on the event loop, so one SADD of 100 k entries
+        would stall every call the process answers for a long time (figures in
+        docs/design.md, "Large admin changes"). Chunks with awaits between them do not. Nobody
         reads the staging sets (they expire if this process dies); the script moves
         them into ``adds``/``dels`` and bumps ``version`` in one step, so readers still
         see all of the change or none of it. Its Redis time grows with the change, not

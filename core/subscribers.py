@@ -1,40 +1,13 @@
 """Per-subscriber block and allow entries: their format, encoding and single-entry writes.
 
-A ``subscribers`` list maps a subscriber (a called number, a DID) to its own entries,
-each on the ``block`` or the ``allow`` side. An entry is a number (normalised like every
-number, :func:`core.numbers.normalise`) or a prefix written with a trailing ``*``
-(``1900*``: E.164 leading digits, country code first, as in a ``prefixes`` list). One
-entry is on one side of a subscriber at a time: putting it on the other side moves it,
-and a source that lists it on both sides keeps it on ``allow``. A subscriber holds at
-most :data:`MAX_ENTRIES` entries.
-
-Storage (:mod:`core.keys`): the subscriber's entries are one hash field in its bucket,
-``{cs:<list>:<bucket>}:sub:<gen>``, so a call reads them with one HGET. The value is
-packed four bits a digit (:func:`pack`): each entry is its digits followed by one
-nibble naming its side and whether it is a prefix (``a`` block number, ``b`` block
-prefix, ``c`` allow number, ``d`` allow prefix), padded with ``f`` to whole bytes. An
-11-digit number takes 6 bytes, against 12 as text plus a separator, so ten such entries
-fit in 60 bytes: under Redis's default ``hash-max-listpack-value`` (64), which keeps a
-sparse bucket in the compact listpack encoding, and half the memory of text in a dense
-one. Decoding is ``bytes.hex()`` and one regular expression, a few microseconds.
-
-Writes of one subscriber (the admin API) are a compare-and-set (:data:`_CAS`, one small
-Lua script on the bucket's key): read the field, compute the new value in Python, write
-it only if the field still holds what was read, else read again. The live generation
-comes from the list's ``meta`` (another slot on a Cluster); a write that finds ``gen``
-moved meanwhile (a full sync swapped) is applied again to the new generation. A bulk
-change (:meth:`SubscriberStore.bulk_change`) does the same bucket by bucket: every
-subscriber it names is read and checked first, so a subscriber it would take past
-:data:`MAX_ENTRIES` refuses it whole before anything is written; then one script per
-bucket compares and sets all of that bucket's subscribers at once.
-
-Every bucket of a generation carries a marker field (:data:`core.keys.SUBSCRIBER_MARKER`),
-written when the generation is made: by a full sync (core/build.py) or, for a list kept
-by the admin API alone, when its first write allocates a generation
-(:meth:`SubscriberStore.live_gen`), which marks all :data:`core.keys.SUBSCRIBER_BUCKETS`
-buckets before ``meta.gen`` names it. Writes here touch subscriber fields only, so a
-bucket Redis lost stays without its marker, and calls to its subscribers are answered by
-``on_error`` (service/screening/screen.py) until a full sync writes a new generation.
+A ``subscribers`` list maps a subscriber (a called number) to at most
+:data:`MAX_ENTRIES` entries, numbers or ``1900*`` prefixes, each on the ``block`` or
+``allow`` side (one side at a time; ``allow`` wins in a source listing both). A
+subscriber's entries are one packed hash field (:func:`pack`, four bits a digit) in its
+bucket, so a call reads them with one HGET. Writes are compare-and-set scripts per
+bucket, re-applied if a full sync swapped meanwhile; a bulk change checks every
+subscriber before writing any. Every bucket of a generation carries the marker field,
+so a bucket Redis lost is noticed. Layout and figures: docs/subscribers.md.
 """
 
 from __future__ import annotations
@@ -398,18 +371,11 @@ class SubscriberStore:
     async def bulk_change(self, name: str, changes: Mapping[str, Mapping[str, Side | None]]) -> int:
         """Apply many subscribers' changes: ``{subscriber: {entry: side or None}}``.
 
-        ``None`` removes the entry (whatever its side); a side puts it there (moving it
-        from the other). Returns the generation written (0: only removals, from a list
-        that holds nothing). Raises :class:`BadSubscriberEntry`, having written nothing,
-        when a subscriber would end up with more than :data:`MAX_ENTRIES` entries.
-
-        Every subscriber is read and its new value computed before anything is written
-        (:meth:`_plan`); then one compare-and-set script per bucket (:data:`_CAS_MANY`),
-        pipelined. The buckets live on many slots (masters, on a Cluster), so the change
-        is atomic per bucket, not as a whole: a Redis failure halfway leaves the buckets
-        already written changed. Each change is idempotent, so sending it again finishes
-        it. A bucket whose subscribers moved meanwhile (another writer) is read and
-        planned again; a full sync that swapped meanwhile gets the whole change again.
+        ``None`` removes the entry; a side puts it there. Returns the generation written (0:
+        only removals from an empty list). Every subscriber is planned first (:meth:`_plan`),
+        so one taken past :data:`MAX_ENTRIES` raises :class:`BadSubscriberEntry` with nothing
+        written; then one pipelined compare-and-set per bucket. Atomic per bucket, not as a
+        whole; each change is idempotent, so resending finishes a half-applied one.
         """
         if not changes:
             return await self.gen(name)

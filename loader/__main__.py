@@ -1,28 +1,9 @@
 """``python -m loader``: keep the lists in Redis in step with their sources.
 
-    python -m loader [--config config.yaml] sync [--list NAME]... [--dry-run] [--force]
-    python -m loader [--config config.yaml] apply --list NAME FILE
-    python -m loader [--config config.yaml] compact [--list NAME]...
-    python -m loader [--config config.yaml] accept --list NAME
-    python -m loader [--config config.yaml] run
-
-``sync`` loads every list that has a source (or the ``--list`` ones) once. ``--dry-run``
-builds aside, prints the diff and writes nothing; ``--force`` overrides the empty-source
-and removal-share guards (and refetches a URL without ``If-None-Match``).
-``apply`` applies a delta file (see :mod:`loader.delta`); ``compact`` folds single-entry
-changes into a new base; ``run`` syncs on each list's ``interval_s`` and serves
-``/metrics`` until SIGTERM.
-
-``accept`` vouches for a list as Redis holds it now: it stamps ``meta.accepted_at``
-(and bumps ``version``), which the service takes like a full sync. Needed after Redis
-lost data, for a list the service therefore stopped answering from (``/readyz``: "lost
-from Redis") that no sync can restore: one without a ``source``, or one restored from a
-backup that should be used as it is. Check the list first (``GET /v1/lists/NAME``);
-single-entry writes alone never restore trust. Exit status: 0 accepted, 1 when the list
-does not exist in Redis (nothing to accept) or Redis failed, 2 for an unknown list.
-
-Exit status: 0 when everything went through, 1 when a list failed or was refused (for
-``--dry-run``: when a real sync would be), 2 on a bad config or command line.
+Commands ``sync``, ``apply``, ``compact``, ``accept`` and ``run`` (docs/loader.md,
+"Commands"). Exit status: 0 when everything went through, 1 when a list failed or was
+refused (for ``--dry-run``: when a real sync would be; for ``accept``: no such list in
+Redis, or Redis failed), 2 on a bad config or command line.
 """
 
 from __future__ import annotations

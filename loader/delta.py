@@ -1,25 +1,10 @@
 """Incremental changes from delta files, and compaction of accumulated changes.
 
-A delta file is plain text (gzip allowed), one change a line: ``+<entry>`` adds,
-``-<entry>`` removes; blank lines and ``#`` comments are skipped; whitespace after the
-sign is ignored::
-
-    # 2024-05-01 complaints
-    +15162065617
-    + +1 (516) 206-5618
-    -15162065613
-
-Entries are canonicalised like every other entry (:func:`core.entries.canonical`); a
-line that is not a valid change is skipped and reported with its line number. Changes
-go to Redis with :meth:`core.store.ListStore.change`, ``batch_size`` entries per
-MULTI/EXEC, in file order; within a batch the last line for an entry wins, as it would
-line by line. Service instances see each batch within a cache refresh.
-
-Changes live beside the list's base in the ``adds``/``dels`` sets, which every service
-instance holds in memory and re-reads on each change. When they grow past
-``loader.compact_over`` entries, :func:`compact_list` folds them into a new base (the
-same entries, swapped in atomically like a full sync) and empties them. A full sync of
-a list with a source also replaces them: the source is the list's truth.
+A delta file (docs/loader.md, "Delta files") holds ``+entry``/``-entry`` lines; entries
+are canonicalised (:func:`core.entries.canonical`), bad lines skipped and reported by
+line number, and changes applied ``batch_size`` per MULTI/EXEC in file order (the last
+line for an entry wins). When ``adds``/``dels`` grow past ``loader.compact_over``,
+:func:`compact_list` folds them into a new base swapped in like a full sync.
 """
 
 from __future__ import annotations

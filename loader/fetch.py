@@ -1,19 +1,10 @@
 """Downloading ``http(s)://`` list sources, conditionally and with retries.
 
-The body streams to a temporary file in chunks (memory stays flat whatever its size);
-the sync then reads that file like a local one. A retry starts the download afresh, so
-a connection dropped half-way never turns into a half list.
-
-- **Conditional requests**: the ``ETag`` and ``Last-Modified`` of the last loaded
-  response are sent back as ``If-None-Match`` / ``If-Modified-Since``; a ``304`` means
-  nothing changed and the sync stops there.
-- **Timeout**: ``timeout_s`` bounds connecting and each wait for data, not the whole
-  download, so a large file on a slow link still arrives while a stalled one fails.
-- **Retries**: connection errors, timeouts, ``408``, ``429`` and ``5xx`` are retried
-  ``retries`` times with pauses doubling from ``backoff_s`` (capped at 30 s). Other
-  statuses fail at once: asking again will not fix a ``404``.
-- **gzip**: ``Content-Encoding: gzip`` is undone by the HTTP client; a body that is a
-  ``.gz`` file is recognised later by its magic bytes (:mod:`loader.sources`).
+The body streams to a temporary file; a retry starts afresh, so a dropped connection
+never becomes a half list. ``ETag``/``Last-Modified`` are sent back and a ``304`` ends
+the sync; ``timeout_s`` bounds each wait, not the download; connection errors,
+timeouts, ``408``, ``429`` and ``5xx`` are retried with doubling pauses, other
+statuses fail at once.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """``python -m loader run``: sync each list on its interval, serve ``/metrics``.
 
-Each list with a ``source`` and an ``interval_s`` gets its own loop: sync at start, then
-every ``interval_s`` seconds, counted from the start of the previous sync (a sync that
-overruns its interval is followed by the next one at once, never by two). At most
-``loader.max_concurrent_syncs`` syncs run together. A failing or refused sync is logged
-and counted, the old list stays, and the list is tried again at its next interval; the
-other lists are not affected. Lists without an interval are synced only by
-``python -m loader sync``.
-
-Every minute the loop also compacts lists whose single-entry changes grew past
-``loader.compact_over`` (see :mod:`loader.delta`).
-
-Stopping (SIGTERM, SIGINT) cancels the loops; a sync in flight drops its half-built
-list, and the old one stays live.
+Each list with ``source`` and ``interval_s`` has its own loop, never two syncs of one
+list at once, at most ``loader.max_concurrent_syncs`` together. A failed sync keeps the
+old list and does not affect the others. Every minute, lists over
+``loader.compact_over`` are compacted. SIGTERM cancels the loops; a sync in flight
+drops its half-built list.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Reading list sources: CSV or plain text, plain or gzip-compressed, one entry per row.
 
-A source is read from a binary file: the local file itself, or the temporary file an
-``http(s)://`` source was downloaded to (:mod:`loader.fetch`). Rows stream through; the
-file is never held in memory.
-
-- **gzip** is recognised by its magic bytes, whatever the name says.
-- **Format**: ``csv`` or ``text`` from the list's ``format``; with ``auto`` (the default)
-  a name ending ``.csv`` or ``.csv.gz``, a ``text/csv`` content type, a column name, a
-  column index other than 0 or any label columns mean CSV, anything else plain text.
-- **Plain text**: one entry a line; blank lines and lines starting with ``#`` are skipped.
-- **CSV**: the entry is in ``column`` (a 0-based index, or a header name, which makes the
-  first row a header). With an index, a first row whose entry cell has letters but no
-  digits is taken as a header too (not for ``names`` lists, whose entries are words).
-  Empty rows and rows whose first cell starts with ``#`` are skipped. A UTF-8 byte order
-  mark (Excel) is dropped.
-- **Labels**: ``label_columns`` (indexes or header names) are read with each row and
-  available as :attr:`Rows.labels` while that row is current.
+Rows stream from a binary file (local, or what :mod:`loader.fetch` downloaded); the
+file is never held in memory. gzip is recognised by its magic bytes. ``format: auto``
+picks CSV from the name, content type or column settings. Plain text skips blank and
+``#`` lines; CSV takes ``column`` (index or header name), skips a detected header and
+a BOM, and exposes ``label_columns`` as :attr:`Rows.labels`. Details: docs/loader.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """One full sync of one list: fetch, read, normalise, build aside, check, swap.
 
-Rows that do not normalise are skipped and reported with their line numbers; the rest
-of the list still loads. The swap is atomic (see :mod:`core.build`): readers see the
-old list until the new one is complete, and a failed, refused or killed sync changes
-nothing.
-
-Outcomes: ``success`` (swapped in), ``unchanged`` (a ``304``, or a source whose entries
-equal the live list's: nothing is rewritten, only ``synced_at`` moves), ``dry_run``
-(built, diffed, dropped), or an exception: :class:`SyncRefused` when a guard stopped it,
-:class:`SyncError` when the source could not be read.
-
-A ``subscribers`` list (:mod:`core.subscribers`) is read as CSV rows
-``subscriber,entry[,side]`` whatever ``format``, ``column`` and ``label_columns`` say;
-its sizes and the removal guard count pairs (subscriber, entry).
-
-Guards (``--force`` overrides the first two):
-
-- a source with no valid entry is refused;
-- a sync that would remove more than ``max_removal_share`` of the live list is refused;
-- an unreachable or unreadable source fails, after the fetch's retries.
+Bad rows are skipped and reported; the swap is atomic (:mod:`core.build`), so a failed,
+refused or killed sync changes nothing. Outcomes: ``success``, ``unchanged``,
+``dry_run``, or :class:`SyncRefused` (no valid entry, or removing more than
+``max_removal_share``; ``--force`` overrides) or :class:`SyncError` (unreadable
+source). A ``subscribers`` list is read as ``subscriber,entry[,side]`` rows and counts
+pairs.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """The service's Prometheus metrics, on a registry the caller passes in.
 
-Label values come from the config only (trunk groups, rule names, list names) and are
-all created up front, so series exist from the first scrape and a caller number can
-never become a label.
-
-The two metrics every call touches, decisions and request latency, are kept as plain
-numbers that the registry reads when scraped (:class:`DecisionCounts`,
-:class:`LatencyHistogram`): prometheus_client's Counter and Histogram take a lock and
-check their state on every ``inc``/``observe``, which measured about 4 % of a screening
-request's whole cost (BENCHMARKS.md). That needs no lock because the service counts
-from its event loop's thread only. The rest use prometheus_client's own types.
+Label values come from the config only and are created up front, so series exist from
+the first scrape and a caller number never becomes a label. Decisions and request
+latency, touched by every call, are plain numbers read at scrape time
+(:class:`DecisionCounts`, :class:`LatencyHistogram`): lock-free because only the event
+loop's thread counts. Why: docs/design.md, "Where a call's time goes".
 """
 
 from __future__ import annotations

@@ -1,26 +1,12 @@
 """The screening answer: a 200 JSON response written in one piece.
 
-Every screening call is answered ``200`` with one of a few pre-encoded JSON bodies
-(``[]`` or a rule's reject). aiohttp's :class:`aiohttp.web.Response` makes that answer
-in Python, field by field, on every call: a header multidict, the content type, the
-content length, the keep-alive rules, then a serialisation of it all. Measured with
-callgrind, answering this way instead took the service from about 283 k to 235 k CPU
-instructions a call, more than the parse and the decision cost together
-(docs/design.md).
-
-:class:`ScreeningAnswer` is a :class:`aiohttp.web.StreamResponse` whose bytes on the
-wire are put together from a status line and headers prepared once per second (the
-``Date`` header changes each second), and written through the request's own stream
-writer, so aiohttp's handling of closed connections and back-pressure is kept. The
-bytes are the ones aiohttp's ``Response`` writes for the same answer:
-``Content-Type: application/json``, ``Content-Length``, ``Date``, ``Server``, and the
-``Connection`` header aiohttp's rules give for the request's HTTP version and
-keep-alive (``tests/test_answers.py`` compares them byte for byte, the date aside).
-
-It is only for apps without ``on_response_prepare`` signal handlers (they could change
-headers it does not keep; the service's app has none, and no sub-apps):
-:func:`screening_response` gives a plain ``Response`` there, and for HTTP versions other
-than 1.0 and 1.1.
+:class:`ScreeningAnswer` writes a status line and headers prepared once a second with a
+pre-encoded body through the request's own stream writer, instead of building a
+``web.Response`` per call. Invariant: the bytes are those aiohttp's ``Response`` would
+write (tests/test_answers.py compares them). Apps with ``on_response_prepare`` signals
+and HTTP versions other than 1.0/1.1 get a plain ``Response``
+(:func:`screening_response`). Why and what it saves: docs/design.md, "The answer
+written whole".
 """
 
 from __future__ import annotations
@@ -81,7 +67,7 @@ class ScreeningAnswer(web.StreamResponse):
 
     def __init__(self, body: bytes) -> None:
         # What StreamResponse.__init__ sets (the rest are class defaults), without a
-        # header multidict of its own, about 5 k instructions a call: the headers are
+        # header multidict of its own (the cost design.md counts): the headers are
         # written from _HEADS, and ``headers`` shows the fixed ones, read-only. Pinned
         # aiohttp; tests/test_answers.py runs it through aiohttp's access log too.
         self._state = {}

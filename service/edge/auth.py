@@ -1,22 +1,11 @@
 """Who may call the screening endpoints (docs/security.md): shared secret, HTTP Basic, source IPs.
 
-A trunk group's ``auth`` block replaces the top-level one; a request for an unknown trunk
-group (or ``POST /``) is checked against the top-level block, so nobody learns which
-trunk groups exist without credentials. The order of checks:
-
-1. the source address must be in ``allow_cidrs`` (when set), else ``403``. The address
-   is the TCP peer's, or, when the peer is one of ``trusted_proxies``, the right-most
-   ``X-Forwarded-For`` hop that is not a trusted proxy (hops further left were written
-   by the caller and prove nothing);
-2. when a secret or Basic credentials are configured, the request must carry one of
-   them, else ``401``: the secret as the path segment ``/k/<secret>/...`` or as
-   ``?key=<secret>``, or an ``Authorization: Basic`` header (what CarrierX sends for a
-   handler URL like ``https://user:password@host/tg/main``).
-
-Comparisons are constant-time over SHA-256 digests, so neither the content nor the
-length of a secret leaks through timing. Secrets are read from the environment once, at
-start-up; refusals are counted (``callscreen_errors_total{kind="unauthorized"|
-"forbidden"}``) and logged at a limited rate without the secret, the path or the query.
+A trunk group's ``auth`` block replaces the top-level one; unknown trunk groups and
+``POST /`` are checked against the top-level block, so nobody learns which exist.
+First the source address against ``allow_cidrs`` (``403``; behind ``trusted_proxies``
+the right-most untrusted ``X-Forwarded-For`` hop), then the secret (``/k/<secret>``,
+``?key=``) or Basic credentials (``401``). Comparisons are constant-time over SHA-256
+digests; refusals are counted and logged without the secret, path or query.
 """
 
 from __future__ import annotations

@@ -1,36 +1,13 @@
 """Connection hygiene for one server process: read timeouts, a cap, recycling, the drain.
 
-aiohttp's own server keeps whatever connects for as long as it likes: a client that
-sends its request head one byte a second (slowloris) holds a socket for the whole
-keep-alive timeout, and a thousand of them use up the file descriptors, after which no
-real call gets in. On SIGTERM it marks idle keep-alive connections closing without
-closing them, so the next request on each is read by nobody and CarrierX waits out its
-timeout. This module puts four rules around aiohttp's :class:`RequestHandler`:
-
-- **read timeout**: a request must arrive whole (head and body) within
-  ``server.request_timeout_ms`` of its first byte, else its connection is closed
-  (``callscreen_errors_total{kind="read_timeout"}``). A :class:`ConnectionGuard` sweeps
-  the connections every :data:`SWEEP_S`, so the request path pays nothing for it;
-- **cap**: at most ``server.max_connections`` connections per process (less when the
-  file-descriptor limit is lower, see :func:`connection_cap`). A connection past the
-  cap evicts the ones that have waited longest for a request of their own (slow senders
-  first, then idle keep-alive connections); a connection busy with a request is never
-  evicted. When every connection is busy the newcomer is closed
-  (``kind="overloaded"`` counts both). A real call sends its request at once, so it is
-  the last to be evicted;
-- **recycling**: after ``server.max_requests_per_connection`` requests a connection's
-  answer carries ``Connection: close``, and the client reconnects; the kernel then
-  spreads the new connections over the workers, so a restarted worker gets its share
-  back instead of the survivors keeping every keep-alive connection forever;
-- **drain** (:meth:`ConnectionGuard.drain`, on SIGTERM once listening stopped): after
-  a short pause (:data:`LISTEN_SETTLE_S`, see the method), every answer carries
-  ``Connection: close``; a connection idle for
-  :data:`DRAIN_IDLE_S` or longer is closed at once (really closed, not just marked);
-  one that answered more recently, or has bytes waiting, is kept until its next request
-  is answered, because its client may have that request on the wire already. A closed
-  idle connection can still cross a request the client sent at that very moment: HTTP/1.1
-  has no way to warn a client first, so the rule keeps that window to connections idle
-  for half a second, where a client reusing one is least likely.
+:class:`ConnectionGuard` puts four rules around aiohttp's connections, checked by a
+sweep every :data:`SWEEP_S` so the request path pays nothing: a request must arrive
+whole within ``server.request_timeout_ms``; at most ``server.max_connections``
+connections (a newcomer evicts the longest-waiting non-busy ones, never a busy one);
+``Connection: close`` after ``server.max_requests_per_connection`` requests; and on
+SIGTERM the drain (:meth:`ConnectionGuard.drain`), which closes idle connections and
+answers the rest with ``Connection: close``. Why: docs/operations.md, "Connections:
+timeouts, cap, recycling" and "Stopping".
 """
 
 from __future__ import annotations

@@ -1,28 +1,12 @@
 """The main listener's request handler: screening calls go straight to their route.
 
-aiohttp hands every request to ``Application._handle``, which resolves the path through
-the router: it builds a ``yarl.URL`` for the path, walks the resources and matches a
-regular expression, then checks middlewares and ``Expect``. For the calls CarrierX
-sends, always a ``POST`` to one of four path shapes, that is about a seventh of the
-instructions aiohttp itself spends on a request (callgrind: 233 k instructions a request
-for a bare aiohttp app, 203 k for the same handler on aiohttp's low-level server).
-
-:class:`ScreeningDispatch` takes those calls by splitting the raw path on ``/`` and
-comparing segments with the app's own screening routes, then calls the route's handler
-with the match information the router would have given (``request.match_info``,
-``request.app``). Everything else takes the usual way through ``Application._handle``:
-other methods and paths, a path with percent-escapes, braces or an empty segment,
-an ``Expect`` header (100-continue is answered by the route's expect handler there),
-and every request of an app with middlewares. So the answers are the router's; only the
-look-up is shorter. ``tests/test_dispatch.py`` sends the same requests both ways. A
-path's match is worked out once and remembered: the calls to that path share its frozen
-match information (at most :data:`KNOWN_PATHS` paths, so made-up ones cannot grow it).
-
-:class:`DirectRunner` is the ``AppRunner`` that installs it: the service's own runner
-(``service.edge.connections.GuardedRunner``) is one, and so is the one the tests' service
-fixture runs, so every screening test goes through this path. The match information is
-put on the request the way ``Application._handle`` does it (``request._match_info``);
-aiohttp is pinned in pyproject.toml.
+:class:`ScreeningDispatch` matches the four screening ``POST`` path shapes on the raw
+path and calls the route's handler with the match information aiohttp's router would
+have given, remembered per path (at most :data:`KNOWN_PATHS`). Everything else (other
+methods, escapes, braces, empty segments, ``Expect``, apps with middlewares) goes
+through ``Application._handle``. Invariant: the answers are the router's
+(tests/test_dispatch.py). :class:`DirectRunner` installs it. Why: docs/design.md,
+"Screening calls skip the router".
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
-"""HTTP errors as JSON, mapped in one place.
+"""HTTP errors as JSON, mapped in one place, without a middleware.
 
-Handlers return :func:`json_error` for the errors they expect. The rest get the same
-``{"error": "..."}`` shape from here, without a middleware: an aiohttp middleware costs
-every request two extra coroutine layers, measured at about 4 % of the screening
-handler's whole cost (bench/, BENCHMARKS.md), so instead
-
-- :func:`json_errors` wraps each handler except the screening ones, which answer every
-  error themselves (and by ``on_error`` once the body is understood, never a 5xx):
-  aiohttp's HTTP errors raised inside (413, ...) become JSON, and anything unexpected
-  is logged once and answered 500;
-- :func:`no_route` is the last route, matching any path and method: 405 with ``Allow``
-  when another route has the path, else 404.
+:func:`json_errors` wraps each non-screening handler: aiohttp's HTTP errors become
+``{"error": ...}`` and anything unexpected is logged once and answered 500 (screening
+handlers answer their own errors, by ``on_error``, never a 5xx). :func:`no_route` is
+the last route: 405 with ``Allow`` when another route has the path, else 404. Why no
+middleware: docs/design.md, "Where a call's time goes".
 """
 
 from __future__ import annotations

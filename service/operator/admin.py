@@ -1,28 +1,11 @@
 """The admin API under ``/v1``: list the lists, check, add and remove entries.
 
-Authentication: ``Authorization: Bearer <token>``, where the tokens are the
-comma-separated values of the environment variable named by ``admin.tokens_env``
-(default ``CALLSCREEN_ADMIN_TOKENS``), read once when the app is built. Several tokens
-allow rotation. No header (or another scheme) is ``401`` with ``WWW-Authenticate:
-Bearer``; a wrong token is ``403``; with the variable unset or empty the admin routes
-answer ``403`` ("admin API disabled"). Refusals are counted in
-``callscreen_errors_total{kind="unauthorized"|"forbidden"}``. Tokens are compared in
-constant time over SHA-256 digests (neither content nor length leaks) and never logged.
-
-``POST /v1/explain`` follows the same rule while admin tokens are configured: it tells
-which lists hold a caller, so it is an operator tool. With no admin token configured it
-stays under the screening endpoints' own authentication (:mod:`service.edge.auth`).
-
-Writes go through :meth:`core.store.ListStore.change`, one atomic step, and are answered
-only after Redis acknowledged them; every service instance sees them within about
-``cache.refresh_ms``. A Redis failure answers ``503`` and nothing is acknowledged.
-Writes to a list Redis lost land, but do not make the service trust it again: that takes
-a full sync or ``python -m loader accept`` (:mod:`service.screening.cache`).
-Entries are canonicalised like the loader's (:func:`core.entries.canonical`), so the
-answer shows the entry as stored.
-
-The routes and bodies are described by the OpenAPI document at ``/v1/openapi.json``
-(:mod:`service.operator.openapi`), which needs no token.
+Bearer tokens come from the variable named by ``admin.tokens_env``, read once; none
+configured means ``403`` ("admin API disabled"), no header ``401``, a wrong token
+``403``; compared in constant time and never logged. ``POST /v1/explain`` needs a token
+while tokens are configured. Writes go through :meth:`core.store.ListStore.change` and
+are answered after Redis acknowledged them (``503`` otherwise); they do not restore
+trust in a list Redis lost. Routes and bodies: ``/v1/openapi.json`` and docs/api.md.
 """
 
 from __future__ import annotations

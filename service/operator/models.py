@@ -1,18 +1,11 @@
 """The bodies of the HTTP API as pydantic models, which are also its OpenAPI schemas.
 
-:mod:`service.operator.openapi` builds the document from these models, and the admin API
-(:mod:`service.operator.admin`) validates its bulk change with :class:`BulkChange` and builds its
-answers from them, so what it answers is what the document says. The screening and
-explain answers (:mod:`service.edge.handlers`, where each call is on the clock) and the
-single-subscriber routes' (:mod:`service.operator.subscribers`) are built without them: for
-those the models only describe the answers, and schemathesis checks that they match. The
-subscribers bulk change is validated with :class:`SubscriberBulkChange` and its items
-one by one with :class:`SubscriberAdd` and :class:`SubscriberRemove`.
-
-A model's or field's docstring becomes its ``description`` in the document, as Markdown.
-An optional field that is ``None`` is left out of the answer, not sent as ``null``:
-:func:`answer` drops the fields an answer did not set, which is why its schema says
-``string`` and not ``string | null``.
+:mod:`service.operator.openapi` builds the document from them; the admin API validates
+its bulk changes with them and builds its answers from them, so it answers what the
+document says. The screening, explain and single-subscriber answers are built without
+them on the hot path and checked against them by schemathesis. A docstring becomes the
+schema's ``description``; a field left ``None`` is dropped from the answer
+(:func:`answer`), not sent as ``null``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """Admin API for one subscriber of a ``subscribers`` list (see docs/subscribers.md).
 
-- ``GET /v1/lists/{name}/subscribers/{subscriber}``: its block and allow entries;
-- ``PUT /v1/lists/{name}/subscribers/{subscriber}/entries/{entry}?side=block|allow``:
-  put an entry on a side (``block`` by default; an entry on the other side moves);
-- ``DELETE`` on the same path: remove the entry (whatever its side);
-- ``POST /v1/lists/{name}/subscribers``: many subscribers' adds and removes in one
-  request, ``{"add": [{"subscriber", "entry", "side"}, ...], "remove": [{"subscriber",
-  "entry"}, ...]}``, with the guards of the other bulk change (:func:`bulk_change`).
-
-Entries are numbers or prefixes with a trailing ``*`` (``1900*``, URL-encoded ``%2A``
-works too). Authentication is the admin API's bearer token
-(:func:`service.operator.admin.admin_only`).
-Each write is an atomic read-modify-write of the subscriber's field in Redis (a Lua
-compare-and-set, :class:`core.subscribers.SubscriberStore`), answered after Redis
-acknowledged it. The service reads subscribers from Redis on every call that needs
-them, so the very next call sees the change. A full sync of a list with a ``source``
-replaces such changes, as for every list. The OpenAPI document (service/operator/openapi.py)
-describes these routes too.
+``GET``/``PUT``/``DELETE`` of one subscriber's entries and ``POST
+/v1/lists/{name}/subscribers`` for many (:func:`bulk_change`), behind the admin bearer
+token (:func:`service.operator.admin.admin_only`). Entries are numbers or ``1900*``
+prefixes. Each write is a compare-and-set in Redis
+(:class:`core.subscribers.SubscriberStore`) answered after Redis acknowledged it; calls
+read subscribers from Redis, so the next call sees the change.
 """
 
 from __future__ import annotations
@@ -126,16 +115,11 @@ async def delete_entry(request: web.Request) -> web.Response:
 async def bulk_change(request: web.Request) -> web.Response:
     """``POST /v1/lists/{name}/subscribers``: many subscribers' changes, checked whole first.
 
-    The guards of the other bulk change (:func:`service.operator.admin.bulk_change`), in its
-    order: the body's size (``admin.max_body_bytes``, ``413``) and shape
-    (:class:`api.SubscriberBulkChange`, ``400``); then the items are counted, over
-    ``admin.max_bulk_entries`` is ``413`` before any is looked at; then every item is
-    checked (its model, then its subscriber and entry canonicalised) and any bad one
-    refuses the whole change, each reported with its field and index. A pair (subscriber,
-    entry) both added and removed, or added on both sides, refuses it too. Then
-    :meth:`SubscriberStore.bulk_change` reads every subscriber named before it writes
-    any: one taken past 100 entries is ``409`` with nothing written. Its writes are
-    atomic per bucket, not across buckets (they live on many Cluster slots): see there.
+    The guards of :func:`service.operator.admin.bulk_change`, in its order: body size
+    (``413``), shape (``400``), item count over ``admin.max_bulk_entries`` (``413``), then
+    every item (any bad one, or a pair added and removed or added on both sides, refuses
+    the whole change with its field and index). A subscriber taken past 100 entries is
+    ``409`` with nothing written. Writes are atomic per bucket, not across buckets.
     """
     name = _subscribers_list(request)
     try:

@@ -1,23 +1,11 @@
 """Running one server process: listen, serve, and stop gracefully on SIGTERM/SIGINT.
 
-The stop, in order:
-
-1. stop listening: new connections are refused (or go to other workers);
-2. **drain** (:meth:`service.edge.connections.ConnectionGuard.drain`): every answer now
-   carries ``Connection: close``; idle keep-alive connections are closed at once, and a
-   connection that answered a moment ago is closed once its next request is answered,
-   for up to :data:`SHUTDOWN_TIMEOUT_S`;
-3. aiohttp's own cleanup: closes what is left, then the ``cleanup_ctx`` generators stop
-   the list refresher and close Redis (and a worker writes its last metrics).
-
-Why step 2 is ours: aiohttp's shutdown only marks idle connections closing, and a closing
-connection ignores bytes still arriving, so a request sent on one after SIGTERM would
-never be answered, nor its connection closed, until the whole shutdown timeout ran out.
-CarrierX would wait its full timeout and then apply the trunk group's
-``error_handler`` to a call we could have answered.
-
-While serving, :class:`service.edge.connections.ConnectionGuard` also enforces the read
-timeout, the connection cap and connection recycling.
+The stop: stop listening; drain (:meth:`service.edge.connections.ConnectionGuard.drain`:
+answers carry ``Connection: close``, idle connections are closed, for up to
+:data:`SHUTDOWN_TIMEOUT_S`); then aiohttp's cleanup (refresher, Redis, last metrics).
+The drain is ours because aiohttp's shutdown leaves idle keep-alive connections open
+and unread, so a request sent on one would go unanswered (docs/operations.md,
+"Stopping").
 """
 
 from __future__ import annotations

@@ -1,33 +1,12 @@
 """Metrics that add up across worker processes (``python -m service --workers N``).
 
-Each worker counts in its own ordinary in-process registry, so the request path costs
-the same as with one process, and writes a snapshot of it to a folder the supervisor
-made. ``/metrics`` in any worker serves the sum over every snapshot, its own taken
-fresh at scrape time.
-
-Why not prometheus_client's multiprocess mode: there every ``inc``/``observe`` writes an
-mmap'ed file under a lock and checks the pid; ``python -m bench.metrics_cost`` measured
-one count and one latency observation, what every call does, at 2.9 µs against 0.23 µs
-for the service's own counters (+2.7 µs; +4.6 µs on a busier run), on a path whose
-budget is a few tens of µs.
-
-What that buys, and costs:
-
-- other workers' counts are at most :data:`FLUSH_S` old when scraped (Prometheus
-  scrapes every 15 s or so); a worker writes a last snapshot when it stops, so nothing
-  is lost on a graceful stop, and at most :data:`FLUSH_S` of counts on a crash;
-- a worker that exits is *retired*: its counters and histograms move into
-  ``retired.json`` (which lists the retired ids), so totals never go down when a worker
-  is replaced, and its gauges are dropped.
-
-Files in the folder: ``<worker id>.json`` per live process (``worker-3``,
-``supervisor``) and ``retired.json``; each is replaced atomically.
-
-Aggregation: counters, histograms and summaries are summed sample by sample
-(cumulative buckets sum to cumulative buckets); ``_created`` samples are dropped, as
-they mean nothing summed. Gauges take the maximum over live processes: list sizes and
-sync times are the same in every worker once loaded, and the maximum ignores a worker
-that has just started and not loaded its lists yet.
+Each worker counts in its own in-process registry and writes a snapshot to a folder the
+supervisor made (``<worker id>.json``, ``retired.json``; replaced atomically);
+``/metrics`` serves the sum, its own taken fresh. Others' counts are at most
+:data:`FLUSH_S` old; a stopped worker's counters move into ``retired.json`` so totals
+never go down. Counters, histograms and summaries sum (``_created`` dropped); gauges
+take the maximum over live processes. Why not prometheus_client's multiprocess mode:
+BENCHMARKS.md, "Metrics: per-worker snapshots or prometheus_client's multiprocess mode".
 """
 
 from __future__ import annotations

@@ -1,26 +1,12 @@
 """Serving on every core: a supervisor and N worker processes sharing one port.
 
-``python -m service --workers N`` (or ``server.workers``; 0 = one per core):
-
-- **one worker**: the app runs in the calling process
-  (:func:`service.procs.serve.serve_one`), with a plain in-process metrics registry;
-- **several**: :class:`Supervisor` reserves host:port, makes a fresh metrics folder
-  (see :mod:`service.procs.snapshots`), and starts N workers, each ``python -m service`` in
-  its own process group, binding host:port with ``SO_REUSEPORT`` so the kernel spreads
-  connections between them. A worker that dies is restarted (with a growing delay if it
-  keeps dying at start) and its counts are kept. SIGTERM or SIGINT to the supervisor is
-  forwarded to every worker as one SIGTERM; each stops accepting, finishes its
-  in-flight requests, closes Redis and exits (see :mod:`service.procs.serve`); the
-  supervisor exits 0 when all of them did.
-
-Decisions: workers are fresh interpreters (not forks), so nothing is shared by accident.
-What is shared is shared on purpose, through folders the supervisor makes and removes:
-the metrics snapshots, and the numbers-list files every worker maps (``--lists-dir``,
-a 0700 folder under ``cache.share_dir``; see :mod:`service.screening.shared_lists`), so N workers
-hold one copy of each numbers list. They sit in their own process groups so a
-terminal's Ctrl-C reaches the supervisor only and each worker gets exactly one signal
-(a second one would be ignored anyway). A worker whose supervisor
-vanished (killed with SIGKILL) notices within a second and stops gracefully.
+One worker runs in the calling process (:func:`service.procs.serve.serve_one`). With
+several, :class:`Supervisor` starts N fresh interpreters (not forks), each in its own
+process group, binding host:port with ``SO_REUSEPORT``; it restarts a dead worker (with
+a growing delay), forwards SIGTERM/SIGINT as one SIGTERM each and exits 0 when all
+stopped. What workers share is shared on purpose, through folders the supervisor makes
+and removes: metrics snapshots and the mapped numbers lists. A worker whose supervisor
+vanished stops within a second.
 """
 
 from __future__ import annotations

@@ -1,64 +1,14 @@
 """Each worker's local copy of the lists, kept in step with Redis.
 
-Answering from memory is what keeps the request path free of Redis round trips. The
-copy stays honest this way:
-
-- every ``cache.refresh_ms`` one pipelined poll reads ``gen``, ``version`` and the two
-  trust stamps (``synced_at``, ``accepted_at``) of every list; a list whose ``(gen,
-  version)`` moved is reloaded in the background (deltas only, unless ``gen`` moved
-  too), so a change reaches every worker within about one refresh interval;
-- each successful poll confirms the copy; when no poll has succeeded for
-  ``cache.max_stale_ms`` (Redis down, slow or unreachable), :meth:`ListCache.usable`
-  turns false and answers follow ``handler.on_error`` until Redis answers again.
-
-Trust. Redis can come back without the data it had: FLUSHALL, a restart without
-persistence, a failover to an empty or lagging replica, a restore from an old backup.
-Reloading then would answer calls from an empty or partial list, letting blocked callers
-through. So a list is **lost** (reason ``list_lost``) when, against the copy in use, its
-``meta`` hash is gone, its ``version`` went back, its sync stamp vanished or its ``gen``
-went back to an older base. A lost list is dropped from :attr:`ListCache.lists`: calls
-whose policy needs it are answered by ``on_error`` and ``/readyz`` answers 503, until a
-sync restores it. **Restored** means: ``meta`` exists and its stamp (``synced_at`` plus
-``accepted_at``) differs from the one seen when the loss was noticed, i.e. a full sync
-committed (or an unchanged-source sync touched ``synced_at``), or an operator ran
-``python -m loader accept --list NAME`` after checking what Redis holds. Single-entry
-writes (admin API, delta files) and compactions leave the stamp alone, so they do not
-restore a list: a one-entry list written after the loss would look whole.
-
-Generation numbers start over once ``meta`` is gone, so a kept base is matched by
-``gen`` and checksum, never ``gen`` alone, and a moved stamp means a reload even at the
-``(gen, version)`` of the copy in use.
-
-Known limits: a loss and a full sync that both land between two polls mostly look like a
-loss (the stamp seen is already the new one), so the list stays lost until the next
-sync or ``accept``: the safe side. A worker that starts after the loss has nothing to compare
-with: it trusts what Redis holds, except for lists with a ``source``, below.
-
-Lists with a configured ``source`` are trusted only once a sync stamped them: one that
-was never synced (no stamp, whether or not admin writes reached it) is not answered
-from either (reason ``list_not_loaded``, ``/readyz`` "never synced"). A list without a
-source whose ``meta`` does not exist yet is a new, empty list and is trusted as such.
-
-A ``subscribers`` list is polled like the others, and the same trust rules apply to its
-``meta``, but it is never loaded: its "copy" is only the live ``gen`` (a
-:class:`service.screening.lists.SubscriberList`), which calls use to read their subscriber's
-entries from Redis. Its data lives in buckets on other slots than ``meta``: a loss of
-some buckets alone (a Cluster master failed over to a lagging replica while the
-``meta`` slot's master kept its data) is noticed per call, by the bucket's ``_gen``
-marker read in the same round trip, and answered by ``on_error`` (``list_lost``) while
-``/readyz`` stays 200; see docs/subscribers.md.
-
-Reloads build the list objects off the event loop (numpy and RE2 work, sets of tens of
-thousands of entries) so answers keep flowing while a large change lands, and the last
-base of each prefixes or names list is kept so that a delta-only change reads the
-deltas alone.
-
-Numbers bases are shared between the workers of a host when the cache is given a
-:class:`service.screening.shared_lists.SharedBases`: one worker indexes a new base into a file
-the others map, instead of each building its own copy (see that module). Where the
-file cannot be shared, this worker builds a private copy as before and says so in the
-log. Each new base put in use is logged at INFO with where it came from and how long
-it took; delta-only reloads at DEBUG.
+Every ``cache.refresh_ms`` one pipelined poll reads each list's ``gen``, ``version`` and
+trust stamps; a moved list is reloaded off the event loop (deltas only unless ``gen``
+moved). Invariants: after ``cache.max_stale_ms`` without a good poll,
+:meth:`ListCache.usable` is false (answers follow ``on_error``); a list Redis lost
+(``meta`` gone, ``version`` or ``gen`` back, stamp vanished) is dropped and never
+answered from until a sync or ``loader accept`` moves its stamp; a list with a
+``source`` is trusted only once synced. A ``subscribers`` list's copy is only its live
+``gen``. Numbers bases are shared between workers when given
+:class:`service.screening.shared_lists.SharedBases`. The trust rules: docs/failure.md.
 """
 
 from __future__ import annotations

@@ -97,23 +97,11 @@ NumberBase = tuple[Sequence[int], Sequence[int], int]
 class NumberList:
     """Exact numbers: the base from the last full sync, plus the admin deltas.
 
-    The base is one array, ``flat``, of every number, grouped by ``number & mask`` and
-    sorted within each group; group ``g`` is ``flat[offsets[g]:offsets[g + 1]]``. The
-    group count grows with the list (about NUMBERS_PER_GROUP numbers each), so a look-up
-    is two index reads and a bisect over a handful of numbers whether the list holds 1 k
-    or 10 M numbers. Memory: 8 bytes a number plus 1 byte a number for the offsets.
-
-    ``flat`` and ``offsets`` are either ``array`` objects (this process's own copy) or
-    memoryviews cast to ``'Q'`` and ``'I'`` over a file every worker of the host maps
-    (service/screening/shared_lists.py), so that N workers hold one copy. Both index to a Python
-    int through the sequence protocol ``bisect_left`` uses, and cost about the same:
-    ``__contains__`` on the same list both ways, best of 15-30 rounds of 20,000 calls
-    (20 % listed) on the 2-core bench machine, took 275-287 ns against 272-287 ns at
-    1 k numbers, 628 against 620 ns at 1 M, and at 10 M 583-763 ns against 596-800 ns
-    over six runs: the memoryviews -3 % to +6 % (median +3 %, about 20 ns, under 1 % of a
-    decision). numpy over the same mapped file, with ``searchsorted`` on the group's
-    slice, took 1.9-2.1 us: each call builds a slice object and numpy scalars.
-    No faster shared form was found.
+    The base is ``flat``, every number grouped by ``number & mask`` and sorted within its
+    group, with ``offsets`` marking the groups (about NUMBERS_PER_GROUP numbers each), so a
+    look-up costs the same at 1 k and 10 M numbers. ``flat`` and ``offsets`` are arrays or
+    memoryviews over a shared mapped file (:mod:`service.screening.shared_lists`); both
+    cost the same (BENCHMARKS.md, "Memory: numbers lists shared between workers").
     """
 
     __slots__ = ("changes", "flat", "mask", "offsets", "size")
@@ -243,20 +231,11 @@ def _trie_pattern(words: Iterable[str]) -> str:
 class NameList:
     """CNAM entries: exact (case-insensitive), ``contains:`` substrings and ``re:`` patterns.
 
-    Each call costs at most one set look-up and two searches, whatever the number of
-    entries. The substrings (stored case-folded) are one trie-shaped expression searched
-    in the case-folded name with Python's ``re``: a literal alternation with no repeats,
-    so it cannot backtrack catastrophically (at most the longest needle's length of work
-    per position). The ``re:`` patterns are entry-supplied and may nest repeats
-    (``(a+)+$``), which a backtracking engine takes exponential time over; they run on
-    RE2 instead, whose automaton is linear in the name's length whatever the pattern,
-    so no entry can stall the event loop. They are one case-insensitive ``re2.Set``
-    searched once per call, which also names the entries that matched. With 100
-    patterns and a name matching none, a set search took 0.7 us against 1.5 us for one
-    RE2 alternation (its Python wrapper builds a match object), and the whole match()
-    1.1 us against 10-50 us with ``re``. The literals stay apart from the patterns: as
-    one case-insensitive alternation they lose the first-character skip, which cost
-    about 8 times as much with 30 ``contains:`` entries.
+    At most one set look-up and two searches a call, whatever the number of entries. The
+    substrings are one backtracking-free literal alternation in Python's ``re``; the
+    entry-supplied patterns run as one case-insensitive ``re2.Set``, linear in the name's
+    length whatever the pattern, so no entry can stall the event loop. Why this split:
+    docs/design.md, "CNAM matching".
     """
 
     __slots__ = (
@@ -285,7 +264,7 @@ class NameList:
         self.pattern_set = self._pattern_set()
         #: Answers for names seen lately ("" for no match). Caller names repeat a lot
         #: (the same callers, "WIRELESS CALLER", city names), and a repeat costs one
-        #: dictionary look-up instead of the searches (about 2 us with 100 entries).
+        #: dictionary look-up instead of the searches (docs/design.md, "CNAM matching").
         #: The object is replaced whole when the list changes, and its memo with it.
         self.memo: dict[str, str] = {}
 

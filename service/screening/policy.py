@@ -1,16 +1,11 @@
 """The policy engine (docs/configuration.md): ordered rules, first match wins, then the default.
 
-Policies from the config are compiled once into :class:`CompiledPolicy` objects whose
-answers are pre-encoded bytes, so deciding a call costs a few dictionary and set
-look-ups. Evaluation is pure: it reads the call and the local list copies and returns
-an :class:`Evaluation`; counting, logging and answering happen in the handler.
-
-``dry_run`` rules are recorded when they match and evaluation goes on past them.
-``call_rate`` rules need counts from Redis, and ``caller_in_subscriber_list`` rules the
-called subscriber's entries (:mod:`core.subscribers`; never held in worker memory):
-evaluation stops with :class:`NeedsRates` the first time it reaches either, carrying where
-it stopped; the screener fetches every rate rule's count and the subscriber's entries in
-one round trip and resumes there, so each rule is evaluated once per call.
+Policies are compiled once into :class:`CompiledPolicy` objects with pre-encoded
+answers. Evaluation is pure (the call and the local lists in, an :class:`Evaluation`
+out). ``dry_run`` rules are recorded and skipped. At the first ``call_rate`` or
+``caller_in_subscriber_list`` rule evaluation stops with :class:`NeedsRates`; the
+screener fetches what Redis holds in one round trip and resumes there, so each rule
+is evaluated once per call.
 """
 
 from __future__ import annotations

@@ -1,30 +1,11 @@
 """From a CarrierX request body to the facts a policy decides on (README, "How it decides").
 
-The body is a JSON object of SIP header name -> list of values; address headers hold
-``{user, host, name, raw, header_parameters, uri_parameters}`` objects. Nothing here
-trusts the shape: a value of the wrong type counts as absent, so odd input makes the
-caller unknown (and so anonymous) instead of an error.
-
-Decisions taken here:
-- The caller number is the first of ``caller.sources`` whose user part normalises to a
-  number; ``Remote-Party-ID`` entries count only with ``party=calling`` or no party.
-- *Anonymous* means: privacy asked for (``Privacy: id``, ``user`` or ``full``; RPID
-  ``privacy=full`` or ``uri``), or a ``From`` user that is one of the withheld words or
-  empty or absent, or no caller number at all. A network-asserted number (PAI) behind an
-  anonymous ``From`` is still checked against the lists.
-- An *invalid* caller is a number that is not dialable, or a user part that is present
-  but not a number at all (``From: <sip:john@...>`` with nothing better behind it).
-- ``verstat`` (STIR/SHAKEN) is the first found of: CarrierX's parsed URI and header
-  parameters, the parameters of its ``user`` field (``+1212...;verstat=...``), then the
-  raw URI's user-part parameters (``sip:+1212...;verstat=...@host``, where carriers
-  put it), URI parameters and header parameters. Names match exactly, ignoring case.
-  The ``From`` address is read first, then ``P-Asserted-Identity``.
-- Header names match case-insensitively; when a body holds one header under two
-  spellings, CarrierX's own spelling (``From``, ``P-Asserted-Identity``, ...) wins.
-
-Parsing is on every call's path, so it does only what most rules need up front: the
-caller's number and name (and the Call-ID, for the log). The called number, anonymity
-and attestation are read from the body the first time a rule or explain asks for them.
+Nothing here trusts the body's shape: a value of the wrong type counts as absent, so odd
+input makes the caller unknown (and so anonymous), never an error. Header names match
+case-insensitively (CarrierX's spelling wins a tie). The caller's number and name are
+read up front (a short way for the usual single ``From``); the called number,
+anonymity and ``verstat`` when a rule first asks. What anonymous, invalid and verstat
+mean: docs/design.md, "Anonymous", and README, "How it decides".
 """
 
 from __future__ import annotations

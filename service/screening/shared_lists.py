@@ -1,82 +1,14 @@
 """Numbers-list bases shared by the workers of one host: one packed file, mapped read-only.
 
-Each worker used to index its own copy of every numbers base: about 97 MB at 10 M
-numbers, and with the indexing's leftovers ~210 MB of RSS per worker (250 MB after a
-swap), times the worker count. Here the index (``flat`` and ``offsets``, see
-:class:`service.screening.lists.NumberList`) is written once per host into one file, and every
-worker maps that file read-only: the kernel holds its pages once, whatever the number
-of workers, and a worker's own memory no longer grows with the list.
-
-The folder. One per service instance, made by :func:`make_folder` (``mkdtemp``: mode
-0700, a fresh name) under ``cache.share_dir``, by default ``/dev/shm`` (tmpfs: the
-files are memory, never disk) when it exists and is writable, else the temp folder. The
-supervisor (service/procs/workers.py) makes it and hands it to its workers (``--lists-dir``)
-and removes it when it stops; its workers remove it if the supervisor is killed; a
-single-process run makes its own (service/app.py). Every process using a folder holds
-a shared ``flock`` on its ``.owner`` file, so a folder left by a service killed whole
-(SIGKILL, OOM) is found unheld and removed by the next :func:`make_folder` on the host
-(:func:`sweep`): a tmpfs leak would otherwise last until reboot. The files decide
-calls, so a worker uses the folder only when it is a directory owned by this user
-that no one else may enter (:class:`UnsafeFolder` otherwise): a file planted there
-would change answers. Files are created read-only (0400): a write to a mapped file
-would change every worker's answers at once.
-
-A file, ``<list>.<gen>.<digest>.numbers`` (the digest names the base's checksum, so a
-``gen`` number reused after Redis lost the list names another file): a 4 KiB header,
-then ``flat`` (native uint64), then ``offsets`` (native uint32). The header holds a
-magic, the format version, the byte-order mark, the list name, ``gen`` and checksum,
-the counts, a CRC-32 of the data and one of the header itself. A worker checks all of
-it before answering from a file (size, header, names, CRC of every byte: 26 ms at 10 M
-numbers, in a thread, and the pass also maps every page into the worker before the swap,
-so the first calls after it take no page faults); a file that fails is never used.
-
-Who builds. The first worker that needs a base takes ``fcntl.flock`` on
-``<list>.lock``, looks again (another may have just written it), reads the base from
-Redis as before, checks it against the ``checksum`` the loader committed (SHA-256, the
-loader's own recipe; 55 ms at 10 M), indexes it, writes it to a temporary name and
-renames it into place, so a reader sees the whole file or none. The others poll the
-lock (every :data:`LOCK_POLL_S`, from the event loop: a cancelled load just closes its
-descriptor) and then map the file. A worker that finds a bad file takes the lock and
-builds it again. A builder that dies leaves its lock free (the kernel drops it with the
-process) and at most a temporary file, which the next builder of that list deletes.
-
-Replacing. After writing a base, the builder unlinks the list's other files: a worker
-still answering from one keeps its mapping (an unlinked file lives on until its last
-mapping goes), and drops it when its cache swaps the new list in. So during a swap the
-host holds two bases, as each worker did before, but once.
-
-Memory given back. Indexing a base, shared or private, allocates and frees about three
-times its size, and reading it from Redis frees 4,096 buckets of a few KB each. glibc
-keeps such freed memory in the process: once numpy frees a large block, glibc raises
-its mmap threshold to 32 MB and its trim threshold to 64 MB, so later blocks below
-32 MB come from heaps it does not hand back, those of the thread that indexed included.
-Measured at 10 M numbers in one process, after an index built in a thread and all of it
-freed: 96 MB still resident; 14-17 MB after ``malloc_trim(0)``; 0 MB with
-``malloc_trim(0)`` and the mmap threshold fixed at 1 MiB (:func:`configure_allocator`,
-which also stops the dynamic raise: blocks over 1 MiB are mapped and unmapped on
-their own; the request path allocates far smaller ones). So each process fixes the
-threshold at start, and after each new base is put in use the old one is let go and
-:func:`release_free_memory` runs, in a thread (both no-ops without glibc): the trim
-takes 4-9 ms, and unmapping an old 10 M-number file 8-15 ms, which mmap does without
-the GIL, so neither stalls the event loop.
-Without this the worker that built a file kept about a base's worth of memory, and
-over a few swaps every worker would. Bucket lists are handed to the threads that use
-them in a one-item list the thread empties: a finished ``to_thread`` call can keep its
-arguments alive until the next garbage collection, and so past the trim.
-
-What is not shared: the deltas (``adds``/``dels``, small sets per process), prefixes
-and names lists (thousands of entries), and ``gen`` 0 (a list never synced: no base).
-If the folder cannot take the file (a full tmpfs, e.g. Docker's 64 MB ``/dev/shm``
-default), the worker logs it, counts it (``callscreen_list_private_copies_total``) and
-falls back to a private copy, as before: memory, not answers, is what sharing saves.
-
-Measured (``python -m bench.memory``, BENCHMARKS.md), 10 M numbers, 4 workers on 2
-cores: the list costs 0.0-0.6 MB per worker beyond the first (132 MB before, 260 MB
-after a swap); the host holds 355 MB for the service instead of 867 (1,300 after a
-swap). The event loop's longest stall while a new base is put in use: 0.6-4.7 ms in a
-worker that maps the file, 5-31 ms in the one that builds it (57 ms with a private
-copy). From a sync's commit to the last worker answering from it: 1.2-1.3 s (3.0 s
-before: each worker read and indexed its own copy).
+The first worker needing a base takes the list's ``flock``, reads and checks the base,
+and writes ``<list>.<gen>.<digest>.numbers`` (header, ``flat``, ``offsets``) under a
+temporary name then renames it; the others wait on the lock and map the file.
+Invariants: a file is used only after its size, header and every byte's CRC check out;
+the folder must be ours and closed to others and files are 0400, since a planted or
+changed file would change answers; where no file can be written the worker answers
+from a private copy (logged, counted). Each process fixes glibc's mmap threshold and
+trims its heap after a swap (:func:`configure_allocator`, :func:`release_free_memory`).
+Design and figures: docs/design.md, "Shared list memory".
 """
 
 from __future__ import annotations
