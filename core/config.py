@@ -186,7 +186,17 @@ Match = Literal[
     "attestation_failed",
     "call_rate",
     "caller_in_subscriber_list",
+    "sequential_dialing",
+    "neighbour_spoofing",
 ]
+#: What a ``call_rate`` rule counts calls by (core/fraud.py).
+RateKey = Literal["caller", "called", "trunk_group", "caller_prefix", "caller_called"]
+#: Keys a rule may set only for these matches (besides the fields every rule has).
+MATCH_ONLY_FIELDS: dict[str, frozenset[str]] = {
+    "call_rate": frozenset({"limit", "window_s", "key", "prefix_digits"}),
+    "sequential_dialing": frozenset({"window_s", "run_length", "max_gap", "track"}),
+    "neighbour_spoofing": frozenset({"digits", "unless_list", "unless_verstat"}),
+}
 #: The list kind each list-based condition needs.
 MATCH_LIST_KIND: dict[str, ListKind] = {
     "caller_in_list": "numbers",
@@ -204,9 +214,26 @@ class Rule(_Model):
     action: Action = "reject"
     operands: Operands = DEFAULT_OPERANDS
     dry_run: bool = False
-    #: ``call_rate``: more than ``limit`` calls from one caller in ``window_s`` seconds.
+    #: ``call_rate``: more than ``limit`` calls with the same ``key`` in ``window_s``
+    #: seconds; ``sequential_dialing``: the window the called numbers are kept for.
     limit: Annotated[int, Field(gt=0)] | None = None
     window_s: Annotated[int, Field(gt=0, le=86_400)] | None = None
+    #: ``call_rate``: what calls are counted by; ``caller_prefix`` counts by the caller's
+    #: first ``prefix_digits`` digits.
+    key: RateKey = "caller"
+    prefix_digits: Annotated[int, Field(ge=1, le=15)] | None = None
+    #: ``sequential_dialing``: ``run_length`` or more called numbers, each within
+    #: ``max_gap`` of the next, from one caller in ``window_s``; the newest ``track``
+    #: called numbers per caller are kept.
+    run_length: Annotated[int, Field(ge=2, le=1000)] = 5
+    max_gap: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    track: Annotated[int, Field(ge=2, le=1000)] = 64
+    #: ``neighbour_spoofing``: caller and called share their first ``digits`` digits,
+    #: the caller is not on the numbers list ``unless_list`` and the call's verstat is
+    #: not one of ``unless_verstat`` (compared without case).
+    digits: Annotated[int, Field(ge=1, le=15)] = 7
+    unless_list: str | None = None
+    unless_verstat: tuple[str, ...] = ()
 
     _operands = field_validator("operands")(_check_operands)
 
@@ -220,8 +247,23 @@ class Rule(_Model):
         is_rate = self.match == "call_rate"
         if is_rate and (self.limit is None or self.window_s is None):
             raise ValueError("match 'call_rate' needs 'limit' and 'window_s'")
-        if not is_rate and (self.limit is not None or self.window_s is not None):
-            raise ValueError("'limit' and 'window_s' belong to match 'call_rate' only")
+        if not is_rate and self.limit is not None:
+            raise ValueError("'limit' belongs to match 'call_rate' only")
+        if self.match == "sequential_dialing" and self.window_s is None:
+            raise ValueError("match 'sequential_dialing' needs 'window_s'")
+        allowed = MATCH_ONLY_FIELDS.get(self.match, frozenset())
+        stray = sorted(
+            f
+            for fields in MATCH_ONLY_FIELDS.values()
+            for f in fields & self.model_fields_set
+            if f not in allowed
+        )
+        if stray:
+            raise ValueError(f"match {self.match!r} takes no {', '.join(map(repr, stray))}")
+        if (self.key == "caller_prefix") != (self.prefix_digits is not None):
+            raise ValueError("'prefix_digits' goes with key 'caller_prefix', and only with it")
+        if self.run_length > self.track:
+            raise ValueError("'track' must be at least 'run_length'")
         return self
 
 
@@ -358,6 +400,19 @@ def _cross_check(config: Config) -> list[tuple[str, str]]:
             problems.append((f"trunk_groups.{name}.policy", f"unknown policy {group.policy!r}"))
     for pname, policy in config.policies.items():
         for i, rule in enumerate(policy.rules):
+            if rule.unless_list is not None:
+                spec = config.lists.get(rule.unless_list)
+                where = f"policies.{pname}.rules[{i}].unless_list"
+                if spec is None:
+                    problems.append((where, f"unknown list {rule.unless_list!r}"))
+                elif spec.kind != "numbers":
+                    problems.append(
+                        (
+                            where,
+                            f"list {rule.unless_list!r} is {spec.kind!r}; "
+                            "unless_list needs 'numbers'",
+                        )
+                    )
             if rule.list is None:
                 continue
             where = f"policies.{pname}.rules[{i}].list"

@@ -5,7 +5,9 @@ Each list lives under one hash tag, ``{cs:<list>}`` (``meta``, ``base:<gen>``, `
 MULTI/EXEC on one Cluster slot. A ``subscribers`` list keeps ``meta`` and ``lock``
 there but spreads its data over ``SUBSCRIBER_BUCKETS`` tags ``{cs:<list>:<b>}``, each
 bucket carrying the :data:`SUBSCRIBER_MARKER` field. Call-rate counters use one tag per
-caller. The full table is in docs/design.md, "Redis key layout".
+caller, or per counted thing (``{cs:rate:<kind>:<subject>}``), and sequential dialing
+one per caller (``{cs:seq:<caller>}``); all of them expire. The full table is in
+docs/design.md, "Redis key layout".
 """
 
 from __future__ import annotations
@@ -98,6 +100,16 @@ def subscribers_stage(name: str, bucket: int, gen: int) -> str:
 def rate(caller: str, rule_key: str, window_index: int) -> str:
     """Counter of one caller's calls for one rule (``policy:rule``) in one time window."""
     return f"{{cs:rate:{caller}}}:{rule_key}:{window_index}"
+
+
+def rate_by(kind: str, subject: str, rule_key: str, window_index: int) -> str:
+    """Counter of one ``call_rate`` rule keyed by ``kind`` (not the caller) for one window."""
+    return f"{{cs:rate:{kind}:{subject}}}:{rule_key}:{window_index}"
+
+
+def dialed(caller: str, rule_key: str) -> str:
+    """The called numbers one caller dialled recently, for one sequential-dialing rule."""
+    return f"{{cs:seq:{caller}}}:{rule_key}"
 
 
 def bucket_of(number: int) -> int:

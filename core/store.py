@@ -396,7 +396,7 @@ class ListStore:
         counters live in Redis. ``increment=False`` (explain) stores nothing but still
         counts this call, so it reports what the call would be judged on.
         """
-        counts, _, _ = await self.fetch_for_call(caller, windows, now_s, increment=increment)
+        counts, _, _, _ = await self.fetch_for_call(caller, windows, now_s, increment=increment)
         return counts
 
     async def fetch_for_call(
@@ -407,7 +407,8 @@ class ListStore:
         *,
         increment: bool = True,
         subscribers: Sequence[tuple[str, int, str]] = (),
-    ) -> tuple[dict[str, int], dict[str, bytes | None], tuple[str, ...]]:
+        extra: Sequence[Sequence[Any]] = (),
+    ) -> tuple[dict[str, int], dict[str, bytes | None], tuple[str, ...], list[Any]]:
         """Everything one call needs from Redis, in one pipelined round trip.
 
         The call-rate counts of :meth:`count_call` (when ``caller`` and ``windows``) and,
@@ -415,7 +416,8 @@ class ListStore:
         entries in that generation of a subscribers list (``core.subscribers``) with its
         bucket's marker (:data:`core.keys.SUBSCRIBER_MARKER`): one HMGET each. Returns
         (counts per rule, packed entries per list (None: no entries), the lists whose
-        bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted).
+        bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted,
+        the replies to the ``extra`` commands, in order: core/fraud.py's).
         """
         counted = windows if caller else ()
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -432,6 +434,8 @@ class ListStore:
             for name, gen, subscriber in subscribers:
                 bucket = keys.subscriber_bucket_of(subscriber)
                 pipe.hmget(keys.subscribers(name, bucket, gen), subscriber, keys.SUBSCRIBER_MARKER)
+            for command in extra:
+                pipe.execute_command(*command)
             replies = await pipe.execute()
         step = 3 if increment else 2
         counts = {}
@@ -443,11 +447,12 @@ class ListStore:
         first = step * len(counted)
         entries: dict[str, bytes | None] = {}
         lost: tuple[str, ...] = ()
-        for (name, _, _), (blob, marker) in zip(subscribers, replies[first:], strict=True):
+        extra_at = len(replies) - len(extra)
+        for (name, _, _), (blob, marker) in zip(subscribers, replies[first:extra_at], strict=True):
             entries[name] = blob if isinstance(blob, bytes) else None
             if marker is None:
                 lost += (name,)
-        return counts, entries, lost
+        return counts, entries, lost, replies[extra_at:]
 
 
 class MissingGeneration(LookupError):

@@ -9,11 +9,17 @@ loop's thread counts. Why: docs/design.md, "Where a call's time goes".
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from core.config import Config
@@ -66,6 +72,57 @@ class DecisionCounts(Collector):
         for (group, action, rule, dry_run), count in self.counts.items():
             family.add_metric((group, action, rule, "true" if dry_run else "false"), count)
         yield family
+
+
+class RatePeaks(Collector):
+    """``callscreen_rate_peak`` and ``callscreen_rate_limit`` by (policy, rule).
+
+    The peak is the highest count (``call_rate``) or run (``sequential_dialing``) any
+    one key reached in this worker's calls since the rule's current window began (the
+    counts are read from Redis, so they include every worker's calls); 0 once a whole
+    window passed without a call. Workers' snapshots take the maximum. One series per
+    rule whatever the traffic: the keys themselves (numbers) are never labels.
+    """
+
+    def __init__(self, rules: dict[str, tuple[str, str, int, int]]) -> None:
+        #: rule key -> (policy, rule, limit, window_s)
+        self.rules = rules
+        #: rule key -> [window index, peak]
+        self.peaks: dict[str, list[int]] = {key: [0, 0] for key in rules}
+
+    def seen(self, counts: dict[str, int], now_s: float) -> None:
+        for key, count in counts.items():
+            peak = self.peaks.get(key)
+            if peak is None:
+                continue
+            index = int(now_s // self.rules[key][3])
+            if index != peak[0]:  # a new window: start over from this call's count
+                peak[0], peak[1] = index, count
+            elif count > peak[1]:
+                peak[1] = count
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ("policy", "rule")
+        peaks = GaugeMetricFamily(
+            "callscreen_rate_peak",
+            "Highest count (call_rate) or run of numbers (sequential_dialing) one key "
+            "reached in the rule's recent windows, as read by this service's calls.",
+            labels=labels,
+        )
+        limits = GaugeMetricFamily(
+            "callscreen_rate_limit",
+            "The rule's limit (call_rate matches above it) or run_length "
+            "(sequential_dialing matches at it).",
+            labels=labels,
+        )
+        now_s = time.time()
+        for key, (policy, rule, limit, window_s) in self.rules.items():
+            index, peak = self.peaks[key]
+            recent = int(now_s // window_s) <= index + 1
+            peaks.add_metric((policy, rule), peak if recent else 0)
+            limits.add_metric((policy, rule), limit)
+        yield peaks
+        yield limits
 
 
 class LatencyHistogram(Collector):
@@ -164,6 +221,15 @@ class Metrics:
             keys.append((group, config.handler.on_error, ON_ERROR_RULE, False))
         self.decisions = DecisionCounts(keys)
         registry.register(self.decisions)
+        watched: dict[str, tuple[str, str, int, int]] = {}
+        for pname, policy in config.policies.items():
+            for r in policy.rules:
+                if r.match == "call_rate" and r.limit and r.window_s:
+                    watched[f"{pname}:{r.name}"] = (pname, r.name, r.limit, r.window_s)
+                elif r.match == "sequential_dialing" and r.window_s:
+                    watched[f"{pname}:{r.name}"] = (pname, r.name, r.run_length, r.window_s)
+        self.rate_peaks = RatePeaks(watched)
+        registry.register(self.rate_peaks)
         self._error_children = {kind: self.errors.labels(kind) for kind in ERROR_KINDS}
         self._fallback_children = {r: self.fallbacks.labels(r) for r in FALLBACK_REASONS}
         self.redis_poll = self.redis_seconds.labels("poll")
@@ -176,6 +242,10 @@ class Metrics:
 
     def decided(self, trunk_group: str, action: str, rule: str, dry_run: bool = False) -> None:
         self.decisions.counts[(trunk_group, action, rule, dry_run)] += 1
+
+    def rates_seen(self, counts: dict[str, int], now_s: float) -> None:
+        """Note the counts and runs one call read, by rule key (``policy:rule``)."""
+        self.rate_peaks.seen(counts, now_s)
 
     def error(self, kind: str) -> None:
         """Count a refused request; ``kind`` is a constant, normally one of :data:`ERROR_KINDS`."""

@@ -55,7 +55,7 @@ async def screen(request: web.Request) -> web.StreamResponse:
         REQUEST_ID.set(call.call_id)  # this request's task only: tags its log lines
         decision = screener.decide_locally(policy, call)
         if isinstance(decision, NeedsRates):  # a remote rule: one Redis round trip
-            decision = await screener.decide_remote(policy, call, decision)
+            decision = await screener.decide_remote(policy, call, decision, trunk_group=group)
         screener.record(group, call, decision)
         answer = decision.outcome.answer
     except Exception:

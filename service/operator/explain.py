@@ -62,5 +62,5 @@ async def explain(request: web.Request) -> web.Response:
     except BadRequest as exc:
         return refuse(screener, exc)
     call = screener.parser.parse(body)
-    decision = await screener.decide(policy, call, count=False)
+    decision = await screener.decide(policy, call, count=False, trunk_group=group)
     return web.Response(body=_explanation(group, policy, decision, call), content_type=_JSON)

@@ -2,10 +2,11 @@
 
 Policies are compiled once into :class:`CompiledPolicy` objects with pre-encoded
 answers. Evaluation is pure (the call and the local lists in, an :class:`Evaluation`
-out). ``dry_run`` rules are recorded and skipped. At the first ``call_rate`` or
-``caller_in_subscriber_list`` rule evaluation stops with :class:`NeedsRates`; the
-screener fetches what Redis holds in one round trip and resumes there, so each rule
-is evaluated once per call.
+out). ``dry_run`` rules are recorded and skipped. At the first ``call_rate``,
+``sequential_dialing`` or ``caller_in_subscriber_list`` rule evaluation stops with
+:class:`NeedsRates`; the screener fetches what Redis holds in one round trip
+(:mod:`core.fraud` plans the fraud rules' part) and resumes there, so each rule is
+evaluated once per call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import orjson
 
 from core.config import Config, Operands, Policy, Rule
+from core.fraud import KeyedRate, SequenceRule
 from core.subscribers import NO_ENTRIES, Entries, Side
 from service.screening.lists import ListObject, NameList, NumberList, PrefixList
 from service.screening.request import Call
@@ -76,6 +78,10 @@ class RateRule:
     key: str
     limit: int
     window_s: int
+    #: What calls are counted by (``Rule.key``); ``caller`` rules are counted by
+    #: ``ListStore.fetch_for_call``, the others by :mod:`core.fraud`.
+    by: str = "caller"
+    prefix_digits: int = 0
 
 
 @dataclass(slots=True)
@@ -103,11 +109,20 @@ class CompiledRule:
         self.list_key = rule.list or ""
         self.dry_run = rule.dry_run
         self.outcome = outcome_for(rule.action, rule.operands, rule.name, rule.list)
+        self.rule_key = f"{policy}:{rule.name}"
         self.rate = (
-            RateRule(f"{policy}:{rule.name}", rule.limit, rule.window_s)
+            RateRule(self.rule_key, rule.limit, rule.window_s, rule.key, rule.prefix_digits or 0)
             if rule.limit is not None and rule.window_s is not None
             else None
         )
+        self.sequence = (
+            SequenceRule(self.rule_key, rule.window_s, rule.max_gap, rule.track)
+            if rule.match == "sequential_dialing" and rule.window_s is not None
+            else None
+        )
+        #: ``neighbour_spoofing``: the allow list ("" for none) and the verstats it spares.
+        self.unless_key = rule.unless_list or ""
+        self.unless_verstat = frozenset(v.lower() for v in rule.unless_verstat)
         #: ``caller_in_subscriber_list``: a reject rule reads the block entries, an
         #: allow rule the allow entries.
         self.side: Side = "allow" if rule.action == "allow" else "block"
@@ -155,12 +170,20 @@ class CompiledRule:
 
     def _call_rate(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
         assert self.rate is not None
-        if call.caller is None:  # anonymous callers have no identity to count
+        by = self.rate.by
+        # Anonymous callers have no identity to count, except towards a number or a
+        # trunk group (core.fraud.subject_of).
+        if call.caller is None and by not in ("called", "trunk_group"):
+            return None
+        if by in ("called", "caller_called") and call.called is None:
             return None
         if rates is None:
             raise NeedsRates()
         count = rates.get(self.rate.key, 0)
-        return f"{count} calls in {self.rate.window_s}s" if count > self.rate.limit else None
+        if count <= self.rate.limit:
+            return None
+        per = "" if by == "caller" else f" by {by}"
+        return f"{count} calls{per} in {self.rate.window_s}s"
 
     def _caller_in_subscriber_list(
         self, call: Call, lists: Lists, rates: Rates, found: Found
@@ -174,6 +197,38 @@ class CompiledRule:
         matched = found.get(self.list_key, NO_ENTRIES).match(self.side, caller)
         return f"{matched} (subscriber {called})" if matched else None
 
+    def _sequential_dialing(
+        self, call: Call, lists: Lists, rates: Rates, found: Found
+    ) -> str | None:
+        if call.caller is None or call.called is None:
+            return None
+        if rates is None:
+            raise NeedsRates()
+        run = rates.get(self.rule_key, 1)
+        rule = self.rule
+        if run < rule.run_length:
+            return None
+        return f"{run} numbers at most {rule.max_gap} apart in {rule.window_s}s"
+
+    def _neighbour_spoofing(
+        self, call: Call, lists: Lists, rates: Rates, found: Found
+    ) -> str | None:
+        caller, called, digits = call.caller, call.called, self.rule.digits
+        if caller is None or called is None or len(caller) <= digits or len(called) <= digits:
+            return None
+        if caller[:digits] != called[:digits]:
+            return None
+        verstat = call.verstat
+        if verstat is not None and verstat.lower() in self.unless_verstat:
+            return None
+        if self.unless_key:
+            allowed: NumberList | None = lists.get(self.unless_key)  # type: ignore[assignment]
+            if allowed is None:
+                raise ListsUnavailable(f"list {self.unless_key!r} is not loaded")
+            if call.caller_int is not None and call.caller_int in allowed:
+                return None
+        return f"caller {caller} shares {caller[:digits]} with the called number"
+
 
 class CompiledPolicy:
     """A policy ready to evaluate calls."""
@@ -183,8 +238,20 @@ class CompiledPolicy:
         self.rules = tuple(CompiledRule(rule, name) for rule in policy.rules)
         self.default = outcome_for(policy.default, policy.default_operands, DEFAULT_RULE, None)
         self._by_default = Evaluation(self.default)
-        self.lists = frozenset(r.list_name for r in self.rules if r.list_name is not None)
-        self.rate_rules = tuple(r.rate for r in self.rules if r.rate is not None)
+        self.lists = frozenset(r.list_name for r in self.rules if r.list_name is not None) | {
+            r.unless_key for r in self.rules if r.unless_key
+        }
+        #: Call-rate rules counted by caller (``ListStore.fetch_for_call``'s counters).
+        self.rate_rules = tuple(
+            r.rate for r in self.rules if r.rate is not None and r.rate.by == "caller"
+        )
+        #: The rules :mod:`core.fraud` reads for: rates by other keys, sequential dialing.
+        self.keyed_rates = tuple(
+            KeyedRate(r.rate.key, r.rate.by, r.rate.window_s, r.rate.prefix_digits)
+            for r in self.rules
+            if r.rate is not None and r.rate.by != "caller"
+        )
+        self.sequences = tuple(r.sequence for r in self.rules if r.sequence is not None)
         #: Subscribers lists whose entries a call reaching a remote rule reads.
         self.subscriber_lists = tuple(
             sorted({r.list_key for r in self.rules if r.match == "caller_in_subscriber_list"})

@@ -17,6 +17,7 @@ import time
 
 from redis.exceptions import RedisError
 
+from core import fraud
 from core.config import Config
 from core.keys import subscriber_bucket_of
 from core.logs import log_fields
@@ -106,18 +107,33 @@ class Screener:
         except NeedsRates as pending:
             return pending
 
-    async def decide(self, policy: CompiledPolicy, call: Call, *, count: bool = True) -> Evaluation:
+    async def decide(
+        self,
+        policy: CompiledPolicy,
+        call: Call,
+        *,
+        count: bool = True,
+        trunk_group: str = ROOT_TRUNK_GROUP,
+    ) -> Evaluation:
         """Decide ``call`` under ``policy``: the local rules, then the remote reads if needed.
 
         ``count=False`` (explain) reads call-rate counters without adding this call.
         """
         decision = self.decide_locally(policy, call)
         if isinstance(decision, NeedsRates):
-            return await self.decide_remote(policy, call, decision, count=count)
+            return await self.decide_remote(
+                policy, call, decision, count=count, trunk_group=trunk_group
+            )
         return decision
 
     async def decide_remote(
-        self, policy: CompiledPolicy, call: Call, pending: NeedsRates, *, count: bool = True
+        self,
+        policy: CompiledPolicy,
+        call: Call,
+        pending: NeedsRates,
+        *,
+        count: bool = True,
+        trunk_group: str = ROOT_TRUNK_GROUP,
     ) -> Evaluation:
         """Finish a decision :meth:`decide_locally` left at a remote rule.
 
@@ -126,22 +142,44 @@ class Screener:
         call-rate rule of its policy (docs/subscribers.md). Evaluation resumes at the rule
         that stopped it. A bucket without its marker (Redis lost it: core/keys.py) makes
         that list unavailable for this call: reaching its rule answers by ``on_error``
-        with reason ``list_lost``.
+        with reason ``list_lost``. The fraud rules' reads (:mod:`core.fraud`; rates by
+        ``trunk_group`` use the metrics label) ride in the same round trip.
         """
         cache = self.cache
         windows = [(rule.key, rule.window_s) for rule in policy.rate_rules]
         reads = self._subscriber_reads(policy, call)
+        now_s = time.time()
+        plan = None
+        if policy.keyed_rates or policy.sequences:
+            plan = fraud.plan(
+                policy.keyed_rates,
+                policy.sequences,
+                caller=call.caller,
+                called=call.called,
+                trunk_group=trunk_group,
+                now_s=now_s,
+                increment=count,
+            )
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.deadline_s):
-                counts, packed, lost = await self.store.fetch_for_call(
-                    call.caller, windows, time.time(), increment=count, subscribers=reads
+                counts, packed, lost, replies = await self.store.fetch_for_call(
+                    call.caller,
+                    windows,
+                    now_s,
+                    increment=count,
+                    subscribers=reads,
+                    extra=plan.commands if plan is not None else (),
                 )
         except TimeoutError:
             return self._fallback("deadline", f"Redis read took over {self.deadline_s}s")
         except (RedisError, OSError) as exc:
             return self._fallback("redis_error", f"Redis read failed: {exc}")
         self.metrics.redis_rate.observe(time.perf_counter() - started)
+        if plan is not None:
+            counts.update(plan.read(replies))
+        if count:
+            self.metrics.rates_seen(counts, now_s)
         found = {name: Entries.unpack(blob) for name, blob in packed.items()}
         lists = cache.lists
         if lost:  # rare: copy the (few) list objects without the lost ones
