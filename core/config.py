@@ -225,9 +225,10 @@ class Rule(_Model):
     #: ``sequential_dialing``: ``run_length`` or more called numbers, each within
     #: ``max_gap`` of the next, from one caller in ``window_s``; the newest ``track``
     #: called numbers per caller are kept.
-    run_length: Annotated[int, Field(ge=2, le=1000)] = 5
+    run_length: Annotated[int, Field(ge=2, le=128)] = 5
     max_gap: Annotated[int, Field(ge=1, le=1_000_000)] = 1
-    track: Annotated[int, Field(ge=2, le=1000)] = 64
+    #: At most 128: Redis keeps a sorted set that small compact (docs/fraud.md).
+    track: Annotated[int, Field(ge=2, le=128)] = 64
     #: ``neighbour_spoofing``: caller and called share their first ``digits`` digits,
     #: the caller is not on the numbers list ``unless_list`` and the call's verstat is
     #: not one of ``unless_verstat`` (compared without case).
