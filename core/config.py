@@ -174,6 +174,18 @@ class ListSpec(_Model):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     #: ``csv``, ``text`` (one entry a line) or ``auto`` (from the name; see loader/sources.py).
     format: Literal["auto", "csv", "text"] = "auto"
+    #: The CSV field separator; another than ``,`` (``"\t"`` for NANPA's tab-separated
+    #: code reports) makes the source CSV whatever ``format`` says.
+    delimiter: Annotated[str, Field(min_length=1, max_length=1)] = ","
+    #: ``prefixes`` lists: digits put before every entry read from the source, e.g.
+    #: ``"1"`` for NANP codes published as NPA-NXX without the country code.
+    entry_prefix: Annotated[str, Field(pattern=r"^[0-9]{0,3}$")] = ""
+
+    @model_validator(mode="after")
+    def _entry_prefix_for_prefixes(self) -> ListSpec:
+        if self.entry_prefix and self.kind != "prefixes":
+            raise ValueError("'entry_prefix' is for lists of kind 'prefixes'")
+        return self
 
 
 Match = Literal[

@@ -85,6 +85,7 @@ class Rows:
         label_columns: tuple[int | str, ...] = (),
         where: str = "source",
         detect_header: bool = True,
+        delimiter: str = ",",
     ) -> None:
         if fmt == "text" and (column != 0 or label_columns):
             raise SourceError(f"{where}: a plain-text source has one column; use format csv")
@@ -94,6 +95,7 @@ class Rows:
         self.label_columns = label_columns
         self.where = where
         self.detect_header = detect_header
+        self.delimiter = delimiter
         self.header: list[str] | None = None
         self._reader: Any = None  # the csv reader, once reading a CSV
         self._label_index: list[int] = []
@@ -178,7 +180,7 @@ class Rows:
             self._before += len(lines)
 
     def _csv_chunks(self) -> Iterator[list[str | None]]:
-        reader = csv.reader(self._handle)
+        reader = csv.reader(self._handle, delimiter=self.delimiter)
         self._reader = reader
         found = self._csv_header(reader)
         if found is None:

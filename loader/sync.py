@@ -214,6 +214,8 @@ class _ListSync:
                 spec.format, self.source, spec.column, spec.label_columns, content_type
             )
             column, labels = spec.column, spec.label_columns
+            if spec.delimiter != ",":
+                fmt = "csv"
             if spec.kind == "subscribers":  # always CSV: subscriber,entry[,side]
                 fmt, column, labels = "csv", 0, (1, 2)
             try:
@@ -225,6 +227,7 @@ class _ListSync:
                         label_columns=labels,
                         where=report.source,
                         detect_header=spec.kind != "names",
+                        delimiter=spec.delimiter,
                     )
                 )
             except SourceError as exc:
@@ -398,6 +401,7 @@ class _ListSync:
         report = self.report
         country = self.config.caller.default_country
         kind = self.spec.kind
+        before = self.spec.entry_prefix
         labelled = bool(rows.label_columns)
         tallies = _label_tally(report, rows) if labelled else []
         batch: list[str] = []
@@ -407,7 +411,7 @@ class _ListSync:
                 if value is None:
                     continue
                 try:
-                    batch.append(canonical(kind, value, country))
+                    batch.append(canonical(kind, before + value if before else value, country))
                 except BadEntry as exc:
                     report.reject(rows.line_of(i), str(exc))
                     continue
