@@ -264,12 +264,15 @@ class Rule(_Model):
             raise ValueError("'limit' belongs to match 'call_rate' only")
         if self.match == "sequential_dialing" and self.window_s is None:
             raise ValueError("match 'sequential_dialing' needs 'window_s'")
+        # A key at its default is no stray: a dumped config validates again.
         allowed = MATCH_ONLY_FIELDS.get(self.match, frozenset())
         stray = sorted(
-            f
-            for fields in MATCH_ONLY_FIELDS.values()
-            for f in fields & self.model_fields_set
-            if f not in allowed
+            {
+                f
+                for fields in MATCH_ONLY_FIELDS.values()
+                for f in fields - allowed
+                if getattr(self, f) != Rule.model_fields[f].default
+            }
         )
         if stray:
             raise ValueError(f"match {self.match!r} takes no {', '.join(map(repr, stray))}")

@@ -42,7 +42,7 @@ def rules_config(*rules: dict[str, Any]) -> dict[str, Any]:
           "track": 8}, "'track' must be at least 'run_length'"),
         ({"name": "r", "match": "sequential_dialing", "window_s": 60, "track": 500},
          "less than or equal to 128"),
-        ({"name": "r", "match": "anonymous", "digits": 7}, "match 'anonymous' takes no 'digits'"),
+        ({"name": "r", "match": "anonymous", "digits": 4}, "match 'anonymous' takes no 'digits'"),
         ({"name": "r", "match": "neighbour_spoofing", "window_s": 5},
          "match 'neighbour_spoofing' takes no 'window_s'"),
         ({"name": "r", "match": "call_rate", "limit": 1, "window_s": 1, "unless_list": "x"},

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from core.config import load_config
+from core.config import load_config, parse_config
 from loader.metrics import LoaderMetrics
 from service.metrics import ERROR_KINDS, FALLBACK_REASONS, Metrics
 from service.procs.workers import SupervisorMetrics
@@ -49,7 +49,14 @@ LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 def exported() -> dict[str, set[str]]:
     """Every sample name the service, its supervisor and the loader export, with labels."""
     registry = CollectorRegistry()
-    Metrics(load_config(COMPOSE_CONFIG), registry)
+    # The compose config has no rate rule; its per-rule series exist only with one.
+    data = load_config(COMPOSE_CONFIG).model_dump()
+    data["policies"]["fraud"] = {
+        "rules": [
+            {"name": "tdos", "match": "call_rate", "key": "called", "limit": 1, "window_s": 1}
+        ]
+    }
+    Metrics(parse_config(data), registry)
     SupervisorMetrics(registry, 2)
     LoaderMetrics(registry, ["blocklist"])
     names: dict[str, set[str]] = {"up": set()}
@@ -114,6 +121,8 @@ def test_every_queried_metric_and_label_is_exported(source: str) -> None:
             "callscreen_redis_duration_seconds_bucket",
             "callscreen_list_entries",
             "callscreen_loader_last_success_timestamp_seconds",
+            "callscreen_rate_peak",
+            "callscreen_rate_limit",
         ):
             assert wanted in used, wanted
     else:  # label values the alerts select on are ones the service counts
