@@ -10,6 +10,8 @@ wrk (same bodies, duration and connections), alternating rounds so both see the 
 machine noise, after checking a sample of the service's answers. Last, the
 per-subscriber list (bench/subscribers.py, ``--subscribers N``, 0 to skip): its full
 sync, Redis bytes per pair, and a trunk group reading it served beside the local-only one.
+Then the fraud policy (bench/fraud.py, ``--fraud-rounds N``, 0 to skip): local lists plus
+Redis-counted rates and sequential dialing against bare aiohttp, and Redis bytes per key.
 
 Everything it starts (Redis, servers) is stopped at the end, and its temporary folder
 removed unless ``--keep``.
@@ -33,7 +35,7 @@ import orjson
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import decision, load, machine, servers, storage, subscribers
+from bench import decision, fraud, load, machine, servers, storage, subscribers
 from bench.report import Report
 from bench.workload import (
     CLASS_SHARES,
@@ -76,6 +78,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="list sizes for the decision-cost micro-benchmark",
     )
     subscribers.add_arguments(parser)
+    fraud.add_arguments(parser)
     parser.add_argument("--skip-http", action="store_true", help="only the Redis/loader parts")
     parser.add_argument("--folder", type=Path, help="work folder (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -328,6 +331,18 @@ def main(argv: list[str] | None = None) -> int:
                 step=_step,
             )
             report.subscribers(results["subscribers"])
+
+        if args.fraud_rounds > 0 and not args.skip_http:
+            results["fraud"] = fraud.run(
+                args,
+                work=work,
+                server=server,
+                base_config=base_config,
+                bodies=files.bodies,
+                env=_child_env(server.url),
+                step=_step,
+            )
+            report.fraud(results["fraud"], fraud.lines(results["fraud"], args))
     finally:
         if server is not None:
             server.stop()

@@ -15,6 +15,8 @@ MAX_LOADER_VS_REDIS_CLI = 3.0
 MAX_DECISION_GROWTH = 1.5
 #: "Does not grow with the file": peak RSS at the full list vs a tenth of it.
 MAX_LOADER_MEMORY_GROWTH = 1.25
+#: The fraud policy (one Redis round trip a call) against bare aiohttp, one worker.
+MIN_FRAUD_RATIO = 0.5
 
 
 class Report:
@@ -262,6 +264,19 @@ class Report:
             if not on_error
             else ", ".join(f"{k} {v:,.0f}" for k, v in sorted(on_error.items())),
         )
+
+    def fraud(self, f: dict[str, Any], lines: list[str]) -> None:
+        """The fraud policy (bench/fraud.py): its ratio to bare aiohttp, its Redis keys."""
+        self.lines += lines
+        ratio = f["ratio"]
+        if ratio is not None:
+            self._target(
+                f"fraud policy >= {MIN_FRAUD_RATIO}x bare aiohttp",
+                ratio >= MIN_FRAUD_RATIO,
+                f"{ratio:.3f}",
+            )
+        untimed = sum(m["without_ttl"] for m in f["memory"].values())
+        self._target("fraud keys expire", untimed == 0, f"{untimed} sampled keys without a TTL")
 
     def print(self) -> None:
         print("\n".join(["", *self.lines, "", "Targets", *self._target_lines]))
