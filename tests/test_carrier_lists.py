@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from core import keys
 from core.config import Config, ConfigError, parse_config
 from loader.sync import SyncOptions, sync_list
 from tests.helpers import body_from
@@ -85,7 +86,10 @@ async def test_dno_and_unallocated_lists_load_as_published_and_block(
         "unallocated-blocks": (2, 0),
     }
     assert reports["unallocated-blocks"].labels == {"State": {"NJ": 2}}
-    members = {m.decode() for m in await redis.smembers("{cs:unallocated-codes}:base:1")}
+    members = {
+        m.decode() if isinstance(m, bytes) else m
+        for m in await redis.smembers(keys.base("unallocated-codes", 1))
+    }
     assert members == {"1201204", "1212958"}
     client = await make_client(config)
 
