@@ -1,6 +1,11 @@
 # One image for the service (`python -m service`) and the loader (`python -m loader`);
-# docker-compose.yml runs both from it.
-FROM python:3.11-slim
+# docker-compose.yml and deploy/kubernetes/ run both from it.
+#
+# The base is pinned by exact version and by digest, so a rebuild gets the same system
+# and Python. The digest is the one public projects pin for this tag; it was not checked
+# against the registry here (no Docker engine). To move to a newer patch release:
+#   docker buildx imagetools inspect python:3.11.N-slim-bookworm   # prints the digest
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

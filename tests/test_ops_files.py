@@ -1,11 +1,13 @@
 """The operations files: dashboard and alerts use exported metrics, compose and Docker wiring.
 
 Docker cannot run here, so docker-compose.yml and the Dockerfile are checked by reading
-them: every component is there, every image is pinned, every file they mount or copy
-exists in the repo; ``docker-compose config`` (1.29) or ``docker compose config`` also
-validates the compose file where one is installed. Prometheus files are checked by
-``promtool`` and the Alertmanager config by ``amtool`` where they are installed; in CI
-(``CI`` set) a missing one fails the test instead, since .ci/run installs both.
+them: every component is there, every image is pinned, every container has limits and
+rotated logs, calls reach the service only through Caddy, handler auth is on, every file
+they mount or copy exists in the repo; ``docker-compose config`` (1.29) or ``docker
+compose config`` also validates the compose file where one is installed. Prometheus
+files are checked by ``promtool``, the Alertmanager config by ``amtool`` and the
+Caddyfile by ``caddy`` where they are installed; in CI (``CI`` set) a missing one fails
+the test instead, since .ci/run installs them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from core.config import load_config, parse_config
+from core.config import Config, ConfigError, load_config, parse_config
+from devtools.redis_server import RedisProcess
 from loader.metrics import LoaderMetrics
+from service.edge.auth import check_secrets
 from service.metrics import ERROR_KINDS, FALLBACK_REASONS, Metrics
 from service.procs.workers import SupervisorMetrics
 
@@ -37,6 +42,11 @@ ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 COMPOSE_CONFIG = DEPLOY / "config.compose.yaml"
 ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
 ENV_EXAMPLE = DEPLOY / "callscreen.env.example"
+CADDYFILE = DEPLOY / "caddy" / "Caddyfile"
+#: Every env file compose reads, by the name of the file under deploy/.
+ENV_FILES = ("callscreen", "caddy", "grafana", "alertmanager")
+#: The variables holding the service's secrets: they reach the service and loader only.
+SECRET_VARIABLES = ("CALLSCREEN_ADMIN_TOKENS", "CALLSCREEN_HANDLER_SECRET", "CALLSCREEN_REDIS_URL")
 #: The one receiver every alert reaches (deploy/alertmanager/alertmanager.yml).
 RECEIVER = "oncall-webhook"
 SEVERITIES = {"critical", "warning"}
@@ -230,6 +240,9 @@ def test_alertmanager_routes_to_a_webhook_whose_url_is_not_in_the_repo() -> None
         assert f"> {webhook['url_file']}" in command
     assert "ALERTMANAGER_WEBHOOK_URL" in command
     assert "ALERTMANAGER_WEBHOOK_URL=" in (DEPLOY / "alertmanager.env.example").read_text()
+    # Its comments send the reader to the env file the container really reads.
+    named = set(re.findall(r"deploy/[a-z]+\.env\b", ALERTMANAGER.read_text()))
+    assert named and named <= set(compose()["services"]["alertmanager"]["env_file"]), named
 
 
 def amtool_readable_config(amtool: str, tmp_path: Path) -> Path:
@@ -310,7 +323,9 @@ def compose() -> dict[str, Any]:
 
 def test_compose_names_every_component_and_mounts_only_repo_files() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "service", "loader", "prometheus", "alertmanager", "grafana"}
+    assert set(services) == {
+        "caddy", "redis", "service", "loader", "prometheus", "alertmanager", "grafana"
+    }  # fmt: skip
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     for name, spec in services.items():
         assert "healthcheck" in spec, f"{name} has no health check"
@@ -325,7 +340,7 @@ def test_compose_names_every_component_and_mounts_only_repo_files() -> None:
             assert (ROOT / f"{path}.example").is_file(), f"{path} has no example"
             assert path in ignored, f"{path} holds secrets: keep it out of the repo"
     if (ROOT / ".git").exists() and shutil.which("git"):
-        for env in ("callscreen", "grafana", "alertmanager"):
+        for env in ENV_FILES:
             tracked = run("git", "-C", str(ROOT), "ls-files", f"deploy/{env}.env")
             assert tracked.stdout == "", f"deploy/{env}.env holds secrets: keep it out of git"
     redis = services["redis"]
@@ -343,8 +358,11 @@ def test_each_container_gets_only_its_own_secrets_and_ops_tools_stay_private() -
     assert env_files["service"] == env_files["loader"] == ["deploy/callscreen.env"]
     assert env_files["grafana"] == ["deploy/grafana.env"]
     assert env_files["alertmanager"] == ["deploy/alertmanager.env"]
-    for example in ("grafana", "alertmanager"):
-        assert "CALLSCREEN_" not in (DEPLOY / f"{example}.env.example").read_text()
+    assert env_files["caddy"] == ["deploy/caddy.env"]
+    for example in ("grafana", "alertmanager", "caddy"):
+        text = (DEPLOY / f"{example}.env.example").read_text()
+        for variable in SECRET_VARIABLES:
+            assert variable not in text, f"{example}.env.example names {variable}"
     # No default Grafana password: it refuses to start without one.
     grafana = " ".join(services["grafana"]["command"])
     assert "GF_SECURITY_ADMIN_PASSWORD" in grafana and "exit 1" in grafana
@@ -353,11 +371,12 @@ def test_each_container_gets_only_its_own_secrets_and_ops_tools_stay_private() -
     for name in ("prometheus", "alertmanager", "grafana"):
         for port in services[name]["ports"]:
             assert str(port).startswith("127.0.0.1:"), f"{name} published on every interface"
-    # The operator listener (admin API, explain, /metrics) is not published at all.
+    # The service publishes nothing: calls come through Caddy, and the operator listener
+    # (admin API, explain, /metrics) stays on the compose network.
     config = load_config(COMPOSE_CONFIG)
     assert config.server.admin_port not in (None, config.server.port)
-    published = [str(p).rsplit(":", 1)[-1] for p in services["service"].get("ports", [])]
-    assert published == [str(config.server.port)]
+    assert "ports" not in services["service"]
+    assert "ports" not in services["loader"] and "ports" not in services["redis"]
 
 
 def test_compose_pins_every_image() -> None:
@@ -375,18 +394,142 @@ def test_compose_pins_every_image() -> None:
             assert tag == version, f"{name}: {image} is not tagged {version} (pyproject.toml)"
 
 
+def test_dockerfile_pins_its_base_image_to_an_exact_version() -> None:
+    bases = re.findall(r"^FROM\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert bases
+    for base in bases:
+        image, _, digest = base.partition("@")
+        repository, _, tag = image.rpartition(":")
+        assert repository == "python", base
+        # An exact patch release on a named Debian release: python:3.11-slim floated.
+        assert re.fullmatch(r"3\.11\.\d+-slim-[a-z]+", tag), f"{base} is not an exact version"
+        if digest:
+            assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), base
+    # The Python it runs is one the project supports.
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert wanted == ">=3.11"
+
+
+def size_bytes(text: str) -> int:
+    """A compose size (``512m``, ``1g``) in bytes."""
+    found = re.fullmatch(r"(\d+)([kmg])", text)
+    assert found, f"not a size: {text}"
+    return int(found[1]) << {"k": 10, "m": 20, "g": 30}[found[2]]
+
+
+def test_every_container_has_cpu_and_memory_limits_and_rotated_logs() -> None:
+    services = compose()["services"]
+    for name, spec in services.items():
+        # Service-level keys, not deploy.resources: docker-compose 1.29 ignores the
+        # latter without --compatibility.
+        assert 0 < float(spec["cpus"]) <= 4, f"{name} has no CPU limit"
+        assert size_bytes(str(spec["mem_limit"])) >= 64 << 20, f"{name} has no memory limit"
+        assert "deploy" not in spec, name
+        logging = spec["logging"]
+        assert logging["driver"] == "json-file", name
+        assert size_bytes(logging["options"]["max-size"]) <= 100 << 20, name
+        assert int(logging["options"]["max-file"]) >= 2, f"{name}: logs not rotated"
+    # The service runs one worker per core its quota gives it (a quota is invisible to
+    # the process), and its memory covers /dev/shm, where the workers share the lists.
+    service = services["service"]
+    assert load_config(COMPOSE_CONFIG).server.workers == int(float(service["cpus"]))
+    assert size_bytes(str(service["mem_limit"])) > size_bytes(str(service["shm_size"]))
+
+
+def test_handler_auth_is_on_in_compose_and_its_secret_comes_from_the_env_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = load_config(COMPOSE_CONFIG)
+    assert config.auth.enabled and config.auth.secret_env == "CALLSCREEN_HANDLER_SECRET"
+    for group in config.trunk_groups.values():  # no trunk group opened again
+        assert group.auth is None
+    # The example names the variable, with no value: no secret lives in the repo.
+    example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+        if line and not line.startswith("#")
+    )  # fmt: skip
+    assert example["CALLSCREEN_HANDLER_SECRET"] == ""
+    # Without the secret the service refuses to start, naming the variable.
+    monkeypatch.delenv("CALLSCREEN_HANDLER_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="CALLSCREEN_HANDLER_SECRET"):
+        check_secrets(config)
+
+
+async def test_the_compose_config_refuses_calls_without_the_handler_secret(
+    redis_server: RedisProcess,
+    make_client: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "compose-test-secret-0123456789"
+    monkeypatch.setenv("CALLSCREEN_HANDLER_SECRET", secret)
+    monkeypatch.setenv("CALLSCREEN_REDIS_URL", redis_server.url)
+    config: Config = load_config(COMPOSE_CONFIG)
+    client = await make_client(config)
+    body = json.dumps({"From": [{"user": "15162065613"}]})
+    refused = await client.post("/tg/main", data=body)
+    assert refused.status == 401
+    wrong = await client.post("/k/not-the-secret/tg/main", data=body)
+    assert wrong.status == 401
+    answered = await client.post(f"/k/{secret}/tg/main", data=body)
+    assert answered.status == 200, await answered.text()
+    assert isinstance(await answered.json(), list)
+    # The container health check reaches /readyz without the secret.
+    assert (await client.get("/healthz")).status == 200
+
+
+def caddyfile() -> str:
+    """The Caddyfile without its comments."""
+    lines = (line.split("#", 1)[0].rstrip() for line in CADDYFILE.read_text().splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def test_caddy_terminates_tls_in_front_of_every_service_replica() -> None:
+    services = compose()["services"]
+    caddy = services["caddy"]
+    config = load_config(COMPOSE_CONFIG)
+    # Caddy holds the public ports; its Caddyfile and certificate store are mounted.
+    assert sorted(str(port) for port in caddy["ports"]) == ["443:443", "80:80"]
+    assert "./deploy/caddy/Caddyfile:/etc/caddy/Caddyfile:ro" in caddy["volumes"]
+    assert any(volume.endswith(":/data") for volume in caddy["volumes"])
+    assert "service" in caddy["depends_on"]
+    text = caddyfile()
+    # The site is the domain from caddy.env (automatic HTTPS), never plain http://.
+    site = re.search(r"^(\S+) \{$", text, re.MULTILINE)
+    assert site and site[1].startswith("{$CALLSCREEN_DOMAIN"), text
+    assert "http://" not in text
+    assert "CALLSCREEN_DOMAIN=" in (DEPLOY / "caddy.env.example").read_text()
+    # Every replica, found by the compose DNS name, on the handler port.
+    dynamic = re.search(r"dynamic a \{\s*name (\S+)\s*port (\d+)", text)
+    assert dynamic and dynamic[1] == "service" and dynamic[2] == str(config.server.port)
+    # No access log: a secret in the handler URL must not be written anywhere.
+    assert not re.search(r"^\s*log\b", text, re.MULTILINE)
+
+
+def test_caddy_accepts_the_caddyfile(tmp_path: Path) -> None:
+    caddy = tool("caddy")
+    for domain in ("", "screen.example.com"):
+        env = {**os.environ, "HOME": str(tmp_path), "CALLSCREEN_DOMAIN": domain}
+        if not domain:
+            del env["CALLSCREEN_DOMAIN"]
+        done = subprocess.run(
+            [caddy, "adapt", "--adapter", "caddyfile", "--config", str(CADDYFILE), "--validate"],
+            capture_output=True, text=True, check=False, timeout=120, env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        server = json.loads(done.stdout)["apps"]["http"]["servers"]["srv0"]
+        assert server["listen"] == [":443"]
+        hosts = server["routes"][0]["match"][0]["host"]
+        assert hosts == [domain or "localhost"]
+        proxy = server["routes"][0]["handle"][0]["routes"][0]["handle"][0]
+        assert proxy["handler"] == "reverse_proxy"
+        assert proxy["dynamic_upstreams"]["source"] == "a"
+
+
 def test_the_service_scales_without_a_fixed_host_port() -> None:
     service = compose()["services"]["service"]
     config = load_config(COMPOSE_CONFIG)
     assert "container_name" not in service  # one name cannot be given to several replicas
-    for port in service.get("ports", []):
-        *host, container = str(port).split(":")
-        assert container == str(config.server.port)
-        published = host[-1] if host else ""
-        if published:  # a range, of which each replica takes a free port
-            assert re.fullmatch(r"(\d+)-(\d+)", published), f"fixed host port in {port}"
-            first, last = (int(n) for n in published.split("-"))
-            assert first < last, port
+    assert "ports" not in service  # no host port to clash: Caddy reaches each by DNS
     # Prometheus scrapes every replica: Docker's DNS has one A record per container.
     scrape = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
     job = next(job for job in scrape if job["job_name"] == "callscreen")
@@ -411,7 +554,7 @@ def test_compose_validates_the_file(tmp_path: Path) -> None:
     # In a copy: the env file must exist (it is made from the example), and the repo's
     # own deploy/callscreen.env, which may hold secrets, is neither needed nor read.
     (tmp_path / "deploy").mkdir()
-    for env in ("callscreen", "grafana", "alertmanager"):
+    for env in ENV_FILES:
         example = DEPLOY / f"{env}.env.example"
         (tmp_path / "deploy" / f"{env}.env").write_text(example.read_text())
     shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
