@@ -12,6 +12,7 @@ the test instead, since .ci/run installs them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -22,16 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
 from core.config import Config, ConfigError, load_config, parse_config
-from devtools.redis_server import RedisProcess
+from devtools.redis_server import RedisProcess, free_port
 from loader.metrics import LoaderMetrics
 from service.edge.auth import check_secrets
 from service.metrics import ERROR_KINDS, FALLBACK_REASONS, Metrics
 from service.procs.workers import SupervisorMetrics
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -503,6 +506,79 @@ def test_caddy_terminates_tls_in_front_of_every_service_replica() -> None:
     assert dynamic and dynamic[1] == "service" and dynamic[2] == str(config.server.port)
     # No access log: a secret in the handler URL must not be written anywhere.
     assert not re.search(r"^\s*log\b", text, re.MULTILINE)
+
+
+async def test_calls_through_caddy_reach_the_service_over_tls_with_the_secret(
+    tmp_path: Path,
+    redis_server: RedisProcess,
+    make_client: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shipped Caddyfile in front of the service with the compose config.
+
+    Changed only where this machine differs from the compose network: the replicas'
+    DNS name is localhost and their port the test server's; Caddy listens on free ports,
+    its admin endpoint too, and signs with its own local CA without adding it to the
+    system's trust store (the client does not verify the certificate).
+    """
+    caddy = tool("caddy")
+    secret = "compose-test-secret-0123456789"
+    monkeypatch.setenv("CALLSCREEN_HANDLER_SECRET", secret)
+    monkeypatch.setenv("CALLSCREEN_REDIS_URL", redis_server.url)
+    client = await make_client(load_config(COMPOSE_CONFIG))
+    https_port, http_port, admin_port = free_port(), free_port(), free_port()
+    text = CADDYFILE.read_text()
+    text, found = re.subn(
+        r"name service\n(\s*)port 8080", rf"name localhost\n\1port {client.port}", text
+    )
+    assert found == 1
+    text, found = re.subn(
+        r"^\{\n", f"{{\n\tadmin 127.0.0.1:{admin_port}\n\thttps_port {https_port}\n"
+        f"\thttp_port {http_port}\n\tlocal_certs\n\tskip_install_trust\n", text, count=1,
+        flags=re.MULTILINE,
+    )  # fmt: skip
+    assert found == 1
+    config = tmp_path / "Caddyfile"
+    config.write_text(text)
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "CALLSCREEN_DOMAIN": "localhost"}  # fmt: skip
+    log_path = tmp_path / "caddy.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            caddy, "run", "--adapter", "caddyfile", "--config", str(config),
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    body = json.dumps({"From": [{"user": "15162065613"}]})
+    url = f"https://localhost:{https_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def answers() -> bool:
+                assert process.returncode is None, log_path.read_text()
+                try:
+                    async with session.get(f"{url}/healthz", ssl=False) as answer:
+                        return answer.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(answers, timeout_s=60, interval_s=0.2)
+            async with session.post(f"{url}/tg/main", data=body, ssl=False) as answer:
+                assert answer.status == 401
+            async with session.post(f"{url}/k/{secret}/tg/main", data=body, ssl=False) as answer:
+                assert answer.status == 200, await answer.text()
+                assert isinstance(await answer.json(), list)
+            # Plain HTTP is only a redirect to HTTPS, never the handler itself.
+            async with session.post(
+                f"http://localhost:{http_port}/k/{secret}/tg/main", data=body,
+                allow_redirects=False,
+            ) as answer:  # fmt: skip
+                assert answer.status in (301, 308), answer.status
+                assert answer.headers["Location"].startswith("https://")
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), timeout=30)
+    # No access log: the secret in the URL was written nowhere.
+    assert secret not in log_path.read_text()
 
 
 def test_caddy_accepts_the_caddyfile(tmp_path: Path) -> None:
