@@ -13,11 +13,13 @@ the test instead, since .ci/run installs them.
 from __future__ import annotations
 
 import asyncio
+import configparser
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +35,7 @@ from devtools.redis_server import RedisProcess, free_port
 from loader.metrics import LoaderMetrics
 from service.edge.auth import check_secrets
 from service.metrics import ERROR_KINDS, FALLBACK_REASONS, Metrics
-from service.procs.workers import SupervisorMetrics
+from service.procs.workers import STOP_GRACE_S, SupervisorMetrics
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -671,3 +673,44 @@ def test_dockerfile_builds_the_service_and_the_loader() -> None:
         assert f"COPY {package} ./{package}" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "deploy/callscreen.env", "*.env"} <= set(ignored)
+
+
+SYSTEMD = DEPLOY / "systemd"
+
+
+def unit(name: str) -> dict[str, str]:
+    """A systemd unit's [Service] section (each key once in these files)."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    parser.read_string((SYSTEMD / name).read_text())
+    return dict(parser["Service"])
+
+
+def test_systemd_units_drain_on_stop_and_cap_memory() -> None:
+    service, loader = unit("callscreen.service"), unit("callscreen-loader.service")
+    assert " -m service --config " in service["ExecStart"]
+    assert " -m loader --config " in loader["ExecStart"] and loader["ExecStart"].endswith(" run")
+    config_of = {u["ExecStart"].split("--config ")[1].split()[0] for u in (service, loader)}
+    assert len(config_of) == 1, "the service and the loader read different configs"
+    # systemd waits for the supervisor's own drain and kill before it kills anything,
+    # and signals the supervisor alone: it forwards SIGTERM to its workers itself.
+    assert service["KillSignal"] == "SIGTERM" and service["KillMode"] == "mixed"
+    assert float(service["TimeoutStopSec"]) > STOP_GRACE_S
+    for each in (service, loader):
+        assert each["EnvironmentFile"] == "/etc/callscreen.env"  # secrets: never in the unit
+        assert each["User"] != "root" and each["NoNewPrivileges"] == "yes"
+        assert re.fullmatch(r"\d+[MG]", each["MemoryMax"])
+        assert each["ProtectSystem"] == "strict"
+
+
+def test_systemd_accepts_the_units(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    # In a copy that runs this checkout's Python as this user: verify checks both exist.
+    for path in SYSTEMD.glob("*.service"):
+        text = path.read_text().replace("/opt/callscreen/.venv/bin/python", sys.executable)
+        text = re.sub(r"^(User|Group)=.*$", "", text, flags=re.MULTILINE)
+        (tmp_path / path.name).write_text(text)
+    done = run(analyze, "verify", *(str(p) for p in sorted(tmp_path.glob("*.service"))))
+    assert done.returncode == 0 and not done.stderr.strip(), done.stdout + done.stderr
