@@ -340,11 +340,49 @@ class TrunkGroup(_Model):
 
 
 class AdminSettings(_Model):
-    #: Environment variable holding the admin bearer tokens (comma-separated).
+    #: Environment variable holding the admin bearer tokens: comma-separated entries,
+    #: each ``name:role:secret`` or a bare secret (an ``admin`` token); see docs/security.md.
     tokens_env: str = "CALLSCREEN_ADMIN_TOKENS"
+    #: A secrets file with one token entry a line (same format, ``#`` comments), read
+    #: with the variable and again on every reload; ``null``: none.
+    tokens_file: str | None = None
     #: Largest admin request body (bulk changes), and most entries in one bulk change.
     max_body_bytes: Annotated[int, Field(gt=0)] = 8 * 1024 * 1024
     max_bulk_entries: Annotated[int, Field(gt=0)] = 100_000
+
+
+class AuditSettings(_Model):
+    """The audit trail of admin changes, syncs and reloads (docs/audit.md)."""
+
+    #: Records kept in Redis at most (approximately: the stream is trimmed with ``~``).
+    max_entries: Annotated[int, Field(gt=0)] = 100_000
+    #: Records older than this are trimmed from Redis.
+    retention_days: Annotated[float, Field(gt=0)] = 90.0
+
+
+class HistorySettings(_Model):
+    """Call history: rejected calls, dry-run matches and a sample of allowed calls."""
+
+    enabled: bool = False
+    #: Share of allowed calls (without a dry-run match) recorded, 0 to 1.
+    sample_allowed: Annotated[float, Field(ge=0, le=1)] = 0.0
+    #: How long a call stays findable.
+    retention_s: Annotated[int, Field(gt=0)] = 7 * 86_400
+    #: Calls kept in the recent-calls stream (all numbers), approximately.
+    max_entries: Annotated[int, Field(gt=0)] = 100_000
+    #: Calls kept per number, the newest.
+    max_per_number: Annotated[int, Field(gt=0, le=100_000)] = 1000
+    #: Store full numbers even when ``server.mask_callers`` is on.
+    unmasked: bool = False
+    #: Variable holding the key of the HMAC that names each number's index while
+    #: numbers are masked (the index must not hold the number in clear).
+    hash_key_env: EnvName = "CALLSCREEN_HISTORY_KEY"
+    #: Records waiting in memory are written this often, in one pipeline.
+    flush_ms: Annotated[int, Field(gt=0, le=10_000)] = 150
+    #: Records waiting at most; past it new ones are dropped and counted.
+    queue_max: Annotated[int, Field(gt=0)] = 20_000
+    #: A batch write taking longer is given up and its records counted as dropped.
+    write_timeout_ms: Annotated[int, Field(gt=0)] = 1000
 
 
 class LoaderSettings(_Model):
@@ -371,6 +409,8 @@ class Config(_Model):
     cache: CacheSettings = CacheSettings()
     caller: CallerSettings = CallerSettings()
     admin: AdminSettings = AdminSettings()
+    audit: AuditSettings = AuditSettings()
+    history: HistorySettings = HistorySettings()
     #: Authentication of the screening endpoints (off unless set).
     auth: AuthSettings = AuthSettings()
     loader: LoaderSettings = LoaderSettings()

@@ -8,6 +8,9 @@ bucket carrying the :data:`SUBSCRIBER_MARKER` field. Call-rate counters use one 
 caller, or per counted thing (``{cs:rate:<kind>:<subject>}``), and sequential dialing
 one per caller (``{cs:seq:<caller>}``); all of them expire. The full table is in
 docs/design.md, "Redis key layout".
+The audit trail (``{cs:audit}:log``) and call history (``{cs:history}:recent``, one
+``{cs:hist:<number key>}:calls`` set per number) are there too (docs/audit.md,
+docs/history.md).
 """
 
 from __future__ import annotations
@@ -110,6 +113,15 @@ def rate_by(kind: str, subject: str, rule_key: str, window_index: int) -> str:
 def dialed(caller: str, rule_key: str) -> str:
     """The called numbers one caller dialled recently, for one sequential-dialing rule."""
     return f"{{cs:seq:{caller}}}:{rule_key}"
+
+
+AUDIT_LOG = "{cs:audit}:log"
+HISTORY_RECENT = "{cs:history}:recent"
+
+
+def history_calls(number_key: str) -> str:
+    """One number's recorded calls; ``number_key`` is digits or a hex digest."""
+    return f"{{cs:hist:{number_key}}}:calls"
 
 
 def bucket_of(number: int) -> int:

@@ -26,6 +26,10 @@ from core.redact import RedactingFilter
 #: The Call-ID of the request being handled (``None`` outside a screening request).
 REQUEST_ID: ContextVar[str | None] = ContextVar("callscreen_request_id", default=None)
 
+#: The audit trail's logger (core/audit.py): kept at INFO whatever the level asked for,
+#: so ``--log-level WARNING`` (to drop the rejected-call lines) keeps the audit lines.
+AUDIT_LOGGER = "callscreen.audit"
+
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
@@ -348,4 +352,6 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    numeric: int = logging.getLevelName(level) if isinstance(level, str) else level
+    logging.getLogger(AUDIT_LOGGER).setLevel(min(numeric, logging.INFO))
     return handler

@@ -21,8 +21,10 @@ from core.config import ConfigError, load_config
 from core.logs import configure_logging
 from core.version import VERSION
 from service.edge.auth import check_secrets
+from service.operator.tokens import read_tokens
 from service.procs.serve import serve_one
 from service.procs.workers import Supervisor, worker_count
+from service.screening.history import history_key
 from service.screening.shared_lists import parent_folder
 
 
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         check_secrets(config)  # fail here, not in each worker
+        read_tokens(config)
+        history_key(config)
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2

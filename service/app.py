@@ -11,6 +11,7 @@ itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,9 +29,12 @@ from service.edge.errors import json_errors, no_route
 from service.edge.handlers import healthz, readyz, screen
 from service.metrics import Metrics
 from service.operator.admin import add_admin_routes
+from service.operator.console import add_console_routes
 from service.operator.explain import explain
+from service.operator.lookup import add_lookup_routes
 from service.operator.subscribers import add_subscriber_routes
 from service.screening.cache import ListCache
+from service.screening.history import CallHistory
 from service.screening.lists import ListObject
 from service.screening.screen import Screener
 from service.screening.shared_lists import (
@@ -75,6 +79,7 @@ def create_app(
     app[AUTH] = HandlerAuth(config, app[METRICS])  # secrets from the environment
     app.cleanup_ctx.append(_redis_ctx(redis))
     app.cleanup_ctx.append(_lists_ctx(lists_dir))
+    app.cleanup_ctx.append(_history_ctx)
 
     app.router.add_post("/", screen)
     app.router.add_post("/tg/{trunk_group}", screen)
@@ -124,6 +129,8 @@ def _add_operator_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", json_errors(make_aiohttp_handler(app[REGISTRY])))
     add_admin_routes(app)  # /v1/lists..., /v1/openapi.json (service/operator/admin.py)
     add_subscriber_routes(app)  # /v1/lists/{name}/subscribers/... (service/operator/subscribers.py)
+    add_lookup_routes(app)  # /v1/whoami, /v1/audit, /v1/history, /v1/lookup
+    add_console_routes(app)  # /console (service/operator/console.py)
 
 
 def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]
@@ -203,3 +210,21 @@ def _lists_ctx(lists_dir: Path | None) -> Callable[[web.Application], AsyncItera
                 remove_folder(*made)
 
     return lists_ctx
+
+
+async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Call history (service/screening/history.py): its writer runs while the app does."""
+    config = app[CONFIG]
+    if not config.history.enabled:
+        yield
+        return
+    history = CallHistory(config, app[REDIS], app[METRICS])
+    app[SCREENER].history = history
+    writer = asyncio.create_task(history.run(), name="call-history")
+    try:
+        yield
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        await history.flush()  # the last records, within history.write_timeout_ms

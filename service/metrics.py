@@ -202,6 +202,16 @@ class Metrics:
             ["list"],
             registry=registry,
         )
+        self.history_records = Counter(
+            "callscreen_history_records_total",
+            "Calls for the call history, by outcome: written to Redis, or dropped because "
+            "the queue was full or the write failed or was too slow.",
+            ["outcome"],
+            registry=registry,
+        )
+        if config.history.enabled:
+            for outcome in ("written", "dropped_queue_full", "dropped_redis"):
+                self.history_records.labels(outcome)
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         ProcessCollector(registry=registry)
         Info(

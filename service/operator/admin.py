@@ -1,19 +1,19 @@
 """The admin API under ``/v1``: list the lists, check, add and remove entries.
 
-Bearer tokens come from the variable named by ``admin.tokens_env``, read once; none
-configured means ``403`` ("admin API disabled"), no header ``401``, a wrong token
-``403``; compared in constant time and never logged. ``POST /v1/explain`` needs a token
-while tokens are configured. Writes go through :meth:`core.store.ListStore.change` and
-are answered after Redis acknowledged them (``503`` otherwise); they do not restore
-trust in a list Redis lost. Routes and bodies: ``/v1/openapi.json`` and docs/api.md.
+Bearer tokens are named, each with a role (:mod:`service.operator.tokens`), from
+``admin.tokens_env`` and ``admin.tokens_file``; none configured means ``403`` ("admin API
+disabled"), no header ``401``, a wrong token or one without the role a route needs
+``403`` (naming the role); compared in constant time and never logged. ``POST
+/v1/explain`` needs a ``read`` token while tokens are configured. Writes go through
+:meth:`core.store.ListStore.change`, are answered after Redis acknowledged them (``503``
+otherwise) and recorded in the audit trail (:mod:`service.operator.records`); they do
+not restore trust in a list Redis lost. Routes and bodies: ``/v1/openapi.json`` and
+docs/api.md.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from redis.exceptions import RedisError
 
-from core.config import Config, ListKind
+from core.config import ListKind
 from core.connect import redact
 from core.entries import BadEntry, canonical
 from core.keys import LIST_NAME_RE
@@ -32,40 +32,27 @@ from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
 from service.edge.errors import json_error, json_errors
 from service.operator import models as api
 from service.operator.openapi import openapi_document
+from service.operator.records import audit_change
+from service.operator.tokens import REQUEST_TOKEN, AdminTokens, Role, missing_role, required
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: SHA-256 digests of the admin tokens; empty when the admin API is disabled.
-ADMIN_TOKENS: web.AppKey[tuple[bytes, ...]] = web.AppKey("admin_tokens")
+#: The admin tokens (none: the admin API is disabled); reloadable in place.
+ADMIN_TOKENS = web.AppKey("admin_tokens", AdminTokens)
 #: The OpenAPI document, serialised once.
 OPENAPI = web.AppKey("openapi", bytes)
 _BEARER_CHALLENGE = 'Bearer realm="callscreen-admin"'
 _JSON = "application/json"
-#: Tokens shorter than this are accepted but logged as weak at start-up.
-MIN_TOKEN_CHARS = 16
-
-
-def read_tokens(config: Config, environ: dict[str, str] | None = None) -> tuple[bytes, ...]:
-    """Digests of the admin tokens in the environment (empty: the admin API is off)."""
-    raw = (os.environ if environ is None else environ).get(config.admin.tokens_env, "")
-    tokens = [t.strip() for t in raw.split(",") if t.strip()]
-    if any(len(t) < MIN_TOKEN_CHARS for t in tokens):
-        logger.warning(
-            "an admin token in %s is shorter than %d characters; use long random tokens",
-            config.admin.tokens_env,
-            MIN_TOKEN_CHARS,
-        )
-    return tuple(hashlib.sha256(t.encode()).digest() for t in tokens)
 
 
 def add_admin_routes(app: web.Application) -> None:
     """Register the admin routes and ``/v1/openapi.json``; read the tokens."""
     config = app[CONFIG]
-    app[ADMIN_TOKENS] = read_tokens(config)
+    app[ADMIN_TOKENS] = AdminTokens(config)
     kinds = {name: spec.kind for name, spec in config.lists.items()}
     app[OPENAPI] = orjson.dumps(openapi_document(kinds, config.trunk_groups))
-    if not app[ADMIN_TOKENS]:
+    if not app[ADMIN_TOKENS].tokens:
         logger.info("admin API disabled: %s is not set", config.admin.tokens_env)
     router = app.router
     router.add_get("/v1/openapi.json", json_errors(openapi))
@@ -78,12 +65,14 @@ def add_admin_routes(app: web.Application) -> None:
 
 
 # --- authentication --------------------------------------------------------------------
-def admin_refusal(request: web.Request) -> web.Response | None:
-    """The 401/403 answer when ``request`` carries no valid admin token, else None."""
+def admin_refusal(request: web.Request, need: Role | None = None) -> web.Response | None:
+    """The 401/403 answer when ``request`` carries no admin token with the role it needs
+    (``need``, or by method and list: :func:`service.operator.tokens.required`), else
+    None, with the token kept on the request for the audit trail."""
     app = request.app
-    tokens = app.get(ADMIN_TOKENS, ())
+    tokens = app.get(ADMIN_TOKENS)
     metrics = app[METRICS]
-    if not tokens:
+    if tokens is None or not tokens.tokens:
         metrics.error("forbidden")
         env = app[CONFIG].admin.tokens_env
         return json_error(403, f"admin API disabled: set {env}")
@@ -96,20 +85,23 @@ def admin_refusal(request: web.Request) -> web.Response | None:
             "admin token required: send 'Authorization: Bearer <token>'",
             {"WWW-Authenticate": _BEARER_CHALLENGE},
         )
-    digest = hashlib.sha256(credential.encode()).digest()
-    found = False
-    for token in tokens:  # every token compared, whichever matches
-        found |= hmac.compare_digest(digest, token)
-    if not found:
+    token = tokens.find(credential)
+    if token is None:
         metrics.error("forbidden")
         return json_error(403, "invalid admin token")
+    wanted, list_name = required(request) if need is None else (need, None)
+    if not token.may(wanted, list_name):
+        metrics.error("forbidden")
+        return json_error(403, missing_role(token, wanted, list_name))
+    request[REQUEST_TOKEN] = token
     return None
 
 
 def explain_refusal(request: web.Request) -> web.Response | None:
     """Who may explain: admin tokens when configured, else the screening endpoints' auth."""
-    if request.app.get(ADMIN_TOKENS):
-        return admin_refusal(request)
+    tokens = request.app.get(ADMIN_TOKENS)
+    if tokens is not None and tokens.tokens:
+        return admin_refusal(request, "read")
     return request.app[AUTH].refuse(request)
 
 
@@ -244,6 +236,7 @@ async def add_entry(request: web.Request) -> web.Response:
     entry = _canonical(request, kind, request.match_info["entry"])
     version = await request.app[STORE].change(name, kind, add=[entry])
     logger.info("admin: added %r to list %s (version %d)", entry, name, version)
+    await audit_change(request, "add", name, version, entry=entry)
     return _json(api.EntryState(list=name, entry=entry, listed=True, version=version))
 
 
@@ -253,6 +246,7 @@ async def remove_entry(request: web.Request) -> web.Response:
     entry = _canonical(request, kind, request.match_info["entry"])
     version = await request.app[STORE].change(name, kind, remove=[entry])
     logger.info("admin: removed %r from list %s (version %d)", entry, name, version)
+    await audit_change(request, "remove", name, version, entry=entry)
     return _json(api.EntryState(list=name, entry=entry, listed=False, version=version))
 
 
@@ -290,6 +284,7 @@ async def bulk_change(request: web.Request) -> web.Response:
     adds, removes = list(dict.fromkeys(changes["add"])), list(dict.fromkeys(changes["remove"]))
     version = await request.app[STORE].change(name, kind, add=adds, remove=removes)
     logger.info("admin: list %s +%d -%d (version %d)", name, len(adds), len(removes), version)
+    await audit_change(request, "bulk", name, version, added=len(adds), removed=len(removes))
     return _json(api.BulkResult(list=name, added=len(adds), removed=len(removes), version=version))
 
 

@@ -30,6 +30,7 @@ from core.subscribers import (
 from service.appkeys import CONFIG, REDIS
 from service.operator import models as api
 from service.operator.admin import AdminError, admin_only, list_kind, read_json
+from service.operator.records import audit_change
 
 logger = logging.getLogger(__name__)
 #: Pairs named in a refusal, at most (like ``bad_entries``).
@@ -95,6 +96,9 @@ async def _change(request: web.Request, side: Side | None) -> web.Response:
         raise AdminError(409, str(exc)) from None
     what = f"put {entry!r} on {side}" if side else f"removed {entry!r}"
     logger.info("admin: list %s subscriber %s: %s (gen %d)", name, subscriber, what, gen)
+    action = f"subscriber_{side}" if side else "subscriber_remove"
+    fields = {"subscriber": subscriber, "entry": entry}
+    await audit_change(request, action, name, gen, version_step=0, **fields)
     return await _answer(request, name, subscriber)
 
 
@@ -160,6 +164,8 @@ async def bulk_change(request: web.Request) -> web.Response:
     logger.info(
         "admin: list %s: %d subscribers +%d -%d (gen %d)", name, len(changes), added, removed, gen
     )
+    counts = {"added": added, "removed": removed}
+    await audit_change(request, "subscriber_bulk", name, gen, version_step=0, **counts)
     result = api.SubscriberBulkResult(
         list=name, gen=gen, added=added, removed=removed, subscribers=len(changes)
     )

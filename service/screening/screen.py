@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
@@ -37,6 +38,9 @@ from service.screening.policy import (
     outcome_for,
 )
 from service.screening.request import Call, CallParser
+
+if TYPE_CHECKING:
+    from service.screening.history import CallHistory
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class Screener:
             )
         )
         self.mask_callers = config.server.mask_callers
+        #: Set while call history is on (service/app.py).
+        self.history: CallHistory | None = None
         self._warn = RateLimitedLog(logger, interval_s=10.0)
         self._by_group: dict[str | None, tuple[str, CompiledPolicy]] = {
             None: (ROOT_TRUNK_GROUP, self.policies[config.default_policy])
@@ -231,6 +237,8 @@ class Screener:
             self._log_call("dry-run match", group, dry.rule, dry.list, call)
         if outcome.action == "reject":
             self._log_call("rejected call", group, outcome.rule, outcome.list, call)
+        if self.history is not None:
+            self.history.add(group, call, evaluation)
 
     def _log_call(
         self, event: str, group: str, rule: str, list_name: str | None, call: Call

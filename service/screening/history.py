@@ -1,0 +1,205 @@
+"""Call history: what was decided for a call, findable later by number (docs/history.md).
+
+Recorded: every reject, every call with a dry-run match, and a sample
+(``history.sample_allowed``) of the other allowed calls. :meth:`CallHistory.add` runs on
+the request path and only appends the call to an in-memory queue; a background task
+(:meth:`CallHistory.run`) writes the queue every ``history.flush_ms`` in one
+non-transactional pipeline. An answer never waits for Redis: when the queue holds
+``history.queue_max`` records, or a write takes over ``history.write_timeout_ms`` or
+fails, records are dropped and counted (``callscreen_history_records_total``).
+
+In Redis (core/keys.py): each record goes to the capped stream of recent calls and to
+the sorted set of its caller and of its called number (score: time in ms), trimmed to
+``history.retention_s`` and ``history.max_per_number`` and expiring with the retention.
+Numbers are stored masked like the logs (``server.mask_callers``) unless
+``history.unmasked``; while masked, a number's set is named by an HMAC-SHA256 of the
+number under the key in ``history.hash_key_env``, so an operator who types a full
+number finds its calls, and Redis holds no full number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from core import keys
+from core.audit import newest_first
+from core.config import Config, ConfigError
+from core.store import RedisClient
+from service.metrics import Metrics
+from service.ratelimit import RateLimitedLog
+from service.screening.policy import Evaluation
+from service.screening.request import Call
+from service.screening.screen import mask_number
+
+logger = logging.getLogger(__name__)
+#: Round trips at most (of core.audit.QUERY_PAGE entries) for the recent calls.
+MAX_PAGES = 20
+#: A record as queued: (time, trunk group, call, evaluation).
+Queued = tuple[float, str, Call, Evaluation]
+
+
+def history_key(config: Config, environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The HMAC key naming numbers' sets while history is masked (None: unmasked).
+
+    Raises ConfigError when history is on, masked, and the variable is unset.
+    """
+    settings = config.history
+    if settings.unmasked or not config.server.mask_callers:
+        return None
+    value = (os.environ if environ is None else environ).get(settings.hash_key_env, "")
+    if settings.enabled and not value:
+        raise ConfigError(
+            f"config: history.hash_key_env: environment variable {settings.hash_key_env} is "
+            "not set or empty (masked call history needs a key; or set history.unmasked)"
+        )
+    return value.encode() or None
+
+
+class CallHistory:
+    """The queue of calls to record, its writer, and the reads of the operator API."""
+
+    def __init__(
+        self,
+        config: Config,
+        redis: RedisClient,
+        metrics: Metrics,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = config.history
+        self.redis = redis
+        self.metrics = metrics
+        self.key = history_key(config, environ)
+        self.masked = config.server.mask_callers and not self.settings.unmasked
+        self.sample = self.settings.sample_allowed
+        self.queue: list[Queued] = []
+        self._warn = RateLimitedLog(logger, interval_s=10.0)
+        self._written = metrics.history_records.labels("written")
+        self._full = metrics.history_records.labels("dropped_queue_full")
+        self._failed = metrics.history_records.labels("dropped_redis")
+
+    # --- the request path --------------------------------------------------------------
+    def add(self, group: str, call: Call, evaluation: Evaluation) -> None:
+        """Queue the call if it is to be recorded; never blocks, never raises for Redis."""
+        recorded = evaluation.outcome.action == "reject" or evaluation.dry_runs
+        if not recorded and (not self.sample or random.random() >= self.sample):
+            return
+        if len(self.queue) >= self.settings.queue_max:
+            self._full.inc()
+            return
+        self.queue.append((time.time(), group, call, evaluation))
+
+    # --- the writer --------------------------------------------------------------------
+    async def run(self) -> None:
+        """Write the queue every ``flush_ms`` until cancelled."""
+        pause_s = self.settings.flush_ms / 1000
+        while True:
+            await asyncio.sleep(pause_s)
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Write what is queued now; returns how many records were written."""
+        batch, self.queue = self.queue, []
+        if not batch:
+            return 0
+        try:
+            async with asyncio.timeout(self.settings.write_timeout_ms / 1000):
+                await self._write(batch)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._failed.inc(len(batch))
+            self._warn.warning("call history: %d records dropped: %r", len(batch), exc)
+            return 0
+        self._written.inc(len(batch))
+        return len(batch)
+
+    def _number(self, number: str | None) -> str | None:
+        if number is None:
+            return None
+        return mask_number(number) if self.masked else number
+
+    def _matched(self, matched: str | None, call: Call) -> str | None:
+        """What a rule matched, masked when it is the caller or called number."""
+        if matched is not None and matched in (call.caller, call.called):
+            return self._number(matched)
+        return matched
+
+    def number_key(self, number: str) -> str:
+        """The name of a (canonical) number's set: the number, or its keyed hash."""
+        if self.key is None:
+            return number
+        return hmac.new(self.key, number.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _record(self, at: float, group: str, call: Call, evaluation: Evaluation) -> dict[str, Any]:
+        outcome = evaluation.outcome
+        caller, called = call.caller, call.called
+        return {
+            "call_id": call.call_id,
+            "time": round(at, 3),
+            "trunk_group": None if group.startswith("_") else group,
+            "caller": self._number(caller),
+            "called": self._number(called),
+            "decision": outcome.action,
+            "answer": list(outcome.operands) if outcome.operands else [],
+            "rule": outcome.rule,
+            "list": outcome.list,
+            "matched": self._matched(evaluation.matched, call),
+            "on_error": evaluation.fallback,
+            "dry_run_matches": [
+                {"rule": dry.rule, "list": dry.list, "matched": self._matched(m, call)}
+                for dry, m in evaluation.dry_runs
+            ],
+        }
+
+    async def _write(self, batch: list[Queued]) -> None:
+        settings = self.settings
+        now_ms = int(time.time() * 1000)
+        touched: set[str] = set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for at, group, call, evaluation in batch:
+                data = orjson.dumps(self._record(at, group, call, evaluation))
+                pipe.xadd(
+                    keys.HISTORY_RECENT,
+                    {"r": data},
+                    maxlen=settings.max_entries,
+                    approximate=True,
+                )
+                for number in {call.caller, call.called} - {None}:
+                    key = keys.history_calls(self.number_key(number))  # type: ignore[arg-type]
+                    pipe.zadd(key, {data: int(at * 1000)})
+                    touched.add(key)
+            for key in touched:
+                pipe.zremrangebyscore(key, "-inf", now_ms - settings.retention_s * 1000)
+                pipe.zremrangebyrank(key, 0, -settings.max_per_number - 1)
+                pipe.expire(key, settings.retention_s)
+            await pipe.execute()
+
+    # --- the reads (operator API) ------------------------------------------------------
+    async def calls(
+        self, number: str, since_s: float, until_s: float, limit: int
+    ) -> list[dict[str, Any]]:
+        """A canonical number's recorded calls in ``[since_s, until_s]``, newest first."""
+        key = keys.history_calls(self.number_key(number))
+        found = await self.redis.zrevrangebyscore(
+            key, int(until_s * 1000), int(since_s * 1000), start=0, num=limit
+        )
+        return [orjson.loads(data) for data in found]  # type: ignore[arg-type]
+
+    async def recent(self, limit: int, decision: str | None = None) -> list[dict[str, Any]]:
+        """The newest recorded calls of every number (of one decision), newest first."""
+        found: list[dict[str, Any]] = []
+        async for record in newest_first(self.redis, keys.HISTORY_RECENT, MAX_PAGES):
+            if decision is None or record.get("decision") == decision:
+                found.append(record)
+                if len(found) >= limit:
+                    break
+        return found[:limit]
