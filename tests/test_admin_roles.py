@@ -76,9 +76,16 @@ async def test_each_role_does_what_it_says_on_the_api(client: Client) -> None:
     assert "editor of blocklist only; list 'vip'" in (await other.json())["error"]
     # admin, named or bare (a token from before roles): everything.
     for token in (ADMIN, LEGACY):
-        assert (await client.put("/v1/lists/vip/entries/15162065600", headers=bearer(token))).status == 200
+        assert (
+            await client.put("/v1/lists/vip/entries/15162065600", headers=bearer(token))
+        ).status == 200
     who = await (await client.get("/v1/whoami", headers=bearer(EDITOR))).json()
-    assert who == {"name": "bob", "role": "editor", "scope": ["blocklist"], "editable": ["blocklist"]}
+    assert who == {
+        "name": "bob",
+        "role": "editor",
+        "scope": ["blocklist"],
+        "editable": ["blocklist"],
+    }
     legacy = await (await client.get("/v1/whoami", headers=bearer(LEGACY))).json()
     assert (legacy["name"], legacy["role"]) == ("admin-1", "admin")
     wrong = await client.get("/v1/whoami", headers=bearer("not-a-token-0123456789"))
