@@ -66,7 +66,8 @@ _SECURITY_SCHEMES = {
     "adminToken": {
         "type": "http",
         "scheme": "bearer",
-        "description": "A token from the variable named by `admin.tokens_env`.",
+        "description": "A token from `admin.tokens_env` or `admin.tokens_file`; its role "
+        "(read, editor of some lists, admin) decides what it may do.",
     },
     "handlerBasic": {
         "type": "http",
@@ -145,7 +146,10 @@ _EXPLAIN_AUTH = (
 #: Every admin route may answer these.
 _ADMIN_REFUSALS = {
     401: Reply("No admin token: send `Authorization: Bearer <token>`.", challenge=True),
-    403: Reply("Wrong admin token, or the admin API is disabled (no tokens set)."),
+    403: Reply(
+        "Wrong admin token, a token without the role this needs (the answer names it), "
+        "or the admin API is disabled (no tokens set)."
+    ),
     503: Reply("Redis did not answer; nothing was changed."),
 }
 _BAD_NAME = {400: Reply("Bad list name."), 404: Reply("Unknown list.")}
@@ -154,6 +158,27 @@ _WRITTEN = Reply("Redis accepted the write.", api.EntryState)
 _ENTRY_KINDS: tuple[ListKind, ...] = ("numbers", "prefixes", "names")
 #: Schemas that bodies name by reference only (items checked one by one).
 _REFERENCED: tuple[type, ...] = (api.SubscriberAdd, api.SubscriberRemove)
+_REASON = _param(
+    "reason", "Why: kept in the audit trail (at most 500 characters).", _STRING, "query"
+)
+_LIMIT = _param(
+    "limit",
+    "Most records answered.",
+    {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    "query",
+)
+_NUMBER = _param(
+    "number",
+    "A number, in any common format.",
+    _NOT_EMPTY,
+    "query",
+    required=True,
+    examples={"number": {"value": "15162065613"}},
+)
+_TIME = "Unix seconds or an ISO 8601 time."
+_HISTORY_OFF = {404: Reply("Call history is off (`history.enabled`).")}
+_RECORDS = Reply("The records, newest first.", dict[str, Any])
+_CONSOLE = "The operator console (docs/console.md); the page holds no data."
 _SUBSCRIBER_REPLIES = {
     200: Reply("The subscriber's entries, after the write for a write.", api.SubscriberEntries),
     400: Reply("Bad list name, not a subscribers list, or a bad subscriber, entry or side."),
@@ -207,10 +232,10 @@ ROUTES: tuple[Route, ...] = (
           auth="admin", kinds=_ENTRY_KINDS),
     Route("put", "/v1/lists/{name}/entries/{entry}", "admin",
           "Add one entry; answered after Redis accepted it.",
-          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS),
+          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS, params=(_REASON,)),
     Route("delete", "/v1/lists/{name}/entries/{entry}", "admin",
           "Remove one entry; answered after Redis accepted it.",
-          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS),
+          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS, params=(_REASON,)),
     Route("post", "/v1/lists/{name}/subscribers", "admin",
           "Add and remove entries of many subscribers at once; checked whole first.",
           {200: Reply("Redis accepted every change.", api.SubscriberBulkResult),
@@ -234,6 +259,36 @@ ROUTES: tuple[Route, ...] = (
     Route("delete", "/v1/lists/{name}/subscribers/{subscriber}/entries/{entry}", "admin",
           "Remove one entry from the subscriber; answered after Redis accepted it.",
           _SUBSCRIBER_REPLIES, auth="admin", kinds=("subscribers",), params=(_SUBSCRIBER_ENTRY,)),
+    Route("get", "/v1/whoami", "operator", "The token's name, role and the lists it may change.",
+          {200: Reply("The token.", dict[str, Any])}, auth="admin"),
+    Route("get", "/v1/audit", "operator", "The audit trail: admin changes, syncs, reloads.",
+          {200: _RECORDS, 400: Reply("Bad limit.")}, auth="admin",
+          params=(_param("entry", "Records of this entry or subscriber.", _STRING, "query"),
+                  _param("list", "Records of this list.", _STRING, "query"),
+                  _param("action", "Records of this action (add, remove, bulk, sync, ...).",
+                         _STRING, "query"), _LIMIT)),
+    Route("get", "/v1/history", "operator",
+          "A number's recorded calls (as caller or called), newest first.",
+          {200: Reply("The calls.", dict[str, Any]),
+           400: Reply("Bad number, time or limit."), **_HISTORY_OFF}, auth="admin",
+          params=(_NUMBER, _param("since", _TIME, _STRING, "query"),
+                  _param("until", _TIME, _STRING, "query"), _LIMIT)),
+    Route("get", "/v1/history/recent", "operator",
+          "The newest recorded calls of every number, with their count by rule.",
+          {200: Reply("The calls.", dict[str, Any]),
+           400: Reply("Bad decision or limit."), **_HISTORY_OFF}, auth="admin",
+          params=(_param("decision", "Only these.", {"enum": ["reject", "allow"]}, "query"),
+                  _LIMIT)),
+    Route("get", "/v1/lookup", "operator",
+          "Everything about one number: lists, decisions by trunk group, calls, audit.",
+          {200: Reply("The number.", dict[str, Any]), 400: Reply("Bad number.")},
+          auth="admin", params=(_NUMBER,)),
+    Route("get", "/console", "operator", "The operator console's page.",
+          {200: Reply(_CONSOLE, str, "text/html")}),
+    Route("get", "/console/console.js", "operator", "The console's script.",
+          {200: Reply(_CONSOLE, str, "text/javascript")}),
+    Route("get", "/console/console.css", "operator", "The console's style.",
+          {200: Reply(_CONSOLE, str, "text/css")}),
 )  # fmt: skip
 
 
