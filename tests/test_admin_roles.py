@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from core import keys
-from core.audit import AUDIT_LOGGER, AuditLog, AuditRecord
+from core.audit import AuditLog, AuditRecord
 from core.config import AuditSettings, Config, ConfigError
-from core.logs import configure_logging
+from core.logs import AUDIT_LOGGER, configure_logging
 from service.operator.admin import ADMIN_TOKENS
 from service.operator.tokens import read_tokens
 from tests.helpers import body_from
@@ -126,7 +126,8 @@ async def test_an_admin_change_shows_in_the_audit_with_its_token_name_and_client
     )
     assert (newest["version_before"], newest["version_after"]) == (1, 2)
     # No secret in Redis.
-    raw = b"".join(v[b"r"] for _, v in await redis.xrange(keys.AUDIT_LOG))
+    stored: Any = await redis.xrange(keys.AUDIT_LOG)
+    raw = b"".join(values[b"r"] for _, values in stored)
     assert EDITOR.encode() not in raw and ADMIN.encode() not in raw
 
 

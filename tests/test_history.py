@@ -67,7 +67,8 @@ async def test_a_rejected_call_is_found_by_number_within_a_second(
     started: Callable[..., Any], redis: Redis
 ) -> None:
     client = await started()
-    body = body_from("+1 516 206 5613", **{"Call-ID": ["call-1@pbx"]})
+    body = body_from("+1 516 206 5613")
+    body["Call-ID"] = ["call-1@pbx"]
     called_at = time.time()
     answer = await client.post("/tg/main", json=body)
     assert await answer.json() == REJECT
@@ -91,8 +92,8 @@ async def test_a_rejected_call_is_found_by_number_within_a_second(
     assert call["caller"] == "1516206****" and call["matched"] == "1516206****"
     assert call["called"] == "1951262****"
     assert abs(call["time"] - called_at) < 1
-    key_names = b" ".join(await redis.keys("*hist*"))
-    assert b"5162065613" not in key_names
+    key_names: Any = await redis.keys("*hist*")
+    assert key_names and not any(b"5162065613" in name for name in key_names)
     # Found by the called number too; the allowed call is not sampled (sample 0).
     assert [c["call_id"] for c in await history_of(client, "19512623062")] == ["call-1@pbx"]
     assert await history_of(client, "15162065699") == []
