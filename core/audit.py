@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -79,6 +80,27 @@ class AuditRecord:
         }
 
 
+def loader_record(
+    action: str,
+    list_name: str,
+    before: int | None,
+    after: int | None,
+    outcome: str,
+    detail: str,
+) -> AuditRecord:
+    """A record of the loader's own (``sync``, ``accept``): actor ``loader``, its host."""
+    return AuditRecord(
+        action=action,
+        actor="loader",
+        client=socket.gethostname(),
+        list=list_name,
+        version_before=before,
+        version_after=after,
+        outcome=outcome,
+        detail=detail,
+    )
+
+
 def _line(record: AuditRecord) -> str:
     parts = [f"{record.action} by {record.actor} from {record.client}"]
     for name in ("list", "subscriber", "entry", "added", "removed", "outcome"):
@@ -118,6 +140,14 @@ class AuditLog:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             logger.warning("audit record not stored in Redis (it is in the log): %r", exc)
+
+    async def version_of(self, list_name: str) -> int | None:
+        """The list's ``version`` now (None: no list, or Redis did not answer)."""
+        try:
+            value = await self.redis.hget(keys.meta(list_name), "version")
+        except (RedisError, OSError):
+            return None
+        return None if value is None else int(value)
 
     async def query(
         self,

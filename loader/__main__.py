@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from core.audit import AuditLog, loader_record
 from core.config import Config, ConfigError, load_config
 from core.connect import connect, redact
 from core.logs import configure_logging
@@ -158,8 +159,13 @@ async def _compact(config: Config, names: list[str]) -> int:
 
 async def _accept(config: Config, name: str) -> int:
     redis = _connect(config)
+    audit = AuditLog(redis, config.audit)
     try:
+        before = await audit.version_of(name)
         version = await ListStore(redis).accept(name, time.time())
+        if version is not None:
+            record = loader_record("accept", name, before, version, "ok", "accepted as held")
+            await audit.append(record)
     except Exception as exc:  # Redis errors and the like
         logger.error("%s: not accepted, nothing changed: %s", name, redact_text(str(exc)))
         return 1

@@ -22,6 +22,7 @@ from typing import IO
 import aiohttp
 import numpy as np
 
+from core.audit import AuditLog, loader_record
 from core.build import (
     BuildResult,
     ListBuilder,
@@ -34,6 +35,7 @@ from core.config import Config, ListSpec
 from core.connect import redact
 from core.entries import BadEntry, canonical
 from core.numbers import normalise
+from core.redact import redact_text
 from core.store import ListStore, RedisClient
 from core.subscribers import (
     BadSubscriberEntry,
@@ -170,8 +172,26 @@ async def sync_list(
     *,
     session: aiohttp.ClientSession | None = None,
 ) -> SyncReport:
-    """Replace list ``name`` with the contents of its configured source."""
-    return await _ListSync(redis, config, name, options).run(session)
+    """Replace list ``name`` with the contents of its configured source.
+
+    A real sync (not a dry run) is recorded in the audit trail (core/audit.py) with its
+    outcome (``ok``, ``refused`` or ``failed``) and the version before and after.
+    """
+    sync = _ListSync(redis, config, name, options)
+    if options.dry_run:
+        return await sync.run(session)
+    audit = AuditLog(redis, config.audit)
+    before = await audit.version_of(name)
+    try:
+        report = await sync.run(session)
+    except Exception as exc:
+        outcome = "refused" if isinstance(exc, SyncRefused) else "failed"
+        detail = redact_text(str(exc) or repr(exc))[:500]
+        await audit.append(loader_record("sync", name, before, None, outcome, detail))
+        raise
+    record = loader_record("sync", name, before, report.version, "ok", report.summary())
+    await audit.append(record)
+    return report
 
 
 class _ListSync:

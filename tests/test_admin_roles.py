@@ -17,6 +17,8 @@ from core import keys
 from core.audit import AuditLog, AuditRecord
 from core.config import AuditSettings, Config, ConfigError
 from core.logs import AUDIT_LOGGER, configure_logging
+from loader.__main__ import _accept as accept
+from loader.sync import SyncOptions, SyncRefused, sync_list
 from service.operator.admin import ADMIN_TOKENS
 from service.operator.tokens import read_tokens
 from tests.helpers import body_from
@@ -202,3 +204,36 @@ def test_bad_token_entries_name_the_entry_never_the_secret(
     assert "secret-0123456789abc" not in str(bad.value)
     with pytest.raises(ConfigError, match="repeated: x"):
         read_tokens(config, {"CALLSCREEN_ADMIN_TOKENS": f"x:read:{READER},x:admin:{ADMIN}"})
+
+
+async def test_the_loaders_syncs_and_accepts_are_in_the_audit(
+    tmp_path: Path, redis: Redis, make_config: Callable[..., Config]
+) -> None:
+    data = {
+        "lists": {"blocklist": {"kind": "numbers", "source": "blocklist.csv"}},
+        "policies": {
+            "default": {"rules": [{"name": "bl", "match": "caller_in_list", "list": "blocklist"}]}
+        },
+    }
+    config = make_config(data, base_dir=tmp_path)
+    write_source(tmp_path, "number\n5162065613\n")
+    quiet = SyncOptions(progress="off")
+    report = await sync_list(redis, config, "blocklist", quiet)
+    write_source(tmp_path, "number\n")
+    with pytest.raises(SyncRefused):
+        await sync_list(redis, config, "blocklist", quiet)
+    await sync_list(redis, config, "blocklist", SyncOptions(dry_run=True, progress="off"))
+    assert await accept(config, "blocklist") == 0  # python -m loader accept
+    records = await AuditLog(redis, config.audit).query(list_name="blocklist")
+    summary = [(r["action"], r["actor"], r["outcome"], r.get("version_before")) for r in records]
+    assert summary == [
+        ("accept", "loader", "ok", report.version),
+        ("sync", "loader", "refused", report.version),
+        ("sync", "loader", "ok", None),  # a new list: no version before
+    ]
+    assert records[2]["version_after"] == report.version
+    assert "no valid entries" in records[1]["detail"]
+
+
+def write_source(folder: Path, text: str) -> None:
+    (folder / "blocklist.csv").write_text(text)
