@@ -77,6 +77,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default="1000,10000,100000,1000000,10000000",
         help="list sizes for the decision-cost micro-benchmark",
     )
+    parser.add_argument(
+        "--history",
+        type=float,
+        metavar="SHARE",
+        help="turn call history on, recording this share of allowed calls (0 to 1) besides "
+        "every reject; the service's cost per call is then measured with it",
+    )
     subscribers.add_arguments(parser)
     fraud.add_arguments(parser)
     parser.add_argument("--skip-http", action="store_true", help="only the Redis/loader parts")
@@ -95,6 +102,8 @@ def _step(message: str) -> Callable[[], None]:
 def _child_env(redis_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env["CALLSCREEN_REDIS_URL"] = redis_url
+    # Masked call history names numbers' sets by an HMAC under this key (--history).
+    env.setdefault("CALLSCREEN_HISTORY_KEY", os.urandom(16).hex())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     return env
 
@@ -298,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         server = RedisProcess(work / "redis").start()
         service_port = free_port()
         base_config = bench_config(files, server.url, service_port, args.workers)
+        if args.history is not None:
+            base_config["history"] = {"enabled": True, "sample_allowed": args.history}
         config = write_config(work / "bench.yaml", base_config)
         results["storage"] = run_storage(work, workload, config, server)
         report.storage(results["storage"])
