@@ -8,12 +8,17 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from core import keys
 from core.config import Config, ConfigError
 from service.appkeys import SCREENER
+from service.metrics import Metrics
 from service.screening.history import CallHistory, history_key
+from service.screening.policy import Evaluation, outcome_for
+from service.screening.request import Call, CallParser
 from tests.helpers import REJECT, body_from, load_list, wait_for
 
 TOKEN = "history-test-admin-token-0123456789"
@@ -192,3 +197,37 @@ async def test_lookup_gathers_lists_decisions_calls_and_audit(started: Callable[
     ]
     bad = await client.get("/v1/lookup?number=nope", headers=AUTH)
     assert bad.status == 400 and "not a phone number" in (await bad.json())["error"]
+
+
+def rejected_call(n: int) -> tuple[Call, Evaluation]:
+    body = body_from(f"1516206{5600 + n}")
+    body["Call-ID"] = [f"call-{n}@pbx"]
+    call = CallParser(("from",), "1").parse(body)
+    outcome = outcome_for("reject", ("unavailable", "aniblock"), "blocklist", "blocklist")
+    return call, Evaluation(outcome, matched=call.caller)
+
+
+async def test_the_writer_keeps_the_newest_calls_per_number(
+    redis: Redis, make_config: Callable[..., Config]
+) -> None:
+    await check_writer(redis, make_config)
+
+
+async def test_the_writer_works_on_a_cluster(
+    cluster_redis: RedisCluster, make_config: Callable[..., Config]
+) -> None:
+    await check_writer(cluster_redis, make_config)
+
+
+async def check_writer(client: Redis | RedisCluster, make_config: Callable[..., Config]) -> None:
+    config = make_config({**CONFIG, "history": {"enabled": True, "max_per_number": 2}})
+    metrics = Metrics(config, CollectorRegistry())
+    history = CallHistory(config, client, metrics, {"CALLSCREEN_HISTORY_KEY": HISTORY_KEY})
+    for n in range(3):  # three calls to the same called number, from three callers
+        history.add("main", *rejected_call(n))
+    assert await history.flush() == 3
+    called = await history.calls("19512623062", 0, time.time() + 1, 10)
+    assert [c["call_id"] for c in called] == ["call-2@pbx", "call-1@pbx"]  # the newest two
+    for n in range(3):
+        assert len(await history.calls(f"1516206{5600 + n}", 0, time.time() + 1, 10)) == 1
+    assert len(await history.recent(10)) == 3
