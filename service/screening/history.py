@@ -20,7 +20,6 @@ number finds its calls, and Redis holds no full number.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import os
@@ -58,15 +57,15 @@ redis.call('expire', KEYS[1], ARGV[5])
 #: of Redis time) not to hold up the call-rate reads of the request path.
 SCRIPT_CHUNK = 100
 #: The chunk script: KEYS[1] the recent stream, KEYS[2..] the numbers' sets; ARGV: the
-#: four limits, then per call its record, its time in ms and two indexes into KEYS
-#: (0: none).
+#: four limits, then per call its record and "<time in ms> <set> <set>" (indexes into
+#: KEYS, 0: none; one argument rather than three, as each costs its encoding).
 _ADD_CHUNK = """
 local max_entries, oldest, per_number, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-for i = 5, #ARGV, 4 do
+for i = 5, #ARGV, 2 do
   redis.call('xadd', KEYS[1], 'MAXLEN', '~', max_entries, '*', 'r', ARGV[i])
-  for j = i + 2, i + 3 do
-    local k = tonumber(ARGV[j])
-    if k > 0 then redis.call('zadd', KEYS[k], ARGV[i + 1], ARGV[i]) end
+  local at, a, b = string.match(ARGV[i + 1], '(%d+) (%d+) (%d+)')
+  for _, k in ipairs({tonumber(a), tonumber(b)}) do
+    if k > 0 then redis.call('zadd', KEYS[k], at, ARGV[i]) end
   end
 end
 for k = 2, #KEYS do
@@ -171,7 +170,7 @@ class CallHistory:
         """The name of a (canonical) number's set: the number, or its keyed hash."""
         if self.key is None:
             return number
-        return hmac.new(self.key, number.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.digest(self.key, number.encode(), "sha256").hex()[:32]
 
     def _record(self, at: float, group: str, call: Call, evaluation: Evaluation) -> dict[str, Any]:
         outcome = evaluation.outcome
@@ -250,8 +249,8 @@ def _add_chunk(
 ) -> None:
     """Queue one :data:`_ADD_CHUNK` call for ``records`` (record, time in ms, set keys)."""
     index: dict[str, int] = {}
-    args: list[bytes | int] = []
+    args: list[bytes | str] = []
     for data, at_ms, sets in records:
         slots = [index.setdefault(key, len(index) + 2) for key in sets] + [0, 0]
-        args += [data, at_ms, slots[0], slots[1]]
+        args += [data, f"{at_ms} {slots[0]} {slots[1]}"]
     pipe.eval(_ADD_CHUNK, 1 + len(index), keys.HISTORY_RECENT, *index, *limits, *args)
