@@ -209,9 +209,8 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
-        if config.history.enabled:
-            for outcome in ("written", "dropped_queue_full", "dropped_redis"):
-                self.history_records.labels(outcome)
+        for outcome in ("written", "dropped_queue_full", "dropped_redis"):
+            self.history_records.labels(outcome)
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         ProcessCollector(registry=registry)
         Info(
