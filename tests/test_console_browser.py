@@ -19,8 +19,9 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from redis.asyncio import Redis
 
 from core.config import Config
+from loader.sync import SyncOptions, sync_list
 from service.operator.admin import ADMIN_TOKENS
-from tests.helpers import REJECT, body_from, load_list, wait_for
+from tests.helpers import REJECT, body_from, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -96,14 +97,19 @@ async def service(
     tokens = tmp_path / "tokens"
     tokens.write_text(f"ops:admin:{ADMIN}\nsupport:editor=blocklist:{EDITOR}\nnoc:read:{READER}\n")
     monkeypatch.delenv("CALLSCREEN_ADMIN_TOKENS", raising=False)
-    await load_list(redis, "blocklist", "numbers", ["15162065613", "15162065614"])
     config = make_config({**CONFIG, "admin": {"tokens_file": str(tokens)}}, base_dir=tmp_path)
+    write_blocklist(tmp_path)
+    await sync_list(redis, config, "blocklist", SyncOptions(progress="off"))  # audited
     client: Client = await make_client(config, redis_client=redis)
     body = body_from("15162065613")
     body["Call-ID"] = ["c-1@pbx"]
     call = await client.post("/tg/main", json=body)
     assert await call.json() == REJECT
     return client
+
+
+def write_blocklist(folder: Path) -> None:
+    (folder / "blocklist.csv").write_text("number\n15162065613\n15162065614\n")
 
 
 def withdraw_all_but_admin(tokens_file: Path) -> None:
@@ -201,6 +207,7 @@ async def test_lists_rejections_and_status_pages(
     await page.click("a[data-page=lists]")
     overview = page.locator("#lists-table-overview tbody tr")
     await expect(overview.filter(has_text="blocklist")).to_contain_text("loaded")
+    await expect(overview.filter(has_text="blocklist")).to_contain_text("ok: blocklist: 2 entries")
     await expect(overview.filter(has_text="allowlist")).to_contain_text("(admin API only)")
     await snap(page, "lists", tmp_path)
     await page.click("a[data-page=rejections]")
@@ -210,6 +217,7 @@ async def test_lists_rejections_and_status_pages(
     await snap(page, "rejections", tmp_path)
     await page.click("a[data-page=status]")
     await expect(page.locator("#reload")).to_be_visible()
+    await expect(page.locator("#syncs tbody tr").first).to_contain_text("loader")
     await snap(page, "status", tmp_path)
 
 
