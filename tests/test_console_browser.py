@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Page, async_playwright, expect
 from redis.asyncio import Redis
 
 from core.config import Config
@@ -25,6 +25,7 @@ from tests.helpers import REJECT, body_from, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
+    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -67,23 +68,19 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    # launch() gives the browser a fresh temporary profile (--user-data-dir) of its own.
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=FLAGS
-        )
-        yield launched
-        await launched.close()
-
-
 @pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context(viewport={"width": 1200, "height": 800})
-    opened = await context.new_page()
-    yield opened
-    await context.close()
+async def page(tmp_path: Path) -> AsyncIterator[Page]:
+    """A browser of its own for each test, with a fresh profile (``--user-data-dir``)."""
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1200, "height": 800},
+        )
+        yield context.pages[0] if context.pages else await context.new_page()
+        await context.close()
 
 
 @pytest.fixture
