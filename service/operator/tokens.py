@@ -23,7 +23,7 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -198,8 +198,3 @@ def missing_role(token: Token, need: Role, list_name: str | None) -> str:
 def token_of(request: web.Request) -> Token | None:
     """The admin token a guarded request came with (None: not guarded)."""
     return request.get(REQUEST_TOKEN)
-
-
-def describe(tokens: Iterable[Token]) -> list[dict[str, object]]:
-    """Names, roles and scopes (never digests), for logs and answers."""
-    return [{"name": t.name, "role": t.role, "scope": list(t.scope)} for t in tokens]
