@@ -237,3 +237,36 @@ async def test_the_loaders_syncs_and_accepts_are_in_the_audit(
 
 def write_source(folder: Path, text: str) -> None:
     (folder / "blocklist.csv").write_text(text)
+
+
+async def test_subscriber_changes_are_audited_and_scoped(
+    monkeypatch: pytest.MonkeyPatch,
+    redis: Redis,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+) -> None:
+    data = {
+        "lists": {"personal": {"kind": "subscribers"}, "blocklist": {"kind": "numbers"}},
+        "policies": {
+            "default": {
+                "rules": [
+                    {"name": "personal", "match": "caller_in_subscriber_list", "list": "personal"}
+                ]
+            }
+        },
+    }
+    monkeypatch.setenv(
+        "CALLSCREEN_ADMIN_TOKENS", f"desk:editor=personal:{EDITOR},other:editor=blocklist:{ADMIN}"
+    )
+    client: Client = await make_client(make_config(data), redis_client=redis)
+    path = "/v1/lists/personal/subscribers/19512623062/entries/15162065613?reason=asked"
+    assert (await client.put(path, headers=bearer(ADMIN))).status == 403  # not its list
+    assert (await client.put(path, headers=bearer(EDITOR))).status == 200
+    assert (await client.delete(path, headers=bearer(EDITOR))).status == 200
+    answer = await client.get("/v1/audit?entry=19512623062", headers=bearer(ADMIN))
+    records = (await answer.json())["records"]
+    assert [(r["action"], r["actor"], r["entry"], r["reason"]) for r in records] == [
+        ("subscriber_remove", "desk", "15162065613", "asked"),
+        ("subscriber_block", "desk", "15162065613", "asked"),
+    ]
+    assert records[0]["subscriber"] == "19512623062"
