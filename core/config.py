@@ -200,6 +200,8 @@ Match = Literal[
     "caller_in_subscriber_list",
     "sequential_dialing",
     "neighbour_spoofing",
+    "stir_result",
+    "stir_attestation",
 ]
 #: What a ``call_rate`` rule counts calls by (core/fraud.py).
 RateKey = Literal["caller", "called", "trunk_group", "caller_prefix", "caller_called"]
@@ -208,7 +210,21 @@ MATCH_ONLY_FIELDS: dict[str, frozenset[str]] = {
     "call_rate": frozenset({"limit", "window_s", "key", "prefix_digits"}),
     "sequential_dialing": frozenset({"window_s", "run_length", "max_gap", "track"}),
     "neighbour_spoofing": frozenset({"digits", "unless_list", "unless_verstat"}),
+    "stir_result": frozenset({"results", "reasons"}),
+    "stir_attestation": frozenset({"attest"}),
 }
+#: STIR/SHAKEN verification results (service/screening/stir/) and why one is invalid.
+StirResult = Literal["valid", "invalid", "absent"]
+StirReason = Literal[
+    "bad_signature",
+    "stale",
+    "tn_mismatch",
+    "untrusted_chain",
+    "cert_unavailable",
+    "malformed",
+    "verstat_failed",
+]
+Attestation = Literal["A", "B", "C"]
 #: The list kind each list-based condition needs.
 MATCH_LIST_KIND: dict[str, ListKind] = {
     "caller_in_list": "numbers",
@@ -247,6 +263,12 @@ class Rule(_Model):
     digits: Annotated[int, Field(ge=1, le=15)] = 7
     unless_list: str | None = None
     unless_verstat: tuple[str, ...] = ()
+    #: ``stir_result``: the verification results that match, and (for ``invalid``)
+    #: the reasons; no reasons given means any.
+    results: tuple[StirResult, ...] = ()
+    reasons: tuple[StirReason, ...] = ()
+    #: ``stir_attestation``: the attestation levels of a valid PASSporT that match.
+    attest: tuple[Attestation, ...] = ()
 
     _operands = field_validator("operands")(_check_operands)
 
@@ -280,6 +302,12 @@ class Rule(_Model):
             raise ValueError("'prefix_digits' goes with key 'caller_prefix', and only with it")
         if self.run_length > self.track:
             raise ValueError("'track' must be at least 'run_length'")
+        if self.match == "stir_result" and not self.results:
+            raise ValueError("match 'stir_result' needs 'results'")
+        if self.reasons and "invalid" not in self.results:
+            raise ValueError("'reasons' needs 'invalid' among the 'results'")
+        if self.match == "stir_attestation" and not self.attest:
+            raise ValueError("match 'stir_attestation' needs 'attest'")
         return self
 
 
@@ -287,6 +315,9 @@ class Policy(_Model):
     default: Action = "allow"
     default_operands: Operands = DEFAULT_OPERANDS
     rules: tuple[Rule, ...] = ()
+    #: STIR/SHAKEN rules take an upstream ``verstat`` (TN-Validation-Passed/-Failed) as
+    #: the result instead of checking the signature themselves.
+    trust_verstat: bool = False
 
     _operands = field_validator("default_operands")(_check_operands)
 
@@ -402,6 +433,44 @@ class LoaderSettings(_Model):
     max_concurrent_syncs: Annotated[int, Field(gt=0, le=64)] = 2
 
 
+class StirSettings(_Model):
+    """Verification of STIR/SHAKEN ``Identity`` headers (docs/stir-shaken.md)."""
+
+    #: PEM bundle of the STI-CA trust anchors (from the STI-PA trust list), relative to
+    #: the config file; re-read when it changes. ``null``: every chain is untrusted.
+    trust_anchors: str | None = None
+    #: Optional PEM/DER CRL files checked against each certificate of a chain.
+    crl_files: tuple[str, ...] = ()
+    #: A PASSporT older (``iat``) than this is ``stale``; one this far in the future too.
+    max_age_s: Annotated[int, Field(gt=0, le=3600)] = 60
+    clock_skew_s: Annotated[int, Field(ge=0, le=300)] = 5
+    #: Certificate (x5u) fetches: plain http allowed, the private/loopback/link-local
+    #: networks allowed as targets (an attacker writes the URL: keep both off in
+    #: production), a size cap and the fetch's own time limit (it goes on in the
+    #: background when a call stops waiting for it).
+    allow_http: bool = False
+    allow_networks: tuple[IPvAnyNetwork, ...] = ()
+    max_cert_bytes: Annotated[int, Field(gt=0, le=1_048_576)] = 16 * 1024
+    fetch_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 2000
+    #: Extra CA file for the TLS of certificate servers (besides the system's).
+    fetch_ca_file: str | None = None
+    #: Certificate cache lifetime when the server sends no Cache-Control/Expires, and
+    #: the bounds put on what it sends.
+    cache_default_s: Annotated[int, Field(gt=0)] = 3600
+    cache_min_s: Annotated[int, Field(ge=0)] = 60
+    cache_max_s: Annotated[int, Field(gt=0)] = 86_400
+    #: A failed fetch is not retried for this long (the call answers cert_unavailable).
+    negative_cache_s: Annotated[int, Field(ge=0, le=3600)] = 30
+    #: Verification results kept per worker, by Identity header value (retries).
+    results_cache_size: Annotated[int, Field(ge=0, le=1_000_000)] = 4096
+
+    @model_validator(mode="after")
+    def _cache_bounds(self) -> StirSettings:
+        if not self.cache_min_s <= self.cache_default_s <= self.cache_max_s:
+            raise ValueError("need cache_min_s <= cache_default_s <= cache_max_s")
+        return self
+
+
 class Config(_Model):
     redis: RedisSettings = RedisSettings()
     server: ServerSettings = ServerSettings()
@@ -414,6 +483,7 @@ class Config(_Model):
     #: Authentication of the screening endpoints (off unless set).
     auth: AuthSettings = AuthSettings()
     loader: LoaderSettings = LoaderSettings()
+    stir: StirSettings = StirSettings()
     lists: dict[str, ListSpec] = {}
     policies: dict[str, Policy] = {"default": Policy()}
     #: Policy for ``POST /``.

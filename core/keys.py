@@ -6,7 +6,8 @@ MULTI/EXEC on one Cluster slot. A ``subscribers`` list keeps ``meta`` and ``lock
 there but spreads its data over ``SUBSCRIBER_BUCKETS`` tags ``{cs:<list>:<b>}``, each
 bucket carrying the :data:`SUBSCRIBER_MARKER` field. Call-rate counters use one tag per
 caller, or per counted thing (``{cs:rate:<kind>:<subject>}``), and sequential dialing
-one per caller (``{cs:seq:<caller>}``); all of them expire. The full table is in
+one per caller (``{cs:seq:<caller>}``); all of them expire. STIR/SHAKEN certificates
+use one tag per x5u URL (``{cs:stir:<hash>}:cert``). The full table is in
 docs/design.md, "Redis key layout".
 The audit trail (``{cs:audit}:log``) and call history (``{cs:history}:recent``, one
 ``{cs:hist:<number key>}:calls`` set per number) are there too (docs/audit.md,
@@ -15,6 +16,7 @@ docs/history.md).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 
@@ -126,3 +128,9 @@ def history_calls(number_key: str) -> str:
 
 def bucket_of(number: int) -> int:
     return number % NUMBER_BUCKETS
+
+
+def stir_cert(url: str) -> str:
+    """A STIR/SHAKEN certificate (the x5u's PEM body) cached for the fleet; one tag each."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:32]
+    return f"{{cs:stir:{digest}}}:cert"

@@ -45,6 +45,7 @@ from service.screening.shared_lists import (
     parent_folder,
     remove_folder,
 )
+from service.screening.stir import make_verifier, wanted
 
 logger = logging.getLogger(__name__)
 #: How long start-up waits for the first list load before serving anyway.
@@ -80,6 +81,7 @@ def create_app(
     app.cleanup_ctx.append(_redis_ctx(redis))
     app.cleanup_ctx.append(_lists_ctx(lists_dir))
     app.cleanup_ctx.append(_history_ctx)
+    app.cleanup_ctx.append(_stir_ctx)
 
     app.router.add_post("/", screen)
     app.router.add_post("/tg/{trunk_group}", screen)
@@ -149,6 +151,20 @@ def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]
             await client.aclose()
 
     return redis_ctx
+
+
+async def _stir_ctx(app: web.Application) -> AsyncIterator[None]:
+    """STIR/SHAKEN verification, when a policy uses it (service/screening/stir/)."""
+    config = app[CONFIG]
+    if not wanted(config):
+        yield
+        return
+    verifier = make_verifier(config, app[REDIS], app[METRICS])
+    app[SCREENER].stir = verifier
+    try:
+        yield
+    finally:
+        await verifier.certs.close()
 
 
 def _shared_bases(

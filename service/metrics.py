@@ -53,6 +53,26 @@ FALLBACK_REASONS = (
     "internal",
 )
 ROOT_TRUNK_GROUP = "_root"
+#: STIR/SHAKEN (service/screening/stir/): results as (result, reason, attest).
+STIR_RESULTS = (
+    *(("valid", "", attest) for attest in ("A", "B", "C", "")),
+    *(
+        ("invalid", reason, "")
+        for reason in (
+            "bad_signature",
+            "stale",
+            "tn_mismatch",
+            "untrusted_chain",
+            "cert_unavailable",
+            "malformed",
+            "verstat_failed",
+        )
+    ),
+    ("absent", "", ""),
+)
+STIR_FETCH_OUTCOMES = ("ok", "refused", "http_error", "timeout", "too_large", "error")
+STIR_CACHE_LAYERS = ("result", "local", "redis", "miss")
+STIR_FETCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DecisionKey = tuple[str, str, str, bool]
 
 
@@ -211,6 +231,37 @@ class Metrics:
         )
         for outcome in ("written", "dropped_queue_full", "dropped_redis"):
             self.history_records.labels(outcome)
+        self.stir_results = Counter(
+            "callscreen_stir_verifications_total",
+            "STIR/SHAKEN results of screened calls that a policy verified, by result, "
+            "reason (invalid) and attestation (valid).",
+            ["result", "reason", "attest"],
+            registry=registry,
+        )
+        self.stir_fetches = Counter(
+            "callscreen_stir_cert_fetches_total",
+            "Certificate (x5u) fetches by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.stir_cache_lookups = Counter(
+            "callscreen_stir_cache_total",
+            "STIR/SHAKEN cache look-ups by the layer that answered: result (per Identity "
+            "value), local (this worker's certificates), redis (the fleet's), miss (fetched).",
+            ["layer"],
+            registry=registry,
+        )
+        self.stir_fetch_seconds = Histogram(
+            "callscreen_stir_cert_fetch_duration_seconds",
+            "Time to fetch one certificate (x5u), whatever the outcome.",
+            buckets=STIR_FETCH_BUCKETS_S,
+            registry=registry,
+        )
+        self._stir_children = {key: self.stir_results.labels(*key) for key in STIR_RESULTS}
+        self._stir_fetch_children = {o: self.stir_fetches.labels(o) for o in STIR_FETCH_OUTCOMES}
+        self._stir_cache_children = {
+            layer: self.stir_cache_lookups.labels(layer) for layer in STIR_CACHE_LAYERS
+        }
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         ProcessCollector(registry=registry)
         Info(
@@ -266,3 +317,17 @@ class Metrics:
     def fallback(self, reason: str) -> None:
         """Count an ``on_error`` answer; ``reason`` is one of :data:`FALLBACK_REASONS`."""
         self._fallback_children[reason].inc()
+
+    def stir_result(self, result: str, reason: str | None, attest: str | None) -> None:
+        """Count a call's STIR/SHAKEN result (bounded labels: see :data:`STIR_RESULTS`)."""
+        key = (result, reason or "", (attest or "") if result == "valid" else "")
+        child = self._stir_children.get(key)
+        if child is not None:
+            child.inc()
+
+    def stir_fetched(self, outcome: str, seconds: float) -> None:
+        self._stir_fetch_children[outcome].inc()
+        self.stir_fetch_seconds.observe(seconds)
+
+    def stir_cache(self, layer: str) -> None:
+        self._stir_cache_children[layer].inc()

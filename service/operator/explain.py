@@ -46,6 +46,7 @@ def _explanation(group: str, policy: CompiledPolicy, evaluation: Evaluation, cal
                 "verstat": call.verstat,
             },
             "called": call.called,
+            "stir": call.stir.explain() if call.stir is not None else None,
             "call_id": call.call_id,
         }
     )
@@ -63,4 +64,6 @@ async def explain(request: web.Request) -> web.Response:
         return refuse(screener, exc)
     call = screener.parser.parse(body)
     decision = await screener.decide(policy, call, count=False, trunk_group=group)
+    if call.stir is None and screener.stir is not None:  # shown even when no rule asked
+        call.stir = await screener.stir.verify(call, policy.trust_verstat, screener.deadline_s / 2)
     return web.Response(body=_explanation(group, policy, decision, call), content_type=_JSON)

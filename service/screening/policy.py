@@ -65,10 +65,14 @@ class NeedsRates(Exception):
     :meth:`CompiledPolicy.evaluate` resumes from there once the reads are in.
     """
 
-    def __init__(self, at: int = 0, dry_runs: tuple[tuple[Outcome, str], ...] = ()) -> None:
+    def __init__(
+        self, at: int = 0, dry_runs: tuple[tuple[Outcome, str], ...] = (), *, stir: bool = False
+    ) -> None:
         super().__init__(at)
         self.at = at
         self.dry_runs = dry_runs
+        #: The call's STIR/SHAKEN certificate must be loaded first (nothing evaluated yet).
+        self.stir = stir
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,9 @@ class CompiledRule:
         #: ``caller_in_subscriber_list``: a reject rule reads the block entries, an
         #: allow rule the allow entries.
         self.side: Side = "allow" if rule.action == "allow" else "block"
+        self.stir_results = frozenset(rule.results)
+        self.stir_reasons = frozenset(rule.reasons)
+        self.stir_attest = frozenset(rule.attest)
         self.test: Callable[[Call, Lists, Rates, Found], str | None] = getattr(
             self, "_" + rule.match
         )
@@ -167,6 +174,22 @@ class CompiledRule:
         self, call: Call, lists: Lists, rates: Rates, found: Found
     ) -> str | None:
         return call.verstat if call.attestation_failed else None
+
+    def _stir_result(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
+        stir = call.stir  # set by the screener for every policy with stir rules
+        if stir is None or stir.result not in self.stir_results:
+            return None
+        if stir.reason is None:
+            return str(stir.result)
+        if self.stir_reasons and stir.reason not in self.stir_reasons:
+            return None
+        return f"{stir.result} ({stir.reason})"
+
+    def _stir_attestation(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
+        stir = call.stir
+        if stir is None or stir.result != "valid" or stir.attest not in self.stir_attest:
+            return None
+        return f"attest {stir.attest}"
 
     def _call_rate(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
         assert self.rate is not None
@@ -253,6 +276,9 @@ class CompiledPolicy:
         )
         self.sequences = tuple(r.sequence for r in self.rules if r.sequence is not None)
         #: Subscribers lists whose entries a call reaching a remote rule reads.
+        #: The call's STIR/SHAKEN result is worked out before evaluating (screen.py).
+        self.uses_stir = any(r.match.startswith("stir_") for r in self.rules)
+        self.trust_verstat = policy.trust_verstat
         self.subscriber_lists = tuple(
             sorted({r.list_key for r in self.rules if r.match == "caller_in_subscriber_list"})
         )

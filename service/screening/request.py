@@ -79,6 +79,9 @@ class Call:
     froms: list[dict[str, Any]] = field(repr=False)
     from_user: str | None = field(repr=False)
     default_country: str = field(repr=False)
+    #: The STIR/SHAKEN verification (service/screening/stir/verify.py), set by the
+    #: screener before a policy with ``stir_*`` rules evaluates the call.
+    stir: Any = field(default=None, repr=False)
 
     @cached_property
     def called(self) -> str | None:

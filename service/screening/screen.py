@@ -38,6 +38,7 @@ from service.screening.policy import (
     outcome_for,
 )
 from service.screening.request import Call, CallParser
+from service.screening.stir.verify import Verifier
 
 if TYPE_CHECKING:
     from service.screening.history import CallHistory
@@ -73,6 +74,8 @@ class Screener:
         self.mask_callers = config.server.mask_callers
         #: Set while call history is on (service/app.py).
         self.history: CallHistory | None = None
+        #: STIR/SHAKEN verification, set up by the app when a policy has ``stir_*`` rules.
+        self.stir: Verifier | None = None
         self._warn = RateLimitedLog(logger, interval_s=10.0)
         self._by_group: dict[str | None, tuple[str, CompiledPolicy]] = {
             None: (ROOT_TRUNK_GROUP, self.policies[config.default_policy])
@@ -106,6 +109,10 @@ class Screener:
         cache = self.cache
         if not cache.usable():
             return self._fallback("stale_lists", cache.last_error or "lists not confirmed yet")
+        if policy.uses_stir and call.stir is None and self.stir is not None:
+            call.stir = self.stir.verify_now(call, policy.trust_verstat)
+            if call.stir is None:  # its certificate must be loaded: decide_remote waits
+                return NeedsRates(stir=True)
         try:
             return policy.evaluate(call, cache.lists)
         except ListsUnavailable as exc:
@@ -151,6 +158,12 @@ class Screener:
         with reason ``list_lost``. The fraud rules' reads (:mod:`core.fraud`; rates by
         ``trunk_group`` use the metrics label) ride in the same round trip.
         """
+        budget_s = self.deadline_s
+        if pending.stir:
+            decision, budget_s = await self._verify_stir(policy, call)
+            if not isinstance(decision, NeedsRates):
+                return decision
+            pending = decision
         cache = self.cache
         windows = [(rule.key, rule.window_s) for rule in policy.rate_rules]
         reads = self._subscriber_reads(policy, call)
@@ -168,7 +181,7 @@ class Screener:
             )
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.deadline_s):
+            async with asyncio.timeout(budget_s):
                 counts, packed, lost, replies = await self.store.fetch_for_call(
                     call.caller,
                     windows,
@@ -209,6 +222,18 @@ class Screener:
         )
         return Evaluation(self.on_error.outcome, fallback=LIST_LOST)
 
+    async def _verify_stir(
+        self, policy: CompiledPolicy, call: Call
+    ) -> tuple[Evaluation | NeedsRates, float]:
+        """Wait (within the deadline) for the call's certificate, then decide locally.
+
+        Also returns what is left of the deadline for a Redis round trip after it.
+        """
+        assert self.stir is not None
+        started = time.perf_counter()
+        call.stir = await self.stir.verify(call, policy.trust_verstat, self.deadline_s / 2)
+        return self.decide_locally(policy, call), self.deadline_s - (time.perf_counter() - started)
+
     def _subscriber_reads(self, policy: CompiledPolicy, call: Call) -> list[tuple[str, int, str]]:
         """``(list, live gen, subscriber)`` for each subscribers list the policy uses."""
         called = call.called
@@ -232,6 +257,8 @@ class Screener:
         outcome = evaluation.outcome
         metrics = self.metrics
         metrics.decided(group, outcome.action, outcome.rule)
+        if call.stir is not None:
+            metrics.stir_result(call.stir.result, call.stir.reason, call.stir.attest)
         for dry, _matched in evaluation.dry_runs:
             metrics.decided(group, dry.action, dry.rule, dry_run=True)
             self._log_call("dry-run match", group, dry.rule, dry.list, call)

@@ -1,0 +1,257 @@
+"""Verifying a call's SHAKEN PASSporT: the result the ``stir_*`` rules match on.
+
+Results: ``valid`` (with attestation A/B/C), ``invalid`` with a reason, or ``absent``
+(no SHAKEN Identity header). Reasons, in the order they are looked for: ``malformed``,
+``stale`` (``iat`` outside ``stir.max_age_s`` / ``stir.clock_skew_s``; checked before
+any fetch, so old PASSporTs cost no network), ``cert_unavailable``,
+``untrusted_chain``, ``bad_signature``, ``tn_mismatch`` (``orig.tn`` is not the caller,
+no ``dest.tn`` is the called number, or the certificate's TNAuthList leaves it out),
+and ``verstat_failed`` when a policy trusts the upstream ``verstat``.
+
+What depends on the header value alone (decoding, certificate, signature) is kept per
+value in a bounded LRU, so a retried INVITE is not verified twice; freshness and the
+numbers are checked for every call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from core.config import StirSettings
+from core.numbers import normalise
+from service.metrics import Metrics
+from service.screening.request import Call
+from service.screening.stir.certs import Signer
+from service.screening.stir.identity import Malformed, Passport, parse_value, shaken_value
+from service.screening.stir.store import CertEntry, CertStore
+
+VERSTAT_PASSED = "tn-validation-passed"
+VERSTAT_FAILED = "tn-validation-failed"
+_ECDSA = ec.ECDSA(hashes.SHA256())
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One step of a verification and how it went: ``ok``, ``failed`` or ``skipped``."""
+
+    name: str
+    outcome: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """A call's STIR/SHAKEN result (see the module docstring)."""
+
+    result: str
+    reason: str | None = None
+    attest: str | None = None
+    origid: str | None = None
+    passport: Passport | None = None
+    checks: tuple[Check, ...] = ()
+    #: ``signature`` (checked here) or ``verstat`` (the upstream's word was taken).
+    basis: str = "signature"
+
+    def explain(self) -> dict[str, Any]:
+        passport = self.passport
+        return {
+            "result": self.result,
+            "reason": self.reason,
+            "attest": self.attest,
+            "origid": self.origid,
+            "basis": self.basis,
+            "passport": (
+                {"header": passport.header, "payload": passport.payload}
+                if passport is not None
+                else None
+            ),
+            "checks": [
+                {"check": c.name, "outcome": c.outcome, "detail": c.detail or None}
+                for c in self.checks
+            ],
+        }
+
+
+ABSENT = Verification("absent", checks=(Check("identity", "failed", "no SHAKEN Identity header"),))
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """What depends on the header value only: its PASSporT and what its signature gave."""
+
+    passport: Passport | None
+    reason: str | None
+    checks: tuple[Check, ...]
+    signer: Signer | None = None
+
+
+class Verifier:
+    """Verifies calls for one worker: results per header value, certificates via ``certs``."""
+
+    def __init__(
+        self,
+        settings: StirSettings,
+        certs: CertStore,
+        default_country: str = "1",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.certs = certs
+        self.default_country = default_country
+        self.metrics = metrics
+        self.signed: OrderedDict[str, _Signed] = OrderedDict()
+        self._generation = certs.trust.generation
+
+    def verify_now(self, call: Call, trust_verstat: bool = False) -> Verification | None:
+        """The call's result without waiting, or None when a certificate must be loaded."""
+        return self._verify(call, trust_verstat, None)
+
+    async def verify(self, call: Call, trust_verstat: bool, wait_s: float) -> Verification:
+        """The call's result, waiting at most ``wait_s`` for its certificate."""
+        found = self._verify(call, trust_verstat, None)
+        if found is not None:
+            return found
+        value = shaken_value(call.headers.get("identity"))
+        assert value is not None
+        passport = parse_value(value)  # parsed fine a moment ago
+        entry = await self.certs.get(passport.x5u, wait_s)
+        found = self._verify(call, trust_verstat, entry)
+        assert found is not None
+        return found
+
+    def _verify(
+        self, call: Call, trust_verstat: bool, entry: CertEntry | None
+    ) -> Verification | None:
+        value = shaken_value(call.headers.get("identity"))
+        if trust_verstat:
+            by_verstat = self._by_verstat(call, value)
+            if by_verstat is not None:
+                return by_verstat
+        if value is None:
+            return ABSENT
+        if self._generation != self.certs.trust.generation:  # new trust anchors: re-check
+            self.signed.clear()
+            self._generation = self.certs.trust.generation
+        signed = self.signed.get(value)
+        if signed is not None:
+            self.signed.move_to_end(value)
+            if self.metrics is not None:
+                self.metrics.stir_cache("result")
+            return self._per_call(call, signed)
+        try:
+            passport = parse_value(value)
+        except Malformed as exc:
+            return self._per_call(call, self._remember(value, _malformed(str(exc))))
+        stale = self._stale(passport)
+        if stale is not None:  # no certificate is fetched for an old PASSporT
+            checks = (Check("decode", "ok"), stale)
+            return self._invalid("stale", passport, checks)
+        if entry is None:
+            entry = self.certs.peek(passport.x5u)
+            if entry is None:
+                return None
+        signed = _check_signature(passport, entry)
+        if signed.reason != "cert_unavailable":  # that one is tried again next call
+            self._remember(value, signed)
+        return self._per_call(call, signed)
+
+    def _remember(self, value: str, signed: _Signed) -> _Signed:
+        size = self.settings.results_cache_size
+        if size:
+            self.signed[value] = signed
+            if len(self.signed) > size:
+                self.signed.popitem(last=False)
+        return signed
+
+    def _stale(self, passport: Passport) -> Check | None:
+        age_s = time.time() - passport.iat
+        skew_s = self.settings.clock_skew_s
+        if age_s > self.settings.max_age_s + skew_s:
+            return Check("freshness", "failed", f"iat is {int(age_s)} s old")
+        if age_s < -skew_s:
+            return Check("freshness", "failed", f"iat is {int(-age_s)} s in the future")
+        return None
+
+    @staticmethod
+    def _invalid(reason: str, passport: Passport | None, checks: tuple[Check, ...]) -> Verification:
+        attest = passport.attest if passport is not None else None
+        origid = passport.origid if passport is not None else None
+        return Verification("invalid", reason, attest, origid, passport, checks)
+
+    def _per_call(self, call: Call, signed: _Signed) -> Verification:
+        passport = signed.passport
+        if signed.reason is not None or passport is None:
+            return self._invalid(signed.reason or "malformed", passport, signed.checks)
+        stale = self._stale(passport)
+        if stale is not None:
+            return self._invalid("stale", passport, (*signed.checks, stale))
+        checks = [*signed.checks, Check("freshness", "ok")]
+        orig = normalise("+" + passport.orig_tn, self.default_country)
+        if orig is None or orig != call.caller:
+            checks.append(Check("orig.tn", "failed", f"{passport.orig_tn} is not the caller"))
+            return self._invalid("tn_mismatch", passport, tuple(checks))
+        checks.append(Check("orig.tn", "ok"))
+        called = call.called
+        dests = {normalise("+" + tn, self.default_country) for tn in passport.dest_tns}
+        if called is None or called not in dests:
+            checks.append(Check("dest.tn", "failed", "no dest.tn is the called number"))
+            return self._invalid("tn_mismatch", passport, tuple(checks))
+        checks.append(Check("dest.tn", "ok"))
+        assert signed.signer is not None
+        if not signed.signer.tn_auth.covers(passport.orig_tn):
+            checks.append(Check("tn_auth", "failed", "orig.tn is not in the TNAuthList"))
+            return self._invalid("tn_mismatch", passport, tuple(checks))
+        checks.append(Check("tn_auth", "ok"))
+        return Verification(
+            "valid", None, passport.attest, passport.origid, passport, tuple(checks)
+        )
+
+    def _by_verstat(self, call: Call, value: str | None) -> Verification | None:
+        verstat = (call.verstat or "").lower()
+        if verstat not in (VERSTAT_PASSED, VERSTAT_FAILED):
+            return None
+        passport = None
+        if value is not None:
+            try:  # unverified: only for the attestation level and explain
+                passport = parse_value(value)
+            except Malformed:
+                passport = None
+        outcome = "ok" if verstat == VERSTAT_PASSED else "failed"
+        check = Check("verstat", outcome, call.verstat or "")
+        attest = passport.attest if passport is not None else None
+        origid = passport.origid if passport is not None else None
+        if verstat == VERSTAT_PASSED:
+            return Verification("valid", None, attest, origid, passport, (check,), "verstat")
+        return Verification(
+            "invalid", "verstat_failed", attest, origid, passport, (check,), "verstat"
+        )
+
+
+def _malformed(detail: str) -> _Signed:
+    return _Signed(None, "malformed", (Check("decode", "failed", detail),))
+
+
+def _check_signature(passport: Passport, entry: CertEntry) -> _Signed:
+    decoded = Check("decode", "ok")
+    if entry.signer is None:
+        reason = entry.reason or "cert_unavailable"
+        return _Signed(passport, reason, (decoded, Check("certificate", "failed", entry.detail)))
+    cert = Check("certificate", "ok", f"{entry.detail} ({entry.source})")
+    signature = passport.signature
+    der = encode_dss_signature(
+        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    )
+    try:
+        entry.signer.key.verify(der, passport.signing_input, _ECDSA)
+    except InvalidSignature:
+        failed = Check("signature", "failed", "does not verify with the certificate's key")
+        return _Signed(passport, "bad_signature", (decoded, cert, failed))
+    return _Signed(passport, None, (decoded, cert, Check("signature", "ok")), entry.signer)
