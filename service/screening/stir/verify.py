@@ -137,6 +137,7 @@ class Verifier:
                 return by_verstat
         if value is None:
             return ABSENT
+        self.certs.trust.maybe_reload()
         if self._generation != self.certs.trust.generation:  # new trust anchors: re-check
             self.signed.clear()
             self._generation = self.certs.trust.generation
