@@ -23,8 +23,8 @@ CALLED = "19512623062"
 class X5uServer:
     """Serves certificate files by path over HTTPS on 127.0.0.1 and counts each GET.
 
-    ``files`` maps a path to (body, headers); ``/hang`` never answers, ``/redirect?to=``
-    redirects, anything else is a 404.
+    ``files`` maps a path to (body, headers); ``/hang`` answers only once ``hang`` is
+    set (then like any path), ``/redirect?to=`` redirects, anything else is a 404.
     """
 
     def __init__(self, pki: StiPKI, folder: Path) -> None:
@@ -49,7 +49,6 @@ class X5uServer:
         self.hits[path] += 1
         if path.startswith("/hang"):
             await self.hang.wait()
-            return web.Response(status=503)
         if path == "/redirect":
             raise web.HTTPFound(request.query["to"])
         if path not in self.files:

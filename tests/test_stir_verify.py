@@ -293,6 +293,8 @@ async def test_a_hanging_certificate_server_does_not_stall_the_call(
 
     await wait_for(loaded, timeout_s=5.0)
     assert server.hits["/hang"] == 1
+    later = verifier.verify_now(call_of(value))
+    assert later is not None and later.result == "valid"
 
 
 async def test_the_certificate_cache_is_shared_through_redis(
