@@ -12,6 +12,8 @@ per-subscriber list (bench/subscribers.py, ``--subscribers N``, 0 to skip): its 
 sync, Redis bytes per pair, and a trunk group reading it served beside the local-only one.
 Then the fraud policy (bench/fraud.py, ``--fraud-rounds N``, 0 to skip): local lists plus
 Redis-counted rates and sequential dialing against bare aiohttp, and Redis bytes per key.
+STIR/SHAKEN (bench/stir.py, ``--stir-bodies N``, 0 to skip), before the subscribers:
+every call signed and verified with its certificate cached, against bare aiohttp.
 
 Everything it starts (Redis, servers) is stopped at the end, and its temporary folder
 removed unless ``--keep``.
@@ -35,7 +37,7 @@ import orjson
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import decision, fraud, load, machine, servers, storage, subscribers
+from bench import decision, fraud, load, machine, servers, stir, storage, subscribers
 from bench.report import Report
 from bench.workload import (
     CLASS_SHARES,
@@ -86,6 +88,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     subscribers.add_arguments(parser)
     fraud.add_arguments(parser)
+    stir.add_arguments(parser)
     parser.add_argument("--skip-http", action="store_true", help="only the Redis/loader parts")
     parser.add_argument("--folder", type=Path, help="work folder (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -331,6 +334,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             report.http(results["http"])
 
+        if args.stir_bodies > 0 and not args.skip_http:
+            results["stir"] = stir.run(
+                args,
+                work=work,
+                server=server,
+                base_config=base_config,
+                workload=workload,
+                local_bodies=files.bodies,
+                env=_child_env(server.url),
+                step=_step,
+            )
+            report.stir(results["stir"])
+
         if args.subscribers > 0:
             results["subscribers"] = subscribers.run(
                 args,
@@ -365,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2, default=str))
     # Missed targets are reported, not failures; wrong answers are.
     wrong = results.get("http", {}).get("answers", {}).get("wrong")
+    wrong = wrong or any(a["wrong"] for a in results.get("stir", {}).get("answers", {}).values())
     wrong_subscribers = (
         results.get("subscribers", {}).get("http", {}).get("answers", {}).get("wrong")
     )

@@ -17,6 +17,8 @@ MAX_DECISION_GROWTH = 1.5
 MAX_LOADER_MEMORY_GROWTH = 1.25
 #: The fraud policy (one Redis round trip a call) against bare aiohttp, one worker.
 MIN_FRAUD_RATIO = 0.5
+#: Every call signed and verified (certificate cached), one worker (issue 18).
+MIN_STIR_RATIO = 0.4
 
 
 class Report:
@@ -277,6 +279,22 @@ class Report:
             )
         untimed = sum(m["without_ttl"] for m in f["memory"].values())
         self._target("fraud keys expire", untimed == 0, f"{untimed} sampled keys without a TTL")
+
+    def stir(self, s: dict[str, Any]) -> None:
+        """Signed calls (bench/stir.py): rates against the baseline."""
+        from bench.stir import summary
+
+        lines, ratios = summary(s, self.args)
+        self.lines += lines
+        ratio = ratios.get("stir")
+        if ratio is not None:
+            self._target(
+                f"every call verified >= {MIN_STIR_RATIO}x baseline",
+                ratio >= MIN_STIR_RATIO,
+                f"{ratio:.3f}x",
+            )
+        wrong = sum(a["wrong"] for a in s["answers"].values())
+        self._target("signed calls answered right", wrong == 0, f"{wrong} wrong")
 
     def print(self) -> None:
         print("\n".join(["", *self.lines, "", "Targets", *self._target_lines]))

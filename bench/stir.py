@@ -1,0 +1,207 @@
+"""STIR/SHAKEN in ``make bench``: every call signed, its certificate already cached.
+
+    python -m bench --stir-bodies 5000      # the default; 0 skips this part
+
+Steps, on the bench's private Redis (the lists already loaded):
+
+1. a throw-away STI PKI (devtools/stir_pki.py); the SP certificate chain is put in Redis
+   under its x5u's key, as a worker's fetch would leave it, so no call fetches;
+2. ``--stir-bodies`` of the workload's bodies, each given an Identity header signed for
+   its own caller and called number (``max_age_s`` raised so they stay fresh for the
+   run), and a copy of each with ``verstat=TN-Validation-Passed`` on ``From``;
+3. one service with three trunk groups: the bench policy (``bench``), the same rules
+   behind a ``stir_result`` rule rejecting invalid PASSporTs (``stir``: every call's
+   signature is checked, the per-value results cache is off so retries do not flatter
+   it), and the same with ``trust_verstat`` (``stir_verstat``); and the bare-aiohttp
+   baseline. A sample of answers is checked, then rounds alternate over all four.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from statistics import mean, median
+from typing import Any
+
+import orjson
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import load, servers
+from bench.workload import TRUNK_GROUP, Workload, check_sample, write_config
+from core import keys
+from core.numbers import normalise
+from devtools.redis_server import RedisProcess, free_port
+from devtools.stir_pki import make_pki, sign_passport
+
+Step = Callable[[str], Callable[[], None]]
+X5U = "https://cert.bench.invalid/sp-chain.pem"
+NAMES = ("baseline", "local", "stir", "stir_verstat")
+WARMUP_S = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stir-bodies", type=int, default=5000, help="signed bodies for the STIR part (0: skip)"
+    )
+    parser.add_argument("--stir-rounds", type=int, default=2, help="load runs per server")
+
+
+def stir_config(base: dict[str, Any], anchors: Path) -> dict[str, Any]:
+    config = copy.deepcopy(base)
+    config["stir"] = {"trust_anchors": str(anchors), "max_age_s": 3600, "results_cache_size": 0}
+    rules = config["policies"]["bench"]["rules"]
+    invalid = {"name": "stir-invalid", "match": "stir_result", "results": ["invalid"],
+               "operands": ["forbidden", "stir"]}  # fmt: skip
+    for name, trust in (("stir", False), ("stir_verstat", True)):
+        config["policies"][name] = {"rules": [invalid, *rules], "trust_verstat": trust}
+        config["trunk_groups"][name] = {"policy": name}
+    return config
+
+
+def signed_bodies(workload: Workload, count: int, key: Any) -> tuple[list[bytes], list[bytes]]:
+    """The first ``count`` bodies with an Identity header; and those with a verstat too."""
+    plain, upstream = [], []
+    for raw in workload.bodies[:count]:
+        body = orjson.loads(raw)
+        caller = normalise(body["From"][0]["user"], "1")
+        called = normalise(body["To"][0]["user"], "1")
+        assert caller is not None and called is not None
+        body["Identity"] = [sign_passport(key, X5U, caller, called, attest="A")]
+        plain.append(orjson.dumps(body))
+        for address in body["From"]:
+            address["uri_parameters"] = {"verstat": "TN-Validation-Passed"}
+        upstream.append(orjson.dumps(body))
+    return plain, upstream
+
+
+def _sample(classes: list[str], per_class: int) -> list[int]:
+    taken: dict[str, int] = {}
+    indexes = []
+    for i, cls in enumerate(classes):
+        if taken.get(cls, 0) < per_class:
+            taken[cls] = taken.get(cls, 0) + 1
+            indexes.append(i)
+    return indexes
+
+
+def _stir_results(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "callscreen_stir_verifications":
+            for metric in family.samples:
+                if metric.name.endswith("_total") and metric.value:
+                    labels = metric.labels
+                    found[f"{labels['result']} {labels['reason'] or labels['attest']}"] = (
+                        metric.value
+                    )
+    return found
+
+
+def run(
+    args: argparse.Namespace,
+    *,
+    work: Path,
+    server: RedisProcess,
+    base_config: dict[str, Any],
+    workload: Workload,
+    local_bodies: Path,
+    env: dict[str, str],
+    step: Step,
+) -> dict[str, Any]:
+    """Serve signed calls beside unsigned ones and the baseline; the figures as a dict."""
+    folder = work / "stir"
+    done = step(f"stir: a test PKI and {args.stir_bodies:,} signed bodies")
+    pki = make_pki()
+    files = pki.write(folder / "pki")
+    plain, upstream = signed_bodies(workload, args.stir_bodies, pki.sp_key)
+    classes = workload.classes[: args.stir_bodies]
+    paths = {"baseline": f"/tg/{TRUNK_GROUP}", "local": f"/tg/{TRUNK_GROUP}"}
+    paths |= {"stir": "/tg/stir", "stir_verstat": "/tg/stir_verstat"}
+    bodies = {"baseline": local_bodies, "local": local_bodies}
+    for name, made in (("stir", plain), ("stir_verstat", upstream)):
+        bodies[name] = folder / f"{name}.jsonl"
+        bodies[name].write_bytes(b"\n".join(made) + b"\n")
+    config = write_config(folder / "bench.yaml", stir_config(base_config, files["trust_anchors"]))
+    client = redis.Redis(port=server.port)
+    client.set(keys.stir_cert(X5U), pki.chain_pem, ex=86_400)
+    client.close()
+    done()
+    wrk = load.wrk_binary()
+    scripts = {}
+    for name in NAMES:
+        script_folder = folder / f"wrk-{name}"
+        script_folder.mkdir(exist_ok=True)
+        scripts[name] = load.write_wrk_script(script_folder, bodies[name], paths[name])
+
+    def drive(url: str, name: str, seconds: int) -> load.LoadResult:
+        if wrk is not None:
+            return load.run_wrk(
+                url + paths[name], scripts[name], seconds, args.connections, args.threads
+            )
+        lines = bodies[name].read_bytes().splitlines()
+        return load.run_python(url + paths[name], lines, seconds, args.connections)
+
+    runs: dict[str, list[load.LoadResult]] = {name: [] for name in NAMES}
+    service = servers.service(config, free_port(), args.workers, folder / "service.log", env)
+    baseline = servers.baseline(free_port(), args.workers, folder / "baseline.log")
+    with baseline, service:
+        done = step("stir: checking a sample of the answers")
+        indexes = _sample(classes, per_class=100)
+        answers = {
+            name: check_sample(f"{service.url}{paths[name]}", made, classes, indexes)
+            for name, made in (("stir", plain), ("stir_verstat", upstream))
+        }
+        done()
+        urls = {name: service.url for name in NAMES} | {"baseline": baseline.url}
+        for name in NAMES:
+            drive(urls[name], name, WARMUP_S)
+        for round_ in range(1, args.stir_rounds + 1):
+            for name in NAMES:
+                done = step(f"stir round {round_}/{args.stir_rounds}: {name}, {args.duration} s")
+                result = drive(urls[name], name, args.duration)
+                runs[name].append(result)
+                print(f"   {result.summary()}", flush=True)
+                done()
+        results = _stir_results(service.url)
+    return {
+        "tool": "wrk" if wrk else "python",
+        "bodies": args.stir_bodies,
+        "answers": answers,
+        "results": results,
+        **load.runs_json(runs, {}),
+    }
+
+
+def summary(s: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """Report lines, and the paired ratios to the baseline by trunk group."""
+    runs = s["runs"]
+    lines = [
+        "",
+        f"STIR/SHAKEN ({s['tool']}, {s['bodies']:,} signed bodies, certificate cached, "
+        f"{args.connections} connections, {args.workers} worker(s), {args.stir_rounds} x "
+        f"{args.duration} s per server, rounds alternating)",
+        f"  {'':14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'x baseline':>11}",
+    ]
+    ratios: dict[str, Any] = {}
+    for name in NAMES:
+        results = runs[name]
+        pairs = [r["rps"] / b["rps"] for r, b in zip(results, runs["baseline"], strict=True)]
+        ratios[name] = median(pairs) if pairs else None
+        lines.append(
+            f"  {name:14} {mean(r['rps'] for r in results):>10,.0f}"
+            f" {mean(r['p50_ms'] for r in results):>8.2f}"
+            f" {mean(r['p99_ms'] for r in results):>8.2f}"
+            f" {sum(r['errors'] for r in results):>7}"
+            f" {ratios[name]:>11.3f}   (paired: {', '.join(f'{p:.2f}' for p in pairs)})"
+        )
+    counted = ", ".join(f"{k}: {v:,.0f}" for k, v in sorted(s["results"].items()))
+    lines.append(f"  results counted: {counted or 'none'}")
+    for name, checked in s["answers"].items():
+        lines.append(f"  {name}: answers checked {checked['checked']}, wrong {checked['wrong']}")
+    return lines, ratios
