@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from devtools.redis_server import RedisProcess
 from devtools.stir_pki import StiPKI, make_pki, pem
+from service.operator.models import Explanation
 from service.screening.stir.certs import encode_tn_auth
 from tests.helpers import load_list, wait_for
 from tests.procs import ServiceProcess, scrape
@@ -153,6 +154,7 @@ async def test_stir_rules_on_a_running_service(
         async with session.post(explain_url, json=call_body(cases["tn_mismatch"])) as response:
             explained = await response.json()
         assert explained["rule"] == "stir-tn_mismatch"
+        Explanation.model_validate(explained)  # the answer is what the OpenAPI document says
         stir = explained["stir"]
         assert (stir["result"], stir["reason"], stir["attest"]) == ("invalid", "tn_mismatch", "A")
         assert stir["passport"]["payload"]["orig"] == {"tn": "12125550000"}

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from core.config import Action, CallerSource, ListKind
+from core.config import Action, Attestation, CallerSource, ListKind, StirReason, StirResult
 from core.keys import LIST_NAME_RE
 
 ListName = Annotated[str, Field(pattern=f"^{LIST_NAME_RE.pattern}$")]
@@ -87,6 +87,33 @@ class Caller(_Body):
     verstat: str | None
 
 
+class StirCheck(_Body):
+    check: str
+    """decode, certificate, signature, freshness, orig.tn, dest.tn, tn_auth, verstat."""
+    outcome: Literal["ok", "failed", "skipped"]
+    detail: str | None
+
+
+class StirPassport(_Body):
+    """The PASSporT as decoded (its signature may not have verified)."""
+
+    header: dict[str, Any]
+    payload: dict[str, Any]
+
+
+class Stir(_Body):
+    """The call's STIR/SHAKEN verification (docs/stir-shaken.md)."""
+
+    result: StirResult
+    reason: StirReason | None
+    attest: Attestation | None
+    origid: str | None
+    basis: Literal["signature", "verstat"]
+    """``verstat``: the policy trusted the upstream's verstat instead of the signature."""
+    passport: StirPassport | None
+    checks: builtins.list[StirCheck]
+
+
 class Explanation(_Body):
     """Why a call would be blocked or allowed."""
 
@@ -105,6 +132,8 @@ class Explanation(_Body):
     dry_run_matches: builtins.list[DryRunMatch]  # builtins: "list" is a field here
     caller: Caller
     called: str | None
+    stir: Stir | None
+    """Null when verification is not set up (no ``stir.trust_anchors``, no stir rule)."""
     call_id: str | None
 
 
