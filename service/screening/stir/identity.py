@@ -59,6 +59,8 @@ def identity_values(values: Any) -> list[str]:
 
 def _split(value: str) -> list[str]:
     """``a;info=<u,1>, b`` -> [``a;info=<u,1>``, ``b``]: commas inside ``<>`` do not split."""
+    if "," not in value:  # the usual case: one PASSporT per header value
+        return [value.strip()]
     parts, depth, start = [], 0, 0
     for i, char in enumerate(value):
         if char == "<":

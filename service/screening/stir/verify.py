@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -85,12 +85,25 @@ ABSENT = Verification("absent", checks=(Check("identity", "failed", "no SHAKEN I
 
 @dataclass(frozen=True, slots=True)
 class _Signed:
-    """What depends on the header value only: its PASSporT and what its signature gave."""
+    """What depends on the header value only: its PASSporT and what its signature gave.
+
+    For a good signature also the PASSporT's numbers as the service normalises them,
+    whether the TNAuthList covers ``orig.tn``, and the checks of a valid result.
+    """
 
     passport: Passport | None
     reason: str | None
     checks: tuple[Check, ...]
     signer: Signer | None = None
+    orig: str | None = None
+    dests: frozenset[str | None] = frozenset()
+    covered: bool = False
+    valid_checks: tuple[Check, ...] = ()
+
+
+_VALID_TAIL = (
+    Check("freshness", "ok"), Check("orig.tn", "ok"), Check("dest.tn", "ok"), Check("tn_auth", "ok")
+)  # fmt: skip
 
 
 class Verifier:
@@ -130,18 +143,24 @@ class Verifier:
     def _verify(
         self, call: Call, trust_verstat: bool, entry: CertEntry | None
     ) -> Verification | None:
-        value = shaken_value(call.headers.get("identity"))
+        values = call.headers.get("identity")
         if trust_verstat:
-            by_verstat = self._by_verstat(call, value)
+            by_verstat = self._by_verstat(call, values)
             if by_verstat is not None:
                 return by_verstat
-        if value is None:
-            return ABSENT
         self.certs.trust.maybe_reload()
         if self._generation != self.certs.trust.generation:  # new trust anchors: re-check
             self.signed.clear()
             self._generation = self.certs.trust.generation
-        signed = self.signed.get(value)
+        # A retry carries the same single value: found without splitting it up.
+        first = values[0] if type(values) is list and len(values) == 1 else None
+        value: str | None = first if type(first) is str else None
+        signed = self.signed.get(value) if value is not None else None
+        if value is None or signed is None:
+            value = shaken_value(values)
+            if value is None:
+                return ABSENT
+            signed = self.signed.get(value)
         if signed is not None:
             self.signed.move_to_end(value)
             if self.metrics is not None:
@@ -160,9 +179,22 @@ class Verifier:
             if entry is None:
                 return None
         signed = _check_signature(passport, entry)
+        if signed.reason is None:
+            signed = self._numbers(signed, passport)
         if signed.reason != "cert_unavailable":  # that one is tried again next call
             self._remember(value, signed)
         return self._per_call(call, signed)
+
+    def _numbers(self, signed: _Signed, passport: Passport) -> _Signed:
+        country = self.default_country
+        assert signed.signer is not None
+        return replace(
+            signed,
+            orig=normalise("+" + passport.orig_tn, country),
+            dests=frozenset(normalise("+" + tn, country) for tn in passport.dest_tns),
+            covered=signed.signer.tn_auth.covers(passport.orig_tn),
+            valid_checks=(*signed.checks, *_VALID_TAIL),
+        )
 
     def _remember(self, value: str, signed: _Signed) -> _Signed:
         size = self.settings.results_cache_size
@@ -194,31 +226,33 @@ class Verifier:
         stale = self._stale(passport)
         if stale is not None:
             return self._invalid("stale", passport, (*signed.checks, stale))
-        checks = [*signed.checks, Check("freshness", "ok")]
-        orig = normalise("+" + passport.orig_tn, self.default_country)
-        if orig is None or orig != call.caller:
+        caller, called = call.caller, call.called
+        if (
+            signed.covered
+            and caller is not None
+            and caller == signed.orig
+            and called is not None
+            and called in signed.dests
+        ):
+            return Verification(
+                "valid", None, passport.attest, passport.origid, passport, signed.valid_checks
+            )
+        checks = [*signed.checks, _VALID_TAIL[0]]
+        if caller is None or caller != signed.orig:
             checks.append(Check("orig.tn", "failed", f"{passport.orig_tn} is not the caller"))
-            return self._invalid("tn_mismatch", passport, tuple(checks))
-        checks.append(Check("orig.tn", "ok"))
-        called = call.called
-        dests = {normalise("+" + tn, self.default_country) for tn in passport.dest_tns}
-        if called is None or called not in dests:
-            checks.append(Check("dest.tn", "failed", "no dest.tn is the called number"))
-            return self._invalid("tn_mismatch", passport, tuple(checks))
-        checks.append(Check("dest.tn", "ok"))
-        assert signed.signer is not None
-        if not signed.signer.tn_auth.covers(passport.orig_tn):
-            checks.append(Check("tn_auth", "failed", "orig.tn is not in the TNAuthList"))
-            return self._invalid("tn_mismatch", passport, tuple(checks))
-        checks.append(Check("tn_auth", "ok"))
-        return Verification(
-            "valid", None, passport.attest, passport.origid, passport, tuple(checks)
-        )
+        elif called is None or called not in signed.dests:
+            failed = Check("dest.tn", "failed", "no dest.tn is the called number")
+            checks += [_VALID_TAIL[1], failed]
+        else:
+            failed = Check("tn_auth", "failed", "orig.tn is not in the TNAuthList")
+            checks += [*_VALID_TAIL[1:3], failed]
+        return self._invalid("tn_mismatch", passport, tuple(checks))
 
-    def _by_verstat(self, call: Call, value: str | None) -> Verification | None:
+    def _by_verstat(self, call: Call, values: Any) -> Verification | None:
         verstat = (call.verstat or "").lower()
         if verstat not in (VERSTAT_PASSED, VERSTAT_FAILED):
             return None
+        value = shaken_value(values)
         passport = None
         if value is not None:
             try:  # unverified: only for the attestation level and explain
