@@ -99,6 +99,11 @@ async def test_no_identity_is_absent_and_unknown_ppt_is_ignored(
     assert (await verifier.verify(call_of(None), False, 1.0)).result == "absent"
     div = "eyJhbGciOiJFUzI1NiJ9.e30.c2ln;info=<https://x/y>;ppt=div"
     assert (await verifier.verify(call_of(div), False, 1.0)).result == "absent"
+    # Odd shapes are no header at all, never an error.
+    for odd in ("a string, not a list", [{"an": "object"}], [123], [None], [""]):
+        body = call_body(None)
+        body["Identity"] = odd
+        assert (await verifier.verify(PARSER.parse(body), False, 1.0)).result == "absent"
     # A second Identity header with ppt=shaken is the one verified.
     body = call_body(None)
     body["identity"] = [div, signed(pki, server.url("/sp.pem"))]  # any header spelling
