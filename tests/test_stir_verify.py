@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,6 +23,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.config import Config
+from devtools import stir_sign
 from devtools.stir_pki import StiPKI, make_pki, pem
 from service.metrics import Metrics
 from service.screening.request import Call, CallParser
@@ -363,3 +365,24 @@ async def test_loads_of_one_url_are_joined(
     results = await asyncio.gather(*(verifier.verify(call_of(value), False, 2.0) for _ in range(5)))
     assert {r.result for r in results} == {"valid"}
     assert server.hits["/sp.pem"] == 1
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+async def test_the_signer_tool_makes_a_body_the_service_accepts(
+    make_verifier_for: Callable[..., Verifier],
+    server: X5uServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert stir_sign.main(["pki", str(tmp_path / "sti")]) == 0
+    made = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    x5u = server.serve("/operator.pem", _read(made["x5u"]))
+    argv = ["sign", "--key", made["sp_key"], "--x5u", x5u, "--orig", CALLER, "--dest", CALLED]
+    assert stir_sign.main([*argv, "--attest", "B", "--body"]) == 0
+    body = orjson.loads(capsys.readouterr().out)
+    verifier = make_verifier_for(trust_anchors=made["trust_anchors"])
+    found = await verifier.verify(PARSER.parse(body), False, 2.0)
+    assert (found.result, found.attest) == ("valid", "B")
