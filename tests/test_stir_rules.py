@@ -34,8 +34,8 @@ def rule(**fields: Any) -> dict[str, Any]:
         ({"match": "stir_result", "results": ["invalid"], "reasons": ["bogus"]}, "reasons"),
         ({"match": "stir_attestation"}, "needs 'attest'"),
         ({"match": "stir_attestation", "attest": ["D"]}, "attest"),
-        ({"match": "anonymous", "results": ["valid"]}, "no other match takes it"),
-        ({"match": "anonymous", "attest": ["A"]}, "no other match takes it"),
+        ({"match": "anonymous", "results": ["valid"]}, "takes no"),
+        ({"match": "anonymous", "attest": ["A"]}, "takes no"),
     ],
 )
 def test_bad_stir_rules_stop_start_up(
