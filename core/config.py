@@ -168,6 +168,10 @@ class ListSpec(_Model):
     interval_s: Annotated[int, Field(gt=0)] | None = None
     #: A sync that would remove more than this share of the list is refused.
     max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.5
+    #: A sync rejecting more than this share of the rows it read is refused.
+    max_rejected_share: Annotated[float, Field(ge=0, le=1)] = 0.05
+    #: ``numbers`` lists: accept numbers no numbering plan can dial (``911``, ``611``).
+    allow_short_codes: bool = False
     #: URL sources: give up on an attempt when connecting, or waiting for data, takes
     #: longer than this; then retry up to ``retries`` times with growing pauses.
     timeout_s: Annotated[float, Field(gt=0)] = 30.0

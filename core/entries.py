@@ -6,6 +6,9 @@ so an entry written by one is found by the others: ``numbers`` are E.164 digits,
 entries (``exact:`` dropped). ``re:`` patterns must compile under RE2
 (:func:`compile_pattern`), as the service matches them with RE2. ``subscribers`` entries
 have their own format (:mod:`core.subscribers`).
+Writes (admin API, loader) go through :func:`new_entry`, which also refuses a number
+whose shape no numbering plan has (``911``, ``1``, ``+44``) unless the list opts in with
+``allow_short_codes``; look-ups and removals take any canonical entry.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Protocol
 import re2
 
 from core.config import ListKind
-from core.numbers import normalise, normalise_prefix
+from core.numbers import normalise, normalise_prefix, undialable_reason
 
 MAX_NAME_ENTRY_CHARS = 256
 REGEX_MARK = "re:"
@@ -118,3 +121,22 @@ def canonical(kind: ListKind, raw: str, default_country: str = "1") -> str:
             raise BadEntry(f"not a number prefix (1-15 digits): {raw[:40]!r}")
         return prefix
     return _canonical_name(raw)
+
+
+def new_entry(
+    kind: ListKind, raw: str, default_country: str = "1", *, allow_short_codes: bool = False
+) -> str:
+    """:func:`canonical`, refusing numbers no numbering plan can dial (BadEntry says why).
+
+    For entries written to a list (admin API, loader); ``allow_short_codes`` (the list's
+    opt-in) lets ``911``-like numbers through.
+    """
+    entry = canonical(kind, raw, default_country)
+    if kind == "numbers" and not allow_short_codes:
+        reason = undialable_reason(entry)
+        if reason is not None:
+            raise BadEntry(
+                f"not a dialable number: {raw[:40]!r} ({reason}); set allow_short_codes "
+                "on the list to keep short codes"
+            )
+    return entry

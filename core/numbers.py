@@ -151,3 +151,29 @@ def normalise_prefix(raw: str) -> str | None:
     if not text or not (text.isascii() and text.isdigit()) or len(text) > MAX_E164_DIGITS:
         return None
     return text
+
+
+def undialable_reason(e164: str) -> str | None:
+    """Why a normalised number can never be dialled, or None when its shape can be.
+
+    Only the numbering plan's shape counts: a calling code some country has, and a
+    length that code's numbers have. ``911``, ``1`` and ``44`` (from ``+44``) fail; a
+    number of the right shape that :func:`is_dialable` still refuses (an unassigned
+    range, the fictional 555-01xx) passes, since a block list may well hold spoofed
+    numbers of exactly that kind. Lists refuse entries with a reason (short codes only
+    when the list opts in).
+    """
+    size = len(e164)
+    if size < MIN_DIALABLE_DIGITS:
+        return (
+            f"{size} digit{'s' if size != 1 else ''}: too short for a dialable number "
+            f"(at least {MIN_DIALABLE_DIGITS} digits with the country code)"
+        )
+    table = _PLANS.get(e164[:_KEY_DIGITS])
+    if table is None:
+        return f"no country has a calling code that begins {e164[:_KEY_DIGITS]}"
+    if size not in table:
+        code = next((PLANS[e164[:k]][0] for k in (3, 2, 1) if e164[:k] in PLANS), "?")
+        sizes = "/".join(str(n) for n in sorted(table))
+        return f"{size} digits, but numbers under +{code} have {sizes} digits with the code"
+    return None

@@ -5,6 +5,9 @@ file is never held in memory. gzip is recognised by its magic bytes. ``format: a
 picks CSV from the name, content type or column settings. Plain text skips blank and
 ``#`` lines; CSV takes ``column`` (index or header name), skips a detected header and
 a BOM, and exposes ``label_columns`` as :attr:`Rows.labels`. Details: docs/loader.md.
+CSV parsing is strict: a quote that never closes, text after a closing quote, or an
+entry cell spanning lines (a stray quote swallowing the rows after it) is a
+:class:`SourceError` naming ``file:line`` where the bad row starts.
 """
 
 from __future__ import annotations
@@ -180,7 +183,9 @@ class Rows:
             self._before += len(lines)
 
     def _csv_chunks(self) -> Iterator[list[str | None]]:
-        reader = csv.reader(self._handle, delimiter=self.delimiter)
+        # strict: a quote that never closes is an error at the end of the file, not one
+        # cell swallowing every row after it.
+        reader = csv.reader(self._handle, delimiter=self.delimiter, strict=True)
         self._reader = reader
         found = self._csv_header(reader)
         if found is None:
@@ -188,17 +193,47 @@ class Rows:
         index, before, first = found
         if first is not None:
             self._chunk(before, [first], reader.line_num - before == 1)
+            self._check_entries([first], index)
             yield [first[index] if index < len(first) else ""]
         while True:
             before = reader.line_num
-            rows = list(itertools.islice(reader, CHUNK_ROWS))
+            rows: list[list[str]] = []
+            try:
+                # extend keeps the rows read before an error: they tell its first line
+                rows.extend(itertools.islice(reader, CHUNK_ROWS))
+            except csv.Error as exc:
+                self._chunk(before, rows, False)
+                raise SourceError(self._csv_error(self.line_of(len(rows)), exc)) from None
             if not rows:
                 return
             self._chunk(before, rows, reader.line_num - before == len(rows))
+            if not self._one_line_each:
+                self._check_entries(rows, index)
             yield [
                 (c[index] if len(c) > index else "") if c and c[0][:1] != "#" else None
                 for c in rows
             ]
+
+    def _csv_error(self, line: int, exc: csv.Error) -> str:
+        """The message of a CSV syntax error in the row that starts on ``line``."""
+        detail = str(exc)
+        if "unexpected end of data" in detail:
+            return (
+                f"{self.where}:{line}: unterminated quote: the quoted cell opened on line "
+                f"{line} never closes (the file ends at line {self._reader.line_num}); "
+                "nothing after it can be read"
+            )
+        return f"{self.where}:{line}: bad CSV: {detail}"
+
+    def _check_entries(self, rows: list[list[str]], index: int) -> None:
+        """Refuse an entry cell spanning lines: a stray quote that swallowed rows."""
+        for i, cells in enumerate(rows):
+            if index < len(cells) and "\n" in cells[index]:
+                spans = cells[index].count("\n") + 1
+                raise SourceError(
+                    f"{self.where}:{self.line_of(i)}: the entry cell is a quoted text over "
+                    f"{spans} lines (a stray quote?); the rows inside it would be lost"
+                )
 
     def _chunk(self, before: int, rows: list[list[str]], one_line_each: bool) -> None:
         self._before = before
@@ -209,7 +244,10 @@ class Rows:
         """Entry column, and the first row (with the lines before it) unless a header."""
         while True:
             before = self._reader.line_num
-            cells = next(reader, None)
+            try:
+                cells = next(reader, None)
+            except csv.Error as exc:
+                raise SourceError(self._csv_error(before + 1, exc)) from None
             if cells is None:
                 return None
             if cells and cells[0][:1] != "#":

@@ -2,10 +2,10 @@
 
 Bad rows are skipped and reported; the swap is atomic (:mod:`core.build`), so a failed,
 refused or killed sync changes nothing. Outcomes: ``success``, ``unchanged``,
-``dry_run``, or :class:`SyncRefused` (no valid entry, or removing more than
-``max_removal_share``; ``--force`` overrides) or :class:`SyncError` (unreadable
-source). A ``subscribers`` list is read as ``subscriber,entry[,side]`` rows and counts
-pairs.
+``dry_run``, or :class:`SyncRefused` (no valid entry, more than ``max_rejected_share``
+of the rows rejected, or removing more than ``max_removal_share``; ``--force``
+overrides) or :class:`SyncError` (unreadable source). A ``subscribers`` list is read
+as ``subscriber,entry[,side]`` rows and counts pairs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from core.build import (
 from core.config import Config, ListSpec
 from core.connect import redact
 from core.entries import BadEntry, canonical
-from core.numbers import normalise
+from core.numbers import normalise, undialable_reason
 from core.redact import redact_text
 from core.store import ListStore, RedisClient
 from core.subscribers import (
@@ -154,6 +154,15 @@ def refusal(name: str, spec: ListSpec, report: SyncReport, result: BuildResult) 
             f"{name}: refused: {report.source} has no valid entries ({report.rows_read} rows "
             f"read, {report.rows_rejected} rejected); the old list of {result.old_size} entries "
             "is kept. Use --force to load an empty list."
+        )
+    read, rejected = report.rows_read, report.rows_rejected
+    if read and rejected / read > spec.max_rejected_share:
+        first = f" (first: {report.bad_rows[0]})" if report.bad_rows else ""
+        return (
+            f"{name}: refused: {rejected} of {read} rows of {report.source} were rejected "
+            f"({rejected / read:.0%}, more than max_rejected_share "
+            f"{spec.max_rejected_share:.0%}){first}; the old list is kept. Fix the source, "
+            "or use --force to sync the rows that are good."
         )
     if result.old_size and result.removed / result.old_size > spec.max_removal_share:
         return (
@@ -350,6 +359,7 @@ class _ListSync:
         report = self.report
         country = self.config.caller.default_country
         nanp = country == "1"
+        short_codes = self.spec.allow_short_codes
         batch_size = self.config.loader.batch_size
         labelled = bool(rows.label_columns)
         tallies = _label_tally(report, rows) if labelled else []
@@ -377,6 +387,9 @@ class _ListSync:
                 number = normalise(value, country)
                 if number is None:
                     report.reject(rows.line_of(i), f"not a telephone number: {value[:40]!r}")
+                    continue
+                if not short_codes and (why := undialable_reason(number)) is not None:
+                    report.reject(rows.line_of(i), f"not a dialable number: {value[:40]!r} ({why})")
                     continue
                 append(int(number))
                 if labelled:

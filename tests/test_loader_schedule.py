@@ -63,7 +63,7 @@ async def test_a_failing_source_is_counted_and_retried_without_stopping_the_othe
         {
             "loader": {"retry_backoff_s": 0.01},
             "lists": {
-                "good": {"source": "good.txt", "interval_s": 1},
+                "good": {"source": "good.txt", "interval_s": 1, "max_rejected_share": 0.5},
                 "broken": {"source": broken_source, "interval_s": 1, "retries": 0},
                 "manual": {"source": "good.txt"},  # no interval: `sync` only
                 "admin-only": {},

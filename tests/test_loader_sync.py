@@ -51,7 +51,9 @@ async def test_sync_loads_the_list_with_its_metadata_and_reports_bad_rows(
         "number,reason\n5162065613,robocall\nnot-a-number,spam\n+1 (516) 206-5614,spam\n\n"
         "5162065613,duplicate\n"
     )
-    config = blocklist_config(make_config, tmp_path, label_columns=["reason"])
+    config = blocklist_config(
+        make_config, tmp_path, label_columns=["reason"], max_rejected_share=0.5
+    )
     report = await sync_list(redis, config, "blocklist", QUIET)
     assert report.outcome == "success"
     assert (report.rows_read, report.rows_rejected) == (4, 1)
@@ -81,7 +83,8 @@ async def test_loaded_numbers_equal_normalise_for_every_shape(
     shapes += ["0" + s[:9] for s in shapes[:200]] + ["1" + s[:10] for s in shapes[:200]]
     shapes += ["00441234567890", "011441234567890", "15162065613", "5162065613", "٥١٦٢٠٦٥٦١٣"]
     (tmp_path / "numbers.txt").write_text("\n".join(shapes) + "\n")
-    config = make_config({"lists": {"numbers": {"source": "numbers.txt"}}}, base_dir=tmp_path)
+    spec = {"source": "numbers.txt", "allow_short_codes": True, "max_rejected_share": 1}
+    config = make_config({"lists": {"numbers": spec}}, base_dir=tmp_path)
     report = await sync_list(redis, config, "numbers", QUIET)
     expected = {n for n in map(normalise, shapes) if n is not None}
     buckets = await ListStore(redis).number_base(

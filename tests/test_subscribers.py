@@ -52,7 +52,11 @@ def subscribers_config(**extra: Any) -> dict[str, Any]:
     return {
         "lists": {
             "blocklist": {"kind": "numbers"},
-            "personal": {"kind": "subscribers", "source": "personal.csv"},
+            "personal": {
+                "kind": "subscribers",
+                "source": "personal.csv",
+                "max_rejected_share": 0.5,
+            },
         },
         "policies": {
             "default": {

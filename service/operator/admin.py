@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from core.config import ListKind
 from core.connect import redact
-from core.entries import BadEntry, canonical
+from core.entries import BadEntry, canonical, new_entry
 from core.keys import LIST_NAME_RE
 from core.subscribers import Slices
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
@@ -149,9 +149,15 @@ def list_kind(request: web.Request) -> tuple[str, ListKind]:
     return name, spec.kind
 
 
-def _canonical(request: web.Request, kind: ListKind, raw: str) -> str:
+def _canonical(request: web.Request, kind: ListKind, raw: str, *, adding: bool = False) -> str:
+    """The entry as stored; an added number must also be dialable (or the list allow it)."""
+    config = request.app[CONFIG]
+    country = config.caller.default_country
     try:
-        return canonical(kind, raw, request.app[CONFIG].caller.default_country)
+        if adding:
+            short_codes = config.lists[request.match_info["name"]].allow_short_codes
+            return new_entry(kind, raw, country, allow_short_codes=short_codes)
+        return canonical(kind, raw, country)
     except BadEntry as exc:
         raise AdminError(400, f"bad entry for a {kind} list: {exc}", entry=raw[:200]) from None
 
@@ -233,7 +239,7 @@ async def check_entry(request: web.Request) -> web.Response:
 async def add_entry(request: web.Request) -> web.Response:
     """``PUT /v1/lists/{name}/entries/{entry}``: add one entry (idempotent)."""
     name, kind = list_kind(request)
-    entry = _canonical(request, kind, request.match_info["entry"])
+    entry = _canonical(request, kind, request.match_info["entry"], adding=True)
     version = await request.app[STORE].change(name, kind, add=[entry])
     logger.info("admin: added %r to list %s (version %d)", entry, name, version)
     await audit_change(request, "add", name, version, entry=entry)
@@ -270,9 +276,12 @@ async def bulk_change(request: web.Request) -> web.Response:
     if total > limit:  # before any work on the entries: a huge body costs nothing more
         raise AdminError(413, f"{total} entries in one request; at most {limit}")
     country = request.app[CONFIG].caller.default_country
+    short_codes = request.app[CONFIG].lists[name].allow_short_codes
     bad: list[dict[str, Any]] = []
     changes = {
-        field: await _canonical_all(kind, items, country, field, bad)
+        field: await _canonical_all(
+            kind, items, country, field, bad, strict=field == "add" and not short_codes
+        )
         for field, items in raw.items()
     }
     if bad:
@@ -299,9 +308,18 @@ def _bulk_refusal(errors: list[ErrorDetails]) -> AdminError:
 
 
 async def _canonical_all(
-    kind: ListKind, items: list[Any], country: str, field: str, bad: list[dict[str, Any]]
+    kind: ListKind,
+    items: list[Any],
+    country: str,
+    field: str,
+    bad: list[dict[str, Any]],
+    *,
+    strict: bool = False,
 ) -> list[str]:
     """The canonical form of each of ``items``; the bad ones go to ``bad`` instead.
+
+    ``strict`` (entries added to a list without ``allow_short_codes``): numbers no
+    numbering plan can dial are bad too (:func:`core.entries.new_entry`).
 
     A bulk change may hold 100 k entries, and RE2 compiles every ``re:`` one: in one go,
     that stalls every call this worker is answering meanwhile. The work is cut into
@@ -319,7 +337,9 @@ async def _canonical_all(
             bad.append({"field": field, "index": index, "error": "not a string"})
         else:
             try:
-                entries.append(canonical(kind, item, country))
+                entries.append(
+                    new_entry(kind, item, country) if strict else canonical(kind, item, country)
+                )
             except BadEntry as exc:
                 bad.append({"field": field, "index": index, "entry": item[:200], "error": str(exc)})
         await slices.tick()
