@@ -435,6 +435,14 @@ class LoaderSettings(_Model):
     compact_over: Annotated[int, Field(ge=0)] = 100_000
     #: Lists ``loader run`` syncs at the same time.
     max_concurrent_syncs: Annotated[int, Field(gt=0, le=64)] = 2
+    #: How often ``loader run`` checks every list's health (meta, version, bucket
+    #: markers) and re-syncs one Redis lost.
+    health_check_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    #: Folder (relative to the config file) where ``loader run`` writes each list's
+    #: export as ``<name>.csv`` every ``snapshot_interval_s``; ``None``: no snapshots.
+    #: A list without a source is healed from its snapshot.
+    snapshot_dir: str | None = None
+    snapshot_interval_s: Annotated[int, Field(gt=0)] = 300
 
 
 class StirSettings(_Model):

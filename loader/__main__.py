@@ -1,9 +1,10 @@
 """``python -m loader``: keep the lists in Redis in step with their sources.
 
-Commands ``sync``, ``apply``, ``compact``, ``accept`` and ``run`` (docs/loader.md,
-"Commands"). Exit status: 0 when everything went through, 1 when a list failed or was
-refused (for ``--dry-run``: when a real sync would be; for ``accept``: no such list in
-Redis, or Redis failed), 2 on a bad config or command line.
+Commands ``sync`` (``--from FILE``: restore an export), ``apply``, ``compact``,
+``accept``, ``run`` and ``export`` (docs/loader.md, "Commands"). Exit status: 0 when
+everything went through, 1 when a list failed or was refused (for ``--dry-run``: when a
+real sync would be; for ``accept``: no such list in Redis, or Redis failed), 2 on a bad
+config or command line.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from core.redact import redact_text
 from core.store import ListStore, RedisClient
 from core.version import VERSION
 from loader.delta import apply_delta, compact_list
+from loader.export import export_list
 from loader.metrics import LoaderMetrics
 from loader.schedule import Scheduler, bound_port, scheduled_lists, serve_metrics
 from loader.sync import SyncError, SyncOptions, SyncRefused, sync_list
@@ -53,6 +55,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     sync.add_argument("--list", dest="names", action="append", help="only this list (repeatable)")
     sync.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     sync.add_argument("--force", action="store_true", help="override the guards")
+    sync.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="restore: read this export (python -m loader export) instead of the source",
+    )
     apply = commands.add_parser("apply", help="apply a delta file of +entry / -entry lines")
     apply.add_argument("--list", dest="name", required=True)
     apply.add_argument("file", type=Path)
@@ -71,6 +79,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         ),
     )
     accept.add_argument("--list", dest="name", required=True, help="the list to accept")
+    export = commands.add_parser("export", help="write a list as CSV (a backup)")
+    export.add_argument("--list", dest="name", required=True, help="the list to export")
+    export.add_argument("--out", type=Path, help="file to write (default: stdout)")
     return parser.parse_args(argv)
 
 
@@ -187,6 +198,20 @@ async def _accept(config: Config, name: str) -> int:
     return 0
 
 
+async def _export(config: Config, name: str, out: Path | None) -> int:
+    redis = _connect(config)
+    try:
+        count = await export_list(redis, config, name, out)
+    except Exception as exc:  # Redis errors, a base swapped out under a long export
+        logger.error("%s: export failed: %s", name, redact_text(str(exc)))
+        return 1
+    finally:
+        await redis.aclose()
+    if out is not None:
+        logger.info("%s: exported %d entries to %s", name, count, out)
+    return 0
+
+
 async def _run(config: Config, redis: RedisClient | None = None) -> int:
     redis = redis or _connect(config)
     registry = CollectorRegistry()
@@ -234,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
             return 2
         return asyncio.run(_apply(config, args.name, args.file, args.progress))
-    if args.command == "accept":
+    if args.command in ("accept", "export"):
         problem = _check_names(config, [args.name])
         if problem:
             print(problem, file=sys.stderr)
             return 2
+        if args.command == "export":
+            return asyncio.run(_export(config, args.name, args.out))
         return asyncio.run(_accept(config, args.name))
     names = args.names or [
         name for name, spec in config.lists.items() if args.command == "compact" or spec.source
@@ -252,7 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(
         "syncing %s into Redis at %s", ", ".join(names) or "nothing", redact(config.redis.url)
     )
-    options = SyncOptions(dry_run=args.dry_run, force=args.force, progress=args.progress)
+    source = None
+    if args.source is not None:
+        if len(names) != 1:
+            print("--from restores one list: name it with --list", file=sys.stderr)
+            return 2
+        source = str(args.source.resolve())
+    options = SyncOptions(
+        dry_run=args.dry_run, force=args.force, progress=args.progress, source=source
+    )
     return asyncio.run(_sync(config, names, options))
 
 

@@ -74,6 +74,9 @@ class SyncOptions:
     progress: str = "auto"
     #: Added/removed entries kept for the dry-run diff.
     sample: int = 5
+    #: Read this file instead of the configured source: an export (CSV, the entry in
+    #: column 0), for a restore or a heal from a snapshot. Lists without a source too.
+    source: str | None = None
 
 
 @dataclass(slots=True)
@@ -213,9 +216,12 @@ class _ListSync:
         self.name = name
         self.spec: ListSpec = config.lists[name]
         self.options = options
-        if self.spec.source is None:
+        if options.source is not None:
+            self.source = options.source
+        elif self.spec.source is None:
             raise SyncError(f"{name}: no source configured (the list is kept by the admin API)")
-        self.source = config.resolve_source(self.spec.source)
+        else:
+            self.source = config.resolve_source(self.spec.source)
         self.report = SyncReport(name, redact(self.source))
         self.validators = Validators()
 
@@ -245,6 +251,8 @@ class _ListSync:
             column, labels = spec.column, spec.label_columns
             if spec.delimiter != ",":
                 fmt = "csv"
+            if self.options.source is not None:  # an export: see core/export.py
+                fmt, column, labels = "csv", 0, ()
             if spec.kind == "subscribers":  # always CSV: subscriber,entry[,side]
                 fmt, column, labels = "csv", 0, (1, 2)
             try:
@@ -256,7 +264,8 @@ class _ListSync:
                         label_columns=labels,
                         where=report.source,
                         detect_header=spec.kind != "names",
-                        delimiter=spec.delimiter,
+                        # an export is comma-separated whatever the source is
+                        delimiter="," if self.options.source is not None else spec.delimiter,
                     )
                 )
             except SourceError as exc:
@@ -434,7 +443,8 @@ class _ListSync:
         report = self.report
         country = self.config.caller.default_country
         kind = self.spec.kind
-        before = self.spec.entry_prefix
+        # An export holds the entries as stored: the prefix is in them already.
+        before = "" if self.options.source is not None else self.spec.entry_prefix
         labelled = bool(rows.label_columns)
         tallies = _label_tally(report, rows) if labelled else []
         batch: list[str] = []

@@ -31,6 +31,7 @@ from core.subscribers import Slices
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
 from service.edge.errors import json_error, json_errors
 from service.operator import models as api
+from service.operator.export import stream_export
 from service.operator.openapi import openapi_document
 from service.operator.records import audit_change
 from service.operator.tokens import REQUEST_TOKEN, AdminTokens, Role, missing_role, required
@@ -59,6 +60,7 @@ def add_admin_routes(app: web.Application) -> None:
     router.add_get("/v1/lists", admin_only(list_lists))
     router.add_get("/v1/lists/{name}", admin_only(get_list))
     router.add_post("/v1/lists/{name}/entries", admin_only(bulk_change))
+    router.add_get("/v1/lists/{name}/entries", admin_only(export_entries))
     router.add_get("/v1/lists/{name}/entries/{entry}", admin_only(check_entry))
     router.add_put("/v1/lists/{name}/entries/{entry}", admin_only(add_entry))
     router.add_delete("/v1/lists/{name}/entries/{entry}", admin_only(remove_entry))
@@ -220,6 +222,12 @@ async def get_list(request: web.Request) -> web.Response:
     """``GET /v1/lists/{name}``: one list with its metadata."""
     name, _ = list_kind(request)
     return _json(await _list_info(request, name))
+
+
+async def export_entries(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/lists/{name}/entries``: the whole list as CSV, streamed."""
+    name, kind = list_kind(request)
+    return await stream_export(request, name, kind)
 
 
 async def check_entry(request: web.Request) -> web.Response:

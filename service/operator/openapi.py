@@ -223,6 +223,13 @@ ROUTES: tuple[Route, ...] = (
            404: Reply("Unknown list."),
            413: Reply("Too large a body or too many entries.")},
           request=api.BulkChange, auth="admin", kinds=_ENTRY_KINDS),
+    Route("get", "/v1/lists/{name}/entries", "admin",
+          "The whole list as CSV, streamed (a backup; restore with `loader sync --from`).",
+          {200: Reply("CSV: a header by kind, one entry (or subscriber pair) a row, and a "
+                      "last `# end of export` line; without it the stream was cut short.",
+                      str, "text/csv"),
+           **_BAD_NAME},
+          auth="admin"),
     Route("get", "/v1/lists/{name}/entries/{entry}", "admin",
           "Is this entry on the list? (asks Redis)",
           {200: Reply("On the list.", api.EntryState),
