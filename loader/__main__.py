@@ -215,7 +215,7 @@ async def _export(config: Config, name: str, out: Path | None) -> int:
 async def _run(config: Config, redis: RedisClient | None = None) -> int:
     redis = redis or _connect(config)
     registry = CollectorRegistry()
-    metrics = LoaderMetrics(registry, scheduled_lists(config))
+    metrics = LoaderMetrics(registry, scheduled_lists(config), config.lists)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

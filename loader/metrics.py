@@ -18,7 +18,10 @@ DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 30
 class LoaderMetrics:
     """Sync duration, outcomes, rows, last success and size per list."""
 
-    def __init__(self, registry: CollectorRegistry, lists: Iterable[str]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, lists: Iterable[str], watched: Iterable[str] = ()
+    ) -> None:
+        """Sync series for ``lists`` (the scheduled ones), heal series for ``watched``."""
         self.registry = registry
         self.duration = Histogram(
             "callscreen_loader_sync_duration_seconds",
@@ -58,6 +61,23 @@ class LoaderMetrics:
             ["list"],
             registry=registry,
         )
+        self.heals = Counter(
+            "callscreen_loader_heals_total",
+            "Heals of a list Redis lost, by outcome: healed (synced again from its source "
+            "or snapshot), failed (the sync failed or was refused, or nothing to heal from).",
+            ["list", "outcome"],
+            registry=registry,
+        )
+        self.unhealed = Gauge(
+            "callscreen_loader_list_unhealed",
+            "1 while a list Redis lost could not be healed (retried every 10 s), else 0.",
+            ["list"],
+            registry=registry,
+        )
+        for name in watched:
+            for outcome in ("healed", "failed"):
+                self.heals.labels(name, outcome)
+            self.unhealed.labels(name).set(0)
         for name in lists:
             self.duration.labels(name)
             for outcome in OUTCOMES:

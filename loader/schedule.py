@@ -5,11 +5,15 @@ list at once, at most ``loader.max_concurrent_syncs`` together. A failed sync ke
 old list and does not affect the others. Every minute, lists over
 ``loader.compact_over`` are compacted. SIGTERM cancels the loops; a sync in flight
 drops its half-built list.
+Every ``loader.health_check_s`` lists Redis lost are re-synced at once (:mod:`loader.heal`);
+with ``loader.snapshot_dir`` set, lists without a source are written there as CSV every
+``loader.snapshot_interval_s``, to heal them from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -23,6 +27,7 @@ from core.config import Config
 from core.redact import redact_text
 from core.store import ListStore, RedisClient
 from loader.delta import compact_if_needed
+from loader.heal import Healer, Snapshots
 from loader.metrics import LoaderMetrics
 from loader.sync import SyncError, SyncOptions, SyncRefused, sync_list
 
@@ -57,11 +62,19 @@ class Scheduler:
         self.session = session
         self.progress = progress
         self.slots = asyncio.Semaphore(config.loader.max_concurrent_syncs)
+        #: One sync of a list at a time in this process: a heal waits for a scheduled
+        #: sync of the same list instead of failing on its lock.
+        self.busy: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
-    async def sync_once(self, name: str) -> str:
-        """Sync one list; return the outcome. Never raises except on cancellation."""
-        started = time.monotonic()
-        options = SyncOptions(progress=self.progress)
+    async def sync_once(self, name: str, source: str | None = None) -> str:
+        """Sync one list (from ``source`` instead of its own, if given); return the
+        outcome. Never raises except on cancellation."""
+        options = SyncOptions(progress=self.progress, source=source)
+        async with self.busy[name]:
+            started = time.monotonic()
+            return await self._sync_once(name, options, started)
+
+    async def _sync_once(self, name: str, options: SyncOptions, started: float) -> str:
         try:
             report = await sync_list(self.redis, self.config, name, options, session=self.session)
         except SyncRefused as exc:
@@ -97,6 +110,10 @@ class Scheduler:
         logger.info("synced %s", report.summary())
         return report.outcome
 
+    async def _heal_sync(self, name: str, source: str | None) -> str:
+        async with self.slots:
+            return await self.sync_once(name, source)
+
     # Both loops also end on ``stop``: a cancel that lands inside the Redis client can
     # come out as a connection error, which sync_once logs and carries on from.
     async def _loop(self, name: str, interval_s: float, stop: asyncio.Event) -> None:
@@ -126,6 +143,11 @@ class Scheduler:
             for name, interval in intervals.items()
         ]
         tasks.append(asyncio.create_task(self._maintenance(stop), name="compaction"))
+        healer = Healer(self.redis, self.config, self.metrics, self._heal_sync)
+        tasks.append(asyncio.create_task(healer.run(stop), name="healer"))
+        if self.config.loader.snapshot_dir is not None:
+            snapshots = Snapshots(self.redis, self.config, healer)
+            tasks.append(asyncio.create_task(snapshots.run(stop), name="snapshots"))
         try:
             await stop.wait()
         finally:

@@ -73,7 +73,7 @@ def exported() -> dict[str, set[str]]:
     }
     Metrics(parse_config(data), registry)
     SupervisorMetrics(registry, 2)
-    LoaderMetrics(registry, ["blocklist"])
+    LoaderMetrics(registry, ["blocklist"], ["blocklist"])
     names: dict[str, set[str]] = {"up": set()}
     for family in registry.collect():
         for sample in family.samples:
