@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from redis.exceptions import WatchError
 
-from core import keys
+from core import keys, overlay
 from core.config import ListKind
 from core.store import BUCKETS_PER_READ, RedisClient
 from core.subscribers import MAX_ENTRIES as subscribers_max
@@ -340,6 +340,8 @@ class NumberListBuilder(ListBuilder):
         await self._flush()
         live_adds, live_dels = await self._live_deltas()
         adds_by_bucket, dels_by_bucket = _by_bucket(live_adds), _by_bucket(live_dels)
+        kept = await overlay.read(self.redis, self.name)  # admin entries outlive syncs
+        kept_adds, kept_dels = _by_bucket(kept.adds), _by_bucket(kept.dels)
         new_key = keys.base(self.name, self.gen)
         old_key = keys.base(self.name, self.old_gen) if self.old_gen else None
         digest = hashlib.sha256()
@@ -360,6 +362,10 @@ class NumberListBuilder(ListBuilder):
             packed: dict[int, bytes] = {}
             for bucket, staged, old_blob in zip(ids, replies[: len(ids)], olds, strict=True):
                 new = np.unique(np.frombuffer(staged or b"", dtype=_LE_U64))
+                if bucket in kept_adds:
+                    new = np.union1d(new, kept_adds[bucket])
+                if bucket in kept_dels:
+                    new = np.setdiff1d(new, kept_dels[bucket], assume_unique=True)
                 old = np.frombuffer(old_blob or b"", dtype=_LE_U64)
                 if bucket in adds_by_bucket:
                     old = np.union1d(old, adds_by_bucket[bucket])
@@ -421,6 +427,15 @@ class SetListBuilder(ListBuilder):
 
     async def finish(self, *, sample: int = 0) -> BuildResult:
         new_key = keys.base(self.name, self.gen)
+        kept = await overlay.read(self.redis, self.name)  # admin entries outlive syncs
+        if kept.adds or kept.dels:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if kept.adds:
+                    pipe.sadd(new_key, *kept.adds)
+                if kept.dels:
+                    pipe.srem(new_key, *kept.dels)
+                pipe.expire(new_key, keys.STAGING_TTL_S)
+                await pipe.execute()
         members = sorted(_text(m) for m in await self.redis.smembers(new_key))
         old: set[str] = set()
         if self.old_gen:

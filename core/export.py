@@ -14,6 +14,10 @@ The CSV is what ``python -m loader sync`` reads back unchanged (the restore path
   name starting with ``#`` is written ``exact:#...`` so it is not read as a comment;
 - ``subscribers``: header ``subscriber,entry,side``, one row a pair.
 
+Entries of the admin overlay (:mod:`core.overlay`) are rows like the others; comment
+lines ``# admin overlay: add <entry>`` / ``remove <entry>`` after the rows name them
+(a restore skips comments: restored, they are plain entries).
+
 The last line is a comment, ``# end of export: <n> entries of <list> gen <g> version
 <v>``: a file without it was cut short. A numbers list is the live base minus ``dels``
 plus ``adds``, all read at one ``version``; if a sync swaps the base while a long export
@@ -28,7 +32,7 @@ import io
 from array import array
 from collections.abc import AsyncIterator
 
-from core import keys
+from core import keys, overlay
 from core.config import ListKind
 from core.entries import EXACT_MARK
 from core.store import Deltas, ListStore, RedisClient, unpack_bucket
@@ -72,6 +76,12 @@ async def export_csv(redis: RedisClient, name: str, kind: ListKind) -> AsyncIter
     async for text, rows in pieces:
         count += rows
         yield text
+    if kind != "subscribers":
+        kept = await overlay.read(redis, name)
+        notes = [f"# admin overlay: add {e}\n" for e in sorted(kept.adds)]
+        notes += [f"# admin overlay: remove {e}\n" for e in sorted(kept.dels)]
+        if notes:
+            yield "".join(notes)
     yield f"{END_MARK}{count} entries of {name} gen {deltas.gen} version {deltas.version}\n"
 
 

@@ -1,8 +1,9 @@
 """The Redis key layout: every key the project reads or writes is named here.
 
 Each list lives under one hash tag, ``{cs:<list>}`` (``meta``, ``base:<gen>``, ``adds``,
-``dels``, ``stage:<gen>:<b>``, ``lock``, staged admin changes), so a swap runs in one
-MULTI/EXEC on one Cluster slot. A ``subscribers`` list keeps ``meta`` and ``lock``
+``dels``, ``overlay:add``/``overlay:del``/``overlay:expiry`` (the admin overlay,
+:mod:`core.overlay`), ``stage:<gen>:<b>``, ``lock``, staged admin changes), so a swap
+runs in one MULTI/EXEC on one Cluster slot. A ``subscribers`` list keeps ``meta`` and ``lock``
 there but spreads its data over ``SUBSCRIBER_BUCKETS`` tags ``{cs:<list>:<b>}``, each
 bucket carrying the :data:`SUBSCRIBER_MARKER` field. Call-rate counters use one tag per
 caller, or per counted thing (``{cs:rate:<kind>:<subject>}``), and sequential dialing
@@ -72,6 +73,18 @@ def adds(name: str) -> str:
 
 def dels(name: str) -> str:
     return _tag(name) + ":dels"
+
+
+def overlay_adds(name: str) -> str:
+    return _tag(name) + ":overlay:add"
+
+
+def overlay_dels(name: str) -> str:
+    return _tag(name) + ":overlay:del"
+
+
+def overlay_expiry(name: str) -> str:
+    return _tag(name) + ":overlay:expiry"
 
 
 def stage(name: str, gen: int, bucket: int) -> str:

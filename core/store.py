@@ -26,6 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from core import keys
 from core.config import ListKind
+from core.overlay import queue_write as queue_overlay
 
 RedisClient = Redis | RedisCluster
 #: Buckets fetched per HMGET when loading a numbers base; small replies keep the
@@ -323,16 +324,38 @@ class ListStore:
 
     # --- single-entry writes -------------------------------------------------------
     async def change(
-        self, name: str, kind: ListKind, *, add: Iterable[str] = (), remove: Iterable[str] = ()
+        self,
+        name: str,
+        kind: ListKind,
+        *,
+        add: Iterable[str] = (),
+        remove: Iterable[str] = (),
+        overlay: bool = False,
+        ttl_s: float | None = None,
     ) -> int:
         """Add and remove canonical entries in one atomic step; return the new version.
 
         Returns only after Redis accepted the write (MULTI/EXEC reply received). Over
-        :data:`STAGE_OVER` entries, see :meth:`_change_staged`.
+        :data:`STAGE_OVER` entries, see :meth:`_change_staged`. ``overlay`` (admin
+        writes to a list with a source) also keeps the change in the list's overlay,
+        which syncs apply (:mod:`core.overlay`), expiring after ``ttl_s`` if given.
         """
         add, remove = list(add), list(remove)
         if len(add) + len(remove) > STAGE_OVER:
-            return await self._change_staged(name, kind, add, remove)
+            version = await self._change_staged(name, kind, add, remove)
+            if overlay:  # after the change: chunked, so not in its MULTI/EXEC
+                for start in range(0, len(add) + len(remove), STAGE_CHUNK):
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        end = start + STAGE_CHUNK
+                        queue_overlay(
+                            pipe,
+                            name,
+                            add[start:end],
+                            remove[max(start - len(add), 0) : max(end - len(add), 0)],
+                            ttl_s,
+                        )
+                        await pipe.execute()
+            return version
         meta_key = keys.meta(name)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(meta_key, "kind", kind)
@@ -343,6 +366,8 @@ class ListStore:
             if remove:
                 pipe.srem(keys.adds(name), *remove)
                 pipe.sadd(keys.dels(name), *remove)
+            if overlay:
+                queue_overlay(pipe, name, add, remove, ttl_s)
             pipe.hincrby(meta_key, "version", 1)
             replies = await pipe.execute()
         return int(replies[-1])

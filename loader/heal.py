@@ -1,5 +1,8 @@
 """Self-healing for ``loader run``: notice a list Redis lost and load it again at once.
 
+(Each check also drops expired admin overlay entries, :mod:`core.overlay`, and re-syncs
+their lists, so an entry's expiry takes effect within seconds.)
+
 Every ``loader.health_check_s`` the healer reads every configured list's state (one
 pipelined round trip, plus one for the bases and the subscriber bucket markers) and
 compares it with the last healthy state it saw. A list is **lost** when, as the service
@@ -28,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from core import keys
+from core import keys, overlay
 from core.config import Config
 from core.redact import redact_text
 from core.store import ListState, ListStore, RedisClient
@@ -95,6 +98,7 @@ class Healer:
     async def check(self) -> list[str]:
         """One round: find lost lists, heal them; return the names of those healed."""
         names = list(self.config.lists)
+        await self._expire_overlays()
         states = await self.store.states(names)
         missing = await self._missing_data(states)
         healed = []
@@ -115,6 +119,16 @@ class Healer:
             if await self._heal(name, why):
                 healed.append(name)
         return healed
+
+    async def _expire_overlays(self) -> None:
+        """Drop expired admin overlay entries and re-sync their lists (core/overlay.py)."""
+        for name, spec in self.config.lists.items():
+            if spec.source is None or spec.kind == "subscribers":
+                continue
+            dropped = await overlay.drop_expired(self.redis, name)
+            if dropped:
+                logger.info("%s: %d admin overlay entries expired; re-syncing", name, dropped)
+                await self.sync(name, None)
 
     def _source_of(self, name: str) -> str | None:
         """What a lost list is healed from: "" for its source, a snapshot path, or None."""

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from redis.exceptions import RedisError
 
+from core import overlay
 from core.config import ListKind
 from core.connect import redact
 from core.entries import BadEntry, canonical, new_entry
@@ -179,7 +180,7 @@ async def _list_info(request: web.Request, name: str) -> api.ListInfo:
     if copy is not None:
         state = cache.loaded[name]
         loaded = api.LoadedCopy(entries=copy.size, gen=state.gen, version=state.version)
-    return api.ListInfo(
+    info = api.ListInfo(
         name=name,
         kind=spec.kind,
         description=spec.description,
@@ -188,6 +189,10 @@ async def _list_info(request: web.Request, name: str) -> api.ListInfo:
         meta=stored,
         loaded=loaded,
     )
+    if spec.source is not None and spec.kind != "subscribers":
+        adds, dels = await overlay.counts(request.app[STORE].redis, name)
+        info.overlay = api.OverlayCounts(adds=adds, dels=dels)
+    return info
 
 
 async def read_json(request: web.Request) -> Any:
@@ -238,30 +243,73 @@ async def check_entry(request: web.Request) -> web.Response:
     """
     name, kind = list_kind(request)
     entry = _canonical(request, kind, request.match_info["entry"])
-    if not await request.app[STORE].contains(name, kind, entry):
+    store = request.app[STORE]
+    if not await store.contains(name, kind, entry):
         not_listed = api.NotListed(list=name, entry=entry, listed=False, error="not on the list")
+        await _show_overlay(request, name, entry, not_listed)
         return _json(not_listed, 404)
-    return _json(api.EntryState(list=name, entry=entry, listed=True))
+    listed = api.EntryState(list=name, entry=entry, listed=True)
+    await _show_overlay(request, name, entry, listed)
+    return _json(listed)
+
+
+async def _show_overlay(request: web.Request, name: str, entry: str, state: api.EntryState) -> None:
+    """On a list with a source, say whether the admin overlay holds the entry."""
+    if request.app[CONFIG].lists[name].source is not None:
+        side, expires_at = await overlay.state_of(request.app[STORE].redis, name, entry)
+        state.overlay, state.expires_at = side, expires_at
 
 
 async def add_entry(request: web.Request) -> web.Response:
-    """``PUT /v1/lists/{name}/entries/{entry}``: add one entry (idempotent)."""
-    name, kind = list_kind(request)
-    entry = _canonical(request, kind, request.match_info["entry"], adding=True)
-    version = await request.app[STORE].change(name, kind, add=[entry])
-    logger.info("admin: added %r to list %s (version %d)", entry, name, version)
-    await audit_change(request, "add", name, version, entry=entry)
-    return _json(api.EntryState(list=name, entry=entry, listed=True, version=version))
+    """``PUT /v1/lists/{name}/entries/{entry}[?ttl_s=]``: add one entry (idempotent)."""
+    return await _write_one(request, adding=True)
 
 
 async def remove_entry(request: web.Request) -> web.Response:
-    """``DELETE /v1/lists/{name}/entries/{entry}``: remove one entry (idempotent)."""
+    """``DELETE /v1/lists/{name}/entries/{entry}[?ttl_s=]``: remove one entry (idempotent)."""
+    return await _write_one(request, adding=False)
+
+
+async def _write_one(request: web.Request, *, adding: bool) -> web.Response:
+    """One admin write; on a list with a source it is kept in the overlay (core/overlay.py)."""
     name, kind = list_kind(request)
-    entry = _canonical(request, kind, request.match_info["entry"])
-    version = await request.app[STORE].change(name, kind, remove=[entry])
-    logger.info("admin: removed %r from list %s (version %d)", entry, name, version)
-    await audit_change(request, "remove", name, version, entry=entry)
-    return _json(api.EntryState(list=name, entry=entry, listed=False, version=version))
+    entry = _canonical(request, kind, request.match_info["entry"], adding=adding)
+    ttl_s = _ttl_s(request.query.get("ttl_s"))
+    sourced = request.app[CONFIG].lists[name].source is not None
+    if ttl_s is not None and not sourced:
+        raise AdminError(400, "ttl_s is for lists with a source (the admin overlay)")
+    change = {"add": [entry]} if adding else {"remove": [entry]}
+    store = request.app[STORE]
+    version = await store.change(name, kind, **change, overlay=sourced, ttl_s=ttl_s)
+    logger.info(
+        "admin: %s %r %s list %s (version %d%s)",
+        "added" if adding else "removed",
+        entry,
+        "to" if adding else "from",
+        name,
+        version,
+        ", overlay" if sourced else "",
+    )
+    await audit_change(request, "add" if adding else "remove", name, version, entry=entry)
+    state = api.EntryState(list=name, entry=entry, listed=adding, version=version)
+    if sourced:
+        side, expires_at = await overlay.state_of(store.redis, name, entry)
+        state.overlay, state.expires_at = side, expires_at
+    return _json(state)
+
+
+def _ttl_s(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        ttl_s = float(raw)
+    except ValueError:
+        ttl_s = -1.0
+    if not 0 < ttl_s <= api.MAX_OVERLAY_TTL_S:  # NaN fails too
+        raise AdminError(
+            400, f"ttl_s must be a number of seconds, 0 < ttl_s <= {api.MAX_OVERLAY_TTL_S}"
+        )
+    return ttl_s
 
 
 async def bulk_change(request: web.Request) -> web.Response:
@@ -299,7 +347,12 @@ async def bulk_change(request: web.Request) -> web.Response:
         raise AdminError(400, "entries both added and removed; nothing was changed", entries=both)
     # De-duplicated in order, not sorted: sorting 100 k entries alone stalls the loop.
     adds, removes = list(dict.fromkeys(changes["add"])), list(dict.fromkeys(changes["remove"]))
-    version = await request.app[STORE].change(name, kind, add=adds, remove=removes)
+    sourced = request.app[CONFIG].lists[name].source is not None
+    if change.ttl_s is not None and not sourced:
+        raise AdminError(400, "ttl_s is for lists with a source (the admin overlay)")
+    version = await request.app[STORE].change(
+        name, kind, add=adds, remove=removes, overlay=sourced, ttl_s=change.ttl_s
+    )
     logger.info("admin: list %s +%d -%d (version %d)", name, len(adds), len(removes), version)
     await audit_change(request, "bulk", name, version, added=len(adds), removed=len(removes))
     return _json(api.BulkResult(list=name, added=len(adds), removed=len(removes), version=version))

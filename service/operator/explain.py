@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from service.appkeys import SCREENER
+from core import overlay
+from service.appkeys import CONFIG, SCREENER, STORE
 from service.edge.body import BadRequest, policy_of, read_body, refuse
 from service.operator.admin import explain_refusal
 from service.screening.policy import CompiledPolicy, Evaluation
@@ -20,7 +21,9 @@ from service.screening.policy import CompiledPolicy, Evaluation
 _JSON = "application/json"
 
 
-def _explanation(group: str, policy: CompiledPolicy, evaluation: Evaluation, call: Any) -> bytes:
+def _explanation(
+    group: str, policy: CompiledPolicy, evaluation: Evaluation, call: Any, from_overlay: bool | None
+) -> bytes:
     outcome = evaluation.outcome
     return orjson.dumps(
         {
@@ -31,6 +34,7 @@ def _explanation(group: str, policy: CompiledPolicy, evaluation: Evaluation, cal
             "rule": outcome.rule,
             "list": outcome.list,
             "matched": evaluation.matched,
+            "overlay": from_overlay,
             "on_error": evaluation.fallback,
             "dry_run_matches": [
                 {"rule": dry.rule, "list": dry.list, "matched": matched}
@@ -66,4 +70,21 @@ async def explain(request: web.Request) -> web.Response:
     decision = await screener.decide(policy, call, count=False, trunk_group=group)
     if call.stir is None and screener.stir is not None:  # shown even when no rule asked
         call.stir = await screener.stir.verify(call, policy.trust_verstat, screener.deadline_s / 2)
-    return web.Response(body=_explanation(group, policy, decision, call), content_type=_JSON)
+    from_overlay = await _from_overlay(request, decision)
+    answer = _explanation(group, policy, decision, call, from_overlay)
+    return web.Response(body=answer, content_type=_JSON)
+
+
+async def _from_overlay(request: web.Request, evaluation: Evaluation) -> bool | None:
+    """Whether the matched entry of a list with a source is an admin overlay add.
+
+    None when no list entry decided, or the list has no source (no overlay).
+    """
+    name, matched = evaluation.outcome.list, evaluation.matched
+    spec = request.app[CONFIG].lists.get(name) if name else None
+    if name is None or matched is None or spec is None or spec.source is None:
+        return None
+    if spec.kind == "subscribers":
+        return None
+    side, _ = await overlay.state_of(request.app[STORE].redis, name, matched)
+    return side == "add"

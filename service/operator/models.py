@@ -23,6 +23,8 @@ from core.keys import LIST_NAME_RE
 ListName = Annotated[str, Field(pattern=f"^{LIST_NAME_RE.pattern}$")]
 #: An optional field of an error: absent from the answer when not set.
 Absent = SkipJsonSchema[None]
+#: Longest expiry an admin overlay entry may be given (a year).
+MAX_OVERLAY_TTL_S = 31_536_000
 #: An entry of a bulk change: a string, checked one by one with its canonical form
 #: (service/operator/admin.py), so every bad one is reported by its index. Were the model to check
 #: the type, a body of 100 k numbers would cost 100 k error objects built in one go, a
@@ -127,6 +129,9 @@ class Explanation(_Body):
     list: str | None
     matched: str | None
     """The list entry or fact that matched."""
+    overlay: bool | None
+    """On a list with a source: true when the matched entry is an admin overlay add
+    (kept across syncs), false when it came from the source; null otherwise."""
     on_error: str | None
     """Why `on_error` answered instead of the lists; null when the lists decided."""
     dry_run_matches: builtins.list[DryRunMatch]  # builtins: "list" is a field here
@@ -170,6 +175,9 @@ class BulkChange(_Body):
 
     add: list[BulkEntry] = []
     remove: list[BulkEntry] = []
+    ttl_s: Annotated[float, Field(gt=0, le=MAX_OVERLAY_TTL_S)] | Absent = None
+    """On a list with a source: the admin overlay entries expire after this long (they
+    survive syncs until then); none: they last until changed."""
 
     @model_validator(mode="after")
     def _not_empty(self) -> BulkChange:
@@ -194,6 +202,11 @@ class EntryState(_Body):
     listed: bool
     version: int | Absent = None
     """After a write: the list's version."""
+    overlay: Literal["add", "remove"] | None = None
+    """A list with a source: the entry is kept across syncs as an admin add or removal
+    (the admin overlay); null: the source decides it."""
+    expires_at: float | None = None
+    """When the overlay entry expires (Unix time); null: never."""
 
 
 class NotListed(EntryState):
@@ -224,6 +237,13 @@ class ListMeta(_Body):
     pending_dels: int
 
 
+class OverlayCounts(_Body):
+    """The admin overlay of a list with a source: entries kept across syncs."""
+
+    adds: int
+    dels: int
+
+
 class ListInfo(_Body):
     name: ListName
     kind: ListKind
@@ -234,6 +254,8 @@ class ListInfo(_Body):
     """null: never written."""
     loaded: LoadedCopy | None
     """This instance's copy; null: not loaded."""
+    overlay: OverlayCounts | Absent = None
+    """A list with a source: its admin overlay."""
 
 
 class Lists(_Body):

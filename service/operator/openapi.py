@@ -125,6 +125,15 @@ _SIDE = _param(
     "query",
 )
 
+_TTL = _param(
+    "ttl_s",
+    "A list with a source: the admin overlay entry expires after this many seconds "
+    "(it survives syncs until then); without it, it lasts until changed. `400` for a "
+    "list without a source.",
+    {"type": "number", "exclusiveMinimum": 0, "maximum": api.MAX_OVERLAY_TTL_S},
+    "query",
+)
+
 _SCREEN_REPLIES = {
     200: Reply("`[]` lets the call continue; a reject action blocks it.", api.Actions),
     400: Reply("The body is not JSON, not UTF-8, or not an object."),
@@ -238,11 +247,11 @@ ROUTES: tuple[Route, ...] = (
                       api.NotListed | api.Error)},
           auth="admin", kinds=_ENTRY_KINDS),
     Route("put", "/v1/lists/{name}/entries/{entry}", "admin",
-          "Add one entry; answered after Redis accepted it.",
-          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS, params=(_REASON,)),
+          "Add one entry; answered after Redis accepted it (kept across syncs).",
+          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS, params=(_REASON, _TTL)),
     Route("delete", "/v1/lists/{name}/entries/{entry}", "admin",
-          "Remove one entry; answered after Redis accepted it.",
-          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS, params=(_REASON,)),
+          "Remove one entry; answered after Redis accepted it (kept across syncs).",
+          {200: _WRITTEN, **_BAD_ENTRY}, auth="admin", kinds=_ENTRY_KINDS, params=(_REASON, _TTL)),
     Route("post", "/v1/lists/{name}/subscribers", "admin",
           "Add and remove entries of many subscribers at once; checked whole first.",
           {200: Reply("Redis accepted every change.", api.SubscriberBulkResult),
