@@ -609,7 +609,7 @@ class SubscriberListBuilder(ListBuilder):
                 await pipe.execute()
         if dropped:
             logger.warning(
-                "list %r: %d entries dropped: duplicates on both sides, or over %d a subscriber",
+                "list %r: %d entries dropped: duplicates, or over %d a subscriber",
                 self.name,
                 dropped,
                 subscribers_max,

@@ -2,7 +2,8 @@
 
 A ``subscribers`` list maps a subscriber (a called number) to at most
 :data:`MAX_ENTRIES` entries, numbers or ``1900*`` prefixes, each on the ``block`` or
-``allow`` side (one side at a time; ``allow`` wins in a source listing both). A
+``allow`` side; the sides are separate (an entry may be on both, a removal names its
+side). A
 subscriber's entries are one packed hash field (:func:`pack`, four bits a digit) in its
 bucket, so a call reads them with one HGET. Writes are compare-and-set scripts per
 bucket, re-applied if a full sync swapped meanwhile; a bulk change checks every
@@ -24,6 +25,8 @@ from core.numbers import normalise, normalise_prefix
 from core.store import RedisClient
 
 Side = Literal["block", "allow"]
+#: A bulk change: subscriber -> {code (entry and side): True to add, False to remove}.
+Changes = Mapping[str, Mapping[str, bool]]
 SIDES: tuple[Side, ...] = ("block", "allow")
 PREFIX_MARK = "*"
 #: Entries one subscriber may hold (block and allow together).
@@ -159,13 +162,9 @@ def entry_of(code: str) -> tuple[str, Side]:
 
 
 def settle(codes: Iterable[str]) -> list[str]:
-    """Codes de-duplicated, one side per entry (allow wins), sorted, capped."""
-    by_entry: dict[str, str] = {}
-    for code in codes:
-        entry, side = entry_of(code)
-        if side == "allow" or entry not in by_entry:
-            by_entry[entry] = code
-    return sorted(by_entry.values())[:MAX_ENTRIES]
+    """Codes de-duplicated, sorted, capped. Block and allow are separate sides: an entry
+    may be on both (a code names its side)."""
+    return sorted(set(codes))[:MAX_ENTRIES]
 
 
 def pack(codes: Iterable[str]) -> bytes:
@@ -332,57 +331,73 @@ class SubscriberStore:
         blob = await self.redis.hget(key, subscriber)
         return gen, Entries.unpack(blob if isinstance(blob, bytes) else None)
 
-    async def change(self, name: str, subscriber: str, entry: str, side: Side | None) -> int:
-        """Put ``entry`` on ``side`` of ``subscriber`` (``side=None``: remove it).
+    async def read_marked(self, name: str, subscriber: str) -> tuple[int, Entries, bool]:
+        """:meth:`read`, and whether the subscriber's bucket lost its marker (Redis lost
+        it: the entries shown are only those written since)."""
+        gen = await self.gen(name)
+        if not gen:
+            return 0, NO_ENTRIES, False
+        key = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
+        blob, marker = await self.redis.hmget(key, [subscriber, keys.SUBSCRIBER_MARKER])
+        entries = Entries.unpack(blob if isinstance(blob, bytes) else None)
+        return gen, entries, marker is None
+
+    async def change(
+        self, name: str, subscriber: str, entry: str, side: Side, *, remove: bool = False
+    ) -> int:
+        """Put ``entry`` on ``side`` of ``subscriber`` (``remove``: take it off that side;
+        the other side is never touched).
 
         Returns the generation written. Raises :class:`BadSubscriberEntry` when the
         subscriber already holds :data:`MAX_ENTRIES` entries.
         """
         bucket = keys.subscriber_bucket_of(subscriber)
         gen = await self.gen(name)
-        if not gen and side is None:
+        if not gen and remove:
             return 0  # nothing to remove from a list that holds nothing
+        code = code_of(entry, side)
         for _ in range(MAX_ATTEMPTS):
             if not gen:
                 gen = await self.live_gen(name)
-            await self._change_in(keys.subscribers(name, bucket, gen), subscriber, entry, side)
+            await self._change_in(keys.subscribers(name, bucket, gen), subscriber, code, remove)
             now = await self.gen(name)
             if now == gen:
                 return gen
             gen = now  # a full sync swapped meanwhile: apply it to the new generation too
         raise RuntimeError(f"list {name!r}: generation kept moving; change not confirmed")
 
-    async def _change_in(self, key: str, subscriber: str, entry: str, side: Side | None) -> None:
+    async def _change_in(self, key: str, subscriber: str, code: str, remove: bool) -> None:
         for _ in range(MAX_ATTEMPTS):
             current = await self.redis.hget(key, subscriber)
             blob = current if isinstance(current, bytes) else _text(current).encode()
-            codes = [c for c in unpack_codes(blob) if entry_of(c)[0] != entry]
-            if side is not None:
+            codes = [c for c in unpack_codes(blob) if c != code]
+            if not remove:
                 if len(codes) >= MAX_ENTRIES:
                     raise BadSubscriberEntry(
                         f"subscriber {subscriber} already holds {MAX_ENTRIES} entries"
                     )
-                codes.append(code_of(entry, side))
+                codes.append(code)
             new = pack(settle(codes))
             if await self.redis.eval(_CAS, 1, key, subscriber, blob, new):
                 return
         raise RuntimeError(f"subscriber {subscriber}: too many concurrent changes; retry")
 
-    async def bulk_change(self, name: str, changes: Mapping[str, Mapping[str, Side | None]]) -> int:
-        """Apply many subscribers' changes: ``{subscriber: {entry: side or None}}``.
+    async def bulk_change(self, name: str, changes: Changes) -> int:
+        """Apply many subscribers' changes: ``{subscriber: {code: True (add) or False}}``,
+        a code naming the entry and its side (:func:`code_of`): sides are independent.
 
-        ``None`` removes the entry; a side puts it there. Returns the generation written (0:
-        only removals from an empty list). Every subscriber is planned first (:meth:`_plan`),
-        so one taken past :data:`MAX_ENTRIES` raises :class:`BadSubscriberEntry` with nothing
-        written; then one pipelined compare-and-set per bucket. Atomic per bucket, not as a
-        whole; each change is idempotent, so resending finishes a half-applied one.
+        Returns the generation written (0: only removals from an empty list). Every
+        subscriber is planned first (:meth:`_plan`), so one taken past
+        :data:`MAX_ENTRIES` raises :class:`BadSubscriberEntry` with nothing written; then
+        one pipelined compare-and-set per bucket. Atomic per bucket, not as a whole; each
+        change is idempotent, so resending finishes a half-applied one.
         """
         if not changes:
             return await self.gen(name)
-        by_bucket: dict[int, dict[str, Mapping[str, Side | None]]] = {}
+        by_bucket: dict[int, dict[str, Mapping[str, bool]]] = {}
         for subscriber, entries in changes.items():
             by_bucket.setdefault(keys.subscriber_bucket_of(subscriber), {})[subscriber] = entries
-        adds = any(side is not None for e in changes.values() for side in e.values())
+        adds = any(add for e in changes.values() for add in e.values())
         gen = await self.gen(name)
         if not gen and not adds:
             return 0  # nothing to remove from a list that holds nothing
@@ -401,7 +416,7 @@ class SubscriberStore:
         self,
         name: str,
         gen: int,
-        by_bucket: Mapping[int, Mapping[str, Mapping[str, Side | None]]],
+        by_bucket: Mapping[int, Changes],
         refused: str,
     ) -> dict[int, list[_Write]]:
         """Read every subscriber named and compute its new value; refuse over-full ones
@@ -434,7 +449,7 @@ class SubscriberStore:
         name: str,
         gen: int,
         plan: dict[int, list[_Write]],
-        by_bucket: Mapping[int, Mapping[str, Mapping[str, Side | None]]],
+        by_bucket: Mapping[int, Changes],
     ) -> None:
         """One compare-and-set script per bucket; the buckets that moved are planned again."""
         slices = Slices()
@@ -461,7 +476,7 @@ class SubscriberStore:
 
 
 async def _bucket_writes(
-    changes: Mapping[str, Mapping[str, Side | None]],
+    changes: Changes,
     values: list[bytes | str | None],
     slices: Slices,
 ) -> tuple[list[_Write], list[str]]:
@@ -470,8 +485,8 @@ async def _bucket_writes(
     over: list[str] = []
     for (subscriber, entries), value in zip(changes.items(), values, strict=True):
         blob = value if isinstance(value, bytes) else _text(value).encode()
-        codes = [c for c in unpack_codes(blob) if entry_of(c)[0] not in entries]
-        codes += [code_of(entry, side) for entry, side in entries.items() if side is not None]
+        codes = [c for c in unpack_codes(blob) if c not in entries]
+        codes += [code for code, add in entries.items() if add]
         if len(codes) > MAX_ENTRIES:
             over.append(subscriber)
         else:

@@ -101,17 +101,19 @@ def test_packing_round_trips_and_is_compact() -> None:
         [
             code_of("15165550101", "block"),
             code_of("1900*", "block"),
-            code_of("1900*", "allow"),  # both sides: allow wins
+            code_of("1900*", "allow"),  # both sides: separate, both kept
             code_of("911", "allow"),
+            code_of("911", "allow"),  # a duplicate is dropped
         ]
     )
     blob = pack(codes)
-    assert len(blob) == 11  # 12 + 5 + 4 nibbles (digits and an end nibble each), padded
+    assert len(blob) == 13  # 12 + 5 + 5 + 4 nibbles (digits and an end nibble each), padded
     entries = Entries.unpack(blob)
-    assert entries.as_dict() == {"block": ["15165550101"], "allow": ["911", "1900*"]}
+    assert entries.as_dict() == {"block": ["15165550101", "1900*"], "allow": ["911", "1900*"]}
     assert entries.match("block", "15165550101") == "15165550101"
     assert entries.match("allow", "19005551234") == "1900*"
-    assert entries.match("block", "19005551234") is None
+    assert entries.match("block", "19005551234") == "1900*"  # on both sides
+    assert entries.match("block", "19115551234") is None
     assert Entries.unpack(None).match("block", "1") is None
     ten = pack(settle(code_of(f"1516555{i:04d}", "block") for i in range(10)))
     assert len(ten) == 60  # under Redis's listpack value limit (64 bytes)
@@ -195,10 +197,17 @@ async def test_calls_are_decided_by_the_called_subscriber(
     assert response.status == 200, await response.text()
     assert (await response.json())["block"] == ["15165550102", "1516555019*"]
     assert await answer(client, "15165550199", SUB_B) == PERSONAL
-    response = await client.put(path + "?side=allow", headers=admin)  # moves it
-    assert (await response.json())["allow"] == ["1516555019*"]
-    assert await answer(client, "15165550199", SUB_B) == []
+    # Block and allow are separate sides: allowing leaves the block entry alone...
+    response = await client.put(path + "?side=allow", headers=admin)
+    body = await response.json()
+    assert (body["block"], body["allow"]) == (["15165550102", "1516555019*"], ["1516555019*"])
+    assert body["lost"] is False
+    assert await answer(client, "15165550199", SUB_B) == []  # the allow rule comes first
+    # ...and a DELETE names its side (block by default): the allow entry stays
     response = await client.delete(path, headers=admin)
+    body = await response.json()
+    assert (body["block"], body["allow"]) == (["15165550102"], ["1516555019*"])
+    response = await client.delete(path + "?side=allow", headers=admin)
     body = await response.json()
     assert (body["block"], body["allow"]) == (["15165550102"], [])
     response = await client.get(f"/v1/lists/personal/subscribers/{SUB_A}", headers=admin)
@@ -286,7 +295,9 @@ async def test_loader_guards_dry_run_and_a_second_sync(
 
 async def test_admin_store_caps_and_allocates_a_generation(redis: Redis) -> None:
     store = SubscriberStore(redis)
-    assert await store.change("adminonly", SUB_A, "15165550101", None) == 0  # nothing
+    assert (
+        await store.change("adminonly", SUB_A, "15165550101", "block", remove=True) == 0
+    )  # nothing
     gen = await store.change("adminonly", SUB_A, "15165550101", "block")
     assert gen == 1 and await store.change("adminonly", SUB_A, "911", "allow") == 1
     entries = (await store.read("adminonly", SUB_A))[1].as_dict()
@@ -295,7 +306,7 @@ async def test_admin_store_caps_and_allocates_a_generation(redis: Redis) -> None
         await store.change("adminonly", SUB_A, f"1516556{i:04d}", "block")
     with pytest.raises(BadSubscriberEntry, match="already holds"):
         await store.change("adminonly", SUB_A, "15165559999", "block")
-    await store.change("adminonly", SUB_A, "911", None)
+    await store.change("adminonly", SUB_A, "911", "allow", remove=True)
     await store.change("adminonly", SUB_A, "15165559999", "block")
 
 

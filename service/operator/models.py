@@ -272,10 +272,14 @@ class SubscriberEntries(_Body):
     """The list's live generation; 0: nothing was ever written."""
     block: builtins.list[str]  # builtins: "list" is a field here
     allow: builtins.list[str]
+    lost: bool
+    """True when Redis lost the subscriber's bucket (its marker is missing): the entries
+    shown are only those written since, and calls to it are answered by on_error until
+    a full sync (or `loader run`'s self-healing) writes the bucket again."""
 
 
 class SubscriberAdd(_Body):
-    """Put `entry` on a side of `subscriber` (an entry on the other side moves)."""
+    """Put `entry` on a side of `subscriber` (the other side is left alone)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -287,12 +291,13 @@ class SubscriberAdd(_Body):
 
 
 class SubscriberRemove(_Body):
-    """Remove `entry` from `subscriber`, whatever its side."""
+    """Remove `entry` from one side of `subscriber` (the other side is left alone)."""
 
     model_config = ConfigDict(extra="forbid")
 
     subscriber: str
     entry: str
+    side: Literal["block", "allow"] = "block"
 
 
 #: An item of a subscribers bulk change: checked one by one against its model

@@ -120,7 +120,8 @@ _SUBSCRIBER_ENTRY = _param(
 )
 _SIDE = _param(
     "side",
-    "The side to put the entry on; an entry on the other side moves.",
+    "The side to put the entry on (PUT) or take it off (DELETE); the other side is "
+    "left alone: block and allow are separate.",
     {"enum": ["block", "allow"], "default": "block"},
     "query",
 )
@@ -273,8 +274,9 @@ ROUTES: tuple[Route, ...] = (
           {**_SUBSCRIBER_REPLIES, 409: Reply("The subscriber holds the most entries already.")},
           auth="admin", kinds=("subscribers",), params=(_SUBSCRIBER_ENTRY, _SIDE)),
     Route("delete", "/v1/lists/{name}/subscribers/{subscriber}/entries/{entry}", "admin",
-          "Remove one entry from the subscriber; answered after Redis accepted it.",
-          _SUBSCRIBER_REPLIES, auth="admin", kinds=("subscribers",), params=(_SUBSCRIBER_ENTRY,)),
+          "Take one entry off a side of the subscriber; answered after Redis accepted it.",
+          _SUBSCRIBER_REPLIES, auth="admin", kinds=("subscribers",),
+          params=(_SUBSCRIBER_ENTRY, _SIDE)),
     Route("get", "/v1/whoami", "operator", "The token's name, role and the lists it may change.",
           {200: Reply("The token.", dict[str, Any])}, auth="admin"),
     Route("get", "/v1/audit", "operator", "The audit trail: admin changes, syncs, reloads.",

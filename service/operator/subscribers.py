@@ -3,7 +3,9 @@
 ``GET``/``PUT``/``DELETE`` of one subscriber's entries and ``POST
 /v1/lists/{name}/subscribers`` for many (:func:`bulk_change`), behind the admin bearer
 token (:func:`service.operator.admin.admin_only`). Entries are numbers or ``1900*``
-prefixes. Each write is a compare-and-set in Redis
+prefixes; block and allow are separate sides (``?side=``, default ``block``, on PUT
+and DELETE), and every answer says ``"lost": true`` when Redis lost the
+subscriber's bucket. Each write is a compare-and-set in Redis
 (:class:`core.subscribers.SubscriberStore`) answered after Redis acknowledged it; calls
 read subscribers from Redis, so the next call sees the change.
 """
@@ -26,6 +28,7 @@ from core.subscribers import (
     canonical_entry,
     canonical_side,
     canonical_subscriber,
+    code_of,
 )
 from service.appkeys import CONFIG, REDIS
 from service.operator import models as api
@@ -77,8 +80,10 @@ def _entry(request: web.Request) -> str:
 
 
 async def _answer(request: web.Request, name: str, subscriber: str) -> web.Response:
-    gen, entries = await SubscriberStore(request.app[REDIS]).read(name, subscriber)
-    return _json({"list": name, "subscriber": subscriber, "gen": gen, **entries.as_dict()})
+    gen, entries, lost = await SubscriberStore(request.app[REDIS]).read_marked(name, subscriber)
+    return _json(
+        {"list": name, "subscriber": subscriber, "gen": gen, **entries.as_dict(), "lost": lost}
+    )
 
 
 async def get_subscriber(request: web.Request) -> web.Response:
@@ -87,14 +92,19 @@ async def get_subscriber(request: web.Request) -> web.Response:
     return await _answer(request, name, subscriber)
 
 
-async def _change(request: web.Request, side: Side | None) -> web.Response:
+async def _change(request: web.Request, *, remove: bool) -> web.Response:
     name, subscriber = _target(request)
     entry = _entry(request)
     try:
-        gen = await SubscriberStore(request.app[REDIS]).change(name, subscriber, entry, side)
+        side = canonical_side(request.query.get("side", "block"))
+    except BadSubscriberEntry as exc:
+        raise AdminError(400, str(exc)) from None
+    store = SubscriberStore(request.app[REDIS])
+    try:
+        gen = await store.change(name, subscriber, entry, side, remove=remove)
     except BadSubscriberEntry as exc:
         raise AdminError(409, str(exc)) from None
-    what = f"put {entry!r} on {side}" if side else f"removed {entry!r}"
+    what = f"removed {entry!r} from {side}" if remove else f"put {entry!r} on {side}"
     logger.info("admin: list %s subscriber %s: %s (gen %d)", name, subscriber, what, gen)
     action = f"subscriber_{side}" if side else "subscriber_remove"
     fields = {"subscriber": subscriber, "entry": entry}
@@ -103,17 +113,13 @@ async def _change(request: web.Request, side: Side | None) -> web.Response:
 
 
 async def put_entry(request: web.Request) -> web.Response:
-    """``PUT .../entries/{entry}?side=block|allow``: add (or move) one entry."""
-    try:
-        side = canonical_side(request.query.get("side", "block"))
-    except BadSubscriberEntry as exc:
-        raise AdminError(400, str(exc)) from None
-    return await _change(request, side)
+    """``PUT .../entries/{entry}?side=block|allow``: put one entry on a side."""
+    return await _change(request, remove=False)
 
 
 async def delete_entry(request: web.Request) -> web.Response:
-    """``DELETE .../entries/{entry}``: remove one entry from the subscriber."""
-    return await _change(request, None)
+    """``DELETE .../entries/{entry}?side=block|allow``: take one entry off a side."""
+    return await _change(request, remove=True)
 
 
 async def bulk_change(request: web.Request) -> web.Response:
@@ -141,22 +147,23 @@ async def bulk_change(request: web.Request) -> web.Response:
     removes = await _items(api.SubscriberRemove, change.remove, "remove", country, bad, slices)
     if bad:
         raise AdminError(400, f"{len(bad)} bad items; nothing was changed", bad_entries=bad[:SHOWN])
-    changes: dict[str, dict[str, Side | None]] = {}
+    changes: dict[str, dict[str, bool]] = {}
     twice: list[str] = []
-    for subscriber, entry, side in adds + removes:
+    for subscriber, entry, side, add in adds + removes:
         held = changes.setdefault(subscriber, {})
-        if entry in held and held[entry] != side:
-            twice.append(f"{subscriber}:{entry}")
-        held[entry] = side
+        code = code_of(entry, side)
+        if code in held and held[code] != add:
+            twice.append(f"{subscriber}:{entry} ({side})")
+        held[code] = add
         await slices.tick()
     if twice:
         raise AdminError(
             400,
-            "pairs both added and removed, or added on both sides; nothing was changed",
+            "pairs both added and removed on the same side; nothing was changed",
             entries=sorted(set(twice))[:SHOWN],
         )
-    added = sum(side is not None for held in changes.values() for side in held.values())
-    removed = sum(side is None for held in changes.values() for side in held.values())
+    added = sum(add for held in changes.values() for add in held.values())
+    removed = sum(not add for held in changes.values() for add in held.values())
     try:
         gen = await SubscriberStore(request.app[REDIS]).bulk_change(name, changes)
     except BadSubscriberEntry as exc:
@@ -189,14 +196,14 @@ async def _items(
     country: str,
     bad: list[dict[str, Any]],
     slices: Slices,
-) -> list[tuple[str, str, Side | None]]:
-    """``(subscriber, entry, side)`` of each item (side None: a removal); bad ones to ``bad``.
+) -> list[tuple[str, str, Side, bool]]:
+    """``(subscriber, entry, side, add?)`` of each item; bad ones go to ``bad``.
 
     One item at a time, yielding to the event loop between slices (:class:`Slices`), so
     that 100 k items neither stall the calls this worker answers nor, when bad, build
     100 k error objects at once.
     """
-    found: list[tuple[str, str, Side | None]] = []
+    found: list[tuple[str, str, Side, bool]] = []
     for index, item in enumerate(items):
         try:
             parsed: BaseModel = model.model_validate(item)
@@ -204,14 +211,14 @@ async def _items(
             bad.append(_report(field, index, item, _first_error(item, exc)))
         else:
             assert isinstance(parsed, api.SubscriberAdd | api.SubscriberRemove)
-            side: Side | None = parsed.side if isinstance(parsed, api.SubscriberAdd) else None
+            side: Side = parsed.side
             try:
                 subscriber = canonical_subscriber(parsed.subscriber, country)
                 entry = canonical_entry(parsed.entry, country)
             except BadSubscriberEntry as exc:
                 bad.append(_report(field, index, item, str(exc)))
             else:
-                found.append((subscriber, entry, side))
+                found.append((subscriber, entry, side, isinstance(parsed, api.SubscriberAdd)))
         await slices.tick()
     return found
 
