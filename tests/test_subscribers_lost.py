@@ -149,11 +149,17 @@ async def test_a_lost_bucket_answers_its_subscribers_by_on_error(
     assert await metric(client, LOST) == 4
     # Ready: the loss is per bucket, seen by calls alone (docs/subscribers.md).
     assert (await client.get("/readyz")).status == 200
+    # The admin GET flags the lost bucket; another bucket's subscriber is not flagged.
+    path = "/v1/lists/personal/subscribers"
+    got = await (await client.get(f"{path}/{victim}", headers=admin)).json()
+    assert (got["lost"], got["block"]) == (True, [])
+    assert (await (await client.get(f"{path}/{other}", headers=admin)).json())["lost"] is False
     # An admin write lands, but does not make the bucket trusted again.
     put = await client.put(
         f"/v1/lists/personal/subscribers/{victim}/entries/15165550888", headers=admin
     )
     assert put.status == 200
+    assert (await put.json())["lost"] is True
     assert await answer(client, "15165550888", victim) == ON_ERROR
     # A full sync writes a new generation with every bucket: answered again.
     report = await sync_list(redis, config, "personal", SyncOptions(force=True))
