@@ -41,7 +41,7 @@ from core.subscribers import Slices, entry_of, unpack_codes
 #: Numbers buckets per HMGET (~2.5 k numbers each at 10 M entries).
 NUMBER_BUCKETS_PER_READ = 16
 #: Subscriber buckets per pipelined round.
-SUBSCRIBER_BUCKETS_PER_READ = 32
+SUBSCRIBER_BUCKETS_PER_READ = 512
 #: SSCAN page size for prefixes and names.
 SCAN_COUNT = 1000
 END_MARK = "# end of export: "
