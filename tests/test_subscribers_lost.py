@@ -20,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from core import keys
 from core.config import Config
-from core.subscribers import _RESERVE_GEN, SubscriberStore, mark_buckets
+from core.subscribers import _RESERVE_GEN, SubscriberStore, code_of, mark_buckets
 from devtools.redis_server import LocalCluster
 from loader.sync import SyncOptions, sync_list
 from tests.helpers import wait_for
@@ -285,7 +285,9 @@ async def test_an_admin_only_list_on_a_cluster_gets_every_bucket_marked(
     cluster_redis: RedisCluster,
 ) -> None:
     store = SubscriberStore(cluster_redis)
-    changes: dict[str, dict[str, Any]] = {s: {"1900*": "block"} for s in SUBSCRIBERS}
+    changes: dict[str, dict[str, bool]] = {
+        s: {code_of("1900*", "block"): True} for s in SUBSCRIBERS
+    }
     assert await store.bulk_change("adminonly", changes) == 1
     assert await markers(cluster_redis, "adminonly", 1) == {b"1"}
     for s in SUBSCRIBERS:
