@@ -159,10 +159,15 @@ async def test_handler_loader_and_admin_changes_on_a_cluster(
     report = await sync_list(cluster_redis, config, "blocklist")
     assert report.version is not None
     meta = await store.meta("blocklist")
-    assert meta is not None and (meta.size, meta.pending_adds) == (4, 0)
+    # 4 from the source and the admin PUT, kept by the admin overlay (same slot)
+    assert meta is not None and (meta.size, meta.pending_adds) == (5, 0)
 
     async def swapped() -> bool:
-        return await answer("15165550188") == REJECT and await answer(BLOCKED) == []
+        return (
+            await answer("15165550188") == REJECT
+            and await answer(BLOCKED) == []
+            and await answer("15165550177") == REJECT
+        )
 
     await wait_for(swapped, timeout_s=2.0)
     metrics = await (await client.get("/metrics")).text()
