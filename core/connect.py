@@ -16,13 +16,14 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
 # Re-exported: redact() lived here first, and callers still import it from this module.
 from core.redact import redact as redact  # noqa: PLC0414
+from core.shards import ShardedCluster
 from core.store import RedisClient
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -158,20 +159,22 @@ def _tolerate_routing_keys(callback: Callable[..., Any]) -> Callable[..., Any]:
     return parse
 
 
-def _cluster(url: str, socket_timeout_s: float, client_name: str) -> RedisCluster:
+def _cluster(url: str, socket_timeout_s: float, client_name: str) -> ShardedCluster:
     parsed = parse_multi_host(url, DEFAULT_REDIS_PORT)
     if parsed.path not in ((), ("0",)):
         raise _fail(url, "a Redis Cluster has only database 0; drop the path")
     if parsed.query:
         raise _fail(url, f"unknown option(s) {', '.join(sorted(parsed.query))}")
-    client = RedisCluster(
+    client = ShardedCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
         username=parsed.username,
         password=parsed.password,
         client_name=client_name,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s,
-        # Cluster redirections and node failover need a few tries; keep them quick.
+        # Cluster redirections and node failover need a few tries; keep them quick. The
+        # call path and the polls do not go through this client's pipeline, whose retry
+        # on a ConnectionError closes every connection (core/shards.py).
         retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
         ssl=parsed.tls,
     )

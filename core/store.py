@@ -23,10 +23,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from core import keys
 from core.config import ListKind
 from core.overlay import queue_write as queue_overlay
+from core.shards import dispatcher_for
 
 RedisClient = Redis | RedisCluster
 #: Buckets fetched per HMGET when loading a numbers base; small replies keep the
@@ -210,18 +212,36 @@ class ListStore:
 
     def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
+        #: Runs the call path's and the polls' batches, node by node on a Cluster.
+        self.dispatcher = dispatcher_for(redis)
 
     # --- reading -------------------------------------------------------------------
     async def states(self, names: Iterable[str]) -> dict[str, ListState]:
-        """The :class:`ListState` of each list, in one pipelined round trip."""
+        """The :class:`ListState` of each list, in one pipelined round trip.
+
+        Raises the first failure (see :meth:`states_each`).
+        """
+        found = await self.states_each(names)
+        for state in found.values():
+            if isinstance(state, Exception):
+                raise state
+        return {name: state for name, state in found.items() if isinstance(state, ListState)}
+
+    async def states_each(self, names: Iterable[str]) -> dict[str, ListState | RedisError]:
+        """Each list's :class:`ListState`, or why it could not be read: one round trip,
+        each Cluster node on its own, so a failing node fails only the lists it holds."""
         names = list(names)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hmget(keys.meta(name), STATE_FIELDS)
-            replies = await pipe.execute()
-        return {
-            name: ListState.from_fields(fields) for name, fields in zip(names, replies, strict=True)
-        }
+        commands = [("HMGET", keys.meta(name), *STATE_FIELDS) for name in names]
+        replies = await self.dispatcher.run(commands)
+        found: dict[str, ListState | RedisError] = {}
+        for name, reply in zip(names, replies, strict=True):
+            if isinstance(reply, RedisError):
+                found[name] = reply
+            elif isinstance(reply, Exception):
+                found[name] = RedisError(f"{type(reply).__name__}: {reply}")
+            else:
+                found[name] = ListState.from_fields(reply)
+        return found
 
     async def deltas(self, name: str) -> Deltas:
         """The live ``gen`` and ``version`` with the delta sets they belong to, read atomically."""
@@ -442,26 +462,30 @@ class ListStore:
         bucket's marker (:data:`core.keys.SUBSCRIBER_MARKER`): one HMGET each. Returns
         (counts per rule, packed entries per list (None: no entries), the lists whose
         bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted,
-        the replies to the ``extra`` commands, in order: core/fraud.py's).
+        the replies to the ``extra`` commands, in order: core/fraud.py's; each command
+        single-key, key first). On a Cluster each node's commands go on that node's own
+        connections, all at once (:mod:`core.shards`). Raises a ``RedisError`` when any
+        command failed.
         """
         counted = windows if caller else ()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for rule_key, window_s in counted:
-                assert caller is not None
-                index = int(now_s // window_s)
-                current = keys.rate(caller, rule_key, index)
-                if increment:
-                    pipe.incr(current)
-                    pipe.expire(current, 2 * window_s)
-                else:
-                    pipe.get(current)
-                pipe.get(keys.rate(caller, rule_key, index - 1))
-            for name, gen, subscriber in subscribers:
-                bucket = keys.subscriber_bucket_of(subscriber)
-                pipe.hmget(keys.subscribers(name, bucket, gen), subscriber, keys.SUBSCRIBER_MARKER)
-            for command in extra:
-                pipe.execute_command(*command)
-            replies = await pipe.execute()
+        commands: list[tuple[Any, ...]] = []
+        for rule_key, window_s in counted:
+            assert caller is not None
+            index = int(now_s // window_s)
+            current = keys.rate(caller, rule_key, index)
+            if increment:
+                commands += [("INCRBY", current, 1), ("EXPIRE", current, 2 * window_s)]
+            else:
+                commands.append(("GET", current))
+            commands.append(("GET", keys.rate(caller, rule_key, index - 1)))
+        for name, gen, subscriber in subscribers:
+            bucket = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
+            commands.append(("HMGET", bucket, subscriber, keys.SUBSCRIBER_MARKER))
+        commands += [tuple(command) for command in extra]
+        replies = await self.dispatcher.run(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply if isinstance(reply, RedisError) else RedisError(str(reply))
         step = 3 if increment else 2
         counts = {}
         for i, (rule_key, window_s) in enumerate(counted):

@@ -178,12 +178,19 @@ _CLUSTER_NODE_ARGS = (
 
 
 class LocalCluster:
-    """A Redis Cluster of ``masters`` primaries (no replicas) on 127.0.0.1."""
+    """A Redis Cluster of ``masters`` primaries, each with ``replicas`` replicas, on 127.0.0.1.
 
-    def __init__(self, folder: Path, masters: int = 3) -> None:
+    Node timeout 1 s, so a killed master's replica is promoted within a few seconds.
+    """
+
+    def __init__(self, folder: Path, masters: int = 3, replicas: int = 0) -> None:
+        self.masters = masters
+        self.replicas = replicas
+        # No diskless-sync delay: a replica should be in step within a moment.
+        args = (*_CLUSTER_NODE_ARGS, "--repl-diskless-sync-delay", "0")
         self.nodes = [
-            RedisProcess(Path(folder) / f"node{i}", free_cluster_port(), *_CLUSTER_NODE_ARGS)
-            for i in range(masters)
+            RedisProcess(Path(folder) / f"node{i}", free_cluster_port(), *args)
+            for i in range(masters * (1 + replicas))
         ]
 
     @property
@@ -191,17 +198,61 @@ class LocalCluster:
         hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
         return f"redis+cluster://{hosts}"
 
+    def node(self, port: int) -> RedisProcess:
+        return next(node for node in self.nodes if node.port == port)
+
     def _ok(self) -> bool:
-        return all("cluster_state:ok" in _cli(n.port, "cluster", "info") for n in self.nodes)
+        return all(
+            "cluster_state:ok" in _cli(n.port, "cluster", "info")
+            for n in self.nodes
+            if n.process is not None
+        )
+
+    def roles(self, via: RedisProcess | None = None) -> dict[int, tuple[str, int | None]]:
+        """``{port: ("master" or "slave", master's port or None)}`` as a running node sees it.
+
+        Nodes flagged failed are left out.
+        """
+        asking = via or next(n for n in self.nodes if n.process is not None)
+        lines = _cli(asking.port, "cluster", "nodes").splitlines()
+        ids = {line.split()[0]: int(line.split()[1].split(":")[1].split("@")[0]) for line in lines}
+        roles: dict[int, tuple[str, int | None]] = {}
+        for line in lines:
+            fields = line.split()
+            port, flags, master = ids[fields[0]], fields[2].split(","), fields[3]
+            if "fail" in flags:
+                continue
+            role = "master" if "master" in flags else "slave"
+            roles[port] = (role, ids.get(master) if role == "slave" else None)
+        return roles
+
+    def masters_now(self) -> list[int]:
+        return sorted(p for p, (role, _) in self.roles().items() if role == "master")
+
+    def replica_of(self, master_port: int) -> int:
+        return next(p for p, (_, of) in self.roles().items() if of == master_port)
+
+    def _replicas_synced(self) -> bool:
+        if not self.replicas:
+            return True
+        slaves = [p for p, (role, _) in self.roles().items() if role == "slave"]
+        return len(slaves) == self.masters * self.replicas and all(
+            "master_link_status:up" in _cli(p, "info", "replication") for p in slaves
+        )
+
+    def wait(self, check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+        """Block until ``check()`` (e.g. a promotion seen by :meth:`roles`)."""
+        _wait(check, what, timeout_s)
 
     def start(self, timeout_s: float = 30.0) -> LocalCluster:
         try:
             for node in self.nodes:
                 node.start()
             addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-            create = ["--cluster", "create", *addresses, "--cluster-replicas", "0"]
+            create = ["--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas)]
             _cli(self.nodes[0].port, *create, "--cluster-yes", timeout_s=timeout_s)
             _wait(self._ok, "cluster_state:ok on every node", timeout_s)
+            _wait(self._replicas_synced, "every replica to sync", timeout_s)
         except BaseException:
             self.stop()
             raise

@@ -1,0 +1,244 @@
+"""Pipelined reads that one failing Redis node cannot spread to the others.
+
+redis-py 8.1's cluster pipeline (``PipelineStrategy.execute``) answers a
+ConnectionError on any node by closing every connection the client holds and sleeping
+0.25 s before each of its retries: one dead master delays, and fails, the commands bound
+for the healthy ones, past any call deadline. :class:`Dispatcher` runs a batch of
+single-key commands instead:
+
+- Redis or Sentinel: one plain pipeline, as before;
+- Cluster: the commands grouped by node through the client's slot map
+  (``RedisCluster.get_node_from_key``), each node's group pipelined on a connection pool
+  of that node's own (a plain ``redis.asyncio.Redis``, no retries), all nodes at once.
+  A node that fails fails only its own commands, at once; for a short while afterwards
+  its commands fail without being sent (a stuck node would otherwise hold one
+  connection per call until the deadline). A MOVED reply is followed once, to the node
+  it names. Either starts a background refresh of the slot map
+  (``nodes_manager.initialize``) that repeats while a node is down, so the replica's
+  promotion is seen within :data:`REFRESH_INTERVAL_S`.
+
+Every failure reaches the caller as a :class:`ShardError` (a ``redis`` ``ConnectionError``):
+the cluster client can raise AttributeError or RuntimeError from a transport it
+closed, and those are Redis failures too, not bugs of the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError
+
+logger = logging.getLogger(__name__)
+
+#: How often the slot map is read again while a node is down.
+REFRESH_INTERVAL_S = 0.1
+#: After a node failed, its commands fail unsent for this long (then one batch probes it).
+FAIL_FAST_S = 0.05
+#: Connection settings carried from the cluster client's nodes to the per-node pools.
+_CARRIED = (
+    "username", "password", "credential_provider", "client_name", "socket_timeout",
+    "socket_connect_timeout", "socket_keepalive", "encoding", "encoding_errors",
+    "decode_responses", "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs",
+    "ssl_ca_data", "ssl_check_hostname",
+)  # fmt: skip
+
+Command = tuple[Any, ...]
+
+
+class ShardError(RedisConnectionError):
+    """A command was not answered: its node failed (or was recently failing)."""
+
+
+class Dispatcher:
+    """Runs batches of single-key commands (key first) on one Redis, Sentinel or Cluster."""
+
+    def __init__(self, client: Redis | RedisCluster) -> None:
+        self.client = client
+        self._pools: dict[str, Redis] = {}
+        #: Node name -> monotonic time of its last failure, while it is failing.
+        self._down: dict[str, float] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        #: Called with (node name, True) when a node answers for the first time or
+        #: again after failing, (name, False) when it starts failing, (name, None) when
+        #: a failing node no longer serves slots (its replica took over).
+        self.on_node: Callable[[str, bool | None], None] | None = None
+        self._answered: set[str] = set()
+
+    @property
+    def down(self) -> list[str]:
+        """The nodes failing right now (Cluster only), by name."""
+        return sorted(self._down)
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        """The replies in order; a command whose node failed gets a :class:`ShardError`.
+
+        Never raises for a Redis failure; Redis error replies come back as exceptions too.
+        """
+        if not commands:
+            return []
+        if not isinstance(self.client, RedisCluster):
+            return await self._plain(commands)
+        cluster = self.client
+        try:
+            if not cluster.nodes_manager.slots_cache:
+                await cluster.initialize()
+            where = [_address(cluster.get_node_from_key(command[1])) for command in commands]
+        except Exception as exc:
+            failed = ShardError(f"Redis Cluster slot map unavailable: {exc}")
+            self._refresh()
+            return [failed] * len(commands)
+        replies: list[Any] = [None] * len(commands)
+        await self._on_nodes(commands, where, replies)
+        moved = [i for i, reply in enumerate(replies) if isinstance(reply, MovedError)]
+        if moved:
+            self._refresh()
+            retried: list[Any] = [None] * len(moved)
+            moved_to = [replies[i].node_addr for i in moved]
+            await self._on_nodes([commands[i] for i in moved], moved_to, retried)
+            for i, reply in zip(moved, retried, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _plain(self, commands: Sequence[Command]) -> list[Any]:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return list(await pipe.execute(raise_on_error=False))
+        except Exception as exc:  # any failure inside the client is a Redis failure
+            failed = ShardError(f"Redis read failed: {type(exc).__name__}: {exc}")
+            return [failed] * len(commands)
+
+    async def _on_nodes(
+        self, commands: Sequence[Command], where: Sequence[tuple[str, int]], out: list[Any]
+    ) -> None:
+        """Run each node's share of ``commands`` at once; replies into ``out`` by index."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, address in enumerate(where):
+            groups.setdefault(address, []).append(i)
+        batches = [self._node_batch(a, [commands[i] for i in idx]) for a, idx in groups.items()]
+        results = await asyncio.gather(*batches) if len(batches) > 1 else [await batches[0]]
+        for indexes, replies in zip(groups.values(), results, strict=True):
+            for i, reply in zip(indexes, replies, strict=True):
+                out[i] = reply
+
+    async def _node_batch(self, address: tuple[str, int], commands: list[Command]) -> list[Any]:
+        host, port = address
+        name = f"{host}:{port}"
+        failed_at = self._down.get(name)
+        if failed_at is not None and time.monotonic() - failed_at < FAIL_FAST_S:
+            return [ShardError(f"Redis node {name} is failing")] * len(commands)
+        try:
+            async with self._pool(host, port).pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = list(await pipe.execute(raise_on_error=False))
+        except Exception as exc:  # any failure inside the client is a Redis failure
+            self._failed(name)
+            return [ShardError(f"Redis node {name}: {type(exc).__name__}: {exc}")] * len(commands)
+        if self._down.pop(name, None) is not None or name not in self._answered:
+            self._answered.add(name)
+            if self.on_node is not None:
+                self.on_node(name, True)
+        return replies
+
+    def _pool(self, host: str, port: int) -> Redis:
+        name = f"{host}:{port}"
+        found = self._pools.get(name)
+        if found is None:
+            assert isinstance(self.client, RedisCluster)
+            model = self.client.get_node(host, port) or self.client.get_default_node()
+            found = self._pools[name] = _node_client(model, host, port)
+        return found
+
+    def _failed(self, name: str) -> None:
+        first = name not in self._down
+        self._down[name] = time.monotonic()
+        if first and self.on_node is not None:
+            self.on_node(name, False)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.create_task(self._refresh_slots(), name="cluster-slots")
+
+    async def _refresh_slots(self) -> None:
+        """Read the slot map again, and again while a node that owns slots is failing."""
+        assert isinstance(self.client, RedisCluster)
+        cluster = self.client
+        while True:
+            try:
+                await cluster.nodes_manager.initialize()
+            except Exception as exc:  # every node unreachable: the next call tries again
+                logger.debug("Redis Cluster slot map refresh failed: %s", exc)
+            owners = {nodes[0].name for nodes in cluster.nodes_manager.slots_cache.values()}
+            for name in [n for n in self._down if n not in owners]:
+                # No longer serving slots (its replica took over): failing no command.
+                del self._down[name]
+                self._answered.discard(name)
+                if self.on_node is not None:
+                    self.on_node(name, None)
+            if not self._down:
+                return
+            await asyncio.sleep(REFRESH_INTERVAL_S)
+
+    async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        for pool in self._pools.values():
+            await pool.aclose(close_connection_pool=True)
+        self._pools.clear()
+
+
+def _address(node: ClusterNode | None) -> tuple[str, int]:
+    if node is None:  # only asked for with replica=True; kept for the type checker
+        raise LookupError("no node serves the key")
+    return node.host, int(node.port)
+
+
+def _node_client(model: ClusterNode | None, host: str, port: int) -> Redis:
+    """A plain client for one node, with the cluster client's credentials and timeouts.
+
+    No retries: a node that fails should fail its commands now, not after a backoff.
+    """
+    settings: dict[str, Any] = {}
+    connection_class: Any = None
+    if model is not None:
+        settings = {k: model.connection_kwargs[k] for k in _CARRIED if k in model.connection_kwargs}
+        connection_class = model.connection_class
+    if connection_class is not None:
+        settings["connection_class"] = connection_class
+    pool = ConnectionPool(host=host, port=port, retry=Retry(NoBackoff(), 0), **settings)
+    return Redis(connection_pool=pool)
+
+
+class ShardedCluster(RedisCluster):
+    """A RedisCluster that owns the :class:`Dispatcher` for its batches (see the module doc).
+
+    Closing the client closes the dispatcher's per-node connections too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dispatcher = Dispatcher(self)
+
+    async def aclose(self) -> None:
+        await self.dispatcher.aclose()
+        await super().aclose()
+
+
+def dispatcher_for(client: Redis | RedisCluster) -> Dispatcher:
+    """The client's own dispatcher (a :class:`ShardedCluster`'s) or a new one."""
+    return client.dispatcher if isinstance(client, ShardedCluster) else Dispatcher(client)
