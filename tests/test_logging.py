@@ -217,3 +217,43 @@ def test_info_lines_wait_for_a_flush_while_batching(logs: Callable[[str], io.Str
         assert stream.getvalue().endswith(": third\n")
     finally:
         batch_logs(False)
+
+
+def test_rate_limited_log_limits_per_cause_and_says_when_a_cause_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """docs/failure.md: "once per 10 s per cause": the details of a line differ per call,
+    and a frequent cause must not silence another; each cause's end is logged once."""
+    now = [100.0]
+    limited = RateLimitedLog(
+        logging.getLogger("service.test"),
+        interval_s=10,
+        clock=lambda: now[0],
+        recovered="cause %s over after %d",
+        quiet_s=1.0,
+    )
+    line = "answering by on_error (%s): %s"
+    with caplog.at_level(logging.INFO):
+        assert limited.warning(line, "deadline", "took 0.1s", cause="deadline")
+        for n in range(20):
+            now[0] += 0.01
+            # The same format, another detail: still the deadline's limit.
+            assert not limited.warning(line, "deadline", f"call {n}", cause="deadline")
+        # Another cause through the very same format string has a limit of its own.
+        assert limited.warning(line, "stale_lists", "list 'a'", cause="stale_lists")
+        assert not limited.warning(line, "stale_lists", "list 'b'", cause="stale_lists")
+        limited.settle()  # both seen within quiet_s: nothing ends
+        now[0] += 0.5
+        assert not limited.warning(line, "stale_lists", "list 'a'", cause="stale_lists")
+        now[0] += 0.6
+        limited.settle()  # deadline quiet for 1.1 s, stale_lists for 0.6 s
+        now[0] += 0.5
+        limited.settle()
+        limited.settle()  # each end logged once
+    assert [r.getMessage() for r in caplog.records] == [
+        "answering by on_error (deadline): took 0.1s",
+        "answering by on_error (stale_lists): list 'a'",
+        "cause deadline over after 21",
+        "cause stale_lists over after 3",
+    ]
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING", "INFO", "INFO"]

@@ -205,7 +205,7 @@ class HandlerAuth:
         self.metrics.error(kind)
         self._warn.warning(
             "refused %s request (%s) for trunk group %r from %s",
-            kind, message, (group or "")[:64], request.remote or "unknown",
+            kind, message, (group or "")[:64], request.remote or "unknown", cause=kind,
         )  # fmt: skip
         headers = _CHALLENGE if status == 401 and guard.basic else None
         return web.Response(

@@ -222,6 +222,7 @@ class ConnectionGuard:
             "over %d connections: closed %d waiting the longest for a request",
             self.max_connections,
             len(victims),
+            cause="overloaded",
         )
 
     # --- read timeouts ---------------------------------------------------------------------
@@ -256,6 +257,7 @@ class ConnectionGuard:
                 "closed %d connections whose request did not arrive within %.1fs",
                 late,
                 limit * SWEEP_S,
+                cause="read_timeout",
             )
 
     async def run(self) -> None:

@@ -75,17 +75,22 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready: Redis confirmed the lists recently and every list a policy uses is trusted.
 
-    503 names each list that is not: not loaded yet; never synced (it has a ``source``
-    and no sync stamped it: the loader has not run); or lost (Redis lost its data: it is
-    trusted again after a full sync or ``python -m loader accept``; see
-    :mod:`service.screening.cache`). A list kept only through the admin API may be empty.
+    503 names each list that is not: not confirmed by Redis within ``cache.max_stale_ms``
+    (its Redis, or the Cluster node holding its ``meta``, unreachable); not loaded yet;
+    never synced (it has a ``source`` and no sync stamped it: the loader has not run); or
+    lost (Redis lost its data: it is trusted again after a full sync or ``python -m loader
+    accept``; see :mod:`service.screening.cache`). A list kept only through the admin API
+    may be empty. ``degraded`` names the Redis Cluster nodes failing right now (a partial
+    outage: their keys' calls are answered by ``on_error``) without making it unready.
     """
     screener = request.app[SCREENER]
     cache = screener.cache
     needed = frozenset().union(*(p.lists for p in screener.policies.values()))
     reasons = []
-    if not cache.usable():
-        reasons.append(f"Redis not reachable: {cache.last_error or 'no successful poll yet'}")
+    stale = [name for name in cache.stale() if name in needed]
+    if stale:
+        errors = sorted({cache.errors.get(n) or cache.last_error or "no poll yet" for n in stale})
+        reasons.append(f"Redis not reachable for lists {', '.join(stale)}: {'; '.join(errors)}")
     distrusted = {name: cache.distrusted[name] for name in needed if name in cache.distrusted}
     missing = [name for name in cache.missing(needed) if name not in distrusted]
     if missing:
@@ -98,7 +103,11 @@ async def readyz(request: web.Request) -> web.Response:
     for name, obj in sorted(cache.lists.items()):
         state = cache.loaded[name]
         lists[name] = {"entries": obj.size, "gen": state.gen, "version": state.version}
-    body = {"ready": not reasons, "reasons": reasons, "lists": lists}
+    # A Cluster node failing: the calls whose keys it holds are answered by on_error
+    # while the others are answered as usual, so the instance stays ready for them.
+    down = screener.store.dispatcher.down
+    degraded = [f"Redis node {name} failing" for name in down]
+    body = {"ready": not reasons, "reasons": reasons, "degraded": degraded, "lists": lists}
     return web.Response(
         status=200 if not reasons else 503, body=orjson.dumps(body), content_type=_JSON
     )

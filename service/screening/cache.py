@@ -2,11 +2,11 @@
 
 Every ``cache.refresh_ms`` one pipelined poll reads each list's ``gen``, ``version`` and
 trust stamps; a moved list is reloaded off the event loop (deltas only unless ``gen``
-moved). Invariants: after ``cache.max_stale_ms`` without a good poll,
-:meth:`ListCache.usable` is false (answers follow ``on_error``); a list Redis lost
-(``meta`` gone, ``version`` or ``gen`` back, stamp vanished) is dropped and never
-answered from until a sync or ``loader accept`` moves its stamp; a list with a
-``source`` is trusted only once synced. A ``subscribers`` list's copy is only its live
+moved). Invariants: a list whose ``meta`` no poll read for ``cache.max_stale_ms`` is
+stale (:meth:`ListCache.stale_among`; calls needing it follow ``on_error``, the others
+do not); a list Redis lost (``meta`` gone, ``version`` or ``gen`` back, stamp vanished)
+is dropped and never answered from until a sync or ``loader accept`` moves its stamp;
+a list with a ``source`` is trusted only once synced. A ``subscribers`` list's copy is only its live
 ``gen``. Numbers bases are shared between workers when given
 :class:`service.screening.shared_lists.SharedBases`. The trust rules: docs/failure.md.
 """
@@ -111,6 +111,10 @@ class ListCache:
         self.loaded: dict[str, ListState] = {}
         #: Lists that may not be answered from, and why (see the module docstring).
         self.distrusted: dict[str, Distrust] = {}
+        #: When each list's ``meta`` was last read (clock seconds).
+        self.confirmed: dict[str, float] = {}
+        #: Why the last poll could not read a list (only lists it failed on).
+        self.errors: dict[str, str] = {}
         self.confirmed_at = float("-inf")
         self.last_error: str | None = None
         self._loads: dict[str, asyncio.Task[None]] = {}
@@ -118,7 +122,9 @@ class ListCache:
         #: base never changes once live, so a delta-only change need not read it again.
         self._bases: dict[str, tuple[tuple[int, str], frozenset[str]]] = {}
         self._closing = asyncio.Event()
-        self._warn = RateLimitedLog(logger, interval_s=10.0)
+        self._warn = RateLimitedLog(
+            logger, interval_s=10.0, recovered="Redis poll (%s) answers again after %d failures"
+        )
         #: Called after each successful poll with the time it took (seconds).
         self.on_poll: Callable[[float], None] | None = None
         #: Called after a list is (re)loaded: name, new copy, last full sync (epoch s).
@@ -131,8 +137,29 @@ class ListCache:
         self.on_private: Callable[[str], None] | None = None
 
     def usable(self) -> bool:
-        """Whether the copy was confirmed against Redis recently enough to decide on."""
-        return self.clock() - self.confirmed_at <= self.max_stale_s
+        """Whether every list was confirmed against Redis recently enough to decide on."""
+        return self.stale_among(self.kinds) is None
+
+    def stale_among(self, names: Iterable[str]) -> str | None:
+        """One of ``names`` not confirmed within ``cache.max_stale_ms``, or None."""
+        oldest = self.clock() - self.max_stale_s
+        confirmed = self.confirmed
+        for name in names:
+            if confirmed.get(name, -1e300) < oldest:
+                return name
+        return None
+
+    def stale(self) -> list[str]:
+        """Every list not confirmed within ``cache.max_stale_ms``, by name."""
+        oldest = self.clock() - self.max_stale_s
+        return sorted(n for n in self.kinds if self.confirmed.get(n, -1e300) < oldest)
+
+    def staleness(self, name: str) -> str:
+        """Why ``name`` is stale, for logs and ``/readyz``."""
+        error = self.errors.get(name) or self.last_error
+        if name not in self.confirmed:
+            return f"list {name!r} not confirmed yet" + (f": {error}" if error else "")
+        return f"list {name!r} not confirmed for over {self.max_stale_s:g}s: {error or 'no poll'}"
 
     def missing(self, names: set[str] | frozenset[str]) -> list[str]:
         """Names among ``names`` not loaded yet (distrusted ones included)."""
@@ -150,12 +177,26 @@ class ListCache:
         Raises on Redis errors.
         """
         started = time.perf_counter()
-        states = await self.store.states(self.kinds)
-        self.confirmed_at = self.clock()
+        found = await self.store.states_each(self.kinds)
+        failed = {name: e for name, e in found.items() if isinstance(e, Exception)}
+        if failed and len(failed) == len(found):
+            raise next(iter(failed.values()))
+        now = self.clock()
+        self.confirmed_at = now
         self.last_error = None
+        self.errors = {name: f"{type(e).__name__}: {e}" for name, e in failed.items()}
+        if failed:
+            self._warn.warning(
+                "Redis poll failed for lists %s (%s); the others are confirmed",
+                ", ".join(sorted(failed)), next(iter(self.errors.values())), cause="some lists",
+            )  # fmt: skip
+        self._warn.settle()
         if self.on_poll is not None:
             self.on_poll(time.perf_counter() - started)
-        for name, seen in states.items():
+        for name, seen in found.items():
+            if isinstance(seen, Exception):
+                continue
+            self.confirmed[name] = now
             verdict = self._judge(name, seen)
             if verdict is not None:
                 self._distrust(name, verdict)
@@ -332,7 +373,7 @@ class ListCache:
                 raise
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                self._warn.warning("Redis poll failed: %s", self.last_error)
+                self._warn.warning("Redis poll failed: %s", self.last_error, cause="all lists")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.refresh_s)
 

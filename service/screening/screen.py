@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+STALE_LISTS = "stale_lists"
+#: Logged once an on_error reason has not been seen for RECOVERED_QUIET_S.
+RECOVERED = "answers normal again: on_error (%s) stopped after %d on_error answers"
+RECOVERED_QUIET_S = 1.0
+
 
 def mask_number(number: str | None) -> str:
     """``15162065613`` -> ``1516206****``: enough to group by area, not to identify."""
@@ -76,7 +81,10 @@ class Screener:
         self.history: CallHistory | None = None
         #: STIR/SHAKEN verification, set up by the app when a policy has ``stir_*`` rules.
         self.stir: Verifier | None = None
-        self._warn = RateLimitedLog(logger, interval_s=10.0)
+        #: One warning per on_error reason per 10 s, and a line when the reason stops.
+        self._warn = RateLimitedLog(
+            logger, interval_s=10.0, recovered=RECOVERED, quiet_s=RECOVERED_QUIET_S
+        )
         self._by_group: dict[str | None, tuple[str, CompiledPolicy]] = {
             None: (ROOT_TRUNK_GROUP, self.policies[config.default_policy])
         }
@@ -89,7 +97,7 @@ class Screener:
 
     def _fallback(self, reason: str, detail: str) -> Evaluation:
         self.metrics.fallback(reason)
-        self._warn.warning("answering by on_error (%s): %s", reason, detail)
+        self._warn.warning("answering by on_error (%s): %s", reason, detail, cause=reason)
         return Evaluation(self.on_error.outcome, fallback=reason)
 
     def _unavailable(self, policy: CompiledPolicy, exc: ListsUnavailable) -> Evaluation:
@@ -107,8 +115,12 @@ class Screener:
         :meth:`decide_remote`. Never raises for Redis or list trouble.
         """
         cache = self.cache
-        if not cache.usable():
-            return self._fallback("stale_lists", cache.last_error or "lists not confirmed yet")
+        warn = self._warn
+        if warn.active:
+            warn.settle()
+        stale = cache.stale_among(policy.lists)
+        if stale is not None:
+            return self._fallback(STALE_LISTS, cache.staleness(stale))
         if policy.uses_stir and call.stir is None and self.stir is not None:
             call.stir = self.stir.verify_now(call, policy.trust_verstat)
             if call.stir is None:  # its certificate must be loaded: decide_remote waits
@@ -193,6 +205,7 @@ class Screener:
         except TimeoutError:
             return self._fallback("deadline", f"Redis read took over {self.deadline_s}s")
         except (RedisError, OSError) as exc:
+            # The store turns anything the client raises into a RedisError (core/shards.py).
             return self._fallback("redis_error", f"Redis read failed: {exc}")
         self.metrics.redis_rate.observe(time.perf_counter() - started)
         if plan is not None:
@@ -219,6 +232,7 @@ class Screener:
             name,
             subscriber_bucket_of(subscriber),
             gen,
+            cause="list_lost_bucket",
         )
         return Evaluation(self.on_error.outcome, fallback=LIST_LOST)
 
