@@ -181,8 +181,8 @@ class ListCache:
         failed = {name: e for name, e in found.items() if isinstance(e, Exception)}
         if failed and len(failed) == len(found):
             raise next(iter(failed.values()))
-        now = self.clock()
-        self.confirmed_at = now
+        polled_at = self.clock()
+        self.confirmed_at = polled_at
         self.last_error = None
         self.errors = {name: f"{type(e).__name__}: {e}" for name, e in failed.items()}
         if failed:
@@ -196,7 +196,7 @@ class ListCache:
         for name, seen in found.items():
             if isinstance(seen, Exception):
                 continue
-            self.confirmed[name] = now
+            self.confirmed[name] = polled_at
             verdict = self._judge(name, seen)
             if verdict is not None:
                 self._distrust(name, verdict)
