@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
@@ -68,16 +68,20 @@ class Dispatcher:
         #: Node name -> monotonic time of its last failure, while it is failing.
         self._down: dict[str, float] = {}
         self._refresher: asyncio.Task[None] | None = None
-        #: Called with (node name, True) when a node answers for the first time or
-        #: again after failing, (name, False) when it starts failing, (name, None) when
-        #: a failing node no longer serves slots (its replica took over).
-        self.on_node: Callable[[str, bool | None], None] | None = None
-        self._answered: set[str] = set()
 
     @property
     def down(self) -> list[str]:
         """The nodes failing right now (Cluster only), by name."""
         return sorted(self._down)
+
+    def nodes(self) -> dict[str, bool]:
+        """``{node: failing}`` for the Cluster's slot-serving masters and failing nodes."""
+        if not isinstance(self.client, RedisCluster):
+            return {}
+        slots = self.client.nodes_manager.slots_cache
+        found = dict.fromkeys({nodes[0].name for nodes in slots.values() if nodes}, False)
+        found.update(dict.fromkeys(self._down, True))
+        return found
 
     async def run(self, commands: Sequence[Command]) -> list[Any]:
         """The replies in order; a command whose node failed gets a :class:`ShardError`.
@@ -144,12 +148,11 @@ class Dispatcher:
                     pipe.execute_command(*command)
                 replies = list(await pipe.execute(raise_on_error=False))
         except Exception as exc:  # any failure inside the client is a Redis failure
-            self._failed(name)
-            return [ShardError(f"Redis node {name}: {type(exc).__name__}: {exc}")] * len(commands)
-        if self._down.pop(name, None) is not None or name not in self._answered:
-            self._answered.add(name)
-            if self.on_node is not None:
-                self.on_node(name, True)
+            why = f"{type(exc).__name__}: {exc}"
+            self._failed(name, why)
+            return [ShardError(f"Redis node {name}: {why}")] * len(commands)
+        if self._down.pop(name, None) is not None:
+            logger.info("Redis Cluster node %s answers again", name)
         return replies
 
     def _pool(self, host: str, port: int) -> Redis:
@@ -161,11 +164,14 @@ class Dispatcher:
             found = self._pools[name] = _node_client(model, host, port)
         return found
 
-    def _failed(self, name: str) -> None:
-        first = name not in self._down
+    def _failed(self, name: str, why: str) -> None:
+        if name not in self._down:
+            logger.warning(
+                "Redis Cluster node %s failing (%s): calls and polls whose keys it holds "
+                "fail until it answers again or a replica takes over its slots",
+                name, why,
+            )  # fmt: skip
         self._down[name] = time.monotonic()
-        if first and self.on_node is not None:
-            self.on_node(name, False)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -182,15 +188,22 @@ class Dispatcher:
             except Exception as exc:  # every node unreachable: the next call tries again
                 logger.debug("Redis Cluster slot map refresh failed: %s", exc)
             owners = {nodes[0].name for nodes in cluster.nodes_manager.slots_cache.values()}
-            for name in [n for n in self._down if n not in owners]:
-                # No longer serving slots (its replica took over): failing no command.
-                del self._down[name]
-                self._answered.discard(name)
-                if self.on_node is not None:
-                    self.on_node(name, None)
+            for name in list(self._down):
+                if name not in owners:  # its replica took over: it fails no command now
+                    del self._down[name]
+                    logger.info("Redis Cluster node %s no longer serves slots", name)
+                else:  # back without a failover (a restart within the node timeout)?
+                    await self._probe(name)
             if not self._down:
                 return
             await asyncio.sleep(REFRESH_INTERVAL_S)
+
+    async def _probe(self, name: str) -> None:
+        host, _, port = name.rpartition(":")
+        with contextlib.suppress(Exception):  # still failing: the loop comes back
+            await self._pool(host, int(port)).ping()
+            if self._down.pop(name, None) is not None:
+                logger.info("Redis Cluster node %s answers again", name)
 
     async def aclose(self) -> None:
         if self._refresher is not None:

@@ -204,6 +204,8 @@ def _lists_ctx(lists_dir: Path | None) -> Callable[[web.Application], AsyncItera
         cache.on_load = loaded
         cache.on_private = lambda name: metrics.list_private_copies.labels(name).inc()
         cache.on_poll = metrics.redis_poll.observe
+        metrics.redis_health.stale = cache.stale
+        metrics.redis_health.nodes = app[STORE].dispatcher.nodes
         app[CACHE] = cache
         app[SCREENER] = Screener(config, cache, app[STORE], metrics)
         # Serve with the lists loaded when Redis is there; start anyway when it is not.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -171,6 +171,45 @@ class LatencyHistogram(Collector):
         )
 
 
+class RedisHealth(Collector):
+    """Partial outages, read when scraped: which lists are stale, which Cluster nodes fail.
+
+    Both are 1 for trouble and 0 otherwise, so the maximum over workers (how gauges add
+    up, service/procs/snapshots.py) says "some worker sees it". Nodes are the Cluster's
+    slot-serving masters (none for one server or Sentinel), and a failing node until
+    its replica took over: bounded by the cluster's size.
+    """
+
+    def __init__(self, lists: Iterable[str]) -> None:
+        self.lists = sorted(lists)
+        #: The stale lists, set once the list cache exists.
+        self.stale: Callable[[], Iterable[str]] | None = None
+        #: ``{node: failing}``, set once the Redis client exists.
+        self.nodes: Callable[[], Mapping[str, bool]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        stale = GaugeMetricFamily(
+            "callscreen_list_stale",
+            "1 while a list is not confirmed by Redis within cache.max_stale_ms: calls that "
+            "need it are answered by on_error (stale_lists).",
+            labels=("list",),
+        )
+        found = set(self.stale()) if self.stale is not None else set()
+        for name in self.lists:
+            stale.add_metric((name,), 1.0 if name in found else 0.0)
+        yield stale
+        failing = GaugeMetricFamily(
+            "callscreen_redis_node_failing",
+            "1 while a Redis Cluster master fails this service's commands: calls whose keys "
+            "it holds are answered by on_error until its replica takes over.",
+            labels=("node",),
+        )
+        if self.nodes is not None:
+            for node, bad in sorted(self.nodes().items()):
+                failing.add_metric((node,), 1.0 if bad else 0.0)
+        yield failing
+
+
 class Metrics:
     """Every metric the service exports."""
 
@@ -262,6 +301,8 @@ class Metrics:
         self._stir_cache_children = {
             layer: self.stir_cache_lookups.labels(layer) for layer in STIR_CACHE_LAYERS
         }
+        self.redis_health = RedisHealth(config.lists)
+        registry.register(self.redis_health)
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         ProcessCollector(registry=registry)
         Info(

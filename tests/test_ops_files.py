@@ -71,7 +71,9 @@ def exported() -> dict[str, set[str]]:
             {"name": "tdos", "match": "call_rate", "key": "called", "limit": 1, "window_s": 1}
         ]
     }
-    Metrics(parse_config(data), registry)
+    metrics = Metrics(parse_config(data), registry)
+    # Node series exist only on a Cluster: give the collector one node to show.
+    metrics.redis_health.nodes = lambda: {"127.0.0.1:7000": False}
     SupervisorMetrics(registry, 2)
     LoaderMetrics(registry, ["blocklist"], ["blocklist"])
     names: dict[str, set[str]] = {"up": set()}
