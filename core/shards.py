@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Sequence
@@ -176,7 +177,11 @@ class Dispatcher:
 
     def _refresh(self) -> None:
         if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.create_task(self._refresh_slots(), name="cluster-slots")
+            # A fresh context: the call that noticed the failure lends the task nothing
+            # (its request id would otherwise tag every line the refresh logs).
+            self._refresher = asyncio.create_task(
+                self._refresh_slots(), name="cluster-slots", context=contextvars.Context()
+            )
 
     async def _refresh_slots(self) -> None:
         """Read the slot map again, and again while a node that owns slots is failing."""

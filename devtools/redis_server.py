@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -135,10 +135,14 @@ class RedisProcess:
 CLUSTER_BUS_OFFSET = 10_000
 
 
-def free_cluster_port() -> int:
-    """A free port whose cluster bus port (``port + 10000``) is free too."""
+def free_cluster_port(taken: Iterable[int] = ()) -> int:
+    """A free port whose cluster bus port (``port + 10000``) is free too, and neither of
+    them a port or bus port of ``taken`` (nodes chosen but not started yet)."""
+    used = {p + offset for p in taken for offset in (0, CLUSTER_BUS_OFFSET)}
     for _ in range(200):
         port = random.randint(20_000, 50_000)
+        if port in used or port + CLUSTER_BUS_OFFSET in used:
+            continue
         try:
             with socket.socket() as one, socket.socket() as bus:
                 one.bind(("127.0.0.1", port))
@@ -149,7 +153,8 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def _cli(port: int, *args: str, timeout_s: float = 30.0) -> str:
+def cli(port: int, *args: str, timeout_s: float = 30.0) -> str:
+    """Run ``redis-cli`` against 127.0.0.1:``port``; its output (raises if it fails)."""
     done = subprocess.run(
         [find_binary("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *args],
         capture_output=True,
@@ -183,14 +188,18 @@ class LocalCluster:
     Node timeout 1 s, so a killed master's replica is promoted within a few seconds.
     """
 
-    def __init__(self, folder: Path, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self, folder: Path, masters: int = 3, replicas: int = 0, extra: tuple[str, ...] = ()
+    ) -> None:
         self.masters = masters
         self.replicas = replicas
         # No diskless-sync delay: a replica should be in step within a moment.
-        args = (*_CLUSTER_NODE_ARGS, "--repl-diskless-sync-delay", "0")
+        args = (*_CLUSTER_NODE_ARGS, "--repl-diskless-sync-delay", "0", *extra)
+        ports: list[int] = []
+        for _ in range(masters * (1 + replicas)):
+            ports.append(free_cluster_port(ports))
         self.nodes = [
-            RedisProcess(Path(folder) / f"node{i}", free_cluster_port(), *args)
-            for i in range(masters * (1 + replicas))
+            RedisProcess(Path(folder) / f"node{i}", port, *args) for i, port in enumerate(ports)
         ]
 
     @property
@@ -203,7 +212,7 @@ class LocalCluster:
 
     def _ok(self) -> bool:
         return all(
-            "cluster_state:ok" in _cli(n.port, "cluster", "info")
+            "cluster_state:ok" in cli(n.port, "cluster", "info")
             for n in self.nodes
             if n.process is not None
         )
@@ -214,7 +223,7 @@ class LocalCluster:
         Nodes flagged failed are left out.
         """
         asking = via or next(n for n in self.nodes if n.process is not None)
-        lines = _cli(asking.port, "cluster", "nodes").splitlines()
+        lines = cli(asking.port, "cluster", "nodes").splitlines()
         ids = {line.split()[0]: int(line.split()[1].split(":")[1].split("@")[0]) for line in lines}
         roles: dict[int, tuple[str, int | None]] = {}
         for line in lines:
@@ -237,7 +246,7 @@ class LocalCluster:
             return True
         slaves = [p for p, (role, _) in self.roles().items() if role == "slave"]
         return len(slaves) == self.masters * self.replicas and all(
-            "master_link_status:up" in _cli(p, "info", "replication") for p in slaves
+            "master_link_status:up" in cli(p, "info", "replication") for p in slaves
         )
 
     def wait(self, check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
@@ -250,7 +259,7 @@ class LocalCluster:
                 node.start()
             addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
             create = ["--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas)]
-            _cli(self.nodes[0].port, *create, "--cluster-yes", timeout_s=timeout_s)
+            cli(self.nodes[0].port, *create, "--cluster-yes", timeout_s=timeout_s)
             _wait(self._ok, "cluster_state:ok on every node", timeout_s)
             _wait(self._replicas_synced, "every replica to sync", timeout_s)
         except BaseException:
@@ -309,7 +318,7 @@ class SentinelProcess(RedisProcess):
 
     def primary_port_now(self) -> int | None:
         """The primary's port as this Sentinel sees it now."""
-        reply = _cli(self.port, "sentinel", "get-master-addr-by-name", self.service).split()
+        reply = cli(self.port, "sentinel", "get-master-addr-by-name", self.service).split()
         return int(reply[1]) if len(reply) == 2 else None
 
 
@@ -335,11 +344,11 @@ class LocalSentinel:
         return f"redis+sentinel://{hosts}/{self.service}/0"
 
     def _replica_synced(self) -> bool:
-        return "master_link_status:up" in _cli(self.replica.port, "info", "replication")
+        return "master_link_status:up" in cli(self.replica.port, "info", "replication")
 
     def _sentinels_see_replica(self) -> bool:
         return all(
-            "slave" in _cli(s.port, "sentinel", "replicas", self.service) for s in self.sentinels
+            "slave" in cli(s.port, "sentinel", "replicas", self.service) for s in self.sentinels
         )
 
     def start(self, timeout_s: float = 30.0) -> LocalSentinel:
