@@ -1,25 +1,13 @@
-"""Pipelined reads that one failing Redis node cannot spread to the others.
+"""Pipelined batches of single-key commands (key first) that one failing node cannot spread.
 
-redis-py 8.1's cluster pipeline (``PipelineStrategy.execute``) answers a
-ConnectionError on any node by closing every connection the client holds and sleeping
-0.25 s before each of its retries: one dead master delays, and fails, the commands bound
-for the healthy ones, past any call deadline. :class:`Dispatcher` runs a batch of
-single-key commands instead:
-
-- Redis or Sentinel: one plain pipeline, as before;
-- Cluster: the commands grouped by node through the client's slot map
-  (``RedisCluster.get_node_from_key``), each node's group pipelined on a connection pool
-  of that node's own (a plain ``redis.asyncio.Redis``, no retries), all nodes at once.
-  A node that fails fails only its own commands, at once; for a short while afterwards
-  its commands fail without being sent (a stuck node would otherwise hold one
-  connection per call until the deadline). A MOVED reply is followed once, to the node
-  it names. Either starts a background refresh of the slot map
-  (``nodes_manager.initialize``) that repeats while a node is down, so the replica's
-  promotion is seen within :data:`REFRESH_INTERVAL_S`.
-
-Every failure reaches the caller as a :class:`ShardError` (a ``redis`` ``ConnectionError``):
-the cluster client can raise AttributeError or RuntimeError from a transport it
-closed, and those are Redis failures too, not bugs of the caller.
+On one server or Sentinel: one plain pipeline. On a Cluster: the batch grouped by node
+through the client's slot map, each node's share pipelined on a plain client of that
+node's own (no retries), all nodes at once. Invariants: a failing node fails only its own
+commands, at once, and for :data:`FAIL_FAST_S` after without sending them; a MOVED reply
+is followed once; a failure starts a background slot-map refresh every
+:data:`REFRESH_INTERVAL_S` until the node answers or no longer serves slots; anything the
+client raises reaches the caller as :class:`ShardError`. Why not redis-py's cluster
+pipeline: docs/design.md.
 """
 
 from __future__ import annotations
