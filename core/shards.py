@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
@@ -42,6 +42,14 @@ _CARRIED = (
 )  # fmt: skip
 
 Command = tuple[Any, ...]
+
+
+#: Told ``(index, reply)`` for the replies that are final (see :meth:`Dispatcher.run`).
+Report = Callable[[list[tuple[int, Any]]], None]
+
+
+def _ignore(done: list[tuple[int, Any]]) -> None:
+    pass
 
 
 class ShardError(RedisConnectionError):
@@ -72,15 +80,20 @@ class Dispatcher:
         found.update(dict.fromkeys(self._down, True))
         return found
 
-    async def run(self, commands: Sequence[Command]) -> list[Any]:
+    async def run(self, commands: Sequence[Command], on_part: Report | None = None) -> list[Any]:
         """The replies in order; a command whose node failed gets a :class:`ShardError`.
 
         Never raises for a Redis failure; Redis error replies come back as exceptions too.
+        ``on_part`` is given ``(index, reply)`` for the final replies as each node's share
+        completes, so a caller need not wait for a slower node it has no command on.
         """
         if not commands:
             return []
+        report = on_part if on_part is not None else _ignore
         if not isinstance(self.client, RedisCluster):
-            return await self._plain(commands)
+            plain = await self._plain(commands)
+            report(list(enumerate(plain)))
+            return plain
         cluster = self.client
         try:
             if not cluster.nodes_manager.slots_cache:
@@ -89,15 +102,20 @@ class Dispatcher:
         except Exception as exc:
             failed = ShardError(f"Redis Cluster slot map unavailable: {exc}")
             self._refresh()
+            report([(i, failed) for i in range(len(commands))])
             return [failed] * len(commands)
         replies: list[Any] = [None] * len(commands)
-        await self._on_nodes(commands, where, replies)
+        await self._on_nodes(commands, where, replies, report)
         moved = [i for i, reply in enumerate(replies) if isinstance(reply, MovedError)]
         if moved:
             self._refresh()
             retried: list[Any] = [None] * len(moved)
             moved_to = [replies[i].node_addr for i in moved]
-            await self._on_nodes([commands[i] for i in moved], moved_to, retried)
+
+            def report_moved(done: list[tuple[int, Any]]) -> None:
+                report([(moved[i], reply) for i, reply in done])
+
+            await self._on_nodes([commands[i] for i in moved], moved_to, retried, report_moved)
             for i, reply in zip(moved, retried, strict=True):
                 replies[i] = reply
         return replies
@@ -113,17 +131,29 @@ class Dispatcher:
             return [failed] * len(commands)
 
     async def _on_nodes(
-        self, commands: Sequence[Command], where: Sequence[tuple[str, int]], out: list[Any]
+        self,
+        commands: Sequence[Command],
+        where: Sequence[tuple[str, int]],
+        out: list[Any],
+        report: Report,
     ) -> None:
-        """Run each node's share of ``commands`` at once; replies into ``out`` by index."""
+        """Run each node's share of ``commands`` at once; replies into ``out`` by index,
+        reported as each node is done (a MOVED reply is not final: left unreported)."""
         groups: dict[tuple[str, int], list[int]] = {}
         for i, address in enumerate(where):
             groups.setdefault(address, []).append(i)
-        batches = [self._node_batch(a, [commands[i] for i in idx]) for a, idx in groups.items()]
-        results = await asyncio.gather(*batches) if len(batches) > 1 else [await batches[0]]
-        for indexes, replies in zip(groups.values(), results, strict=True):
+
+        async def one(address: tuple[str, int], indexes: list[int]) -> None:
+            replies = await self._node_batch(address, [commands[i] for i in indexes])
             for i, reply in zip(indexes, replies, strict=True):
                 out[i] = reply
+            report([(i, out[i]) for i in indexes if not isinstance(out[i], MovedError)])
+
+        parts = [one(address, indexes) for address, indexes in groups.items()]
+        if len(parts) == 1:
+            await parts[0]
+        else:
+            await asyncio.gather(*parts)
 
     async def _node_batch(self, address: tuple[str, int], commands: list[Command]) -> list[Any]:
         host, port = address

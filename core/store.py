@@ -26,6 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from core import keys
+from core.coalesce import Coalescer
 from core.config import ListKind
 from core.overlay import queue_write as queue_overlay
 from core.shards import dispatcher_for
@@ -214,6 +215,8 @@ class ListStore:
         self.redis = redis
         #: Runs the call path's and the polls' batches, node by node on a Cluster.
         self.dispatcher = dispatcher_for(redis)
+        #: The calls' reads of one event-loop turn, sent as one batch (auto-pipelining).
+        self.coalescer = Coalescer(self.dispatcher)
 
     # --- reading -------------------------------------------------------------------
     async def states(self, names: Iterable[str]) -> dict[str, ListState]:
@@ -463,9 +466,10 @@ class ListStore:
         (counts per rule, packed entries per list (None: no entries), the lists whose
         bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted,
         the replies to the ``extra`` commands, in order: core/fraud.py's; each command
-        single-key, key first). On a Cluster each node's commands go on that node's own
+        single-key, key first). Sent with the other calls of the same event-loop turn
+        (:mod:`core.coalesce`); on a Cluster each node's commands go on that node's own
         connections, all at once (:mod:`core.shards`). Raises a ``RedisError`` when any
-        command failed.
+        of this call's commands failed.
         """
         counted = windows if caller else ()
         commands: list[tuple[Any, ...]] = []
@@ -482,7 +486,7 @@ class ListStore:
             bucket = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
             commands.append(("HMGET", bucket, subscriber, keys.SUBSCRIBER_MARKER))
         commands += [tuple(command) for command in extra]
-        replies = await self.dispatcher.run(commands)
+        replies = await self.coalescer.run(commands)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply if isinstance(reply, RedisError) else RedisError(str(reply))
