@@ -1,9 +1,11 @@
 """Auto-pipelining: the batches asked for in one event-loop turn go to Redis as one.
 
-Each caller hands its commands to :meth:`Coalescer.run` and awaits its own replies; the
-first caller of a turn schedules a flush for the end of the turn (``call_soon``), which
-sends every pending caller's commands through one :meth:`core.shards.Dispatcher.run`
-(one pipeline per node, all nodes at once) in a task of its own. Invariants: each caller
+Each caller hands its commands to :meth:`Coalescer.run` and awaits its own replies. With
+nothing else in flight a caller sends its own batch at once (no waiting, no extra task:
+a lone caller pays nothing); otherwise the first caller of a turn schedules a flush for
+the end of the turn (``call_soon``), which sends every pending caller's commands through
+one :meth:`core.shards.Dispatcher.run` (one pipeline per node, all nodes at once) in a
+task of its own. Invariants: each caller
 gets exactly its own replies, in its order, with a failed node's commands as exceptions
 (so another caller's failure is never its own); a caller that stops waiting (its
 deadline) leaves the batch running for the others; commands keep their order per node.
@@ -28,8 +30,10 @@ class Coalescer:
         self.dispatcher = dispatcher
         self._pending: list[Waiting] = []
         self._running: set[asyncio.Task[None]] = set()
-        #: Batches sent (each one dispatcher batch) and callers served, for tests and
-        #: benchmarks: their ratio is the callers per round trip.
+        #: Callers sending a batch of their own right now (see the module doc).
+        self._alone = 0
+        #: Joined batches sent and the callers they served (callers sending alone are
+        #: not counted), for tests and benchmarks.
         self.batches = 0
         self.callers = 0
 
@@ -40,6 +44,12 @@ class Coalescer:
         """
         if not commands:
             return []
+        if not self._pending and not self._running and not self._alone:
+            self._alone += 1
+            try:
+                return await self.dispatcher.run(commands)
+            finally:
+                self._alone -= 1
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         if not self._pending:
             # A fresh context: the flush serves many requests, and must carry none's id.

@@ -36,13 +36,16 @@ async def test_concurrent_calls_share_one_pipeline_and_get_their_own_counts(
 ) -> None:
     store = ListStore(counting)
     now_s = 1_000_000.0
-    await store.count_call("15165559999", WINDOWS, now_s)  # connection made
+    # Two connections made (one call alone, one joined), so none is opened below.
+    await asyncio.gather(*(store.count_call("15165559999", WINDOWS, now_s) for _ in range(2)))
     before_sends, before_batches = CountingConnection.sends, store.coalescer.batches
     # Caller i calls i+1 times, all in the same turn.
     calls = [c for i, c in enumerate(CALLERS) for _ in range(i + 1)]
     counts = await asyncio.gather(*(store.count_call(c, WINDOWS, now_s) for c in calls))
-    assert CountingConnection.sends - before_sends == 1
+    # The first call, with nothing in flight, goes at once; the others of the turn join.
+    assert CountingConnection.sends - before_sends == 2
     assert store.coalescer.batches - before_batches == 1
+    assert store.coalescer.callers == 1 + len(calls) - 1
     # Each call got its own reply: the n-th call of a caller saw n in its window.
     seen: dict[str, list[int]] = {}
     for caller, got in zip(calls, counts, strict=True):
@@ -62,13 +65,16 @@ async def test_one_call_gone_past_its_deadline_leaves_the_batch_to_the_others(
         async with asyncio.timeout(0):
             await store.count_call("15165550001", WINDOWS, now_s)
 
+    # The first call goes alone (nothing in flight); the next two are joined.
     results = await asyncio.gather(
-        hasty(),
         store.count_call("15165550002", WINDOWS, now_s),
+        hasty(),
+        store.count_call("15165550003", WINDOWS, now_s),
         return_exceptions=True,
     )
-    assert isinstance(results[0], TimeoutError)
-    assert results[1] == {"p:flood": 1}
+    assert isinstance(results[1], TimeoutError)
+    assert results[0] == results[2] == {"p:flood": 1}
+    assert store.coalescer.callers == 1  # the hasty one was dropped before the send
 
 
 async def test_a_frozen_master_fails_only_the_calls_that_read_it(
