@@ -1,14 +1,12 @@
 """Auto-pipelining: the batches asked for in one event-loop turn go to Redis as one.
 
-Each caller hands its commands to :meth:`Coalescer.run` and awaits its own replies. With
-nothing else in flight a caller sends its own batch at once (no waiting, no extra task:
-a lone caller pays nothing); otherwise the first caller of a turn schedules a flush for
-the end of the turn (``call_soon``), which sends every pending caller's commands through
-one :meth:`core.shards.Dispatcher.run` (one pipeline per node, all nodes at once) in a
-task of its own. Invariants: each caller
-gets exactly its own replies, in its order, with a failed node's commands as exceptions
-(so another caller's failure is never its own); a caller that stops waiting (its
-deadline) leaves the batch running for the others; commands keep their order per node.
+A caller with nothing else in flight sends its own batch at once (a lone caller pays
+nothing); otherwise the turn's first caller schedules a flush at the end of the turn
+(``call_soon``) that sends every pending caller's commands through one
+:meth:`core.shards.Dispatcher.run` (one pipeline per node) in a task of its own.
+Invariants: each caller gets exactly its own replies, in order, its failures only; it is
+answered once the nodes holding its keys are done, not the batch's slowest; a caller
+that stops waiting (its deadline) leaves the batch to the others.
 """
 
 from __future__ import annotations
