@@ -127,7 +127,7 @@ class Dispatcher:
                     pipe.execute_command(*command)
                 return list(await pipe.execute(raise_on_error=False))
         except Exception as exc:  # any failure inside the client is a Redis failure
-            failed = ShardError(f"Redis read failed: {type(exc).__name__}: {exc}")
+            failed = ShardError(f"{type(exc).__name__}: {exc}")
             return [failed] * len(commands)
 
     async def _on_nodes(

@@ -202,6 +202,12 @@ async def test_a_dead_master_fails_only_its_own_calls_until_its_replica_takes_ov
                 return response.status == 200 and f"127.0.0.1:{victim}" in str(body["degraded"])
 
         await wait_for(degraded, timeout_s=1.0)
+        failing = f'callscreen_redis_node_failing{{node="127.0.0.1:{victim}"}}'
+
+        async def metric_shows_it() -> bool:  # worker metrics reach /metrics within 1 s
+            return (await scrape(service.url)).get(failing) == 1.0
+
+        await wait_for(metric_shows_it, timeout_s=1.5, interval_s=0.1)
         promoted_at = await until(
             lambda: cluster.roles(via=healthy).get(replica, ("", None))[0] == "master",
             "the replica's promotion",
@@ -231,6 +237,11 @@ async def test_a_dead_master_fails_only_its_own_calls_until_its_replica_takes_ov
         load.stopping.set()
         await loading
         samples = await scrape(service.url)
+
+        async def metric_cleared() -> bool:  # a master again, answering
+            return (await scrape(service.url)).get(failing, 0.0) == 0.0
+
+        await wait_for(metric_cleared, timeout_s=3.0, interval_s=0.1)
     finally:
         if service is not None:
             service.stop()
