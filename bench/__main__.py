@@ -22,6 +22,7 @@ removed unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -35,6 +36,7 @@ from typing import Any
 
 import orjson
 import redis
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import decision, fraud, load, machine, servers, stir, storage, subscribers
@@ -85,6 +87,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         metavar="SHARE",
         help="turn call history on, recording this share of allowed calls (0 to 1) besides "
         "every reject; the service's cost per call is then measured with it",
+    )
+    parser.add_argument(
+        "--public-mode",
+        action="store_true",
+        help="also serve with aiohttp's public API only (CALLSCREEN_AIOHTTP_INTERNALS=off)"
+        " in the alternating rounds, and report its throughput against the usual service",
     )
     subscribers.add_arguments(parser)
     fraud.add_arguments(parser)
@@ -229,27 +237,48 @@ def run_http(
     service = servers.service(config, service_port, args.workers, work / "service.log", env)
     baseline = servers.baseline(free_port(), args.workers, work / "baseline.log")
     runs: dict[str, list[load.LoadResult]] = {"baseline": [], "service": []}
-    with baseline, service:
+    targets = {"baseline": baseline, "service": service}
+    with contextlib.ExitStack() as stack:
+        if args.public_mode:
+            # The same service on aiohttp's public API (service/edge/aiohttp_adapter.py).
+            public_port = free_port()
+            targets["service_public"] = stack.enter_context(
+                servers.service(
+                    write_config(
+                        work / "bench-public.yaml",
+                        {**load_config_dict(config), "server": _server_on(config, public_port)},
+                    ),
+                    public_port,
+                    args.workers,
+                    work / "service-public.log",
+                    {**env, "CALLSCREEN_AIOHTTP_INTERNALS": "off"},
+                )
+            )
+            runs["service_public"] = []
+        stack.enter_context(baseline)
+        stack.enter_context(service)
         done = _step("checking a sample of the service's answers")
         answers = check_service_answers(service.url, workload, per_class=200)
+        if args.public_mode:
+            public = check_service_answers(targets["service_public"].url, workload, 200)
+            answers["wrong"] += public["wrong"]
+            answers["checked"] += public["checked"]
         done()
         if answers["wrong"]:
             print("!! wrong answers:", *answers["examples"], sep="\n   ")
         if args.warmup:
-            for server in (baseline, service):
+            for server in targets.values():
                 drive(server.url, args.warmup)
         counted_before = decision_totals(service.url)
         for round_ in range(1, args.rounds + 1):
-            for name, server in (("baseline", baseline), ("service", service)):
+            for name, server in targets.items():
                 done = _step(f"round {round_}/{args.rounds}: {name}, {args.duration} s")
                 result = drive(server.url, args.duration)
                 runs[name].append(result)
                 print(f"   {result.summary()}", flush=True)
                 done()
         counted_after = decision_totals(service.url)
-        paced = _paced_runs(
-            args, work, runs["baseline"], {"baseline": baseline, "service": service}
-        )
+        paced = _paced_runs(args, work, runs["baseline"], targets)
     expected_reject = sum(CLASS_SHARES[c] for c in BLOCKED_CLASSES)
     return {
         "tool": "wrk" if wrk else "python",
@@ -258,6 +287,18 @@ def run_http(
         "reject_share_expected": expected_reject,
         **load.runs_json(runs, paced),
     }
+
+
+def load_config_dict(config: Path) -> dict[str, Any]:
+    """The bench config file as a dict (it is written by :func:`write_config`)."""
+    loaded: dict[str, Any] = yaml.safe_load(config.read_text())
+    return loaded
+
+
+def _server_on(config: Path, port: int) -> dict[str, Any]:
+    server: dict[str, Any] = dict(load_config_dict(config).get("server", {}))
+    server["port"] = port
+    return server
 
 
 def _paced_runs(

@@ -140,6 +140,18 @@ class Report:
             + ", ".join(f"{p:.2f}" for p in pairs)
             + ")"
         )
+        if runs.get("service_public"):
+            public_pairs = [
+                public["rps"] / service["rps"]
+                for service, public in zip(runs["service"], runs["service_public"], strict=True)
+            ]
+            public_rps = mean(r["rps"] for r in runs["service_public"])
+            self.lines.append(
+                f"  public API mode (no aiohttp internals): {public_rps:,.0f} req/s; ratio"
+                f" public/internals: {median(public_pairs):.3f} (median of the paired rounds: "
+                + ", ".join(f"{p:.2f}" for p in public_pairs)
+                + ")"
+            )
         answers = h["answers"]
         self.lines.append(
             f"  answers checked: {answers['checked']}, wrong: {answers['wrong']}; "

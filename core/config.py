@@ -98,6 +98,10 @@ class ServerSettings(_Model):
     #: After this many requests a connection's answer says ``Connection: close``, so
     #: clients reconnect and the kernel spreads connections over the workers again.
     max_requests_per_connection: Annotated[int, Field(gt=0)] = 1000
+    #: Use aiohttp's internals for the fast answer, dispatch and the connection guard:
+    #: ``auto`` when this aiohttp's are the known ones, ``on`` (refuse to start without
+    #: them) or ``off`` (public API only). ``CALLSCREEN_AIOHTTP_INTERNALS`` overrides it.
+    aiohttp_internals: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
     def _two_listeners(self) -> ServerSettings:

@@ -20,6 +20,7 @@ from pathlib import Path
 from core.config import ConfigError, load_config
 from core.logs import configure_logging
 from core.version import VERSION
+from service.edge.aiohttp_adapter import InternalsUnavailable, resolve
 from service.edge.auth import check_secrets
 from service.operator.tokens import read_tokens
 from service.procs.serve import serve_one
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.log_level, log_format)
     except ValueError as exc:
         print(f"bad --log-level: {exc}", file=sys.stderr)
+        return 2
+    try:  # here, once, rather than in each worker (which a supervisor would restart)
+        resolve(config.server.aiohttp_internals)
+    except (InternalsUnavailable, ValueError) as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
         return 2
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port

@@ -23,7 +23,18 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from core.config import Config
 from core.connect import connect, redact
 from core.store import ListStore, RedisClient
-from service.appkeys import AUTH, CACHE, CONFIG, METRICS, REDIS, REGISTRY, SCREENER, STORE
+from service.appkeys import (
+    AUTH,
+    CACHE,
+    CONFIG,
+    INTERNALS,
+    METRICS,
+    REDIS,
+    REGISTRY,
+    SCREENER,
+    STORE,
+)
+from service.edge.aiohttp_adapter import resolve
 from service.edge.auth import HandlerAuth
 from service.edge.errors import json_errors, no_route
 from service.edge.handlers import healthz, readyz, screen
@@ -78,6 +89,7 @@ def create_app(
     app[REGISTRY] = registry if registry is not None else CollectorRegistry()
     app[METRICS] = Metrics(config, app[REGISTRY])
     app[AUTH] = HandlerAuth(config, app[METRICS])  # secrets from the environment
+    app[INTERNALS] = resolve(config.server.aiohttp_internals)
     app.cleanup_ctx.append(_redis_ctx(redis))
     app.cleanup_ctx.append(_lists_ctx(lists_dir))
     app.cleanup_ctx.append(_history_ctx)

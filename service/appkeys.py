@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from core.config import Config
 from core.store import ListStore, RedisClient
+from service.edge.aiohttp_adapter import Internals
 from service.edge.auth import HandlerAuth
 from service.metrics import Metrics
 from service.screening.cache import ListCache
@@ -20,3 +21,5 @@ STORE = web.AppKey("store", ListStore)
 CACHE = web.AppKey("cache", ListCache)
 SCREENER = web.AppKey("screener", Screener)
 AUTH = web.AppKey("auth", HandlerAuth)
+#: Whether this process uses aiohttp's internals (service/edge/aiohttp_adapter.py).
+INTERNALS = web.AppKey("aiohttp_internals", Internals)

@@ -20,7 +20,20 @@ from core.config import Config, parse_config
 from core.connect import connect
 from devtools.redis_server import LocalCluster, RedisProcess
 from service.app import create_app
+from service.edge.aiohttp_adapter import resolve
 from tests.helpers import ServiceTestServer
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip ``internals`` tests when the service would run on aiohttp's public API."""
+    mode = resolve("auto")
+    if mode.enabled:
+        return
+    skip = pytest.mark.skip(reason=f"aiohttp public API mode: {mode.reason}")
+    for item in items:
+        if item.get_closest_marker("internals") is not None:
+            item.add_marker(skip)
+
 
 SEED_CONFIG: dict[str, Any] = {
     "lists": {"blocklist": {"kind": "numbers"}},

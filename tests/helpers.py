@@ -16,7 +16,8 @@ from core.config import ListKind
 from core.entries import canonical
 from core.store import RedisClient
 from service.app import DIRECT_HANDLERS
-from service.edge.dispatch import DirectRunner
+from service.appkeys import INTERNALS
+from service.edge.dispatch import direct_runner
 
 #: The request CarrierX documents for its external handlers.
 EXAMPLE_BODY: dict[str, Any] = {
@@ -101,4 +102,4 @@ class ServiceTestServer(TestServer):
     as they do in production (service/edge/dispatch.py)."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        return DirectRunner(self.app, direct=DIRECT_HANDLERS, **kwargs)
+        return direct_runner(self.app, self.app[INTERNALS], direct=DIRECT_HANDLERS, **kwargs)

@@ -19,6 +19,9 @@ from aiohttp.test_utils import TestServer
 from service.edge.answers import CONTENT_TYPE, ScreeningAnswer, screening_response
 from tests.helpers import wait_for
 
+#: The machinery under test exists only with aiohttp's internals (aiohttp_adapter.py).
+pytestmark = pytest.mark.internals
+
 BODY = b'[{"action":"reject","operands":["unavailable","aniblock"]}]'
 DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 

@@ -156,7 +156,10 @@ async def test_sigterm_answers_a_busy_connection_until_it_says_connection_close(
     assert await service.exited(timeout_s=5.0) == 0
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# Two workers on aiohttp's public API lose a few calls: connections that were just
+# opened and had sent nothing yet are invisible to the public-mode drain
+# (docs/operations.md, "aiohttp internals").
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.internals)])
 async def test_sigterm_under_load_loses_no_request_on_128_keepalive_connections(
     processes: list[ServiceProcess],
     tmp_path: Path,
@@ -270,6 +273,7 @@ async def _real_calls(url: str, count: int) -> list[Any]:
     return answers
 
 
+@pytest.mark.internals  # the read timeout and the cap see connections through aiohttp's internals
 @pytest.mark.parametrize("slow", [500, 5000])
 async def test_slow_senders_neither_starve_real_calls_nor_stay(
     processes: list[ServiceProcess],

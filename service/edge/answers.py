@@ -2,8 +2,9 @@
 
 :class:`ScreeningAnswer` writes a status line and headers prepared once a second with a
 pre-encoded body through the request's own stream writer, instead of building a
-``web.Response`` per call. Invariant: the bytes are those aiohttp's ``Response`` would
-write (tests/test_answers.py compares them). Apps with ``on_response_prepare`` signals
+``web.Response`` per call; it needs aiohttp's internals (:mod:`.aiohttp_adapter`).
+Invariant: the bytes are those aiohttp's ``Response`` would write
+(tests/test_answers.py compares them). Apps with ``on_response_prepare`` signals
 and HTTP versions other than 1.0/1.1 get a plain ``Response``
 (:func:`screening_response`). Why and what it saves: docs/design.md, "The answer
 written whole".
@@ -12,10 +13,11 @@ written whole".
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from service.edge.aiohttp_adapter import WholeAnswer
 
 CONTENT_TYPE = "application/json"
 
@@ -62,51 +64,17 @@ _FIXED_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": CONTENT_TYPE}))
 _VERSIONS = (HttpVersion11, HttpVersion10)
 
 
-class ScreeningAnswer(web.StreamResponse):
-    """``200`` with a JSON ``body``, written whole by :meth:`write_eof`."""
+class ScreeningAnswer(WholeAnswer):
+    """``200`` with a JSON ``body``, written whole (service/edge/aiohttp_adapter.py)."""
 
-    def __init__(self, body: bytes) -> None:
-        # What StreamResponse.__init__ sets (the rest are class defaults), without a
-        # header multidict of its own (the cost design.md counts): the headers are
-        # written from _HEADS, and ``headers`` shows the fixed ones, read-only. Pinned
-        # aiohttp; tests/test_answers.py runs it through aiohttp's access log too.
-        self._state = {}
-        self._headers = _FIXED_HEADERS  # type: ignore[assignment]
-        self._status = 200
-        self._reason = "OK"
-        self._answer = body
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self._eof_sent:
-            return None
-        if self._payload_writer is None:
-            if self._keep_alive is None:
-                self._keep_alive = request.keep_alive
-            self._req = request
-            self._payload_writer = request._payload_writer
-        return self._payload_writer
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        assert not data, "the body is given to the constructor"
-        if self._eof_sent:
-            return
-        request, writer = self._req, self._payload_writer
-        assert request is not None and writer is not None, "prepare() first"
-        body = self._answer
-        minor = request.version.minor
-        head = _HEADS.get(minor, bool(self._keep_alive), len(body))
-        # No headers were given to the writer: it sends these bytes as they are, with its
-        # own checks for a closed connection and its back-pressure wait.
-        await writer.write_eof(head + body)
-        self._eof_sent = True
-        self._body_length = len(body)
-        self._req = None
-        self._payload_writer = None
+    heads = _HEADS.get
+    fixed_headers = _FIXED_HEADERS
 
 
-def screening_response(request: web.Request, body: bytes) -> web.StreamResponse:
+def screening_response(request: web.Request, body: bytes, whole: bool = True) -> web.StreamResponse:
     """The response for a screening answer ``body``: a :class:`ScreeningAnswer` where
-    its bytes are aiohttp's (see the module docstring), else a plain ``Response``."""
-    if request.version in _VERSIONS and not request.app.on_response_prepare:
+    ``whole`` (aiohttp's internals in use) and its bytes are aiohttp's (see the module
+    docstring), else a plain ``Response``."""
+    if whole and request.version in _VERSIONS and not request.app.on_response_prepare:
         return ScreeningAnswer(body)
     return web.Response(body=body, content_type=CONTENT_TYPE)

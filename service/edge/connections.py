@@ -6,8 +6,9 @@ whole within ``server.request_timeout_ms``; at most ``server.max_connections``
 connections (a newcomer evicts the longest-waiting non-busy ones, never a busy one);
 ``Connection: close`` after ``server.max_requests_per_connection`` requests; and on
 SIGTERM the drain (:meth:`ConnectionGuard.drain`), which closes idle connections and
-answers the rest with ``Connection: close``. Why: docs/operations.md, "Connections:
-timeouts, cap, recycling" and "Stopping".
+answers the rest with ``Connection: close``. Without aiohttp's internals
+(:func:`guarded_runner`) only recycling and the drain remain. Why: docs/operations.md,
+"Connections: timeouts, cap, recycling" and "Stopping".
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ import heapq
 import logging
 import resource
 import termios
-from collections.abc import Coroutine
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_server import Server
 
 from core.config import ServerSettings
-from service.edge.dispatch import DirectRunner
+from service.edge.aiohttp_adapter import GuardedHandler, GuardedServer, Handler, Internals
+from service.edge.dispatch import direct_runner
 from service.metrics import Metrics
 from service.ratelimit import RateLimitedLog
 
@@ -81,97 +81,46 @@ def _pending_bytes(transport: Any) -> int:
     return buffer[0]
 
 
-class GuardedHandler(RequestHandler):
-    """aiohttp's connection protocol, with the bookkeeping the guard needs.
+def guarded_runner(
+    app: web.Application,
+    guard: ConnectionGuard,
+    internals: Internals,
+    *,
+    direct: tuple[Handler, ...] = (),
+    **kwargs: Any,
+) -> web.AppRunner:
+    """The runner for the main listener, its connections watched by ``guard``.
 
-    The extra work on the request path is an attribute or two per read and per answer.
-    """
-
-    __slots__ = ("body_request", "body_since", "guard", "head_since", "timed_out")
-
-    guard: ConnectionGuard
-    #: Sweep count when the first byte of a request head still incomplete arrived.
-    head_since: int | None
-    #: The request whose body is being read, and the sweep count when that was noticed.
-    body_request: BaseRequest | None
-    body_since: int
-    #: Closed by the guard for overrunning the read timeout.
-    timed_out: bool
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.head_since = None
-        self.body_request = None
-        self.body_since = 0
-        self.timed_out = False
-        super().connection_made(transport)
-        self.guard.admit(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self.head_since is None and not self._request_in_progress:
-            self.head_since = self.guard.sweeps
-        super().data_received(data)
-        if self._messages:
-            self.head_since = None
-
-    def finish_response(
-        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
-        # A plain method handing back aiohttp's coroutine: no extra frame per request.
-        self.head_since = None  # bytes that came in while the request was handled were body
-        if self.guard.draining or self._request_count >= self.guard.max_requests:
-            resp.force_close()
-        return super().finish_response(request, resp, start_time)
-
-    # --- what the guard asks -------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        """A request is being handled, or one is parsed and waiting for its turn."""
-        return self._request_in_progress or bool(self._messages)
-
-    def idle_since(self) -> float:
-        """Loop time of the last answer (or of the connection's start)."""
-        return self._next_keepalive_close_time - self._keepalive_timeout
-
-    def current_request(self) -> BaseRequest | None:
-        return self._current_request
-
-
-class GuardedServer(Server):
-    """aiohttp's protocol factory, making :class:`GuardedHandler` connections."""
-
-    guard: ConnectionGuard
-
-    def __call__(self) -> RequestHandler:
-        handler = GuardedHandler(self, loop=self._loop, **self._kwargs)
-        handler.guard = self.guard
-        return handler
-
-    def guarded_connections(self) -> list[GuardedHandler]:
-        return [c for c in self._connections if isinstance(c, GuardedHandler)]
-
-
-class GuardedRunner(DirectRunner):
-    """An :class:`aiohttp.web.AppRunner` whose connections the guard watches.
-
+    With aiohttp's internals the guard sees every connection (:class:`GuardedServer`);
+    without, it watches through a middleware (:meth:`ConnectionGuard.middleware`), which
+    must be added before the app starts, and keeps only the rules that allows.
     ``direct``: route handlers whose POSTs skip the router (service/edge/dispatch.py).
     """
-
-    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.guard = guard
-
-    async def _make_server(self) -> Server:
-        plain = await super()._make_server()
-        server = GuardedServer(
-            plain.request_handler,
-            request_factory=plain.request_factory,
-            handler_cancellation=plain.handler_cancellation,
-            loop=plain._loop,
-            **plain._kwargs,
+    if internals.enabled:
+        return direct_runner(
+            app, internals, direct=direct, guard=guard, on_server=guard.attach, **kwargs
         )
-        server.guard = self.guard
-        self.guard.server = server
-        return server
+    guard.public = True
+
+    @web.middleware
+    async def watch(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        return await guard.middleware(request, handler)
+
+    app.middlewares.append(watch)
+    return web.AppRunner(app, **kwargs)
+
+
+class _Seen:
+    """Public mode: what the guard knows of one connection that sent a request."""
+
+    __slots__ = ("answered_at", "in_flight", "requests")
+
+    def __init__(self, now: float) -> None:
+        self.requests = 0
+        self.in_flight = 0
+        self.answered_at = now
 
 
 class ConnectionGuard:
@@ -186,13 +135,64 @@ class ConnectionGuard:
         self.draining = False
         #: Sweeps so far: the clock of the read timeouts (one tick every SWEEP_S).
         self.sweeps = 0
+        #: Public mode (no aiohttp internals): only recycling and the drain, through
+        #: :meth:`middleware`, for the connections that sent a request.
+        self.public = False
+        self._seen: weakref.WeakKeyDictionary[Any, _Seen] = weakref.WeakKeyDictionary()
         self._warn = RateLimitedLog(logger, interval_s=10.0)
+
+    def attach(self, server: GuardedServer) -> None:
+        """Watch ``server``'s connections (aiohttp's internals in use)."""
+        server.guard = self
+        self.server = server
+
+    # --- public mode -------------------------------------------------------------------------
+    async def middleware(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Recycling and ``Connection: close`` while draining, by aiohttp's public API."""
+        transport = request.transport
+        loop = asyncio.get_running_loop()
+        seen = self._seen.get(transport) if transport is not None else None
+        if seen is None:
+            seen = _Seen(loop.time())
+            if transport is not None:
+                self._seen[transport] = seen
+        seen.in_flight += 1
+        seen.requests += 1
+        try:
+            response = await handler(request)
+        finally:
+            seen.in_flight -= 1
+            seen.answered_at = loop.time()
+        if self.draining or seen.requests >= self.max_requests:
+            response.force_close()
+        return response
+
+    async def _drain_public(self, deadline: float) -> None:
+        """The drain for the connections the middleware saw; aiohttp's cleanup does the rest."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            open_now = [(t, s) for t, s in list(self._seen.items()) if not t.is_closing()]
+            if not open_now:
+                return
+            now = loop.time()
+            for transport, seen in open_now:
+                if (
+                    not seen.in_flight
+                    and now - seen.answered_at >= DRAIN_IDLE_S
+                    and not _pending_bytes(transport)
+                ):
+                    transport.close()
+            await asyncio.sleep(_DRAIN_POLL_S)
 
     # --- the cap ---------------------------------------------------------------------------
     def admit(self, newcomer: GuardedHandler) -> None:
         """Called for each new connection: make room when over the cap."""
         server = self.server
-        if server is None or len(server._connections) <= self.max_connections:
+        if server is None or server.connection_count() <= self.max_connections:
             return
         # Connections closed a moment ago stay listed until their task ends: count the
         # open ones only, or a flood would evict far more than it needs to.
@@ -281,11 +281,15 @@ class ConnectionGuard:
         it sends anything, or, when only this worker stops, reaches the others.
         """
         server = self.server
-        if server is None:
-            self.draining = True
-            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        if server is None:
+            if self.public:
+                await asyncio.sleep(LISTEN_SETTLE_S)
+                self.draining = True
+                await self._drain_public(deadline)
+            self.draining = True
+            return
         await asyncio.sleep(LISTEN_SETTLE_S)
         self.draining = True
         while server.guarded_connections() and loop.time() < deadline:

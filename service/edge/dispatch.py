@@ -5,20 +5,20 @@ path and calls the route's handler with the match information aiohttp's router w
 have given, remembered per path (at most :data:`KNOWN_PATHS`). Everything else (other
 methods, escapes, braces, empty segments, ``Expect``, apps with middlewares) goes
 through ``Application._handle``. Invariant: the answers are the router's
-(tests/test_dispatch.py). :class:`DirectRunner` installs it. Why: docs/design.md,
-"Screening calls skip the router".
+(tests/test_dispatch.py). :func:`direct_runner` installs it when aiohttp's internals
+are in use (:mod:`service.edge.aiohttp_adapter`); otherwise the router takes all.
+Why: docs/design.md, "Screening calls skip the router".
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.web_server import Server
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from service.edge.aiohttp_adapter import Handler, InternalRunner, Internals, Known, RawDispatch
 
 #: How many distinct paths :class:`ScreeningDispatch` remembers.
 KNOWN_PATHS = 1024
@@ -58,7 +58,7 @@ class _Shape:
         return found
 
 
-class ScreeningDispatch:
+class ScreeningDispatch(RawDispatch):
     """``handler(request)`` for aiohttp's server: screening POSTs direct, the rest routed.
 
     ``fallback`` is what the server would call otherwise (``Application._handle``).
@@ -73,12 +73,11 @@ class ScreeningDispatch:
         fallback: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
         handlers: tuple[Handler, ...],
     ) -> None:
-        self.fallback = fallback
-        #: Paths seen, with their frozen match information and handler (False: routed).
-        #: Screening calls come to a few paths (one per trunk group), so after the first
-        #: call each costs one dictionary look-up. Bounded: past KNOWN_PATHS (a scan of
-        #: made-up paths, say) new paths are matched each time, never remembered.
-        self.known: dict[str, tuple[UrlMappingMatchInfo, Handler] | Literal[False]] = {}
+        super().__init__(fallback)
+        #: Paths seen (:attr:`known`), with their frozen match information and handler
+        #: (False: routed). Screening calls come to a few paths (one per trunk group), so
+        #: after the first call each costs one dictionary look-up. Bounded: past
+        #: KNOWN_PATHS (a scan of made-up paths, say) new paths are matched each time.
         #: Route shapes by segment count; empty (everything routed) with middlewares.
         self.shapes: dict[int, list[_Shape]] = {}
         if app.middlewares:
@@ -93,22 +92,9 @@ class ScreeningDispatch:
             shape = _Shape(app, route, canonical)
             self.shapes.setdefault(canonical.count("/") + 1, []).append(shape)
 
-    def __call__(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-        # A plain method handing back the handler's coroutine: no frame of its own.
-        if request.method == hdrs.METH_POST and hdrs.EXPECT not in request.headers:
-            path = request.raw_path.partition("?")[0]
-            known = self.known.get(path)
-            if known is None:
-                known = self._look_up(path)
-            if known is not False:
-                info, handler = known
-                request._match_info = info  # type: ignore[attr-defined]
-                return handler(request)  # type: ignore[arg-type]
-        return self.fallback(request)
-
-    def _look_up(self, path: str) -> tuple[UrlMappingMatchInfo, Handler] | Literal[False]:
+    def look_up(self, path: str) -> Known:
         """The match for ``path`` (False: the router's), remembered while there is room."""
-        found: tuple[UrlMappingMatchInfo, Handler] | Literal[False] = False
+        found: Known = False
         shapes = self.shapes.get(path.count("/") + 1)
         if shapes is not None and _ROUTER_ONLY.isdisjoint(path):
             parts = path.split("/")
@@ -125,23 +111,27 @@ class ScreeningDispatch:
         return found
 
 
-class DirectRunner(web.AppRunner):
-    """An :class:`aiohttp.web.AppRunner` whose server takes ``direct`` handlers' POSTs
-    through :class:`ScreeningDispatch` (none given: the plain runner)."""
+def direct_runner(
+    app: web.Application,
+    internals: Internals,
+    *,
+    direct: tuple[Handler, ...] = (),
+    **kwargs: Any,
+) -> web.AppRunner:
+    """An ``AppRunner`` whose server takes ``direct`` handlers' POSTs through
+    :class:`ScreeningDispatch`; the plain runner without internals or handlers.
+    ``kwargs`` go to :class:`InternalRunner` (``guard``, ``on_server``) or aiohttp."""
+    if not internals.enabled:
+        kwargs.pop("guard", None)
+        kwargs.pop("on_server", None)
+        return web.AppRunner(app, **kwargs)
 
-    def __init__(
-        self, app: web.Application, *, direct: tuple[Handler, ...] = (), **kwargs: Any
-    ) -> None:
-        super().__init__(app, **kwargs)
-        self.direct = direct
+    def dispatch(
+        fallback: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> ScreeningDispatch:
+        return ScreeningDispatch(app, fallback, direct)
 
-    async def _make_server(self) -> Server:
-        server = await super()._make_server()
-        if self.direct:
-            server.request_handler = ScreeningDispatch(
-                self.app, server.request_handler, self.direct
-            )
-        return server
+    return InternalRunner(app, dispatch=dispatch if direct else None, **kwargs)
 
 
 def _plain(canonical: str) -> bool:

@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from core.logs import REQUEST_ID
-from service.appkeys import AUTH, SCREENER
+from service.appkeys import AUTH, INTERNALS, SCREENER
 from service.edge.answers import screening_response
 from service.edge.body import BadRequest, decode, policy_of, refuse, too_large
 from service.edge.errors import client_gone, internal_error
@@ -64,7 +64,7 @@ async def screen(request: web.Request) -> web.StreamResponse:
         screener.metrics.fallback("internal")
         answer = screener.on_error.outcome.answer
     screener.metrics.request_seconds.observe(time.perf_counter() - started)
-    return screening_response(request, answer)
+    return screening_response(request, answer, app[INTERNALS].enabled)
 
 
 async def healthz(request: web.Request) -> web.Response:

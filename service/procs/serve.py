@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry
 from core.config import Config
 from core.logs import batch_logs, flush_logs
 from service.appkeys import CONFIG as CONFIG_KEY
-from service.appkeys import METRICS
-from service.edge.connections import ConnectionGuard, GuardedRunner, raise_fd_limit
+from service.appkeys import INTERNALS, METRICS
+from service.edge.connections import ConnectionGuard, guarded_runner, raise_fd_limit
 from service.procs.snapshots import FLUSH_S, SharedRegistry
 
 logger = logging.getLogger(__name__)
@@ -114,9 +114,10 @@ async def _serve(
         loop.add_signal_handler(signum, stop.set)
     settings = app[CONFIG_KEY].server
     guard = ConnectionGuard(settings, app[METRICS], raise_fd_limit())
-    runner = GuardedRunner(
+    runner = guarded_runner(
         app,
         guard,
+        app[INTERNALS],
         direct=DIRECT_HANDLERS,
         access_log=None,
         shutdown_timeout=_CLEANUP_TIMEOUT_S,
@@ -153,10 +154,16 @@ async def _serve(
                     "%s serves the admin API, explain and /metrics on http://%s:%d",
                     who, operator_host, operator_port,
                 )  # fmt: skip
-            logger.info(
-                "%s listening on http://%s:%d (at most %d connections)",
-                who, host, port, guard.max_connections,
-            )  # fmt: skip
+            if guard.public:
+                logger.info(
+                    "%s listening on http://%s:%d (aiohttp public API: no connection cap,"
+                    " no read timeout)", who, host, port,
+                )  # fmt: skip
+            else:
+                logger.info(
+                    "%s listening on http://%s:%d (at most %d connections)",
+                    who, host, port, guard.max_connections,
+                )  # fmt: skip
             await stop.wait()
             logger.info("%s stopping: no new connections; finishing requests in flight", who)
             await site.stop()
