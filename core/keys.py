@@ -147,3 +147,10 @@ def stir_cert(url: str) -> str:
     """A STIR/SHAKEN certificate (the x5u's PEM body) cached for the fleet; one tag each."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:32]
     return f"{{cs:stir:{digest}}}:cert"
+
+
+def decoded(value: bytes | str | None) -> str:
+    """A Redis reply as text (``None``, a missing field or key, is ``""``)."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value

@@ -69,25 +69,26 @@ def bucket_contains(bucket: Sequence[int], number: int) -> bool:
     return i < len(bucket) and bucket[i] == number
 
 
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass(frozen=True, slots=True)
 class ListMeta:
-    """A list's metadata as stored in its ``meta`` hash."""
+    """A list's metadata as stored in its ``meta`` hash.
+
+    The admin API's model of it (service/operator/models.py) is made from these fields
+    and their docstrings.
+    """
 
     name: str
     kind: str
     gen: int
     version: int
     size: int
+    """Entries in the base (last sync)."""
     source: str
     checksum: str
     synced_at: float
+    """Unix time of the last full sync; 0: never synced."""
     accepted_at: float
+    """Unix time of the last `loader accept`; 0: never."""
     rows_read: int
     rows_rejected: int
     added: int
@@ -97,7 +98,7 @@ class ListMeta:
 
     @classmethod
     def from_hash(cls, name: str, raw: Mapping[Any, Any], adds: int, dels: int) -> ListMeta:
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {keys.decoded(k): keys.decoded(v) for k, v in raw.items()}
         ints = {f: int(fields.get(f) or 0) for f in _META_INT_FIELDS}
         return cls(
             name=name,
@@ -152,9 +153,9 @@ class ListState:
         return cls(
             int(gen or 0),
             int(version or 0),
-            _text(synced_at),
-            _text(accepted_at),
-            _text(checksum),
+            keys.decoded(synced_at),
+            keys.decoded(accepted_at),
+            keys.decoded(checksum),
         )
 
 
@@ -258,8 +259,8 @@ class ListStore:
             gen=state.gen,
             version=state.version,
             synced_at=float(state.synced_at or 0),
-            adds=frozenset(_text(a) for a in adds),
-            dels=frozenset(_text(d) for d in dels),
+            adds=frozenset(keys.decoded(a) for a in adds),
+            dels=frozenset(keys.decoded(d) for d in dels),
             state=state,
         )
 
@@ -287,7 +288,7 @@ class ListStore:
         members = await self.redis.smembers(key)
         if not members and not await self.redis.exists(key):
             raise MissingGeneration(name, gen)
-        return frozenset(_text(m) for m in members)
+        return frozenset(keys.decoded(m) for m in members)
 
     async def meta(self, name: str) -> ListMeta | None:
         """Metadata of one list, or None if it was never written."""
@@ -321,7 +322,7 @@ class ListStore:
     async def meta_fields(self, name: str, *fields: str) -> dict[str, str]:
         """Raw ``meta`` fields of a list (``""`` for a field not set)."""
         values = await self.redis.hmget(keys.meta(name), list(fields))
-        return {f: _text(v) for f, v in zip(fields, values, strict=True)}
+        return {f: keys.decoded(v) for f, v in zip(fields, values, strict=True)}
 
     async def touch(self, name: str, fields: Mapping[str, str | int | float]) -> int:
         """Record a sync that changed no entry: set ``fields`` in ``meta``, bump ``version``.

@@ -224,12 +224,6 @@ class Entries:
 NO_ENTRIES = Entries()
 
 
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class Slices:
     """Cuts long Python work into slices of about :data:`SLICE_S`, yielding in between.
 
@@ -369,7 +363,7 @@ class SubscriberStore:
     async def _change_in(self, key: str, subscriber: str, code: str, remove: bool) -> None:
         for _ in range(MAX_ATTEMPTS):
             current = await self.redis.hget(key, subscriber)
-            blob = current if isinstance(current, bytes) else _text(current).encode()
+            blob = current if isinstance(current, bytes) else keys.decoded(current).encode()
             codes = [c for c in unpack_codes(blob) if c != code]
             if not remove:
                 if len(codes) >= MAX_ENTRIES:
@@ -484,7 +478,7 @@ async def _bucket_writes(
     writes: list[_Write] = []
     over: list[str] = []
     for (subscriber, entries), value in zip(changes.items(), values, strict=True):
-        blob = value if isinstance(value, bytes) else _text(value).encode()
+        blob = value if isinstance(value, bytes) else keys.decoded(value).encode()
         codes = [c for c in unpack_codes(blob) if c not in entries]
         codes += [code for code, add in entries.items() if add]
         if len(codes) > MAX_ENTRIES:

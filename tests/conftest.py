@@ -54,6 +54,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server.stop()
 
 
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisProcess]:
+    """A redis-server of the test's own, which it may pause, stop or kill."""
+    server = RedisProcess(tmp_path / "redis").start()
+    yield server
+    if server.process is not None:
+        server.resume()  # a stopped process would not see SIGTERM
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A real three-master Redis Cluster, started once for the tests that ask for it."""

@@ -103,3 +103,30 @@ class ServiceTestServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         return direct_runner(self.app, self.app[INTERNALS], direct=DIRECT_HANDLERS, **kwargs)
+
+
+#: The subscriber policy the subscribers tests share: the called subscriber's allow
+#: entries first, then (after any rules put between) its block entries.
+PERSONAL_ALLOW: dict[str, Any] = {
+    "name": "personal-allow",
+    "match": "caller_in_subscriber_list",
+    "list": "personal",
+    "action": "allow",
+}
+PERSONAL_BLOCK: dict[str, Any] = {
+    "name": "personal-block",
+    "match": "caller_in_subscriber_list",
+    "list": "personal",
+    "operands": ["decline", "subscriber-block"],
+}
+
+
+async def ready_client(make_client: Callable[..., Awaitable[Any]], config: Any) -> Any:
+    """A test client for ``config``, once its ``/readyz`` answers 200."""
+    client = await make_client(config)
+
+    async def ready() -> bool:
+        return bool((await client.get("/readyz")).status == 200)
+
+    await wait_for(ready)
+    return client

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -194,15 +193,6 @@ async def test_a_rate_checked_call_costs_one_round_trip(
     # Two rate rules: INCR(BY) + EXPIRE of this window and GET of the last, per rule.
     # List lookups cost nothing: no HMGET, SISMEMBER or the like.
     assert used == {"incrby": 2 * calls, "expire": 2 * calls, "get": 2 * calls}
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisProcess]:
-    server = RedisProcess(tmp_path / "redis").start()
-    yield server
-    if server.process is not None:
-        server.resume()  # a stopped process would not see SIGTERM
-    server.stop()
 
 
 async def test_redis_trouble_during_a_rate_check_answers_by_on_error_in_time(

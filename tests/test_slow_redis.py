@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
@@ -23,21 +21,12 @@ DEADLINE_MS = 100
 SLACK_S = 0.5  # behaviour, not a benchmark: far below the 2 s socket timeout
 
 
-@pytest.fixture
-async def slow_redis(tmp_path: Path) -> AsyncIterator[RedisProcess]:
-    server = RedisProcess(tmp_path / "redis").start()
-    yield server
-    if server.process is not None:
-        server.resume()  # a stopped process would not see SIGTERM
-    server.stop()
-
-
 async def test_paused_redis_answers_follow_on_error_within_the_deadline(
-    slow_redis: RedisProcess,
+    own_redis: RedisProcess,
     make_config: Callable[..., Config],
     make_client: Callable[..., Any],
 ) -> None:
-    loader = Redis.from_url(slow_redis.url)
+    loader = Redis.from_url(own_redis.url)
     builder = await start_build(loader, "blocklist", "numbers")
     await builder.add([BLOCKED])
     await builder.finish()
@@ -45,7 +34,7 @@ async def test_paused_redis_answers_follow_on_error_within_the_deadline(
     await loader.aclose()
     config = make_config(
         {
-            "redis": {"url": slow_redis.url},
+            "redis": {"url": own_redis.url},
             "handler": {
                 "deadline_ms": DEADLINE_MS,
                 "on_error": "reject",
@@ -78,14 +67,14 @@ async def test_paused_redis_answers_follow_on_error_within_the_deadline(
     await burst()
     assert [a[1] for a in answers] == [REJECT, [], []]
 
-    slow_redis.pause()
+    own_redis.pause()
     paused_at = time.monotonic()
     try:
         # Rate checks hit the deadline at once; after max_stale_ms every answer does.
         while time.monotonic() - paused_at < 1.2:
             await burst()
     finally:
-        slow_redis.resume()
+        own_redis.resume()
     during = answers[3:]
     assert all(body == ON_ERROR for caller, body, _ in during if caller != BLOCKED)
     assert any(body == ON_ERROR for caller, body, _ in during if caller == BLOCKED)

@@ -28,7 +28,7 @@ from service.appkeys import CACHE
 from service.screening.lists import NumberList, SubscriberList
 from service.screening.policy import CompiledPolicy, NeedsRates
 from service.screening.request import CallParser
-from tests.helpers import REJECT, body_from, wait_for
+from tests.helpers import PERSONAL_ALLOW, PERSONAL_BLOCK, REJECT, body_from, ready_client
 from tests.test_call_rate import CountingConnection, load_blocklist
 
 Client = TestClient[Any, Any]
@@ -61,19 +61,9 @@ def subscribers_config(**extra: Any) -> dict[str, Any]:
         "policies": {
             "default": {
                 "rules": [
-                    {
-                        "name": "personal-allow",
-                        "match": "caller_in_subscriber_list",
-                        "list": "personal",
-                        "action": "allow",
-                    },
+                    PERSONAL_ALLOW,
                     {"name": "blocklist", "match": "caller_in_list", "list": "blocklist"},
-                    {
-                        "name": "personal-block",
-                        "match": "caller_in_subscriber_list",
-                        "list": "personal",
-                        "operands": ["decline", "subscriber-block"],
-                    },
+                    PERSONAL_BLOCK,
                 ]
             }
         },
@@ -340,12 +330,7 @@ async def test_redis_trouble_answers_by_on_error_within_the_deadline(
     await load_blocklist(setup, [])
     await sync_list(setup, config, "personal")
     await setup.aclose()
-    client = await make_client(config)
-
-    async def ready() -> bool:
-        return bool((await client.get("/readyz")).status == 200)
-
-    await wait_for(ready)
+    client = await ready_client(make_client, config)
     assert await answer(client, "15165550101") == PERSONAL
     own_redis.pause()  # nothing answers: the deadline cuts each call short
     assert [await answer(client, "15165550101") for _ in range(2)] == [ON_ERROR] * 2

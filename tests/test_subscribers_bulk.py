@@ -21,7 +21,7 @@ from core.config import Config
 from core.subscribers import MAX_ENTRIES
 from devtools.redis_server import LocalCluster
 from loader.sync import sync_list
-from tests.helpers import wait_for
+from tests.helpers import ready_client, wait_for
 from tests.test_subscribers import PERSONAL, SUB_A, SUB_B, answer, subscribers_config
 
 Client = TestClient[Any, Any]
@@ -267,12 +267,7 @@ async def test_bulk_change_on_a_cluster(
     data = subscribers_config(redis={"url": cluster.url}, cache={"refresh_ms": 100})
     config = make_config(data, base_dir=tmp_path)
     await sync_list(cluster_redis, config, "personal")
-    client = await make_client(config)
-
-    async def ready() -> bool:
-        return bool((await client.get("/readyz")).status == 200)
-
-    await wait_for(ready)
+    client = await ready_client(make_client, config)
     gen = int(await cluster_redis.hget(keys.meta("personal"), "gen") or 0)
     nodes = {
         str(node.name)

@@ -14,7 +14,7 @@ from core import keys
 from core.config import Config
 from devtools.redis_server import LocalCluster
 from loader.sync import SyncOptions, sync_list
-from tests.helpers import wait_for
+from tests.helpers import PERSONAL_ALLOW, PERSONAL_BLOCK, ready_client, wait_for
 from tests.test_subscribers import ON_ERROR, PERSONAL, answer
 from tests.test_subscribers_lost import (
     SUBSCRIBERS,
@@ -35,31 +35,13 @@ async def test_subscribers_spread_over_the_masters_and_calls_are_answered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", ADMIN_TOKEN)
-    subscribers = [f"1951262{i:04d}" for i in range(60)]
-    rows = "".join(f"{s},1516555{i:04d}\n{s},1900*\n" for i, s in enumerate(subscribers))
-    (tmp_path / "personal.csv").write_text(rows + f"{subscribers[0]},19005550000,allow\n")
+    subscribers = SUBSCRIBERS
+    write_source(tmp_path)
     data = {
         "redis": {"url": cluster.url},
         "cache": {"refresh_ms": 100, "max_stale_ms": 2000},
         "lists": {"personal": {"kind": "subscribers", "source": "personal.csv"}},
-        "policies": {
-            "default": {
-                "rules": [
-                    {
-                        "name": "personal-allow",
-                        "match": "caller_in_subscriber_list",
-                        "list": "personal",
-                        "action": "allow",
-                    },
-                    {
-                        "name": "personal-block",
-                        "match": "caller_in_subscriber_list",
-                        "list": "personal",
-                        "operands": ["decline", "subscriber-block"],
-                    },
-                ]
-            }
-        },
+        "policies": {"default": {"rules": [PERSONAL_ALLOW, PERSONAL_BLOCK]}},
         "trunk_groups": {"main": {"policy": "default"}},
     }
     config = make_config(data, base_dir=tmp_path)
@@ -74,12 +56,7 @@ async def test_subscribers_spread_over_the_masters_and_calls_are_answered(
         nodes.add(node.name)
     assert len(nodes) == 3  # the buckets of one list spread over every master
 
-    client = await make_client(config)
-
-    async def ready() -> bool:
-        return bool((await client.get("/readyz")).status == 200)
-
-    await wait_for(ready)
+    client = await ready_client(make_client, config)
     for i, s in enumerate(subscribers):
         assert await answer(client, f"1516555{i:04d}", s) == PERSONAL
         assert await answer(client, f"1516555{(i + 1) % 60:04d}", s) == []  # another's
@@ -91,7 +68,9 @@ async def test_subscribers_spread_over_the_masters_and_calls_are_answered(
     assert (await client.put(path, headers=admin)).status == 200
     assert await answer(client, "15165550001", subscribers[7]) == PERSONAL
     # A second sync swaps the generation; workers follow within a refresh.
-    (tmp_path / "personal.csv").write_text(rows.replace("1900*", "1976*"))
+    source = tmp_path / "personal.csv"
+    rows = source.read_text().removesuffix(f"{subscribers[0]},19005550000,allow\n")
+    source.write_text(rows.replace("1900*", "1976*"))
     await sync_list(cluster_redis, config, "personal", SyncOptions(force=True))
 
     async def swapped() -> bool:

@@ -23,7 +23,7 @@ from core.config import Config
 from core.subscribers import _RESERVE_GEN, SubscriberStore, code_of, mark_buckets
 from devtools.redis_server import LocalCluster
 from loader.sync import SyncOptions, sync_list
-from tests.helpers import wait_for
+from tests.helpers import PERSONAL_ALLOW, PERSONAL_BLOCK, ready_client, wait_for
 from tests.test_subscribers import ON_ERROR, PERSONAL, answer, call_body
 
 TOKEN = "subscribers-lost-admin-token-0123"
@@ -33,19 +33,17 @@ SUBSCRIBERS = [f"1951262{i:04d}" for i in range(60)]
 
 def lost_config(redis_url: str | None = None) -> dict[str, Any]:
     """Two trunk groups: ``main`` (allow, then block) and ``rate`` (a call-rate rule first)."""
-    personal = {"match": "caller_in_subscriber_list", "list": "personal"}
-    block = {"name": "personal-block", **personal, "operands": ["decline", "subscriber-block"]}
     data: dict[str, Any] = {
         "cache": {"refresh_ms": 100, "max_stale_ms": 5000},
         "handler": {"on_error": "reject", "on_error_operands": ["unavailable", "redis-trouble"]},
         "lists": {"personal": {"kind": "subscribers", "source": "personal.csv"}},
         "policies": {
-            "main": {"rules": [{"name": "personal-allow", **personal, "action": "allow"}, block]},
+            "main": {"rules": [PERSONAL_ALLOW, PERSONAL_BLOCK]},
             "rate": {
                 "rules": [
                     {"name": "flood", "match": "call_rate", "limit": 1, "window_s": 60,
                      "operands": ["busy-here", "too-many-calls"]},
-                    block,
+                    PERSONAL_BLOCK,
                 ]
             },
         },
@@ -80,12 +78,7 @@ async def served_on_cluster(
     the list's ``meta``, and the node holding each of SUBSCRIBERS' buckets."""
     await sync_list(cluster_redis, config, "personal")
     gen = int(await cluster_redis.hget(keys.meta("personal"), "gen") or 0)
-    client = await make_client(config)
-
-    async def ready() -> bool:
-        return bool((await client.get("/readyz")).status == 200)
-
-    await wait_for(ready)
+    client = await ready_client(make_client, config)
 
     def node_of(key: str) -> str:
         node = cluster_redis.get_node_from_key(key)
@@ -111,12 +104,7 @@ async def test_a_lost_bucket_answers_its_subscribers_by_on_error(
     config = make_config(lost_config(), base_dir=tmp_path)
     await sync_list(redis, config, "personal")
     gen = int(await redis.hget(keys.meta("personal"), "gen") or 0)
-    client = await make_client(config)
-
-    async def ready() -> bool:
-        return bool((await client.get("/readyz")).status == 200)
-
-    await wait_for(ready)
+    client = await ready_client(make_client, config)
     victim, other = SUBSCRIBERS[3], SUBSCRIBERS[4]
     bucket = keys.subscriber_bucket_of(victim)
     assert keys.subscriber_bucket_of(other) != bucket

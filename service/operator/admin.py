@@ -325,7 +325,7 @@ async def bulk_change(request: web.Request) -> web.Response:
     try:
         change = api.BulkChange.model_validate(await read_json(request))
     except ValidationError as exc:
-        raise _bulk_refusal(exc.errors(include_url=False)) from None
+        raise bulk_refusal(exc.errors(include_url=False)) from None
     raw = {"add": change.add, "remove": change.remove}
     total = len(change.add) + len(change.remove)
     limit = request.app[CONFIG].admin.max_bulk_entries
@@ -358,13 +358,14 @@ async def bulk_change(request: web.Request) -> web.Response:
     return _json(api.BulkResult(list=name, added=len(adds), removed=len(removes), version=version))
 
 
-def _bulk_refusal(errors: list[ErrorDetails]) -> AdminError:
-    """The ``400`` for a bulk body :class:`api.BulkChange` refused: one plain sentence."""
+def bulk_refusal(errors: list[ErrorDetails], items: str = "strings") -> AdminError:
+    """The ``400`` for a bulk body its model refused, in one plain sentence; ``items``
+    names what the ``add``/``remove`` arrays hold (``strings``, ``objects``)."""
     first = errors[0]
     if first["type"] == "nothing_to_change":
         return AdminError(400, first["msg"])
     if all(error["type"] == "list_type" for error in errors):
-        return AdminError(400, f'"{first["loc"][0]}" must be an array of strings')
+        return AdminError(400, f'"{first["loc"][0]}" must be an array of {items}')
     return AdminError(400, 'the body must be an object with "add" and/or "remove" arrays')
 
 

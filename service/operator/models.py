@@ -10,13 +10,26 @@ schema's ``description``; a field left ``None`` is dropped from the answer
 
 from __future__ import annotations
 
+import ast
 import builtins
-from typing import Annotated, Any, Literal
+import dataclasses
+import inspect
+import itertools
+import textwrap
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    create_model,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from core import store
 from core.config import Action, Attestation, CallerSource, ListKind, StirReason, StirResult
 from core.keys import LIST_NAME_RE
 
@@ -216,25 +229,48 @@ class NotListed(EntryState):
     error: Literal["not on the list"]
 
 
-class ListMeta(_Body):
-    """As stored in Redis by the last sync and changes."""
+def _view_of(stored: type[Any], omit: frozenset[str], doc: str) -> type[_Body]:
+    """A model of the dataclass ``stored``'s fields less ``omit``: one declaration, in core."""
+    hints = get_type_hints(stored)
+    described = _attribute_docstrings(stored)
+    fields: dict[str, Any] = {
+        field.name: (hints[field.name], Field(description=described.get(field.name)))
+        for field in dataclasses.fields(stored)
+        if field.name not in omit
+    }
+    model: type[_Body] = create_model(stored.__name__, __base__=_Body, __doc__=doc, **fields)
+    return model
 
-    gen: int
-    version: int
-    size: int
-    """Entries in the base (last sync)."""
-    source: str
-    checksum: str
-    synced_at: float
-    """Unix time of the last full sync; 0: never synced."""
-    accepted_at: float
-    """Unix time of the last `loader accept`; 0: never."""
-    rows_read: int
-    rows_rejected: int
-    added: int
-    removed: int
-    pending_adds: int
-    pending_dels: int
+
+def _attribute_docstrings(cls: type[Any]) -> dict[str, str]:
+    """``{field: docstring}`` for the fields of ``cls`` followed by a string literal."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(body, ast.ClassDef)
+    found = {}
+    for field, after in itertools.pairwise(body.body):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            found[field.target.id] = inspect.cleandoc(after.value.value)
+    return found
+
+
+if TYPE_CHECKING:
+
+    class ListMeta(_Body):
+        """Fields as in :class:`core.store.ListMeta` (made from it below, at run time)."""
+
+        def __init__(self, **fields: Any) -> None: ...
+else:
+    ListMeta = _view_of(
+        store.ListMeta,
+        frozenset({"name", "kind"}),  # in ListInfo already
+        "As stored in Redis by the last sync and changes.",
+    )
 
 
 class OverlayCounts(_Body):

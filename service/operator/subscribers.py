@@ -18,7 +18,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
 
 from core.subscribers import (
     BadSubscriberEntry,
@@ -32,7 +31,7 @@ from core.subscribers import (
 )
 from service.appkeys import CONFIG, REDIS
 from service.operator import models as api
-from service.operator.admin import AdminError, admin_only, list_kind, read_json
+from service.operator.admin import AdminError, admin_only, bulk_refusal, list_kind, read_json
 from service.operator.records import audit_change
 
 logger = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ async def bulk_change(request: web.Request) -> web.Response:
     try:
         change = api.SubscriberBulkChange.model_validate(await read_json(request))
     except ValidationError as exc:
-        raise _bulk_refusal(exc.errors(include_url=False)) from None
+        raise bulk_refusal(exc.errors(include_url=False), "objects") from None
     total = len(change.add) + len(change.remove)
     limit = request.app[CONFIG].admin.max_bulk_entries
     if total > limit:  # before any work on the items: a huge body costs nothing more
@@ -177,16 +176,6 @@ async def bulk_change(request: web.Request) -> web.Response:
         list=name, gen=gen, added=added, removed=removed, subscribers=len(changes)
     )
     return web.Response(body=api.answer(result), content_type="application/json")
-
-
-def _bulk_refusal(errors: list[ErrorDetails]) -> AdminError:
-    """The ``400`` for a body :class:`api.SubscriberBulkChange` refused: one plain sentence."""
-    first = errors[0]
-    if first["type"] == "nothing_to_change":
-        return AdminError(400, first["msg"])
-    if all(error["type"] == "list_type" for error in errors):
-        return AdminError(400, f'"{first["loc"][0]}" must be an array of objects')
-    return AdminError(400, 'the body must be an object with "add" and/or "remove" arrays')
 
 
 async def _items(
