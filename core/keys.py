@@ -1,18 +1,13 @@
 """The Redis key layout: every key the project reads or writes is named here.
 
 Each list lives under one hash tag, ``{cs:<list>}`` (``meta``, ``base:<gen>``, ``adds``,
-``dels``, ``overlay:add``/``overlay:del``/``overlay:expiry`` (the admin overlay,
-:mod:`core.overlay`), ``stage:<gen>:<b>``, ``lock``, staged admin changes), so a swap
-runs in one MULTI/EXEC on one Cluster slot. A ``subscribers`` list keeps ``meta`` and ``lock``
-there but spreads its data over ``SUBSCRIBER_BUCKETS`` tags ``{cs:<list>:<b>}``, each
-bucket carrying the :data:`SUBSCRIBER_MARKER` field. Call-rate counters use one tag per
-caller, or per counted thing (``{cs:rate:<kind>:<subject>}``), and sequential dialing
-one per caller (``{cs:seq:<caller>}``); all of them expire. STIR/SHAKEN certificates
-use one tag per x5u URL (``{cs:stir:<hash>}:cert``). The full table is in
-docs/design.md, "Redis key layout".
-The audit trail (``{cs:audit}:log``) and call history (``{cs:history}:recent``, one
-``{cs:hist:<number key>}:calls`` set per number) are there too (docs/audit.md,
-docs/history.md).
+``dels``, ``overlay:*`` (the admin overlay, :mod:`core.overlay`), ``stage:<gen>:<b>``,
+``lock``, staged admin changes), so a swap runs in one MULTI/EXEC on one Cluster slot;
+a ``subscribers`` list spreads its data over ``SUBSCRIBER_BUCKETS`` tags
+``{cs:<list>:<b>}``, each bucket carrying the :data:`SUBSCRIBER_MARKER` field. Rate
+counters, sequential dialing, STIR certificates, the audit trail and call history have
+tags of their own. The full table: docs/design.md, "Redis key layout" (audit and
+history: docs/audit.md, docs/history.md).
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Operator read routes behind the admin tokens: who am I, the audit, history, look-up.
 
-- ``GET /v1/whoami``: the token's name, role and editable lists (the console's login);
-- ``GET /v1/audit?entry=&list=&action=&limit=``: the newest audit records, newest first;
-- ``GET /v1/history?number=&since=&until=&limit=``: a number's recorded calls (as
-  caller or called), ``since``/``until`` as Unix seconds or ISO 8601;
-- ``GET /v1/history/recent?decision=&limit=``: the newest recorded calls of every
-  number, with a count by rule;
-- ``GET /v1/lookup?number=``: everything about one number: the numbers lists and
-  subscribers lists that hold it, the decision a call from it would get on each trunk
-  group (explain, nothing counted), its recent calls and the audit of its entries.
-
-Each needs a token of any role (``read`` and up).
+``GET /v1/whoami``, ``/v1/audit``, ``/v1/history`` (one number's calls),
+``/v1/history/recent`` and ``/v1/lookup?number=`` (the lists that hold a number, the
+decision a call from it would get on each trunk group, its recent calls and the audit
+of its entries). Each needs a token of any role (``read`` and up); parameters are in
+docs/api.md and the OpenAPI document.
 """
 
 from __future__ import annotations

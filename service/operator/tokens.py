@@ -1,19 +1,11 @@
 """Named admin tokens and their roles (docs/security.md, "Admin tokens").
 
-Tokens come from the variable named by ``admin.tokens_env`` (comma-separated entries)
-and from the file ``admin.tokens_file`` (one entry a line, ``#`` comments). An entry is
-
-- ``name:role:secret``, where ``role`` is ``read``, ``admin`` or ``editor=SCOPE[+SCOPE...]``
-  and each ``SCOPE`` is a list name or ``tg/<trunk group>`` (every list that trunk
-  group's policy uses); the secret is the rest of the entry and may hold ``:``;
-- or a bare secret, as before roles existed: an ``admin`` token named ``admin-<n>``
-  (``n`` its position among the bare secrets, the variable's first, from 1).
-
-Roles rank ``read`` < ``editor`` < ``admin``. ``read`` may read every admin route (and
-explain); ``editor`` may also change the lists in its scope; ``admin`` may do anything.
-Secrets are kept as SHA-256 digests and compared in constant time with every token,
-whichever matches. :meth:`AdminTokens.reload` reads both sources again (the file is the
-one that changes on a running host); a bad entry keeps the old set and raises.
+Entries come from ``admin.tokens_env`` (comma-separated) and ``admin.tokens_file`` (one
+a line): ``name:role:secret`` with ``role`` one of ``read``, ``admin`` or
+``editor=SCOPE[+SCOPE...]`` (a list name or ``tg/<trunk group>``), or a bare secret (an
+``admin`` token named ``admin-<n>``). Roles rank ``read`` < ``editor`` < ``admin``.
+Secrets are kept as SHA-256 digests and compared in constant time with every token;
+:meth:`AdminTokens.reload` reads both sources again, and a bad entry keeps the old set.
 """
 
 from __future__ import annotations

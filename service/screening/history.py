@@ -1,20 +1,12 @@
 """Call history: what was decided for a call, findable later by number (docs/history.md).
 
-Recorded: every reject, every call with a dry-run match, and a sample
-(``history.sample_allowed``) of the other allowed calls. :meth:`CallHistory.add` runs on
-the request path and only appends the call to an in-memory queue; a background task
-(:meth:`CallHistory.run`) writes the queue every ``history.flush_ms`` in one
-non-transactional pipeline. An answer never waits for Redis: when the queue holds
-``history.queue_max`` records, or a write takes over ``history.write_timeout_ms`` or
-fails, records are dropped and counted (``callscreen_history_records_total``).
-
-In Redis (core/keys.py): each record goes to the capped stream of recent calls and to
-the sorted set of its caller and of its called number (score: time in ms), trimmed to
-``history.retention_s`` and ``history.max_per_number`` and expiring with the retention.
-Numbers are stored masked like the logs (``server.mask_callers``) unless
-``history.unmasked``; while masked, a number's set is named by an HMAC-SHA256 of the
-number under the key in ``history.hash_key_env``, so an operator who types a full
-number finds its calls, and Redis holds no full number.
+Every reject, every dry-run match and a sample of allowed calls are recorded.
+:meth:`CallHistory.add` only appends to an in-memory queue on the request path; a
+background task (:meth:`CallHistory.run`) writes it every ``history.flush_ms`` in one
+pipeline. Invariant: an answer never waits for Redis; past ``history.queue_max``, or on
+a slow or failed write, records are dropped and counted. Numbers are stored masked
+unless ``history.unmasked``, their sets then named by an HMAC under
+``history.hash_key_env``. The Redis layout is in docs/history.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Verifying a call's SHAKEN PASSporT: the result the ``stir_*`` rules match on.
 
-Results: ``valid`` (with attestation A/B/C), ``invalid`` with a reason, or ``absent``
-(no SHAKEN Identity header). Reasons, in the order they are looked for: ``malformed``,
-``stale`` (``iat`` outside ``stir.max_age_s`` / ``stir.clock_skew_s``; checked before
-any fetch, so old PASSporTs cost no network), ``cert_unavailable``,
-``untrusted_chain``, ``bad_signature``, ``tn_mismatch`` (``orig.tn`` is not the caller,
-no ``dest.tn`` is the called number, or the certificate's TNAuthList leaves it out),
-and ``verstat_failed`` when a policy trusts the upstream ``verstat``.
-
-What depends on the header value alone (decoding, certificate, signature) is kept per
-value in a bounded LRU, so a retried INVITE is not verified twice; freshness and the
-numbers are checked for every call.
+Results: ``valid`` (attestation A/B/C), ``absent`` (no SHAKEN Identity header) or
+``invalid`` with the first reason found, in the order of docs/stir-shaken.md
+(``malformed``, ``stale`` before any fetch, ``cert_unavailable``, ``untrusted_chain``,
+``bad_signature``, ``tn_mismatch``, ``verstat_failed``). What depends on the header
+value alone (decoding, certificate, signature) is kept per value in a bounded LRU;
+freshness and the numbers are checked for every call.
 """
 
 from __future__ import annotations
