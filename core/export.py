@@ -1,28 +1,12 @@
 """A list as CSV, streamed: the admin export route, ``loader export`` and snapshots.
 
-:func:`export_csv` yields the text of a list in pieces, never the whole list: a numbers
-base is read a few buckets at a time, a set by SSCAN, a subscribers list bucket by
-bucket, and formatting is cut into :class:`core.subscribers.Slices` so that, inside the
-service, no piece holds the event loop for more than a few milliseconds.
-
-The CSV is what ``python -m loader sync`` reads back unchanged (the restore path):
-
-- ``numbers``: header ``number``, then ``+<E.164 digits>`` (the ``+`` keeps the number
-  from being read as national whatever ``caller.default_country`` is);
-- ``prefixes``: header ``prefix``, then the digits;
-- ``names``: no header (a names source has none), one canonical entry a row; an exact
-  name starting with ``#`` is written ``exact:#...`` so it is not read as a comment;
-- ``subscribers``: header ``subscriber,entry,side``, one row a pair.
-
-Entries of the admin overlay (:mod:`core.overlay`) are rows like the others; comment
-lines ``# admin overlay: add <entry>`` / ``remove <entry>`` after the rows name them
-(a restore skips comments: restored, they are plain entries).
-
-The last line is a comment, ``# end of export: <n> entries of <list> gen <g> version
-<v>``: a file without it was cut short. A numbers list is the live base minus ``dels``
-plus ``adds``, all read at one ``version``; if a sync swaps the base while a long export
-runs, the old base stays readable for ``OLD_GENERATION_GRACE_S`` and an export that
-outlives it stops with :class:`ExportError` (the file then has no end line).
+:func:`export_csv` yields the list in pieces (numbers a few buckets at a time, sets by
+SSCAN, subscribers bucket by bucket, formatting cut into
+:class:`core.subscribers.Slices`), so no piece holds the event loop for more than a few
+milliseconds. Invariants: the CSV is what ``python -m loader sync`` reads back unchanged
+(formats per kind: docs/api.md, export); a numbers list is read at one ``version``; the
+last line, ``# end of export: ...``, is written only for a complete export (one that
+outlives the old base's grace raises :class:`ExportError` without it).
 """
 
 from __future__ import annotations

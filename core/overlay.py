@@ -1,19 +1,12 @@
 """The admin overlay: admin adds and removes on a list with a source survive its syncs.
 
-A full sync makes a list equal to its source and clears the single-entry changes
-(``adds``/``dels``, :mod:`core.store`). An admin write on a list that has a ``source``
-is therefore also kept in the list's overlay (:mod:`core.keys`: ``overlay:add``,
-``overlay:del``, same hash tag as the list), in the same MULTI/EXEC as the change itself.
-Every build (sync, compaction, restore; :mod:`core.build`) puts the overlay's adds into
-the new base and leaves its removals out, so the entry answers the same before and after
-any number of syncs. The last admin write of an entry wins: adding it takes it out of
-``overlay:del`` and the reverse.
-
-An overlay entry may carry an expiry (``ttl_s``), kept in ``overlay:expiry``. An expired
-entry is ignored by builds at once; ``loader run`` drops it from the overlay on its
-next health check and re-syncs the list, so the entry's fate is the source's again
-within seconds (without ``loader run``: at the next sync). Delta files (``loader
-apply``) do not write the overlay: their changes last until the next sync, as before.
+An admin write on a list with a ``source`` is also kept in the list's overlay
+(``overlay:add``/``overlay:del``, same hash tag) in the same MULTI/EXEC as the change;
+every build (:mod:`core.build`) puts the overlay's adds into the new base and leaves its
+removals out, so the entry answers the same across syncs. The last admin write of an
+entry wins. An entry may expire (``overlay:expiry``): builds ignore it at once and
+``loader run`` drops it at its next health check. Delta files do not write the overlay.
+See docs/loader.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
 """Self-healing for ``loader run``: notice a list Redis lost and load it again at once.
 
-(Each check also drops expired admin overlay entries, :mod:`core.overlay`, and re-syncs
-their lists, so an entry's expiry takes effect within seconds.)
-
-Every ``loader.health_check_s`` the healer reads every configured list's state (one
-pipelined round trip, plus one for the bases and the subscriber bucket markers) and
-compares it with the last healthy state it saw. A list is **lost** when, as the service
-judges it (service/screening/cache.py):
-
-- its ``meta`` is gone (version 0) after it had one, or it has a source and was never
-  loaded at all (a loader started after the loss);
-- its ``version`` went back, or its sync stamp vanished, or its ``gen`` went back;
-- the base its ``meta`` names is gone (an eviction), or, for a ``subscribers`` list,
-  a bucket lost its marker (a Cluster master failed over to an empty replica).
-
-A lost list with a ``source`` is synced from it right away (the normal sync, guards
-included), not at its next interval. One without a source comes back from its latest
-snapshot (``loader.snapshot_dir``, written by :class:`Snapshots`) through the same
-guarded sync. Either stamps the list, so every service worker trusts it again within a
-cache refresh. A heal that fails or is refused (or a list with nothing to heal from)
-sets ``callscreen_loader_list_unhealed`` to 1, which alerts
-(``CallscreenListNotHealed``); it is retried every :data:`RETRY_AFTER_S`.
+Every ``loader.health_check_s`` the healer reads every list's state and compares it with
+the last healthy one; a list is lost by the service's rules (service/screening/cache.py),
+or when the base its ``meta`` names is gone or a subscribers bucket lost its marker. A
+lost list is synced from its ``source`` at once, or restored from its latest snapshot
+(``loader.snapshot_dir``, :class:`Snapshots`), both through the guarded sync; a heal
+that fails sets ``callscreen_loader_list_unhealed`` (alert ``CallscreenListNotHealed``)
+and is retried every :data:`RETRY_AFTER_S`. Each check also drops expired overlay
+entries and re-syncs their lists. Details: docs/loader.md, "Self-healing".
 """
 
 from __future__ import annotations
