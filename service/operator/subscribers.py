@@ -105,7 +105,7 @@ async def _change(request: web.Request, *, remove: bool) -> web.Response:
         raise AdminError(409, str(exc)) from None
     what = f"removed {entry!r} from {side}" if remove else f"put {entry!r} on {side}"
     logger.info("admin: list %s subscriber %s: %s (gen %d)", name, subscriber, what, gen)
-    action = f"subscriber_{side}" if side else "subscriber_remove"
+    action = "subscriber_remove" if remove else f"subscriber_{side}"
     fields = {"subscriber": subscriber, "entry": entry}
     await audit_change(request, action, name, gen, version_step=0, **fields)
     return await _answer(request, name, subscriber)
