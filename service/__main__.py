@@ -8,7 +8,8 @@
 supervisor and that many worker processes on the same port (see service/procs/workers.py).
 A bad config stops start-up with exit status 2 and the file, key path and problem.
 SIGTERM or SIGINT stops gracefully: no new connections, in-flight requests answered,
-Redis closed, exit status 0.
+Redis closed, exit status 0. SIGHUP re-reads the config (service/procs/reload.py);
+SIGUSR2 to a supervisor moves to the code installed now (service/procs/upgrade.py).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-id", help=argparse.SUPPRESS)
     parser.add_argument("--metrics-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--lists-dir", type=Path, help=argparse.SUPPRESS)
+    # Set by a supervisor for the successor SIGUSR2 starts (service/procs/upgrade.py).
+    parser.add_argument("--upgrade-from", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             worker_id=args.worker_id,
             operator=operator,
             lists_dir=args.lists_dir,
+            config_path=args.config,
         )
     if args.workers is not None and args.workers < 0:
         print("--workers must be 0 (one per core) or more", file=sys.stderr)
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error:\n{args.config}: {exc}", file=sys.stderr)
         return 2
     if workers == 1:
-        return serve_one(config, host, port, operator=operator)
+        return serve_one(config, host, port, operator=operator, config_path=args.config)
     worker_argv = [
         "--config", str(args.config.resolve()),
         "--log-level", args.log_level,
@@ -128,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         worker_argv,
         operator=operator,
         share_parent=share_parent if config.cache.share_lists else None,
+        config=(args.config.resolve(), config),
+        own_argv=sys.argv[1:] if argv is None else argv,
+        upgrade_from=args.upgrade_from,
     ).run()
 
 

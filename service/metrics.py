@@ -76,6 +76,23 @@ STIR_FETCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DecisionKey = tuple[str, str, str, bool]
 
 
+def decision_keys(config: Config) -> list[DecisionKey]:
+    """The decision series ``config`` can count.
+
+    Only those: a rule decides with its own action and dry-run setting, the default
+    with the policy's, on_error with the handler's.
+    """
+    keys: list[DecisionKey] = []
+    policy_of = {ROOT_TRUNK_GROUP: config.default_policy}
+    policy_of.update({name: group.policy for name, group in config.trunk_groups.items()})
+    for group, policy_name in policy_of.items():
+        policy = config.policies[policy_name]
+        keys += [(group, r.action, r.name, r.dry_run) for r in policy.rules]
+        keys.append((group, policy.default, DEFAULT_RULE, False))
+        keys.append((group, config.handler.on_error, ON_ERROR_RULE, False))
+    return keys
+
+
 class DecisionCounts(Collector):
     """``callscreen_decisions_total`` by (trunk group, decision, rule, dry run)."""
 
@@ -310,17 +327,7 @@ class Metrics:
             "The running version of callscreen, its Python and main libraries.",
             registry=registry,
         ).info(build_labels())
-        # Only the series that can be counted: a rule decides with its own action and
-        # dry-run setting, the default with the policy's, on_error with the handler's.
-        keys: list[DecisionKey] = []
-        policy_of = {ROOT_TRUNK_GROUP: config.default_policy}
-        policy_of.update({name: group.policy for name, group in config.trunk_groups.items()})
-        for group, policy_name in policy_of.items():
-            policy = config.policies[policy_name]
-            keys += [(group, r.action, r.name, r.dry_run) for r in policy.rules]
-            keys.append((group, policy.default, DEFAULT_RULE, False))
-            keys.append((group, config.handler.on_error, ON_ERROR_RULE, False))
-        self.decisions = DecisionCounts(keys)
+        self.decisions = DecisionCounts(decision_keys(config))
         registry.register(self.decisions)
         watched: dict[str, tuple[str, str, int, int]] = {}
         for pname, policy in config.policies.items():
@@ -340,6 +347,11 @@ class Metrics:
             self.list_synced.labels(name)
             if config.lists[name].kind == "numbers":
                 self.list_private_copies.labels(name)
+
+    def add_decisions(self, config: Config) -> None:
+        """Make the decision series a reloaded ``config`` can count (old ones stay)."""
+        for key in decision_keys(config):
+            self.decisions.counts.setdefault(key, 0)
 
     def decided(self, trunk_group: str, action: str, rule: str, dry_run: bool = False) -> None:
         self.decisions.counts[(trunk_group, action, rule, dry_run)] += 1

@@ -54,6 +54,7 @@ class ServiceProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = folder / "service.log"
+        self.redis_url = redis_url
         config = {**BLOCKLIST_CONFIG, "redis": {"url": redis_url}, **(overrides or {})}
         self.config_path = folder / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

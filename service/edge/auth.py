@@ -178,8 +178,13 @@ class HandlerAuth:
     def __init__(
         self, config: Config, metrics: Metrics, environ: Mapping[str, str] | None = None
     ) -> None:
-        env = os.environ if environ is None else environ
         self.metrics = metrics
+        self._warn = RateLimitedLog(logger, interval_s=10.0)
+        self.reconfigure(config, environ)
+
+    def reconfigure(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
+        """Take the guards from ``config`` (at start, and by a config reload in place)."""
+        env = os.environ if environ is None else environ
         self.default = resolve_guard(config.auth, "auth", env)
         self.by_group: dict[str, Guard] = {
             name: resolve_guard(group.auth, f"trunk_groups.{name}.auth", env)
@@ -190,7 +195,6 @@ class HandlerAuth:
         self.enabled = config.auth.enabled or any(
             g.auth.enabled for g in config.trunk_groups.values() if g.auth is not None
         )
-        self._warn = RateLimitedLog(logger, interval_s=10.0)
 
     def refuse(self, request: web.Request) -> web.Response | None:
         """A 401/403 JSON answer when ``request`` may not be screened, else None."""

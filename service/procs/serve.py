@@ -26,8 +26,18 @@ from prometheus_client import CollectorRegistry
 from core.config import Config
 from core.logs import batch_logs, flush_logs
 from service.appkeys import CONFIG as CONFIG_KEY
-from service.appkeys import INTERNALS, METRICS
+from service.appkeys import INTERNALS, METRICS, RELOAD_TARGET, SCREENER
 from service.edge.connections import ConnectionGuard, guarded_runner, raise_fd_limit
+from service.procs.reload import (
+    IN_PLACE,
+    ReloadMetrics,
+    changed_sections,
+    check_config,
+    in_place,
+    log_refused,
+    ready_path,
+    swap_in_place,
+)
 from service.procs.snapshots import FLUSH_S, SharedRegistry
 
 logger = logging.getLogger(__name__)
@@ -59,13 +69,15 @@ def serve_one(
     worker_id: str | None = None,
     operator: tuple[str, int] | None = None,
     lists_dir: Path | None = None,
+    config_path: Path | None = None,
 ) -> int:
     """Run the service in this process until SIGTERM/SIGINT; returns the exit status.
 
     With ``metrics_dir`` and ``worker_id`` this process is one worker of a
     :class:`service.procs.workers.Supervisor`: it binds with ``SO_REUSEPORT``, shares its
     metrics through the folder (and its numbers lists through ``lists_dir``), and stops
-    if the supervisor goes away.
+    if the supervisor goes away. SIGHUP re-reads ``config_path`` and applies what can
+    change in place (:mod:`service.procs.reload`).
     """
     from service.app import create_app, create_operator_app
 
@@ -78,6 +90,15 @@ def serve_one(
         config, registry=registry, operator_routes=operator is None, lists_dir=lists_dir
     )
     operator_app = create_operator_app(app) if operator is not None else None
+    worker = isinstance(registry, SharedRegistry)
+    # POST /v1/reload asks whoever reloads: the supervisor, or this process.
+    app[RELOAD_TARGET] = os.getppid() if worker else os.getpid()
+    if operator_app is not None:
+        operator_app[RELOAD_TARGET] = app[RELOAD_TARGET]
+    hup = None
+    if config_path is not None:
+        # A worker's reloads are counted by its supervisor.
+        hup = _Reloader(app, config_path, None if worker else ReloadMetrics(registry))
     if isinstance(registry, SharedRegistry):
         # Cleaned up in reverse: the last snapshot is written before an orphan's clean-up.
         app.cleanup_ctx.append(_orphan_ctx(os.getppid(), registry.folder, lists_dir))
@@ -90,7 +111,13 @@ def serve_one(
                 port,
                 reuse_port=metrics_dir is not None,
                 who=worker_id or "service",
+                hup=hup,
                 operator=(operator_app, *operator) if operator_app and operator else None,
+                ready_file=(
+                    ready_path(registry.folder, worker_id)
+                    if isinstance(registry, SharedRegistry) and worker_id is not None
+                    else None
+                ),
             )
         )
     return 0
@@ -103,8 +130,11 @@ async def _serve(
     *,
     reuse_port: bool,
     who: str,
+    hup: _Reloader | None = None,
     operator: tuple[web.Application, str, int] | None = None,
+    ready_file: Path | None = None,
 ) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT; ``ready_file`` is made once it listens."""
     from service.app import DIRECT_HANDLERS
 
     stop = asyncio.Event()
@@ -112,6 +142,8 @@ async def _serve(
     # Before start-up, so a signal while the lists load still ends in a clean stop.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, hup.start if hup else _hup_ignored, who)
     settings = app[CONFIG_KEY].server
     guard = ConnectionGuard(settings, app[METRICS], raise_fd_limit())
     runner = guarded_runner(
@@ -164,6 +196,8 @@ async def _serve(
                     "%s listening on http://%s:%d (at most %d connections)",
                     who, host, port, guard.max_connections,
                 )  # fmt: skip
+            if ready_file is not None:
+                ready_file.touch()  # noqa: ASYNC240 (once, before any call is taken)
             await stop.wait()
             logger.info("%s stopping: no new connections; finishing requests in flight", who)
             await site.stop()
@@ -177,9 +211,54 @@ async def _serve(
         if operator_runner is not None:
             await operator_runner.cleanup()
         await runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     logger.info("%s stopped", who)
+
+
+def _hup_ignored(who: str) -> None:
+    logger.warning("%s: SIGHUP ignored: no config file to re-read", who)
+
+
+class _Reloader:
+    """SIGHUP in a serving process: re-read the config, swap in place what can be."""
+
+    def __init__(self, app: web.Application, path: Path, metrics: ReloadMetrics | None) -> None:
+        self.app = app
+        self.path = path
+        self.metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, who: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(who), name="config-reload")
+        self._tasks.add(task)  # a task nobody references may be collected mid-run
+        task.add_done_callback(self._tasks.discard)
+
+    def _record(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record(outcome)
+
+    async def reload(self, who: str) -> None:
+        # Parsing and validation off the event loop: calls keep being answered meanwhile.
+        config, problems = await asyncio.to_thread(check_config, self.path)
+        if config is None:
+            log_refused(self.path, problems)
+            self._record("invalid")
+            return
+        current = self.app[SCREENER].config
+        if not in_place(current, config):
+            others = [s for s in changed_sections(current, config) if s not in IN_PLACE]
+            logger.error(
+                "%s: config reload refused: %s changed, which a single process applies "
+                "only at a restart (or run server.workers >= 2, whose supervisor replaces "
+                "its workers); the last good config keeps serving",
+                who, ", ".join(others),
+            )  # fmt: skip
+            self._record("failed")
+            return
+        swap_in_place(self.app, config)
+        logger.info("%s: config reloaded in place", who)
+        self._record("applied")
 
 
 async def _flush_logs() -> None:

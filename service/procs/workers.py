@@ -23,15 +23,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from core.config import Config
+from service.procs.reload import (
+    ReloadMetrics,
+    check_config,
+    in_place,
+    log_refused,
+    log_restart_keys,
+    ready_path,
+    restart_only_changes,
+)
+from service.procs.rollout import POLL_S, Rollout, Worker
 from service.procs.serve import SHUTDOWN_TIMEOUT_S
 from service.procs.snapshots import retire, snapshot, write_json
+from service.procs.upgrade import start_successor, watch_successor
 from service.screening.shared_lists import make_folder, remove_folder
 
 logger = logging.getLogger(__name__)
@@ -57,21 +68,24 @@ def worker_count(configured: int) -> int:
     return os.cpu_count() or 1
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
+def reserve_port(host: str, port: int, *, exclusive: bool = True) -> socket.socket:
     """Bind (without listening) host:port with ``SO_REUSEPORT``.
 
     Fails fast when anything listens there already, even another service whose workers
     would otherwise share the port silently; picks the port when ``port`` is 0; and
     keeps other programs off it while workers come and go. A bound socket that does not
     listen gets no connections: the workers' listening sockets share them.
+    ``exclusive=False`` skips the check: a new supervisor taking over from an old one
+    in a rolling upgrade shares the port with it on purpose.
     """
     family, kind, proto, _name, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    with socket.socket(family, kind, proto) as probe:  # without SO_REUSEPORT: exclusive
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
-        address = (address[0], probe.getsockname()[1], *address[2:])
+    if exclusive:
+        with socket.socket(family, kind, proto) as probe:  # without SO_REUSEPORT: exclusive
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+            address = (address[0], probe.getsockname()[1], *address[2:])
     sock = socket.socket(family, kind, proto)
     try:
         # SO_REUSEADDR too, like the workers' own sockets: without it the bind fails
@@ -83,17 +97,6 @@ def reserve_port(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-@dataclass
-class _Worker:
-    slot: int
-    process: subprocess.Popen[bytes] | None = None
-    worker_id: str = ""
-    started_at: float = 0.0
-    #: When to (re)start it; ``None`` while it runs.
-    start_at: float | None = 0.0
-    quick_deaths: int = 0
 
 
 class SupervisorMetrics:
@@ -123,15 +126,21 @@ class Supervisor:
         *,
         operator: tuple[str, int] | None = None,
         share_parent: Path | None = None,
+        config: tuple[Path, Config] | None = None,
+        own_argv: Sequence[str] = (),
+        upgrade_from: int | None = None,
     ) -> None:
         """``worker_argv``: arguments for ``python -m service`` that every worker gets;
         ``operator``: the admin/metrics listener's address, shared by the workers too;
         ``share_parent``: where to make the folder the workers share numbers lists
-        through (None: they do not share)."""
+        through (None: they do not share); ``config``: the file SIGHUP re-reads and
+        the config read from it at start; ``own_argv``: this supervisor's arguments,
+        for the successor SIGUSR2 starts; ``upgrade_from``: the pid of the supervisor
+        this one takes over from (see :mod:`service.procs.upgrade`)."""
         self.host = host
         self.port = port
         self.operator = operator
-        self.workers = [_Worker(slot) for slot in range(workers)]
+        self.workers = [Worker(slot) for slot in range(workers)]
         self.worker_argv = list(worker_argv)
         self.stop_signal: int | None = None
         self._serial = 0
@@ -141,11 +150,22 @@ class Supervisor:
         self.share_parent = share_parent
         #: The shared lists folder and the descriptor holding it (see make_folder).
         self._lists: tuple[Path, int] | None = None
+        self.config = config
+        self.own_argv = list(own_argv)
+        self.upgrade_from = upgrade_from
+        self._reload_metrics = ReloadMetrics(self._registry)
+        #: The config the workers serve (the last one applied).
+        self._serving = config[1] if config is not None else None
+        self._rollout: Rollout | None = None
+        self._hup = False
+        self._usr2 = False
+        self._successor: subprocess.Popen[bytes] | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; 0 when every worker stopped cleanly."""
         try:
-            reserved = reserve_port(self.host, self.port)
+            shared = self.upgrade_from is None
+            reserved = reserve_port(self.host, self.port, exclusive=shared)
         except OSError as exc:
             logger.error("cannot listen on %s:%d: %s", self.host, self.port, exc)
             return 1
@@ -153,13 +173,16 @@ class Supervisor:
         reserved_operator = None
         if self.operator is not None:
             try:
-                reserved_operator = reserve_port(*self.operator)
+                reserved_operator = reserve_port(*self.operator, exclusive=shared)
             except OSError as exc:
                 logger.error("cannot listen on %s:%d: %s", *self.operator, exc)
                 reserved.close()
                 return 1
             self.operator = (self.operator[0], reserved_operator.getsockname()[1])
         self._folder = Path(tempfile.mkdtemp(prefix="callscreen-metrics-"))
+        self._rollout = Rollout(
+            self.workers, self._folder, self._reload_metrics, self._start, self._write_metrics
+        )
         if self.share_parent is not None:
             try:
                 self._lists = make_folder(self.share_parent)
@@ -178,7 +201,10 @@ class Supervisor:
                 "serving on http://%s:%d with %d workers", self.host, self.port, len(self.workers)
             )
             while self.stop_signal is None:
+                self._on_signals()
                 self._start_due()
+                self._rollout.step()
+                self._take_over()
                 select.select([wake_r], [], [], self._sleep_s())
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 1024)
@@ -206,18 +232,79 @@ class Supervisor:
         def child(signum: int, frame: FrameType | None) -> None:
             pass  # the wake-up fd is what matters: it ends the select()
 
+        def hup(signum: int, frame: FrameType | None) -> None:
+            self._hup = True
+
+        def usr2(signum: int, frame: FrameType | None) -> None:
+            self._usr2 = True
+
         previous: dict[int, Any] = {
             sig: signal.signal(sig, handler)
             for sig, handler in (
                 (signal.SIGTERM, stop),
                 (signal.SIGINT, stop),
                 (signal.SIGCHLD, child),
+                (signal.SIGHUP, hup),
+                (signal.SIGUSR2, usr2),
             )
         }
         signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
         return previous
 
+    def _on_signals(self) -> None:
+        self._successor = watch_successor(self._successor)
+        if self._hup:
+            self._hup = False
+            self.reload()
+        if self._usr2:
+            self._usr2 = False
+            self._successor = start_successor(self._successor, self.own_argv, self.host,
+                                              self.port, self.operator)  # fmt: skip
+
+    def reload(self) -> None:
+        """Re-read the config file; roll a good one out to the workers (module reload)."""
+        if self.config is None or self._rollout is None:
+            logger.warning("SIGHUP: no config file to re-read")
+            return
+        path, first = self.config
+        logger.info("SIGHUP: re-reading %s", path)
+        config, problems = check_config(path)
+        if config is None:
+            log_refused(path, problems)
+            self._reload_metrics.record("invalid")
+            self._write_metrics()
+            return
+        log_restart_keys(restart_only_changes(first, config))
+        serving, self._serving = self._serving or first, config
+        if in_place(serving, config) and not self._rollout.active:
+            # Each worker re-reads the file and swaps between two requests.
+            logger.info("config reload: policies/auth only; the workers swap in place")
+            for worker in self.workers:
+                if worker.process is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.process.send_signal(signal.SIGHUP)
+            self._reload_metrics.record("applied")
+            self._write_metrics()
+            return
+        self._rollout.begin()
+
+    def _take_over(self) -> None:
+        """After an upgrade: once every worker listens, stop the supervisor replaced."""
+        if self.upgrade_from is None:
+            return
+        if all(
+            w.process is not None and ready_path(self._folder, w.worker_id).exists()
+            for w in self.workers
+        ):
+            logger.info("upgrade: every new worker listens; stopping the old supervisor %d",
+                        self.upgrade_from)  # fmt: skip
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.upgrade_from, signal.SIGTERM)
+            self.upgrade_from = None
+
     def _sleep_s(self) -> float:
+        if self.upgrade_from is not None or (self._rollout and self._rollout.active):
+            return POLL_S
         now = time.monotonic()
         due = [w.start_at - now for w in self.workers if w.start_at is not None]
         return max(0.0, min(due, default=5.0))
@@ -228,7 +315,7 @@ class Supervisor:
             if worker.start_at is not None and worker.start_at <= now:
                 self._start(worker)
 
-    def _start(self, worker: _Worker) -> None:
+    def _start(self, worker: Worker) -> None:
         self._serial += 1
         worker.worker_id = f"worker-{self._serial}"
         argv = [
@@ -254,6 +341,7 @@ class Supervisor:
                 continue
             worker.process = None
             retire(self._folder, worker.worker_id)
+            ready_path(self._folder, worker.worker_id).unlink(missing_ok=True)
             if self.stop_signal is not None:
                 continue
             uptime_s = time.monotonic() - worker.started_at
@@ -276,6 +364,8 @@ class Supervisor:
 
     def _stop_all(self) -> int:
         running = [w.process for w in self.workers if w.process is not None]
+        if self._rollout is not None:
+            running += self._rollout.processes()
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)

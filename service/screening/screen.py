@@ -64,10 +64,27 @@ class Screener:
     def __init__(
         self, config: Config, cache: ListCache, store: ListStore, metrics: Metrics
     ) -> None:
-        self.config = config
         self.cache = cache
         self.store = store
         self.metrics = metrics
+        #: One warning per on_error reason per 10 s, and a line when the reason stops.
+        self._warn = RateLimitedLog(
+            logger, interval_s=10.0, recovered=RECOVERED, quiet_s=RECOVERED_QUIET_S
+        )
+        #: Set while call history is on (service/app.py).
+        self.history: CallHistory | None = None
+        #: STIR/SHAKEN verification, set up by the app when a policy has ``stir_*`` rules.
+        self.stir: Verifier | None = None
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the policies, trunk groups, handler and caller settings from ``config``.
+
+        Used at start and by a config reload in place: it awaits nothing, so a request
+        sees either the old settings or the new ones, never a mix. The lists in use
+        must be the same (the cache is kept).
+        """
+        self.config = config
         self.parser = CallParser(config.caller.sources, config.caller.default_country)
         self.policies = compile_policies(config)
         self.deadline_s = config.handler.deadline_ms / 1000
@@ -77,14 +94,6 @@ class Screener:
             )
         )
         self.mask_callers = config.server.mask_callers
-        #: Set while call history is on (service/app.py).
-        self.history: CallHistory | None = None
-        #: STIR/SHAKEN verification, set up by the app when a policy has ``stir_*`` rules.
-        self.stir: Verifier | None = None
-        #: One warning per on_error reason per 10 s, and a line when the reason stops.
-        self._warn = RateLimitedLog(
-            logger, interval_s=10.0, recovered=RECOVERED, quiet_s=RECOVERED_QUIET_S
-        )
         self._by_group: dict[str | None, tuple[str, CompiledPolicy]] = {
             None: (ROOT_TRUNK_GROUP, self.policies[config.default_policy])
         }

@@ -1,0 +1,223 @@
+"""SIGHUP re-reads config.yaml while calls keep coming (real supervisor, workers, Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from redis.asyncio import Redis
+
+from devtools.redis_server import RedisProcess
+from tests.helpers import REJECT, body_from, load_list, wait_for
+from tests.procs import BLOCKLIST_CONFIG, ServiceProcess, scrape
+
+CONNECTIONS = 8
+#: Each connection sends a call this often: CONNECTIONS / PACE_S calls a second.
+PACE_S = 0.01
+#: After a SIGHUP that changes only the policy, every answer must be the new one by then.
+SWITCH_S = 2.0
+ALLOW: list[Any] = []
+RELOADS = 'callscreen_config_reload_total{{outcome="{}"}}'
+
+
+@dataclass
+class Load:
+    """Calls sent from a blocked caller, as (send time, answer) or the error met."""
+
+    answers: list[tuple[float, Any]] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def connection(self, url: str, n: int) -> None:
+        body = body_from("15162065613")
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            i = 0
+            next_at = time.monotonic()
+            while not self.stop.is_set():
+                i += 1
+                body["Call-ID"] = [f"c{n}-{i}@test"]
+                sent = time.monotonic()
+                try:
+                    async with session.post(f"{url}/tg/main", json=body) as response:
+                        self.statuses.append(response.status)
+                        self.answers.append((sent, await response.json()))
+                except aiohttp.ClientError as exc:
+                    self.errors.append(repr(exc))
+                next_at += PACE_S
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    def run(self, url: str) -> asyncio.Future[list[None]]:
+        return asyncio.gather(*(self.connection(url, n) for n in range(CONNECTIONS)))
+
+    def after(self, since: float) -> list[Any]:
+        return [answer for sent, answer in self.answers if sent >= since]
+
+
+def config_with(service: ServiceProcess, **changes: Any) -> dict[str, Any]:
+    config: dict[str, Any] = copy.deepcopy(BLOCKLIST_CONFIG)
+    config["redis"] = {"url": service.redis_url}
+    config.update(changes)
+    return config
+
+
+def write_config(service: ServiceProcess, config: dict[str, Any]) -> None:
+    service.config_path.write_text(yaml.safe_dump(config))
+
+
+#: The new policy: the blocklist rule only watches (dry run): the blocked caller goes through.
+WATCH_ONLY = {
+    "default": {
+        "rules": [
+            {"name": "blocklist", "match": "caller_in_list", "list": "blocklist", "dry_run": True}
+        ]
+    }
+}
+
+
+@pytest.fixture
+def service(tmp_path: Path, redis_server: RedisProcess) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(tmp_path, redis_server.url, workers=2)
+    yield process
+    process.stop()
+
+
+async def test_sighup_with_a_new_policy_switches_every_answer_without_a_failed_call(
+    service: ServiceProcess, redis: Redis
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    service.start()
+    await service.ready()
+    load = Load()
+    running = load.run(service.url)
+    await asyncio.sleep(1.0)
+    write_config(service, config_with(service, policies=WATCH_ONLY))
+    hup_at = time.monotonic()
+    service.signal(signal.SIGHUP)
+    await asyncio.sleep(SWITCH_S + 1.0)
+    load.stop.set()
+    await running
+
+    assert load.errors == []
+    assert set(load.statuses) == {200}
+    assert REJECT in load.after(0.0)  # the old policy answered before the reload
+    late = load.after(hup_at + SWITCH_S)
+    assert late and all(answer == ALLOW for answer in late)
+    assert service.process is not None and service.process.poll() is None
+    samples = await scrape(service.url)
+    assert samples[RELOADS.format("applied")] == 1
+
+
+async def test_sighup_that_changes_lists_replaces_the_workers_without_a_failed_call(
+    service: ServiceProcess, redis: Redis
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    service.start()
+    await service.ready()
+    load = Load()
+    running = load.run(service.url)
+    await asyncio.sleep(1.0)
+    # A new list and the cache's refresh: no process can swap those in place.
+    config = config_with(service, policies=WATCH_ONLY)
+    config["lists"] = {**config["lists"], "extra": {"kind": "numbers"}}
+    config["cache"] = {**config["cache"], "refresh_ms": 150}
+    write_config(service, config)
+    service.signal(signal.SIGHUP)
+
+    async def applied() -> bool:
+        return "config reload applied" in service.log_text()
+
+    await wait_for(applied, timeout_s=60.0, interval_s=0.1)
+    # The last old worker was told to stop: its keep-alive clients get their last
+    # old answers (with Connection: close) during its drain, well under a second.
+    switched_at = time.monotonic() + 1.0
+    await asyncio.sleep(2.0)
+    load.stop.set()
+    await running
+
+    assert load.errors == []
+    assert set(load.statuses) == {200}
+    late = load.after(switched_at)
+    assert late and all(answer == ALLOW for answer in late)
+    assert service.log_text().count(" listening on http") == 4  # 2 old, 2 new workers
+
+
+async def test_sighup_with_an_invalid_config_keeps_the_last_good_one(
+    service: ServiceProcess, redis: Redis
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    service.start()
+    await service.ready()
+    bad = config_with(service, policies=WATCH_ONLY)
+    bad["trunk_groups"] = {"main": {"policy": "nonexistent"}}
+    write_config(service, bad)
+    service.signal(signal.SIGHUP)
+
+    async def refused() -> bool:
+        return "config reload refused" in service.log_text()
+
+    await wait_for(refused, timeout_s=10.0, interval_s=0.1)
+    assert "trunk_groups.main.policy: unknown policy 'nonexistent'" in service.log_text()
+    load = Load()
+    running = load.run(service.url)
+    await asyncio.sleep(1.0)
+    load.stop.set()
+    await running
+    assert load.errors == []
+    assert load.answers and all(answer == REJECT for _, answer in load.answers)
+
+    async def counted() -> bool:
+        samples = await scrape(service.url)
+        return (
+            samples.get(RELOADS.format("invalid")) == 1
+            and samples.get("callscreen_config_reload_failed") == 1
+        )
+
+    await wait_for(counted, timeout_s=10.0, interval_s=0.2)
+
+
+async def test_sighup_in_a_single_process_swaps_the_policy_in_place(
+    tmp_path: Path, redis_server: RedisProcess, redis: Redis
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    service = ServiceProcess(tmp_path, redis_server.url, workers=1)
+    try:
+        service.start()
+        await service.ready()
+        bad = config_with(service, default_policy="nonexistent")
+        write_config(service, bad)
+        service.signal(signal.SIGHUP)
+
+        async def refused() -> bool:
+            return "config reload refused" in service.log_text()
+
+        await wait_for(refused, timeout_s=10.0, interval_s=0.1)
+        load = Load()
+        running = load.run(service.url)
+        await asyncio.sleep(0.5)
+        write_config(service, config_with(service, policies=WATCH_ONLY))
+        service.signal(signal.SIGHUP)
+        hup_at = time.monotonic()
+        await asyncio.sleep(SWITCH_S + 0.5)
+        load.stop.set()
+        await running
+        assert load.errors == []
+        assert REJECT in load.after(0.0)
+        late = load.after(hup_at + SWITCH_S)
+        assert late and all(answer == ALLOW for answer in late)
+        samples = await scrape(service.url)
+        assert samples[RELOADS.format("invalid")] == 1
+        assert samples[RELOADS.format("applied")] == 1
+        assert samples["callscreen_config_reload_failed"] == 0
+    finally:
+        service.stop()
