@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -221,3 +223,47 @@ async def test_sighup_in_a_single_process_swaps_the_policy_in_place(
         assert samples["callscreen_config_reload_failed"] == 0
     finally:
         service.stop()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_sigusr2_moves_to_a_new_supervisor_without_a_failed_call(
+    service: ServiceProcess, redis: Redis
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    service.start()
+    await service.ready()
+    load = Load()
+    running = load.run(service.url)
+    await asyncio.sleep(1.0)
+    service.signal(signal.SIGUSR2)
+    successor = 0
+    try:
+        status = await service.exited(timeout_s=60.0)
+        found = re.search(r"started the new supervisor, pid (\d+)", service.log_text())
+        assert found is not None
+        successor = int(found.group(1))
+        await asyncio.sleep(1.0)  # calls go on, to the new workers only
+        load.stop.set()
+        await running
+        assert status == 0  # the old supervisor drained its workers and stopped
+        assert alive(successor)
+        assert load.errors == []
+        assert set(load.statuses) == {200}
+        assert len(load.answers) > CONNECTIONS * 100
+        assert all(answer == REJECT for _, answer in load.answers)
+    finally:
+        load.stop.set()
+        if successor and alive(successor):
+            os.kill(successor, signal.SIGTERM)
+
+            async def gone() -> bool:
+                return not alive(successor)
+
+            await wait_for(gone, timeout_s=30.0, interval_s=0.1)
