@@ -37,7 +37,7 @@ from service.appkeys import (
 from service.edge.aiohttp_adapter import resolve
 from service.edge.auth import HandlerAuth
 from service.edge.errors import json_errors, no_route
-from service.edge.handlers import healthz, readyz, screen
+from service.edge.handlers import healthz, readyz, readyz_brief, screen
 from service.metrics import Metrics
 from service.operator.admin import add_admin_routes
 from service.operator.console import add_console_routes
@@ -100,7 +100,8 @@ def create_app(
     # The same two with the shared secret as a path segment (service/edge/auth.py).
     app.router.add_post("/k/{secret}", screen)
     app.router.add_post("/k/{secret}/tg/{trunk_group}", screen)
-    _add_probes(app)
+    # Beside an operator listener, the handler port's /readyz gives no details.
+    _add_probes(app, details=operator_routes)
     if operator_routes:
         _add_operator_routes(app)
     app.router.add_route("*", "/{path:.*}", no_route)  # last: 404 and 405, as JSON
@@ -126,15 +127,15 @@ def create_operator_app(main: web.Application) -> web.Application:
         app[SCREENER] = main[SCREENER]
 
     app.on_startup.append(share_started)
-    _add_probes(app)
+    _add_probes(app, details=True)
     _add_operator_routes(app)
     app.router.add_route("*", "/{path:.*}", no_route)
     return app
 
 
-def _add_probes(app: web.Application) -> None:
+def _add_probes(app: web.Application, *, details: bool) -> None:
     app.router.add_get("/healthz", json_errors(healthz))
-    app.router.add_get("/readyz", json_errors(readyz))
+    app.router.add_get("/readyz", json_errors(readyz if details else readyz_brief))
 
 
 def _add_operator_routes(app: web.Application) -> None:

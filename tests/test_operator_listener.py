@@ -72,3 +72,32 @@ async def test_operator_routes_live_on_their_own_port(
         return (await scrape(admin))[rejected] == 1
 
     await wait_for(counted, timeout_s=5.0)
+
+
+async def test_handler_port_readyz_says_only_ready_or_not(
+    service: ServiceProcess, redis: Redis
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    service.start()
+    await service.ready()
+    admin: str = service.admin_url  # type: ignore[attr-defined]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{service.url}/readyz") as response:
+            assert (response.status, await response.read()) == (200, b'{"ready":true}')
+        async with session.get(f"{admin}/readyz") as response:
+            assert "blocklist" in (await response.json())["lists"]
+        await redis.flushall()  # the list is lost: not ready
+
+        reasons: list[str] = []
+        brief: list[tuple[int, bytes]] = []
+
+        async def not_ready() -> bool:  # each worker notices within a poll or two
+            async with session.get(f"{admin}/readyz") as response:
+                reasons[:] = (await response.json())["reasons"]
+            async with session.get(f"{service.url}/readyz") as response:
+                brief[:] = [(response.status, await response.read())]
+            return bool(reasons) and brief[0][0] == 503
+
+        await wait_for(not_ready, timeout_s=10.0, interval_s=0.1)
+        assert any("blocklist" in reason for reason in reasons)
+        assert brief == [(503, b'{"ready":false}')]

@@ -20,6 +20,7 @@ from service.edge.body import BadRequest, decode, policy_of, refuse, too_large
 from service.edge.errors import client_gone, internal_error
 from service.screening.cache import LIST_LOST, LIST_NOT_LOADED
 from service.screening.policy import NeedsRates
+from service.screening.screen import Screener
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,20 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
 
 
+async def readyz_brief(request: web.Request) -> web.Response:
+    """``/readyz`` on the handler port beside an operator listener: ready or not, no more.
+
+    The details (list names and sizes, Redis errors) are the operator listener's
+    (:func:`readyz`): the handler port may face CarrierX or the internet.
+    """
+    ready = not _not_ready(request.app[SCREENER])
+    return web.Response(
+        status=200 if ready else 503,
+        body=b'{"ready":true}' if ready else b'{"ready":false}',
+        content_type=_JSON,
+    )
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Ready: Redis confirmed the lists recently and every list a policy uses is trusted.
 
@@ -84,6 +99,24 @@ async def readyz(request: web.Request) -> web.Response:
     outage: their keys' calls are answered by ``on_error``) without making it unready.
     """
     screener = request.app[SCREENER]
+    reasons = _not_ready(screener)
+    cache = screener.cache
+    lists = {}
+    for name, obj in sorted(cache.lists.items()):
+        state = cache.loaded[name]
+        lists[name] = {"entries": obj.size, "gen": state.gen, "version": state.version}
+    # A Cluster node failing: the calls whose keys it holds are answered by on_error
+    # while the others are answered as usual, so the instance stays ready for them.
+    down = screener.store.dispatcher.down
+    degraded = [f"Redis node {name} failing" for name in down]
+    body = {"ready": not reasons, "reasons": reasons, "degraded": degraded, "lists": lists}
+    return web.Response(
+        status=200 if not reasons else 503, body=orjson.dumps(body), content_type=_JSON
+    )
+
+
+def _not_ready(screener: Screener) -> list[str]:
+    """Why the service is not ready (empty: it is)."""
     cache = screener.cache
     needed = frozenset().union(*(p.lists for p in screener.policies.values()))
     reasons = []
@@ -99,15 +132,4 @@ async def readyz(request: web.Request) -> web.Response:
     if never:
         reasons.append(f"lists never synced from their source: {', '.join(never)}")
     reasons += [why.detail for _, why in sorted(distrusted.items()) if why.reason == LIST_LOST]
-    lists = {}
-    for name, obj in sorted(cache.lists.items()):
-        state = cache.loaded[name]
-        lists[name] = {"entries": obj.size, "gen": state.gen, "version": state.version}
-    # A Cluster node failing: the calls whose keys it holds are answered by on_error
-    # while the others are answered as usual, so the instance stays ready for them.
-    down = screener.store.dispatcher.down
-    degraded = [f"Redis node {name} failing" for name in down]
-    body = {"ready": not reasons, "reasons": reasons, "degraded": degraded, "lists": lists}
-    return web.Response(
-        status=200 if not reasons else 503, body=orjson.dumps(body), content_type=_JSON
-    )
+    return reasons
