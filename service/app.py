@@ -39,10 +39,11 @@ from service.edge.auth import HandlerAuth
 from service.edge.errors import json_errors, no_route
 from service.edge.handlers import healthz, readyz, readyz_brief, screen
 from service.metrics import Metrics
-from service.operator.admin import add_admin_routes
+from service.operator.admin import add_admin_routes, admin_only
 from service.operator.console import add_console_routes
 from service.operator.explain import explain
 from service.operator.lookup import add_lookup_routes
+from service.operator.reload import reload_config
 from service.operator.subscribers import add_subscriber_routes
 from service.screening.cache import ListCache
 from service.screening.history import CallHistory
@@ -146,6 +147,7 @@ def _add_operator_routes(app: web.Application) -> None:
     add_subscriber_routes(app)  # /v1/lists/{name}/subscribers/... (service/operator/subscribers.py)
     add_lookup_routes(app)  # /v1/whoami, /v1/audit, /v1/history, /v1/lookup
     add_console_routes(app)  # /console (service/operator/console.py)
+    app.router.add_post("/v1/reload", admin_only(reload_config))
 
 
 def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]

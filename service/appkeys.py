@@ -23,5 +23,3 @@ SCREENER = web.AppKey("screener", Screener)
 AUTH = web.AppKey("auth", HandlerAuth)
 #: Whether this process uses aiohttp's internals (service/edge/aiohttp_adapter.py).
 INTERNALS = web.AppKey("aiohttp_internals", Internals)
-#: The pid POST /v1/reload sends SIGHUP to: the supervisor, or the single process itself.
-RELOAD_TARGET = web.AppKey("reload_target", int)

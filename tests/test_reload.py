@@ -18,7 +18,7 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from devtools.redis_server import RedisProcess
+from devtools.redis_server import RedisProcess, free_port
 from tests.helpers import REJECT, body_from, load_list, wait_for
 from tests.procs import BLOCKLIST_CONFIG, ServiceProcess, scrape
 
@@ -29,6 +29,7 @@ PACE_S = 0.01
 SWITCH_S = 2.0
 ALLOW: list[Any] = []
 RELOADS = 'callscreen_config_reload_total{{outcome="{}"}}'
+TOKEN = "reload-test-token-0123456789"
 
 
 @dataclass
@@ -74,7 +75,10 @@ def config_with(service: ServiceProcess, **changes: Any) -> dict[str, Any]:
 
 
 def write_config(service: ServiceProcess, config: dict[str, Any]) -> None:
-    service.config_path.write_text(yaml.safe_dump(config))
+    """Replace the file whole (as docs/operations.md advises): never read half-written."""
+    staged = service.config_path.with_suffix(".new")
+    staged.write_text(yaml.safe_dump(config))
+    staged.replace(service.config_path)
 
 
 #: The new policy: the blocklist rule only watches (dry run): the blocked caller goes through.
@@ -267,3 +271,49 @@ async def test_sigusr2_moves_to_a_new_supervisor_without_a_failed_call(
                 return not alive(successor)
 
             await wait_for(gone, timeout_s=30.0, interval_s=0.1)
+
+
+async def test_post_v1_reload_needs_an_admin_token_and_says_what_it_refuses(
+    tmp_path: Path, redis_server: RedisProcess, redis: Redis
+) -> None:
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    admin_port = free_port()
+    service = ServiceProcess(
+        tmp_path,
+        redis_server.url,
+        workers=2,
+        overrides={"server": {**BLOCKLIST_CONFIG["server"], "admin_port": admin_port}},
+        env={"CALLSCREEN_ADMIN_TOKENS": TOKEN},
+    )
+    reload_url = f"http://127.0.0.1:{admin_port}/v1/reload"
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    server = {**BLOCKLIST_CONFIG["server"], "admin_port": admin_port}
+    try:
+        service.start()
+        await service.ready()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(reload_url) as response:
+                assert response.status == 401
+            write_config(service, config_with(service, server=server, default_policy="nope"))
+            async with session.post(reload_url, headers=admin) as response:
+                assert response.status == 422
+                refused = await response.json()
+            assert any("default_policy: unknown policy 'nope'" in p for p in refused["problems"])
+            write_config(service, config_with(service, server=server, policies=WATCH_ONLY))
+            async with session.post(reload_url, headers=admin) as response:
+                assert response.status == 202
+
+            async def switched() -> bool:
+                answers = []
+                for _ in range(6):  # both workers
+                    body = body_from("15162065613")
+                    async with session.post(f"{service.url}/tg/main", json=body) as response:
+                        answers.append(await response.json())
+                return all(answer == ALLOW for answer in answers)
+
+            await wait_for(switched, timeout_s=5.0, interval_s=0.1)
+        samples = await scrape(f"http://127.0.0.1:{admin_port}")
+        assert samples[RELOADS.format("invalid")] == 1
+        assert samples[RELOADS.format("applied")] == 1
+    finally:
+        service.stop()

@@ -167,6 +167,24 @@ class Health(_Body):
     status: Literal["ok"]
 
 
+class Ready(_Body):
+    """The handler port's readiness, beside an operator listener: the details are there."""
+
+    ready: bool
+
+
+class ReloadStarted(_Body):
+    reloading: Literal[True]
+    file: str
+    """The config file being re-read."""
+
+
+class ReloadRefused(_Body):
+    error: str
+    problems: list[str]
+    """Each problem: file, key path and message."""
+
+
 class Readiness(_Body):
     ready: bool
     reasons: list[str]

@@ -22,6 +22,7 @@ that changes them logs that they wait for a restart, and applies the rest.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -29,9 +30,9 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from core.config import Config, ConfigError, load_config
+from core.config import Config
 from service.appkeys import AUTH, METRICS, SCREENER
-from service.edge.auth import check_secrets
+from service.operator.reload import check_config
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +86,6 @@ class ReloadMetrics:
             self.last_success.set(time.time())
 
 
-def check_config(path: Path) -> tuple[Config | None, list[str]]:
-    """The config at ``path`` if it can serve, else None and one problem per line."""
-    try:
-        config = load_config(path)
-        check_secrets(config)
-    except ConfigError as exc:
-        return None, str(exc).splitlines()
-    return config, []
-
-
 def _lookup(config: Config, dotted: str) -> object:
     value: object = config
     for part in dotted.split("."):
@@ -142,3 +133,44 @@ def swap_in_place(app: web.Application, config: Config) -> None:
     app[METRICS].add_decisions(config)  # before a new rule can count a decision
     app[AUTH].reconfigure(config)
     app[SCREENER].reconfigure(config)
+
+
+class Reloader:
+    """SIGHUP in a serving process: re-read the config, swap in place what can be."""
+
+    def __init__(self, app: web.Application, path: Path, metrics: ReloadMetrics | None) -> None:
+        self.app = app
+        self.path = path
+        self.metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, who: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(who), name="config-reload")
+        self._tasks.add(task)  # a task nobody references may be collected mid-run
+        task.add_done_callback(self._tasks.discard)
+
+    def _record(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record(outcome)
+
+    async def reload(self, who: str) -> None:
+        # Parsing and validation off the event loop: calls keep being answered meanwhile.
+        config, problems = await asyncio.to_thread(check_config, self.path)
+        if config is None:
+            log_refused(self.path, problems)
+            self._record("invalid")
+            return
+        current = self.app[SCREENER].config
+        if not in_place(current, config):
+            others = [s for s in changed_sections(current, config) if s not in IN_PLACE]
+            logger.error(
+                "%s: config reload refused: %s changed, which a single process applies "
+                "only at a restart (or run server.workers >= 2, whose supervisor replaces "
+                "its workers); the last good config keeps serving",
+                who, ", ".join(others),
+            )  # fmt: skip
+            self._record("failed")
+            return
+        swap_in_place(self.app, config)
+        logger.info("%s: config reloaded in place", who)
+        self._record("applied")

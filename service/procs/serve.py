@@ -26,18 +26,10 @@ from prometheus_client import CollectorRegistry
 from core.config import Config
 from core.logs import batch_logs, flush_logs
 from service.appkeys import CONFIG as CONFIG_KEY
-from service.appkeys import INTERNALS, METRICS, RELOAD_TARGET, SCREENER
+from service.appkeys import INTERNALS, METRICS
 from service.edge.connections import ConnectionGuard, guarded_runner, raise_fd_limit
-from service.procs.reload import (
-    IN_PLACE,
-    ReloadMetrics,
-    changed_sections,
-    check_config,
-    in_place,
-    log_refused,
-    ready_path,
-    swap_in_place,
-)
+from service.operator.reload import RELOAD_TARGET, ReloadTarget
+from service.procs.reload import Reloader, ReloadMetrics, ready_path
 from service.procs.snapshots import FLUSH_S, SharedRegistry
 
 logger = logging.getLogger(__name__)
@@ -92,13 +84,14 @@ def serve_one(
     operator_app = create_operator_app(app) if operator is not None else None
     worker = isinstance(registry, SharedRegistry)
     # POST /v1/reload asks whoever reloads: the supervisor, or this process.
-    app[RELOAD_TARGET] = os.getppid() if worker else os.getpid()
-    if operator_app is not None:
-        operator_app[RELOAD_TARGET] = app[RELOAD_TARGET]
     hup = None
     if config_path is not None:
+        target = ReloadTarget(os.getppid() if worker else os.getpid(), config_path.resolve())
+        for served in (app, operator_app):
+            if served is not None:
+                served[RELOAD_TARGET] = target
         # A worker's reloads are counted by its supervisor.
-        hup = _Reloader(app, config_path, None if worker else ReloadMetrics(registry))
+        hup = Reloader(app, config_path, None if worker else ReloadMetrics(registry))
     if isinstance(registry, SharedRegistry):
         # Cleaned up in reverse: the last snapshot is written before an orphan's clean-up.
         app.cleanup_ctx.append(_orphan_ctx(os.getppid(), registry.folder, lists_dir))
@@ -130,7 +123,7 @@ async def _serve(
     *,
     reuse_port: bool,
     who: str,
-    hup: _Reloader | None = None,
+    hup: Reloader | None = None,
     operator: tuple[web.Application, str, int] | None = None,
     ready_file: Path | None = None,
 ) -> None:
@@ -218,47 +211,6 @@ async def _serve(
 
 def _hup_ignored(who: str) -> None:
     logger.warning("%s: SIGHUP ignored: no config file to re-read", who)
-
-
-class _Reloader:
-    """SIGHUP in a serving process: re-read the config, swap in place what can be."""
-
-    def __init__(self, app: web.Application, path: Path, metrics: ReloadMetrics | None) -> None:
-        self.app = app
-        self.path = path
-        self.metrics = metrics
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def start(self, who: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload(who), name="config-reload")
-        self._tasks.add(task)  # a task nobody references may be collected mid-run
-        task.add_done_callback(self._tasks.discard)
-
-    def _record(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.record(outcome)
-
-    async def reload(self, who: str) -> None:
-        # Parsing and validation off the event loop: calls keep being answered meanwhile.
-        config, problems = await asyncio.to_thread(check_config, self.path)
-        if config is None:
-            log_refused(self.path, problems)
-            self._record("invalid")
-            return
-        current = self.app[SCREENER].config
-        if not in_place(current, config):
-            others = [s for s in changed_sections(current, config) if s not in IN_PLACE]
-            logger.error(
-                "%s: config reload refused: %s changed, which a single process applies "
-                "only at a restart (or run server.workers >= 2, whose supervisor replaces "
-                "its workers); the last good config keeps serving",
-                who, ", ".join(others),
-            )  # fmt: skip
-            self._record("failed")
-            return
-        swap_in_place(self.app, config)
-        logger.info("%s: config reloaded in place", who)
-        self._record("applied")
 
 
 async def _flush_logs() -> None:

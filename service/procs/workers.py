@@ -30,9 +30,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from core.config import Config
+from service.operator.reload import check_config
 from service.procs.reload import (
     ReloadMetrics,
-    check_config,
     in_place,
     log_refused,
     log_restart_keys,
