@@ -35,6 +35,7 @@ from devtools.redis_server import RedisProcess, free_port
 from loader.metrics import LoaderMetrics
 from service.edge.auth import check_secrets
 from service.metrics import ERROR_KINDS, FALLBACK_REASONS, Metrics
+from service.procs.reload import ReloadMetrics
 from service.procs.workers import STOP_GRACE_S, SupervisorMetrics
 from tests.helpers import wait_for
 
@@ -75,6 +76,7 @@ def exported() -> dict[str, set[str]]:
     # Node series exist only on a Cluster: give the collector one node to show.
     metrics.redis_health.nodes = lambda: {"127.0.0.1:7000": False}
     SupervisorMetrics(registry, 2)
+    ReloadMetrics(registry)
     LoaderMetrics(registry, ["blocklist"], ["blocklist"])
     names: dict[str, set[str]] = {"up": set()}
     for family in registry.collect():
