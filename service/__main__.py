@@ -24,8 +24,9 @@ from core.version import VERSION
 from service.edge.aiohttp_adapter import InternalsUnavailable, resolve
 from service.edge.auth import check_secrets
 from service.operator.tokens import read_tokens
+from service.procs.ports import worker_count
 from service.procs.serve import serve_one
-from service.procs.workers import Supervisor, worker_count
+from service.procs.workers import Supervisor
 from service.screening.history import history_key
 from service.screening.shared_lists import parent_folder
 

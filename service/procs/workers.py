@@ -6,7 +6,10 @@ process group, binding host:port with ``SO_REUSEPORT``; it restarts a dead worke
 a growing delay), forwards SIGTERM/SIGINT as one SIGTERM each and exits 0 when all
 stopped. What workers share is shared on purpose, through folders the supervisor makes
 and removes: metrics snapshots and the mapped numbers lists. A worker whose supervisor
-vanished stops within a second.
+vanished stops within a second. SIGHUP re-reads the config: the workers swap policies
+in place, or are replaced one at a time (:mod:`service.procs.reload`,
+:mod:`service.procs.rollout`); SIGUSR2 hands over to a new supervisor running the code
+installed now (:mod:`service.procs.upgrade`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from core.config import Config
 from service.operator.reload import check_config
+from service.procs.ports import reserve_port
 from service.procs.reload import (
     ReloadMetrics,
     in_place,
@@ -53,50 +56,6 @@ STOP_GRACE_S = SHUTDOWN_TIMEOUT_S + 5.0
 MIN_UPTIME_S = 5.0
 RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 SUPERVISOR_ID = "supervisor"
-
-
-def worker_count(configured: int) -> int:
-    """``server.workers`` or ``--workers`` as a number of processes (0: one per core).
-
-    "Core" means one this process may run on (a container's cpuset), not every core of
-    the host; a CPU *quota* (``docker --cpus``) is not visible here: set ``workers``.
-    """
-    if configured > 0:
-        return configured
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
-
-
-def reserve_port(host: str, port: int, *, exclusive: bool = True) -> socket.socket:
-    """Bind (without listening) host:port with ``SO_REUSEPORT``.
-
-    Fails fast when anything listens there already, even another service whose workers
-    would otherwise share the port silently; picks the port when ``port`` is 0; and
-    keeps other programs off it while workers come and go. A bound socket that does not
-    listen gets no connections: the workers' listening sockets share them.
-    ``exclusive=False`` skips the check: a new supervisor taking over from an old one
-    in a rolling upgrade shares the port with it on purpose.
-    """
-    family, kind, proto, _name, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    if exclusive:
-        with socket.socket(family, kind, proto) as probe:  # without SO_REUSEPORT: exclusive
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-            address = (address[0], probe.getsockname()[1], *address[2:])
-    sock = socket.socket(family, kind, proto)
-    try:
-        # SO_REUSEADDR too, like the workers' own sockets: without it the bind fails
-        # while connections of an earlier run on this port linger in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class SupervisorMetrics:
