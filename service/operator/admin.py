@@ -13,13 +13,15 @@ docs/api.md.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 from redis.exceptions import RedisError
 
@@ -28,11 +30,11 @@ from core.config import ListKind
 from core.connect import redact
 from core.entries import BadEntry, canonical, new_entry
 from core.keys import LIST_NAME_RE
-from core.subscribers import Slices
 from service.appkeys import AUTH, CACHE, CONFIG, METRICS, STORE
 from service.edge.errors import json_error, json_errors
 from service.operator import models as api
 from service.operator.export import stream_export
+from service.operator.offload import OFFLOAD, Offloader, Refusal, entries
 from service.operator.openapi import openapi_document
 from service.operator.records import audit_change
 from service.operator.tokens import REQUEST_TOKEN, AdminTokens, Role, missing_role, required
@@ -54,6 +56,20 @@ def add_admin_routes(app: web.Application) -> None:
     app[ADMIN_TOKENS] = AdminTokens(config)
     kinds = {name: spec.kind for name, spec in config.lists.items()}
     app[OPENAPI] = orjson.dumps(openapi_document(kinds, config.trunk_groups))
+    app[OFFLOAD] = Offloader()
+
+    async def offload_ctx(app: web.Application) -> AsyncIterator[None]:
+        # In the background: the process starts serving meanwhile.
+        offload = app[OFFLOAD]
+        wanted = offload.start_early and bool(app[ADMIN_TOKENS].tokens)
+        starting = asyncio.create_task(offload.start()) if wanted else None
+        yield
+        if starting is not None:
+            with contextlib.suppress(Exception):  # a failed start: the first bulk retries
+                await starting
+        await app[OFFLOAD].close()
+
+    app.cleanup_ctx.append(offload_ctx)
     if not app[ADMIN_TOKENS].tokens:
         logger.info("admin API disabled: %s is not set", config.admin.tokens_env)
     router = app.router
@@ -197,6 +213,15 @@ async def _list_info(request: web.Request, name: str) -> api.ListInfo:
 
 async def read_json(request: web.Request) -> Any:
     """An admin request's JSON body: 413 over ``admin.max_body_bytes``, 400 if not JSON."""
+    data = await read_body(request)
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise AdminError(400, f"request body is not valid JSON: {exc}") from None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """An admin request's body: 413 over ``admin.max_body_bytes``."""
     limit = request.app[CONFIG].admin.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise AdminError(413, f"request body over {limit} bytes")
@@ -205,10 +230,7 @@ async def read_json(request: web.Request) -> Any:
         data += chunk
         if len(data) > limit:
             raise AdminError(413, f"request body over {limit} bytes")
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise AdminError(400, f"request body is not valid JSON: {exc}") from None
+    return bytes(data)
 
 
 # --- routes -----------------------------------------------------------------------------
@@ -319,39 +341,29 @@ async def bulk_change(request: web.Request) -> web.Response:
     ``admin.max_bulk_entries`` is ``413`` before any is looked at. Then every entry is
     checked; if any is bad, nothing is written and the answer lists each bad entry with
     its field and index. An entry may not be both added and removed. The change lands in
-    one atomic step (:meth:`ListStore.change`).
+    one atomic step (:meth:`ListStore.change`). Everything before the write runs in a
+    helper process (:mod:`service.operator.offload`): on the event loop, a 100 k-entry
+    body would hold every call this process answers for tens of milliseconds.
     """
     name, kind = list_kind(request)
-    try:
-        change = api.BulkChange.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise bulk_refusal(exc.errors(include_url=False)) from None
-    raw = {"add": change.add, "remove": change.remove}
-    total = len(change.add) + len(change.remove)
-    limit = request.app[CONFIG].admin.max_bulk_entries
-    if total > limit:  # before any work on the entries: a huge body costs nothing more
-        raise AdminError(413, f"{total} entries in one request; at most {limit}")
-    country = request.app[CONFIG].caller.default_country
-    short_codes = request.app[CONFIG].lists[name].allow_short_codes
-    bad: list[dict[str, Any]] = []
-    changes = {
-        field: await _canonical_all(
-            kind, items, country, field, bad, strict=field == "add" and not short_codes
-        )
-        for field, items in raw.items()
-    }
-    if bad:
-        raise AdminError(400, f"{len(bad)} bad entries; nothing was changed", bad_entries=bad[:100])
-    both = sorted(set(changes["add"]) & set(changes["remove"]))
-    if both:
-        raise AdminError(400, "entries both added and removed; nothing was changed", entries=both)
-    # De-duplicated in order, not sorted: sorting 100 k entries alone stalls the loop.
-    adds, removes = list(dict.fromkeys(changes["add"])), list(dict.fromkeys(changes["remove"]))
-    sourced = request.app[CONFIG].lists[name].source is not None
-    if change.ttl_s is not None and not sourced:
+    body = await read_body(request)
+    config = request.app[CONFIG]
+    spec = config.lists[name]
+    prepared = await request.app[OFFLOAD].prepare(
+        body,
+        kind,
+        config.caller.default_country,
+        config.admin.max_bulk_entries,
+        strict_add=not spec.allow_short_codes,
+    )
+    if isinstance(prepared, Refusal):
+        raise AdminError(prepared.status, prepared.message, **prepared.extra)
+    sourced = spec.source is not None
+    if prepared.ttl_s is not None and not sourced:
         raise AdminError(400, "ttl_s is for lists with a source (the admin overlay)")
+    adds, removes = await entries(prepared.add), await entries(prepared.remove)
     version = await request.app[STORE].change(
-        name, kind, add=adds, remove=removes, overlay=sourced, ttl_s=change.ttl_s
+        name, kind, add=adds, remove=removes, overlay=sourced, ttl_s=prepared.ttl_s
     )
     logger.info("admin: list %s +%d -%d (version %d)", name, len(adds), len(removes), version)
     await audit_change(request, "bulk", name, version, added=len(adds), removed=len(removes))
@@ -367,42 +379,3 @@ def bulk_refusal(errors: list[ErrorDetails], items: str = "strings") -> AdminErr
     if all(error["type"] == "list_type" for error in errors):
         return AdminError(400, f'"{first["loc"][0]}" must be an array of {items}')
     return AdminError(400, 'the body must be an object with "add" and/or "remove" arrays')
-
-
-async def _canonical_all(
-    kind: ListKind,
-    items: list[Any],
-    country: str,
-    field: str,
-    bad: list[dict[str, Any]],
-    *,
-    strict: bool = False,
-) -> list[str]:
-    """The canonical form of each of ``items``; the bad ones go to ``bad`` instead.
-
-    ``strict`` (entries added to a list without ``allow_short_codes``): numbers no
-    numbering plan can dial are bad too (:func:`core.entries.new_entry`).
-
-    A bulk change may hold 100 k entries, and RE2 compiles every ``re:`` one: in one go,
-    that stalls every call this worker is answering meanwhile. The work is cut into
-    slices of about 2 ms (:class:`core.subscribers.Slices`) with a yield to the event loop
-    after each,
-    rather than sent to a thread: ``canonical`` is Python code holding the GIL, so a
-    thread would not run beside the loop, only make each of the loop's wake-ups wait for
-    the GIL (up to the 5 ms switch interval, several times per call answered). Slices
-    bound each stall to about 2 ms, need no thread and keep the entries in order.
-    """
-    entries: list[str] = []
-    slices = Slices()
-    for index, item in enumerate(items):
-        if not isinstance(item, str):
-            bad.append({"field": field, "index": index, "error": "not a string"})
-        else:
-            try:
-                entries.append(
-                    new_entry(kind, item, country) if strict else canonical(kind, item, country)
-                )
-            except BadEntry as exc:
-                bad.append({"field": field, "index": index, "entry": item[:200], "error": str(exc)})
-        await slices.tick()
-    return entries

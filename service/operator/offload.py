@@ -1,0 +1,204 @@
+"""A bulk change's heavy work in a helper process, away from the calls' event loop.
+
+A 100 k-entry body is about 2 MB of JSON. Parsing it (orjson), checking and
+canonicalising every entry, and de-duplicating take tens of milliseconds of CPU in C
+and Python code that holds the GIL the whole time: on the event loop, every call the
+process answers meanwhile waits that long; in a thread, the same, since the thread
+never lets go of the GIL inside one C call. So :func:`prepare` runs in a process of its
+own (one per service process with the admin API on, started in the background as the
+process starts, in a thread since starting it blocks its caller for tens of ms), and hands
+back what is cheap to receive: the entries joined into strings of
+:data:`CHUNK_ENTRIES` each, which the caller splits one chunk per event-loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from core.config import ListKind
+from core.entries import BadEntry, canonical, new_entry
+from service.operator import models as api
+
+logger = logging.getLogger(__name__)
+
+#: Entries per chunk handed back: splitting one takes well under a millisecond.
+CHUNK_ENTRIES = 2000
+#: The first bad entries reported (the count covers them all).
+BAD_SHOWN = 100
+
+
+@dataclass
+class Refusal:
+    """A bulk change refused: the HTTP status, the message, extra fields of the answer."""
+
+    status: int
+    message: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A bulk change ready to write: canonical, de-duplicated, in the body's order."""
+
+    add: list[str]
+    remove: list[str]
+    added: int
+    removed: int
+    #: The admin overlay's expiry asked for (lists with a source only).
+    ttl_s: float | None = None
+
+
+def _chunks(entries: list[str]) -> list[str]:
+    return [
+        "\n".join(entries[start : start + CHUNK_ENTRIES])
+        for start in range(0, len(entries), CHUNK_ENTRIES)
+    ]
+
+
+def _canonical_all(
+    kind: ListKind,
+    items: list[Any],
+    country: str,
+    name: str,
+    bad: list[dict[str, Any]],
+    strict: bool,
+) -> list[str]:
+    """``strict``: numbers no numbering plan can dial are bad too (core.entries.new_entry)."""
+    check = new_entry if strict else canonical
+    entries = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            bad.append({"field": name, "index": index, "error": "not a string"})
+            continue
+        try:
+            entries.append(check(kind, item, country))
+        except BadEntry as exc:
+            bad.append({"field": name, "index": index, "entry": item[:200], "error": str(exc)})
+    return entries
+
+
+def _refusal_of(errors: list[Any]) -> Refusal:
+    """The ``400`` for a body :class:`api.BulkChange` refused: one plain sentence."""
+    first = errors[0]
+    if first["type"] == "nothing_to_change":
+        return Refusal(400, first["msg"])
+    if all(error["type"] == "list_type" for error in errors):
+        return Refusal(400, f'"{first["loc"][0]}" must be an array of strings')
+    return Refusal(400, 'the body must be an object with "add" and/or "remove" arrays')
+
+
+def prepare(
+    body: bytes, kind: ListKind, country: str, limit: int, strict_add: bool = False
+) -> Refusal | Prepared:
+    """Check and canonicalise a bulk change (runs in the helper process).
+
+    ``strict_add``: the list does not ``allow_short_codes``, so added numbers must be
+    dialable.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return Refusal(400, f"request body is not valid JSON: {exc}")
+    try:
+        change = api.BulkChange.model_validate(data)
+    except ValidationError as exc:
+        return _refusal_of(exc.errors(include_url=False))
+    total = len(change.add) + len(change.remove)
+    if total > limit:  # before any work on the entries: a huge body costs nothing more
+        return Refusal(413, f"{total} entries in one request; at most {limit}")
+    bad: list[dict[str, Any]] = []
+    adds = _canonical_all(kind, change.add, country, "add", bad, strict_add)
+    removes = _canonical_all(kind, change.remove, country, "remove", bad, False)
+    if bad:
+        message = f"{len(bad)} bad entries; nothing was changed"
+        return Refusal(400, message, {"bad_entries": bad[:BAD_SHOWN]})
+    both = sorted(set(adds) & set(removes))
+    if both:
+        message = "entries both added and removed; nothing was changed"
+        return Refusal(400, message, {"entries": both})
+    adds, removes = list(dict.fromkeys(adds)), list(dict.fromkeys(removes))
+    return Prepared(_chunks(adds), _chunks(removes), len(adds), len(removes), change.ttl_s)
+
+
+async def entries(chunks: list[str]) -> list[str]:
+    """The entries of :attr:`Prepared.add` or ``remove``, split a chunk per loop turn."""
+    found: list[str] = []
+    for chunk in chunks:
+        found += chunk.split("\n")
+        await asyncio.sleep(0)
+    return found
+
+
+def _ready() -> bool:
+    return True
+
+
+class Offloader:
+    """The helper process of one serving process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        #: Start the helper when the app starts (a service process), not at the first
+        #: bulk change (in-process test apps, which mostly never make one).
+        self.start_early = False
+
+    def _started(self) -> ProcessPoolExecutor:
+        """The pool, with its process started (blocks: call it in a thread)."""
+        with self._lock:
+            if self._pool is None:
+                # spawn: a fresh interpreter; forking a process with an event loop and
+                # threads copies their state half-way.
+                context = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(1, mp_context=context)
+                self._pool.submit(_ready).result()  # the process starts on a first task
+            return self._pool
+
+    async def start(self) -> None:
+        """Start the helper process, off the event loop."""
+        await asyncio.to_thread(self._started)
+
+    async def prepare(
+        self, body: bytes, kind: ListKind, country: str, limit: int, *, strict_add: bool = False
+    ) -> Refusal | Prepared:
+        """:func:`prepare` in the helper process; a helper that died is replaced once."""
+        for attempt in range(2):
+            pool = self._pool if self._pool is not None else await asyncio.to_thread(self._started)
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(
+                    pool, prepare, body, kind, country, limit, strict_add
+                )
+            except BrokenProcessPool:
+                logger.warning("the bulk-change helper process died; starting another")
+                self._close_now()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _close_now(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    async def close(self) -> None:
+        """Stop the helper process (at the app's cleanup)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown)
+
+
+OFFLOAD = web.AppKey("offload", Offloader)
