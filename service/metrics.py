@@ -244,6 +244,11 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.late_answers = Counter(
+            "callscreen_late_answers_total",
+            "Answers sent later than handler.deadline_ms after the handler took the request.",
+            registry=registry,
+        )
         self.fallbacks = Counter(
             "callscreen_on_error_total",
             "Answers given by handler.on_error instead of the lists, by reason.",

@@ -32,6 +32,10 @@ async def screen(request: web.Request) -> web.StreamResponse:
 
     Every call passes here, so it does no more than the pipeline needs; a decision that
     needs no Redis round trip (no ``call_rate`` rule reached) is made without awaiting.
+    ``handler.deadline_ms`` runs from here, the earliest moment the handler sees the
+    request (aiohttp gives no earlier time without its internals): the Redis wait gets
+    what is left of it, and an answer sent later anyway is counted
+    (``callscreen_late_answers_total``).
     """
     started = time.perf_counter()
     app = request.app
@@ -56,7 +60,9 @@ async def screen(request: web.Request) -> web.StreamResponse:
         REQUEST_ID.set(call.call_id)  # this request's task only: tags its log lines
         decision = screener.decide_locally(policy, call)
         if isinstance(decision, NeedsRates):  # a remote rule: one Redis round trip
-            decision = await screener.decide_remote(policy, call, decision, trunk_group=group)
+            decision = await screener.decide_remote(
+                policy, call, decision, trunk_group=group, arrived=started
+            )
         screener.record(group, call, decision)
         answer = decision.outcome.answer
     except Exception:
@@ -64,7 +70,10 @@ async def screen(request: web.Request) -> web.StreamResponse:
         logger.exception("screening failed; answering by on_error")
         screener.metrics.fallback("internal")
         answer = screener.on_error.outcome.answer
-    screener.metrics.request_seconds.observe(time.perf_counter() - started)
+    took_s = time.perf_counter() - started
+    screener.metrics.request_seconds.observe(took_s)
+    if took_s > screener.deadline_s:
+        screener.metrics.late_answers.inc()
     return screening_response(request, answer, app[INTERNALS].enabled)
 
 

@@ -168,6 +168,7 @@ class Screener:
         *,
         count: bool = True,
         trunk_group: str = ROOT_TRUNK_GROUP,
+        arrived: float | None = None,
     ) -> Evaluation:
         """Finish a decision :meth:`decide_locally` left at a remote rule.
 
@@ -178,6 +179,10 @@ class Screener:
         that list unavailable for this call: reaching its rule answers by ``on_error``
         with reason ``list_lost``. The fraud rules' reads (:mod:`core.fraud`; rates by
         ``trunk_group`` use the metrics label) ride in the same round trip.
+
+        ``arrived`` (a :func:`time.perf_counter` reading) is when the handler took the
+        request: the Redis wait gets what is left of the deadline from then, so the
+        whole call, not only its Redis read, is answered within ``handler.deadline_ms``.
         """
         budget_s = self.deadline_s
         if pending.stir:
@@ -201,6 +206,9 @@ class Screener:
                 increment=count,
             )
         started = time.perf_counter()
+        budget_s = self.deadline_s - (started - arrived if arrived is not None else 0.0)
+        if budget_s <= 0:
+            return self._fallback("deadline", "no time left for the Redis read")
         try:
             async with asyncio.timeout(budget_s):
                 counts, packed, lost, replies = await self.store.fetch_for_call(
@@ -212,7 +220,7 @@ class Screener:
                     extra=plan.commands if plan is not None else (),
                 )
         except TimeoutError:
-            return self._fallback("deadline", f"Redis read took over {self.deadline_s}s")
+            return self._fallback("deadline", f"Redis read took over {budget_s:.3f}s")
         except (RedisError, OSError) as exc:
             # The store turns anything the client raises into a RedisError (core/shards.py).
             return self._fallback("redis_error", f"Redis read failed: {exc}")
