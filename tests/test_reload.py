@@ -40,6 +40,7 @@ class Load:
     statuses: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = 0.0
 
     async def connection(self, url: str, n: int) -> None:
         body = body_from("15162065613")
@@ -61,7 +62,12 @@ class Load:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     def run(self, url: str) -> asyncio.Future[list[None]]:
+        self.started = time.monotonic()
         return asyncio.gather(*(self.connection(url, n) for n in range(CONNECTIONS)))
+
+    def rate(self) -> float:
+        """Calls answered a second, over the whole run (for the report)."""
+        return len(self.answers) / max(1e-9, time.monotonic() - self.started)
 
     def after(self, since: float) -> list[Any]:
         return [answer for sent, answer in self.answers if sent >= since]
@@ -113,6 +119,7 @@ async def test_sighup_with_a_new_policy_switches_every_answer_without_a_failed_c
     await asyncio.sleep(SWITCH_S + 1.0)
     load.stop.set()
     await running
+    print(f"{len(load.answers)} calls, {load.rate():.0f}/s")
 
     assert load.errors == []
     assert set(load.statuses) == {200}
@@ -150,6 +157,7 @@ async def test_sighup_that_changes_lists_replaces_the_workers_without_a_failed_c
     await asyncio.sleep(2.0)
     load.stop.set()
     await running
+    print(f"{len(load.answers)} calls, {load.rate():.0f}/s")
 
     assert load.errors == []
     assert set(load.statuses) == {200}
