@@ -93,6 +93,18 @@ def decision_keys(config: Config) -> list[DecisionKey]:
     return keys
 
 
+def watched_rules(config: Config) -> dict[str, tuple[str, str, int, int]]:
+    """Rate rules whose peaks are shown: ``policy:rule`` -> (policy, rule, limit, window)."""
+    watched: dict[str, tuple[str, str, int, int]] = {}
+    for pname, policy in config.policies.items():
+        for r in policy.rules:
+            if r.match == "call_rate" and r.limit and r.window_s:
+                watched[f"{pname}:{r.name}"] = (pname, r.name, r.limit, r.window_s)
+            elif r.match == "sequential_dialing" and r.window_s:
+                watched[f"{pname}:{r.name}"] = (pname, r.name, r.run_length, r.window_s)
+    return watched
+
+
 class DecisionCounts(Collector):
     """``callscreen_decisions_total`` by (trunk group, decision, rule, dry run)."""
 
@@ -334,14 +346,7 @@ class Metrics:
         ).info(build_labels())
         self.decisions = DecisionCounts(decision_keys(config))
         registry.register(self.decisions)
-        watched: dict[str, tuple[str, str, int, int]] = {}
-        for pname, policy in config.policies.items():
-            for r in policy.rules:
-                if r.match == "call_rate" and r.limit and r.window_s:
-                    watched[f"{pname}:{r.name}"] = (pname, r.name, r.limit, r.window_s)
-                elif r.match == "sequential_dialing" and r.window_s:
-                    watched[f"{pname}:{r.name}"] = (pname, r.name, r.run_length, r.window_s)
-        self.rate_peaks = RatePeaks(watched)
+        self.rate_peaks = RatePeaks(watched_rules(config))
         registry.register(self.rate_peaks)
         self._error_children = {kind: self.errors.labels(kind) for kind in ERROR_KINDS}
         self._fallback_children = {r: self.fallbacks.labels(r) for r in FALLBACK_REASONS}
@@ -354,9 +359,12 @@ class Metrics:
                 self.list_private_copies.labels(name)
 
     def add_decisions(self, config: Config) -> None:
-        """Make the decision series a reloaded ``config`` can count (old ones stay)."""
+        """Make the series a reloaded ``config`` can count (old ones stay)."""
         for key in decision_keys(config):
             self.decisions.counts.setdefault(key, 0)
+        for rule_key, rule in watched_rules(config).items():
+            self.rate_peaks.rules[rule_key] = rule
+            self.rate_peaks.peaks.setdefault(rule_key, [0, 0])
 
     def decided(self, trunk_group: str, action: str, rule: str, dry_run: bool = False) -> None:
         self.decisions.counts[(trunk_group, action, rule, dry_run)] += 1
