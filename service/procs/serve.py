@@ -28,6 +28,7 @@ from core.logs import batch_logs, flush_logs
 from service.appkeys import CONFIG as CONFIG_KEY
 from service.appkeys import INTERNALS, METRICS
 from service.edge.connections import ConnectionGuard, guarded_runner, raise_fd_limit
+from service.operator.offload import OFFLOAD
 from service.operator.reload import RELOAD_TARGET, ReloadTarget
 from service.procs.reload import Reloader, ReloadMetrics, ready_path
 from service.procs.snapshots import FLUSH_S, SharedRegistry
@@ -82,6 +83,9 @@ def serve_one(
         config, registry=registry, operator_routes=operator is None, lists_dir=lists_dir
     )
     operator_app = create_operator_app(app) if operator is not None else None
+    admin_app = operator_app if operator_app is not None else app
+    if OFFLOAD in admin_app:
+        admin_app[OFFLOAD].start_early = True
     worker = isinstance(registry, SharedRegistry)
     # POST /v1/reload asks whoever reloads: the supervisor, or this process.
     hup = None
