@@ -307,6 +307,13 @@ async def test_post_v1_reload_needs_an_admin_token_and_says_what_it_refuses(
                 assert response.status == 422
                 refused = await response.json()
             assert any("default_policy: unknown policy 'nope'" in p for p in refused["problems"])
+
+            async def counted() -> bool:  # the supervisor re-read the file too, and refused
+                return "config reload refused" in service.log_text()
+
+            # Before the file changes again: the supervisor reads the file when it gets to
+            # the signal, and would count the next file instead.
+            await wait_for(counted, timeout_s=10.0, interval_s=0.1)
             write_config(service, config_with(service, server=server, policies=WATCH_ONLY))
             async with session.post(reload_url, headers=admin) as response:
                 assert response.status == 202
