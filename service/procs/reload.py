@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from core.config import Config
 from service.appkeys import AUTH, METRICS, SCREENER
 from service.operator.reload import check_config
+from service.screening.stir import wanted as stir_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,12 @@ def changed_sections(old: Config, new: Config) -> list[str]:
 
 
 def in_place(old: Config, new: Config) -> bool:
-    """True when ``new`` differs from ``old`` only where :func:`swap_in_place` can apply it."""
-    return set(changed_sections(old, new)) <= IN_PLACE
+    """True when ``new`` differs from ``old`` only where :func:`swap_in_place` can apply it.
+
+    A policy that starts or stops using STIR/SHAKEN rules needs the verifier made (or
+    closed) with the app: that takes new workers.
+    """
+    return set(changed_sections(old, new)) <= IN_PLACE and stir_wanted(old) == stir_wanted(new)
 
 
 def swap_in_place(app: web.Application, config: Config) -> None:
@@ -163,6 +168,7 @@ class Reloader:
         current = self.app[SCREENER].config
         if not in_place(current, config):
             others = [s for s in changed_sections(current, config) if s not in IN_PLACE]
+            others = others or ["the use of STIR/SHAKEN rules"]
             logger.error(
                 "%s: config reload refused: %s changed, which a single process applies "
                 "only at a restart (or run server.workers >= 2, whose supervisor replaces "
