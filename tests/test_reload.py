@@ -332,3 +332,42 @@ async def test_post_v1_reload_needs_an_admin_token_and_says_what_it_refuses(
         assert samples[RELOADS.format("applied")] == 1
     finally:
         service.stop()
+
+
+async def test_sighup_rereads_the_admin_tokens_file(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    """A token withdrawn from ``admin.tokens_file`` stops working at the next SIGHUP,
+    and a new one starts, although config.yaml did not change."""
+    old, new = "old-token-0123456789abcdef", "new-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"noc:admin:{old}\n")
+    service = ServiceProcess(
+        tmp_path / "svc",
+        redis_server.url,
+        workers=1,
+        overrides={"admin": {"tokens_file": str(tokens)}},
+    )
+    lists_url = f"{service.url}/v1/lists"
+    try:
+        service.start()
+        await service.ready()
+        async with aiohttp.ClientSession() as session:
+
+            async def status(token: str) -> int:
+                headers = {"Authorization": f"Bearer {token}"}
+                async with session.get(lists_url, headers=headers) as response:
+                    return response.status
+
+            assert (await status(old), await status(new)) == (200, 403)
+            staged = tokens.with_suffix(".new")
+            staged.write_text(f"noc:admin:{new}\n")
+            staged.replace(tokens)
+            service.signal(signal.SIGHUP)
+
+            async def swapped() -> bool:
+                return (await status(old), await status(new)) == (403, 200)
+
+            await wait_for(swapped, timeout_s=10.0, interval_s=0.1)
+    finally:
+        service.stop()

@@ -30,9 +30,10 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from core.config import Config
+from core.config import Config, ConfigError
 from service.appkeys import AUTH, METRICS, SCREENER
 from service.operator.reload import check_config
+from service.operator.tokens import AdminTokens
 from service.screening.stir import wanted as stir_wanted
 
 logger = logging.getLogger(__name__)
@@ -143,10 +144,19 @@ def swap_in_place(app: web.Application, config: Config) -> None:
 class Reloader:
     """SIGHUP in a serving process: re-read the config, swap in place what can be."""
 
-    def __init__(self, app: web.Application, path: Path, metrics: ReloadMetrics | None) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        path: Path,
+        metrics: ReloadMetrics | None,
+        tokens: AdminTokens | None = None,
+    ) -> None:
         self.app = app
         self.path = path
         self.metrics = metrics
+        #: The admin tokens, re-read on every reload: ``admin.tokens_file`` may change
+        #: while config.yaml does not.
+        self.tokens = tokens
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, who: str) -> None:
@@ -165,6 +175,13 @@ class Reloader:
             log_refused(self.path, problems)
             self._record("invalid")
             return
+        if self.tokens is not None:
+            try:
+                self.tokens.reload()
+            except ConfigError as exc:  # a bad entry: the old tokens stay
+                logger.error("%s: admin tokens not reloaded, the old ones stay: %s", who, exc)
+                self._record("invalid")
+                return
         current = self.app[SCREENER].config
         if not in_place(current, config):
             others = [s for s in changed_sections(current, config) if s not in IN_PLACE]

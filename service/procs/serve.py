@@ -28,6 +28,7 @@ from core.logs import batch_logs, flush_logs
 from service.appkeys import CONFIG as CONFIG_KEY
 from service.appkeys import INTERNALS, METRICS
 from service.edge.connections import ConnectionGuard, guarded_runner, raise_fd_limit
+from service.operator.admin import ADMIN_TOKENS
 from service.operator.offload import OFFLOAD
 from service.operator.reload import RELOAD_TARGET, ReloadTarget
 from service.procs.reload import Reloader, ReloadMetrics, ready_path
@@ -95,7 +96,12 @@ def serve_one(
             if served is not None:
                 served[RELOAD_TARGET] = target
         # A worker's reloads are counted by its supervisor.
-        hup = Reloader(app, config_path, None if worker else ReloadMetrics(registry))
+        hup = Reloader(
+            app,
+            config_path,
+            None if worker else ReloadMetrics(registry),
+            admin_app.get(ADMIN_TOKENS),
+        )
     if isinstance(registry, SharedRegistry):
         # Cleaned up in reverse: the last snapshot is written before an orphan's clean-up.
         app.cleanup_ctx.append(_orphan_ctx(os.getppid(), registry.folder, lists_dir))
