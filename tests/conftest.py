@@ -19,9 +19,11 @@ from redis.asyncio.cluster import RedisCluster
 from core.config import Config, parse_config
 from core.connect import connect
 from devtools.redis_server import LocalCluster, RedisProcess
+from devtools.stir_pki import StiPKI, make_pki
 from service.app import create_app
 from service.edge.aiohttp_adapter import resolve
 from tests.helpers import ServiceTestServer
+from tests.stir_support import X5uServer
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -116,3 +118,23 @@ async def make_client(redis: Redis) -> AsyncIterator[Callable[..., Any]]:
     yield make
     for client in clients:
         await client.close()
+
+
+# STIR/SHAKEN: a test STI PKI (root, intermediate, SP certificate with TNAuthList) made
+# once per module, and a local HTTPS server handing out the SP chain as its x5u.
+@pytest.fixture(scope="module")
+def pki() -> StiPKI:
+    return make_pki()
+
+
+@pytest.fixture(scope="module")
+def files(pki: StiPKI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return pki.write(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def server(pki: StiPKI, files: dict[str, Path]) -> AsyncIterator[X5uServer]:
+    running = await X5uServer(pki, files["tls_ca"].parent).start()
+    running.serve("/sp.pem", pki.chain_pem)
+    yield running
+    await running.stop()

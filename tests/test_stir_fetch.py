@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import pytest
 
 from core.config import StirSettings
-from devtools.stir_pki import StiPKI, make_pki
+from devtools.stir_pki import StiPKI
 from service.screening.stir.fetch import (
     FetchError,
     cache_ttl_s,
@@ -20,24 +19,6 @@ from service.screening.stir.fetch import (
     make_session,
 )
 from tests.stir_support import X5uServer
-
-
-@pytest.fixture(scope="module")
-def pki() -> StiPKI:
-    return make_pki()
-
-
-@pytest.fixture(scope="module")
-def files(pki: StiPKI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return pki.write(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-async def server(pki: StiPKI, files: dict[str, Path]) -> AsyncIterator[X5uServer]:
-    running = await X5uServer(pki, files["tls_ca"].parent).start()
-    running.serve("/sp.pem", pki.chain_pem)
-    yield running
-    await running.stop()
 
 
 def settings(files: dict[str, Path], **overrides: Any) -> StirSettings:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from core.config import Config, ConfigError
-from devtools.stir_pki import StiPKI, make_pki
+from devtools.stir_pki import StiPKI
 from service.appkeys import METRICS
 from tests.stir_support import X5uServer, call_body, signed, stir_settings
 
@@ -52,24 +52,6 @@ def test_stir_settings_are_checked(make_config: Callable[..., Config]) -> None:
         make_config({"stir": {"cache_default_s": 10, "cache_min_s": 60}})
     with pytest.raises(ConfigError, match=r"stir\.allow_networks"):
         make_config({"stir": {"allow_networks": ["not-a-net"]}})
-
-
-@pytest.fixture(scope="module")
-def pki() -> StiPKI:
-    return make_pki()
-
-
-@pytest.fixture(scope="module")
-def files(pki: StiPKI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return pki.write(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-async def server(pki: StiPKI, files: dict[str, Path]) -> AsyncIterator[X5uServer]:
-    running = await X5uServer(pki, files["tls_ca"].parent).start()
-    running.serve("/sp.pem", pki.chain_pem)
-    yield running
-    await running.stop()
 
 
 async def test_only_policies_with_stir_rules_verify(

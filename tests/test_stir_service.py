@@ -8,7 +8,7 @@ HTTPS server in the test serves the certificates.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +45,6 @@ def policy(trust_verstat: bool = False) -> dict[str, Any]:
         {"name": "blocklist", "match": "caller_in_list", "list": "blocklist"},
     ]  # fmt: skip
     return {"rules": rules, "trust_verstat": trust_verstat}
-
-
-@pytest.fixture(scope="module")
-def pki() -> StiPKI:
-    return make_pki()
-
-
-@pytest.fixture(scope="module")
-def files(pki: StiPKI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return pki.write(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-async def server(pki: StiPKI, files: dict[str, Path]) -> AsyncIterator[X5uServer]:
-    running = await X5uServer(pki, files["tls_ca"].parent).start()
-    running.serve("/sp.pem", pki.chain_pem)
-    yield running
-    await running.stop()
 
 
 @pytest.fixture

@@ -36,24 +36,6 @@ from tests.stir_support import CALLED, CALLER, X5uServer, call_body, signed, sti
 PARSER = CallParser(("from", "p-asserted-identity", "remote-party-id"))
 
 
-@pytest.fixture(scope="module")
-def pki() -> StiPKI:
-    return make_pki()
-
-
-@pytest.fixture(scope="module")
-def files(pki: StiPKI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return pki.write(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-async def server(pki: StiPKI, files: dict[str, Path]) -> AsyncIterator[X5uServer]:
-    running = await X5uServer(pki, files["tls_ca"].parent).start()
-    running.serve("/sp.pem", pki.chain_pem)
-    yield running
-    await running.stop()
-
-
 @pytest.fixture
 async def make_verifier_for(
     make_config: Callable[..., Config], redis: Redis, files: dict[str, Path]
