@@ -133,6 +133,15 @@ class CacheSettings(_Model):
     #: Numbers lists are indexed once per host into a file every worker maps, instead of
     #: one copy per worker (service/screening/shared_lists.py). ``false``: each keeps its own.
     share_lists: bool = True
+    #: Subscribers whose entries each worker keeps after reading them from Redis (an
+    #: LRU; 0: none, every call reaches Redis). Valid while the list's generation and
+    #: admin-write count, as polled every ``refresh_ms``, stay the same
+    #: (service/screening/subscriber_cache.py).
+    subscriber_entries: Annotated[int, Field(ge=0, le=10_000_000)] = 10_000
+    #: A cached subscriber is read again after this long whatever the polls say: the
+    #: bound for writes that bypass the count (a hand edit in Redis) and for noticing
+    #: a lost bucket of a subscriber answered from the cache.
+    subscriber_max_age_ms: Annotated[int, Field(gt=0, le=3_600_000)] = 5_000
     #: Where the shared files' folder (one per service instance, mode 0700) is made;
     #: ``null``: ``/dev/shm`` (memory) when usable, else the temp folder.
     share_dir: str | None = None

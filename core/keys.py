@@ -105,6 +105,16 @@ def subscribers(name: str, bucket: int, gen: int) -> str:
     return f"{{cs:{check_list_name(name)}:{bucket}}}:sub:{gen}"
 
 
+def subscriber_changes(name: str) -> str:
+    """Counter of a subscribers list's admin writes, bumped after each is acknowledged.
+
+    Next to ``meta`` (same tag), not in it: a sync's swap WATCHes ``meta``, and a write
+    landing meanwhile must not make that swap fail. Workers poll it with ``meta`` and
+    drop the subscribers' entries they cached when it moves (service/screening/subscriber_cache.py).
+    """
+    return _tag(name) + ":changes"
+
+
 def subscribers_stage(name: str, bucket: int, gen: int) -> str:
     """Rows of one bucket staged by a sync building generation ``gen``."""
     return f"{{cs:{check_list_name(name)}:{bucket}}}:stage:{gen}"

@@ -18,8 +18,8 @@ import secrets
 import sys
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -153,6 +153,9 @@ class ListState:
     #: Of the live base, written by every commit: with ``gen``, tells whether a copy's
     #: base is still the live one even where ``gen`` numbers started over (a flush).
     checksum: str = ""
+    #: A subscribers list's admin writes so far (:func:`core.keys.subscriber_changes`);
+    #: 0 for the other kinds, which move ``version`` instead.
+    changes: int = 0
 
     @property
     def stamp(self) -> str:
@@ -254,21 +257,42 @@ class ListStore:
                 raise state
         return {name: state for name, state in found.items() if isinstance(state, ListState)}
 
-    async def states_each(self, names: Iterable[str]) -> dict[str, ListState | RedisError]:
+    async def states_each(
+        self, names: Iterable[str], counted: Container[str] = ()
+    ) -> dict[str, ListState | RedisError]:
         """Each list's :class:`ListState`, or why it could not be read: one round trip,
-        each Cluster node on its own, so a failing node fails only the lists it holds."""
+        each Cluster node on its own, so a failing node fails only the lists it holds.
+        The lists in ``counted`` (subscribers lists) also get their ``changes``."""
         names = list(names)
-        commands = [("HMGET", keys.meta(name), *STATE_FIELDS) for name in names]
-        replies = await self.dispatcher.run(commands)
+        commands: list[tuple[Any, ...]] = []
+        for name in names:
+            commands.append(("HMGET", keys.meta(name), *STATE_FIELDS))
+            if name in counted:
+                commands.append(("GET", keys.subscriber_changes(name)))
+        replies = iter(await self.dispatcher.run(commands))
         found: dict[str, ListState | RedisError] = {}
-        for name, reply in zip(names, replies, strict=True):
-            if isinstance(reply, RedisError):
-                found[name] = reply
-            elif isinstance(reply, Exception):
-                found[name] = RedisError(f"{type(reply).__name__}: {reply}")
+        for name in names:
+            reply = next(replies)
+            changes = next(replies) if name in counted else 0
+            failed = next((r for r in (reply, changes) if isinstance(r, Exception)), None)
+            if isinstance(failed, RedisError):
+                found[name] = failed
+            elif failed is not None:
+                found[name] = RedisError(f"{type(failed).__name__}: {failed}")
             else:
-                found[name] = ListState.from_fields(reply)
+                state = ListState.from_fields(reply)
+                found[name] = replace(state, changes=int(changes or 0)) if changes else state
         return found
+
+    async def subscriber_state(self, name: str) -> tuple[ListState, int]:
+        """A subscribers list's state (``changes`` included) and ``meta.size``, read
+        atomically (one tag)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys.meta(name), [*STATE_FIELDS, "size"])
+            pipe.get(keys.subscriber_changes(name))
+            fields, changes = await pipe.execute()
+        state = replace(ListState.from_fields(fields[:-1]), changes=int(changes or 0))
+        return state, int(fields[-1] or 0)
 
     async def deltas(self, name: str) -> Deltas:
         """The live ``gen`` and ``version`` with the delta sets they belong to, read atomically."""

@@ -295,6 +295,19 @@ class SubscriberStore:
     async def gen(self, name: str) -> int:
         return int(await self.redis.hget(keys.meta(name), "gen") or 0)
 
+    async def changed(self, name: str) -> int:
+        """Count a write Redis acknowledged (:func:`core.keys.subscriber_changes`) and
+        return the live generation, in one round trip (one tag).
+
+        After the write, never before: a worker that reads the entries between the two
+        caches them under the old count and drops them when its poll sees the new one.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(keys.subscriber_changes(name))
+            pipe.hget(keys.meta(name), "gen")
+            _, gen = await pipe.execute()
+        return int(gen or 0)
+
     async def live_gen(self, name: str) -> int:
         """The live generation, allocating one for a list that has none.
 
@@ -353,14 +366,16 @@ class SubscriberStore:
         for _ in range(MAX_ATTEMPTS):
             if not gen:
                 gen = await self.live_gen(name)
-            await self._change_in(keys.subscribers(name, bucket, gen), subscriber, code, remove)
-            now = await self.gen(name)
+            key = keys.subscribers(name, bucket, gen)
+            wrote = await self._change_in(key, subscriber, code, remove)
+            now = await (self.changed(name) if wrote else self.gen(name))
             if now == gen:
                 return gen
             gen = now  # a full sync swapped meanwhile: apply it to the new generation too
         raise RuntimeError(f"list {name!r}: generation kept moving; change not confirmed")
 
-    async def _change_in(self, key: str, subscriber: str, code: str, remove: bool) -> None:
+    async def _change_in(self, key: str, subscriber: str, code: str, remove: bool) -> bool:
+        """Whether anything was written (not when the entry already was as asked)."""
         for _ in range(MAX_ATTEMPTS):
             current = await self.redis.hget(key, subscriber)
             blob = current if isinstance(current, bytes) else keys.decoded(current).encode()
@@ -372,8 +387,10 @@ class SubscriberStore:
                     )
                 codes.append(code)
             new = pack(settle(codes))
+            if new == blob:
+                return False
             if await self.redis.eval(_CAS, 1, key, subscriber, blob, new):
-                return
+                return True
         raise RuntimeError(f"subscriber {subscriber}: too many concurrent changes; retry")
 
     async def bulk_change(self, name: str, changes: Changes) -> int:
@@ -400,7 +417,7 @@ class SubscriberStore:
                 gen = await self.live_gen(name)
             plan = await self._plan(name, gen, by_bucket, "nothing was changed")
             await self._write(name, gen, plan, by_bucket)
-            now = await self.gen(name)
+            now = await (self.changed(name) if plan else self.gen(name))
             if now == gen:
                 return gen
             gen = now  # a full sync swapped meanwhile: apply it to the new generation too

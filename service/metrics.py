@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from core.config import Config
 from core.version import build_labels
 from service.screening.policy import DEFAULT_RULE, ON_ERROR_RULE
+from service.screening.subscriber_cache import SubscriberCache
 
 #: Sub-millisecond resolution where the answers live, up to the longest trunk timeouts.
 LATENCY_BUCKETS_S = (
@@ -239,6 +240,33 @@ class RedisHealth(Collector):
         yield failing
 
 
+class SubscriberCacheCounts(Collector):
+    """The subscriber entries cache's look-ups and size, read when scraped: plain
+    numbers counted on the event loop (every call that reaches a subscriber rule)."""
+
+    def __init__(self) -> None:
+        #: Set once the screener exists.
+        self.cache: SubscriberCache | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.cache
+        looked = CounterMetricFamily(
+            "callscreen_subscriber_cache_lookups",
+            "Subscribers looked up by calls, by result: hit (answered from this worker's "
+            "cache, no Redis) or miss (read from Redis).",
+            labels=("result",),
+        )
+        looked.add_metric(("hit",), cache.hits if cache else 0)
+        looked.add_metric(("miss",), cache.misses if cache else 0)
+        yield looked
+        size = GaugeMetricFamily(
+            "callscreen_subscriber_cache_entries",
+            "Subscribers whose entries this worker keeps (at most cache.subscriber_entries).",
+        )
+        size.add_metric((), len(cache) if cache else 0)
+        yield size
+
+
 class Metrics:
     """Every metric the service exports."""
 
@@ -337,6 +365,8 @@ class Metrics:
         }
         self.redis_health = RedisHealth(config.lists)
         registry.register(self.redis_health)
+        self.subscriber_cache = SubscriberCacheCounts()
+        registry.register(self.subscriber_cache)
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         ProcessCollector(registry=registry)
         Info(

@@ -180,19 +180,24 @@ async def test_calls_are_decided_by_the_called_subscriber(
     # Not held in worker memory: the worker keeps only the live generation.
     assert isinstance(client.app[CACHE].lists["personal"], SubscriberList)
 
-    # Admin changes are seen by the very next call: no cache.
+    # Admin changes are seen once the poll saw the list's write count move (the
+    # entries cache: docs/subscribers.md), within a cache refresh.
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     path = f"/v1/lists/personal/subscribers/{SUB_B}/entries/1516555019%2A"
+
+    async def answered(caller: str, expected: Any) -> bool:
+        return bool(await answer(client, caller, SUB_B) == expected)
+
     response = await client.put(path, headers=admin)
     assert response.status == 200, await response.text()
     assert (await response.json())["block"] == ["15165550102", "1516555019*"]
-    assert await answer(client, "15165550199", SUB_B) == PERSONAL
+    await wait_for(lambda: answered("15165550199", PERSONAL), timeout_s=2.0)
     # Block and allow are separate sides: allowing leaves the block entry alone...
     response = await client.put(path + "?side=allow", headers=admin)
     body = await response.json()
     assert (body["block"], body["allow"]) == (["15165550102", "1516555019*"], ["1516555019*"])
     assert body["lost"] is False
-    assert await answer(client, "15165550199", SUB_B) == []  # the allow rule comes first
+    await wait_for(lambda: answered("15165550199", []), timeout_s=2.0)  # allow rule first
     # ...and a DELETE names its side (block by default): the allow entry stays
     response = await client.delete(path, headers=admin)
     body = await response.json()
@@ -323,7 +328,9 @@ async def test_redis_trouble_answers_by_on_error_within_the_deadline(
             "on_error": "reject",
             "on_error_operands": ["unavailable", "redis-trouble"],
         },
-        cache={"refresh_ms": 250, "max_stale_ms": 60_000},
+        # Every call reads Redis: a cached subscriber is answered while the list is not
+        # stale, as from a local list (tests/test_subscriber_cache.py).
+        cache={"refresh_ms": 250, "max_stale_ms": 60_000, "subscriber_entries": 0},
     )
     config = make_config(data, base_dir=personal_source)
     setup = Redis.from_url(own_redis.url)

@@ -34,7 +34,8 @@ SUBSCRIBERS = [f"1951262{i:04d}" for i in range(60)]
 def lost_config(redis_url: str | None = None) -> dict[str, Any]:
     """Two trunk groups: ``main`` (allow, then block) and ``rate`` (a call-rate rule first)."""
     data: dict[str, Any] = {
-        "cache": {"refresh_ms": 100, "max_stale_ms": 5000},
+        # Every call reads Redis (no entries cache): the tests are of what Redis shows.
+        "cache": {"refresh_ms": 100, "max_stale_ms": 5000, "subscriber_entries": 0},
         "handler": {"on_error": "reject", "on_error_operands": ["unavailable", "redis-trouble"]},
         "lists": {"personal": {"kind": "subscribers", "source": "personal.csv"}},
         "policies": {

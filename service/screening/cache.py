@@ -6,9 +6,10 @@ moved). Invariants: a list whose ``meta`` no poll read for ``cache.max_stale_ms`
 stale (:meth:`ListCache.stale_among`; calls needing it follow ``on_error``, the others
 do not); a list Redis lost (``meta`` gone, ``version`` or ``gen`` back, stamp vanished)
 is dropped and never answered from until a sync or ``loader accept`` moves its stamp;
-a list with a ``source`` is trusted only once synced. A ``subscribers`` list's copy is only its live
-``gen``. Numbers bases are shared between workers when given
-:class:`service.screening.shared_lists.SharedBases`. The trust rules: docs/failure.md.
+a list with a ``source`` is trusted only once synced. A ``subscribers`` list's copy is
+only its live ``gen``, replaced when that or its admin-write count moves. Numbers bases
+are shared between workers when given :class:`service.screening.shared_lists.SharedBases`.
+The trust rules: docs/failure.md.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ class ListCache:
         #: Where numbers bases are shared with the host's other workers (None: private).
         self.shared = shared
         self.kinds = dict(kinds)
+        #: Subscribers lists: their admin-write count is polled too (a new count gives
+        #: a new SubscriberList, dropping the entries cached under the old one).
+        self._counted = frozenset(n for n, kind in self.kinds.items() if kind == "subscribers")
         self.refresh_s = settings.refresh_ms / 1000
         self.max_stale_s = settings.max_stale_ms / 1000
         self.clock = clock
@@ -177,7 +181,7 @@ class ListCache:
         Raises on Redis errors.
         """
         started = time.perf_counter()
-        found = await self.store.states_each(self.kinds)
+        found = await self.store.states_each(self.kinds, self._counted)
         failed = {name: e for name, e in found.items() if isinstance(e, Exception)}
         if failed and len(failed) == len(found):
             raise next(iter(failed.values()))
@@ -204,8 +208,8 @@ class ListCache:
             copy = self.loaded.get(name)
             # The stamp too: a list flushed and synced again between two polls can come
             # back at the very gen and version of the copy in use.
-            now = (seen.gen, seen.version, seen.stamp)
-            changed = copy is None or (copy.gen, copy.version, copy.stamp) != now
+            now = (seen.gen, seen.version, seen.stamp, seen.changes)
+            changed = copy is None or (copy.gen, copy.version, copy.stamp, copy.changes) != now
             if changed and name not in self._loads:
                 task = asyncio.create_task(self._load(name), name=f"load-list-{name}")
                 self._loads[name] = task
@@ -268,8 +272,13 @@ class ListCache:
     async def _load(self, name: str) -> None:
         kind = self.kinds[name]
         try:
-            deltas = await self.store.deltas(name)
-            state = deltas.state
+            if kind == "subscribers":
+                state, size = await self.store.subscriber_state(name)
+                deltas = Deltas(state.gen, state.version, float(state.synced_at or 0),
+                                frozenset(), frozenset(), state)  # fmt: skip
+            else:
+                deltas = await self.store.deltas(name)
+                state = deltas.state
             # Judged again on what was read: Redis may have lost the list since the poll.
             verdict = self._judge(name, state)
             if verdict is not None:
@@ -286,9 +295,9 @@ class ListCache:
             # (numpy and RE2 release the GIL; Python code shares it in 5 ms slices).
             if kind == "subscribers":
                 # Never loaded into memory: calls read their subscriber from Redis at
-                # the live gen held here (service/screening/screen.py).
-                size = (await self.store.meta_fields(name, "size"))["size"]
-                fresh = SubscriberList(state.gen, int(size or 0))
+                # the live gen held here (service/screening/screen.py), or from the
+                # entries cached under this very object (subscriber_cache.py).
+                fresh = SubscriberList(state.gen, size)
             elif kind == "numbers":
                 if isinstance(current, NumberList) and same_base:
                     fresh = await asyncio.to_thread(current.with_deltas, deltas.adds, deltas.dels)

@@ -27,7 +27,6 @@ from core.subscribers import Entries
 from service.metrics import ROOT_TRUNK_GROUP, Metrics
 from service.ratelimit import RateLimitedLog
 from service.screening.cache import LIST_LOST, LIST_NOT_LOADED, ListCache
-from service.screening.lists import SubscriberList
 from service.screening.policy import (
     ON_ERROR_RULE,
     CompiledPolicy,
@@ -39,6 +38,7 @@ from service.screening.policy import (
 )
 from service.screening.request import Call, CallParser
 from service.screening.stir.verify import Verifier
+from service.screening.subscriber_cache import SubscriberCache
 
 if TYPE_CHECKING:
     from service.screening.history import CallHistory
@@ -75,6 +75,11 @@ class Screener:
         self.history: CallHistory | None = None
         #: STIR/SHAKEN verification, set up by the app when a policy has ``stir_*`` rules.
         self.stir: Verifier | None = None
+        #: Subscribers' entries read lately, answered from without Redis while fresh.
+        self.subscribers = SubscriberCache(
+            config.cache.subscriber_entries, config.cache.subscriber_max_age_ms
+        )
+        metrics.subscriber_cache.cache = self.subscribers
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -94,6 +99,7 @@ class Screener:
             )
         )
         self.mask_callers = config.server.mask_callers
+        self.subscribers.resize(config.cache.subscriber_entries, config.cache.subscriber_max_age_ms)
         self._by_group: dict[str | None, tuple[str, CompiledPolicy]] = {
             None: (ROOT_TRUNK_GROUP, self.policies[config.default_policy])
         }
@@ -139,6 +145,25 @@ class Screener:
         except ListsUnavailable as exc:
             return self._unavailable(policy, exc)
         except NeedsRates as pending:
+            if policy.rate_rules or policy.keyed_rates or policy.sequences or pending.stir:
+                return pending  # Redis is needed whatever the cache holds
+            return self._from_cache(policy, call, pending)
+
+    def _from_cache(
+        self, policy: CompiledPolicy, call: Call, pending: NeedsRates
+    ) -> Evaluation | NeedsRates:
+        """Finish a decision that needs only subscribers' entries from the entries cache,
+        if it holds every one (fresh); else ``pending``: decide_remote reads them."""
+        lists = self.cache.lists
+        reads, _, found = self.subscribers.lookup(policy.subscriber_lists, lists, call, count=False)
+        if reads:
+            return pending  # looked up again (and counted) by decide_remote
+        self.subscribers.hits += len(found)
+        try:
+            return policy.evaluate(call, lists, None, found, resume=pending)
+        except ListsUnavailable as exc:
+            return self._unavailable(policy, exc)
+        except NeedsRates:  # no rule left that reads Redis: cannot happen; be safe
             return pending
 
     async def decide(
@@ -192,7 +217,7 @@ class Screener:
             pending = decision
         cache = self.cache
         windows = [(rule.key, rule.window_s) for rule in policy.rate_rules]
-        reads = self._subscriber_reads(policy, call)
+        reads, held, cached = self.subscribers.lookup(policy.subscriber_lists, cache.lists, call)
         now_s = time.time()
         plan = None
         if policy.keyed_rates or policy.sequences:
@@ -209,6 +234,7 @@ class Screener:
         budget_s = self.deadline_s - (started - arrived if arrived is not None else 0.0)
         if budget_s <= 0:
             return self._fallback("deadline", "no time left for the Redis read")
+        sent_at = self.subscribers.clock()
         try:
             async with asyncio.timeout(budget_s):
                 counts, packed, lost, replies = await self.store.fetch_for_call(
@@ -230,6 +256,10 @@ class Screener:
         if count:
             self.metrics.rates_seen(counts, now_s)
         found = {name: Entries.unpack(blob) for name, blob in packed.items()}
+        for (name, _, subscriber), copy in zip(reads, held, strict=True):
+            if name not in lost:  # a bucket without its marker is never cached
+                self.subscribers.put(name, copy, subscriber, found[name], sent_at)
+        found.update(cached)
         lists = cache.lists
         if lost:  # rare: copy the (few) list objects without the lost ones
             lists = {name: held for name, held in lists.items() if name not in lost}
@@ -264,19 +294,6 @@ class Screener:
         started = time.perf_counter()
         call.stir = await self.stir.verify(call, policy.trust_verstat, self.deadline_s / 2)
         return self.decide_locally(policy, call), self.deadline_s - (time.perf_counter() - started)
-
-    def _subscriber_reads(self, policy: CompiledPolicy, call: Call) -> list[tuple[str, int, str]]:
-        """``(list, live gen, subscriber)`` for each subscribers list the policy uses."""
-        called = call.called
-        if called is None or call.caller is None:
-            return []
-        reads = []
-        for name in policy.subscriber_lists:
-            held = self.cache.lists.get(name)
-            # Not trusted (or empty: gen 0): nothing to read; evaluate() tells which.
-            if isinstance(held, SubscriberList) and held.gen:
-                reads.append((name, held.gen, called))
-        return reads
 
     def record(self, group: str, call: Call, evaluation: Evaluation) -> None:
         """Count a decision and log a rejected call (one line each).
