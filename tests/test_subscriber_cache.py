@@ -1,0 +1,168 @@
+"""The per-worker cache of subscribers' entries, on a real Redis.
+
+A subscriber called again is answered without any Redis command; an admin change, a
+full sync and a lost bucket are still seen, within the times docs/subscribers.md gives
+("The entries cache and freshness").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import ConnectionPool, Redis
+
+from core import keys
+from core.config import Config
+from devtools.redis_server import RedisProcess
+from loader.sync import sync_list
+from tests.helpers import wait_for
+from tests.test_call_rate import CountingConnection, load_blocklist
+from tests.test_subscribers import (
+    ADMIN_TOKEN,
+    CSV,
+    ON_ERROR,
+    PERSONAL,
+    SUB_A,
+    SUB_B,
+    answer,
+    subscribers_config,
+)
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    (tmp_path / "personal.csv").write_text(CSV)
+    return tmp_path
+
+
+async def metric(client: Any, line: str) -> float:
+    text = await (await client.get("/metrics")).text()
+    for row in text.splitlines():
+        if row.startswith(line + " "):
+            return float(row.split()[-1])
+    raise AssertionError(f"{line} not in /metrics")
+
+
+HITS = 'callscreen_subscriber_cache_lookups_total{result="hit"}'
+
+
+async def test_a_cached_subscriber_is_answered_without_redis(
+    redis: Redis,
+    redis_server: RedisProcess,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    source: Path,
+) -> None:
+    # No poll during the test (refresh 60 s): every command sent is a call's.
+    data = subscribers_config(cache={"refresh_ms": 60_000, "max_stale_ms": 120_000})
+    config = make_config(data, base_dir=source)
+    await load_blocklist(redis, [])
+    await sync_list(redis, config, "personal")
+    pool = ConnectionPool.from_url(redis_server.url, connection_class=CountingConnection)
+    counting = Redis(connection_pool=pool)
+    try:
+        client = await make_client(config, redis_client=counting)
+        assert await answer(client, "15165550101") == PERSONAL
+        before = CountingConnection.sends
+        for _ in range(20):  # a contact centre: the same DID, many callers
+            assert await answer(client, "15165550101") == PERSONAL
+            assert await answer(client, "19005550000") == []  # its allow entry
+            assert await answer(client, "15165559999") == []  # on no side
+        assert CountingConnection.sends == before  # not one command
+        assert await metric(client, HITS) == 60
+        # Another subscriber is read once, then cached too.
+        assert await answer(client, "15165550102", SUB_B) == PERSONAL
+        assert CountingConnection.sends == before + 1
+        assert await answer(client, "15165550102", SUB_B) == PERSONAL
+        assert CountingConnection.sends == before + 1
+    finally:
+        await counting.aclose()
+        await pool.disconnect()
+
+
+async def test_admin_changes_and_syncs_are_seen_within_a_refresh(
+    redis: Redis,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    source: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", ADMIN_TOKEN)
+    # A long max age: only the polled write count and generation can drop an entry.
+    data = subscribers_config(
+        cache={"refresh_ms": 100, "max_stale_ms": 1000, "subscriber_max_age_ms": 3_600_000}
+    )
+    config = make_config(data, base_dir=source)
+    await load_blocklist(redis, [])
+    await sync_list(redis, config, "personal")
+    client = await make_client(config)
+    caller = "15165550177"
+    assert [await answer(client, caller) for _ in range(3)] == [[]] * 3  # cached
+    hits = await metric(client, HITS)
+    assert hits >= 2
+
+    async def answered(expected: Any) -> bool:
+        return bool(await answer(client, caller) == expected)
+
+    # A single-entry admin write: seen within cache.refresh_ms and a poll (docs: ~1 s).
+    path = f"/v1/lists/personal/subscribers/{SUB_A}/entries/{caller}"
+    response = await client.put(path, headers=ADMIN)
+    assert response.status == 200, await response.text()
+    written = time.monotonic()
+    await wait_for(lambda: answered(PERSONAL), timeout_s=1.0, interval_s=0.005)
+    assert time.monotonic() - written < 1.0
+    assert await redis.get(keys.subscriber_changes("personal")) == b"1"
+    # A bulk removal, the same.
+    bulk = {"remove": [{"subscriber": SUB_A, "entry": caller}]}
+    response = await client.post("/v1/lists/personal/subscribers", json=bulk, headers=ADMIN)
+    assert response.status == 200, await response.text()
+    await wait_for(lambda: answered([]), timeout_s=1.0, interval_s=0.005)
+    assert await redis.get(keys.subscriber_changes("personal")) == b"2"
+    # A full sync (a new generation) drops what was cached from the old one.
+    assert await answer(client, caller) == []
+    (source / "personal.csv").write_text(CSV + f"{SUB_A},{caller}\n")
+    await sync_list(redis, config, "personal")
+    await wait_for(lambda: answered(PERSONAL), timeout_s=1.0, interval_s=0.005)
+    assert await metric(client, HITS) > hits  # the cache was in use all along
+
+
+async def test_a_lost_bucket_is_still_noticed(
+    redis: Redis,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    source: Path,
+) -> None:
+    data = subscribers_config(
+        cache={"refresh_ms": 100, "max_stale_ms": 5000, "subscriber_max_age_ms": 300},
+        handler={"on_error": "reject", "on_error_operands": ["unavailable", "redis-trouble"]},
+    )
+    config = make_config(data, base_dir=source)
+    await load_blocklist(redis, [])
+    await sync_list(redis, config, "personal")
+    gen = int(await redis.hget(keys.meta("personal"), "gen") or 0)
+    client = await make_client(config)
+    assert keys.subscriber_bucket_of(SUB_A) != keys.subscriber_bucket_of(SUB_B)
+    assert await answer(client, "15165550101") == PERSONAL  # SUB_A, now cached
+    await redis.delete(keys.subscribers("personal", keys.subscriber_bucket_of(SUB_A), gen))
+    lost = time.monotonic()
+    # Answered from the cache at most subscriber_max_age_ms more, then read: on_error.
+    await wait_for(
+        lambda: answer_is(client, "15165550101", ON_ERROR), timeout_s=2.0, interval_s=0.01
+    )
+    assert time.monotonic() - lost < 0.3 + 0.5
+    # Never cached without its marker: every later call reads the bucket again.
+    hits = await metric(client, HITS)
+    assert [await answer(client, "15165550101") for _ in range(5)] == [ON_ERROR] * 5
+    assert await metric(client, HITS) == hits
+    # The intact bucket's subscriber is answered from its entries as usual.
+    assert await answer(client, "15165550102", SUB_B) == PERSONAL
+
+
+async def answer_is(client: Any, caller: str, expected: Any) -> bool:
+    return bool(await answer(client, caller) == expected)
