@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from core import keys, overlay
-from core.config import Config
+from core.config import Config, ListKind
 from core.redact import redact_text
 from core.store import ListState, ListStore, RedisClient
 from loader.export import export_list, snapshot_path
@@ -55,6 +55,43 @@ def loss(before: ListState, now: ListState) -> str | None:
     return None
 
 
+async def missing_data(
+    redis: RedisClient, kinds: Mapping[str, ListKind], states: Mapping[str, ListState]
+) -> dict[str, str]:
+    """Lists whose ``meta`` names data Redis no longer has (a base, bucket markers), and
+    how: what a sync must rebuild even when its source did not change."""
+    found: dict[str, str] = {}
+    bases = [
+        name for name, state in states.items() if state.gen > 0 and kinds[name] != "subscribers"
+    ]
+    if bases:
+        async with redis.pipeline(transaction=False) as pipe:
+            for name in bases:
+                pipe.exists(keys.base(name, states[name].gen))
+            replies = await pipe.execute()
+        for name, exists in zip(bases, replies, strict=True):
+            if not exists:
+                found[name] = f"its base generation {states[name].gen} is gone"
+    for name, state in states.items():
+        if state.gen > 0 and kinds[name] == "subscribers":
+            lost = await _lost_buckets(redis, name, state.gen)
+            if lost:
+                found[name] = f"{lost} of its {keys.SUBSCRIBER_BUCKETS} buckets lost their marker"
+    return found
+
+
+async def _lost_buckets(redis: RedisClient, name: str, gen: int) -> int:
+    lost = 0
+    for first in range(0, keys.SUBSCRIBER_BUCKETS, MARKERS_PER_ROUND):
+        last = min(first + MARKERS_PER_ROUND, keys.SUBSCRIBER_BUCKETS)
+        async with redis.pipeline(transaction=False) as pipe:
+            for bucket in range(first, last):
+                pipe.hexists(keys.subscribers(name, bucket, gen), keys.SUBSCRIBER_MARKER)
+            replies = await pipe.execute()
+        lost += replies.count(False) + replies.count(0)
+    return lost
+
+
 @dataclass(slots=True)
 class _Health:
     healthy: ListState | None = None
@@ -87,7 +124,8 @@ class Healer:
         names = list(self.config.lists)
         await self._expire_overlays()
         states = await self.store.states(names)
-        missing = await self._missing_data(states)
+        kinds = {name: spec.kind for name, spec in self.config.lists.items()}
+        missing = await missing_data(self.redis, kinds, states)
         healed = []
         for name in names:
             state, health = states[name], self.health[name]
@@ -157,42 +195,6 @@ class Healer:
         self.health[name].retry_at = time.monotonic() + RETRY_AFTER_S
         self.metrics.heals.labels(name, "failed").inc()
         self.metrics.unhealed.labels(name).set(1)
-
-    async def _missing_data(self, states: dict[str, ListState]) -> dict[str, str]:
-        """Lists whose ``meta`` names data Redis no longer has: a base, bucket markers."""
-        found: dict[str, str] = {}
-        bases = [
-            name
-            for name, state in states.items()
-            if state.gen > 0 and self.config.lists[name].kind != "subscribers"
-        ]
-        if bases:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for name in bases:
-                    pipe.exists(keys.base(name, states[name].gen))
-                replies = await pipe.execute()
-            for name, exists in zip(bases, replies, strict=True):
-                if not exists:
-                    found[name] = f"its base generation {states[name].gen} is gone"
-        for name, state in states.items():
-            if state.gen > 0 and self.config.lists[name].kind == "subscribers":
-                lost = await self._lost_buckets(name, state.gen)
-                if lost:
-                    found[name] = (
-                        f"{lost} of its {keys.SUBSCRIBER_BUCKETS} buckets lost their marker"
-                    )
-        return found
-
-    async def _lost_buckets(self, name: str, gen: int) -> int:
-        lost = 0
-        for first in range(0, keys.SUBSCRIBER_BUCKETS, MARKERS_PER_ROUND):
-            last = min(first + MARKERS_PER_ROUND, keys.SUBSCRIBER_BUCKETS)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for bucket in range(first, last):
-                    pipe.hexists(keys.subscribers(name, bucket, gen), keys.SUBSCRIBER_MARKER)
-                replies = await pipe.execute()
-            lost += replies.count(False) + replies.count(0)
-        return lost
 
 
 class Snapshots:

@@ -66,10 +66,13 @@ class Scheduler:
         #: sync of the same list instead of failing on its lock.
         self.busy: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
-    async def sync_once(self, name: str, source: str | None = None) -> str:
-        """Sync one list (from ``source`` instead of its own, if given); return the
-        outcome. Never raises except on cancellation."""
-        options = SyncOptions(progress=self.progress, source=source)
+    async def sync_once(
+        self, name: str, source: str | None = None, *, rebuild: bool = False
+    ) -> str:
+        """Sync one list (from ``source`` instead of its own, if given; ``rebuild``: even
+        if its source looks unchanged); return the outcome. Never raises except on
+        cancellation."""
+        options = SyncOptions(progress=self.progress, source=source, rebuild=rebuild)
         async with self.busy[name]:
             started = time.monotonic()
             return await self._sync_once(name, options, started)
@@ -112,7 +115,9 @@ class Scheduler:
 
     async def _heal_sync(self, name: str, source: str | None) -> str:
         async with self.slots:
-            return await self.sync_once(name, source)
+            # What the healer repairs (a lost bucket or base) is not in the source's
+            # digest: always build.
+            return await self.sync_once(name, source, rebuild=True)
 
     # Both loops also end on ``stop``: a cancel that lands inside the Redis client can
     # come out as a connection error, which sync_once logs and carries on from.

@@ -45,8 +45,10 @@ from core.subscribers import (
     code_of,
 )
 from loader.fetch import Fetched, FetchError, Validators, fetch
+from loader.heal import missing_data
 from loader.progress import Progress, make_progress
 from loader.sources import Rows, SourceError, choose_format, open_local
+from loader.unchanged import record, source_digest, unchanged
 
 #: Bad rows reported one by one; the rest are only counted.
 MAX_REPORTED_BAD_ROWS = 20
@@ -77,6 +79,9 @@ class SyncOptions:
     #: Read this file instead of the configured source: an export (CSV, the entry in
     #: column 0), for a restore or a heal from a snapshot. Lists without a source too.
     source: str | None = None
+    #: Read and build even when the source looks unchanged (its validators or digest,
+    #: loader/unchanged.py): the self-healing, which repairs what ``meta`` cannot show.
+    rebuild: bool = False
 
 
 @dataclass(slots=True)
@@ -224,6 +229,10 @@ class _ListSync:
             self.source = config.resolve_source(self.spec.source)
         self.report = SyncReport(name, redact(self.source))
         self.validators = Validators()
+        #: The source's digest and the list's admin-write count before the build
+        #: (loader/unchanged.py); "" for an export read instead of the source.
+        self.digest = ""
+        self.changes = 0
 
     async def run(self, session: aiohttp.ClientSession | None) -> SyncReport:
         started = time.monotonic()
@@ -245,6 +254,10 @@ class _ListSync:
                 except SourceError as exc:
                     raise SyncError(f"{self.name}: {exc}") from None
                 content_type = ""
+            if await self._same_source(raw):
+                await self._not_modified()
+                report.duration_s = time.monotonic() - started
+                return report
             fmt = choose_format(
                 spec.format, self.source, spec.column, spec.label_columns, content_type
             )
@@ -281,7 +294,9 @@ class _ListSync:
             raise SyncError(f"{self.name}: unsupported source {self.report.source}")
         validators = Validators()
         known = await self.store.meta_fields(self.name, "source", "etag", "last_modified")
-        if known["source"] == self.report.source and not self.options.force:
+        if known["source"] == self.report.source and not (
+            self.options.force or self.options.rebuild
+        ):
             validators = Validators(known["etag"], known["last_modified"])
         try:
             return await fetch(
@@ -298,6 +313,25 @@ class _ListSync:
                 f"{self.name}: source unreachable, the old list is kept: {exc}"
             ) from None
 
+    async def _same_source(self, raw: IO[bytes]) -> bool:
+        """Hash the source; whether the list is what it made last time (no build needed)."""
+        if self.options.source is not None:
+            return False
+        self.digest = await source_digest(raw, self.config, self.name, self.report.source)
+        same, self.changes = await unchanged(self.redis, self.name, self.digest)
+        if not same or self.options.force or self.options.rebuild:
+            return False
+        # Data Redis lost (a base, a bucket's marker) is not in meta: a sync repairs it.
+        states = await self.store.states([self.name])
+        lost = await missing_data(self.redis, {self.name: self.spec.kind}, states)
+        return not lost
+
+    async def _stamped(self, version: int) -> int:
+        """Record the digest with the version a commit or touch returned; that version."""
+        if self.digest:
+            await record(self.redis, self.name, self.digest, version, self.changes)
+        return version
+
     async def _not_modified(self) -> None:
         report = self.report
         report.not_modified = True
@@ -305,7 +339,8 @@ class _ListSync:
             report.outcome = "dry_run"
             return
         report.outcome = "unchanged"
-        report.version = await self.store.touch(self.name, {"synced_at": f"{time.time():.3f}"})
+        version = await self.store.touch(self.name, {"synced_at": f"{time.time():.3f}"})
+        report.version = await self._stamped(version)
 
     async def _build(self, rows: Rows, progress: Progress) -> None:
         report, options = self.report, self.options
@@ -350,9 +385,9 @@ class _ListSync:
                 await builder.abort()
                 report.outcome = "unchanged"
                 fields["synced_at"] = f"{time.time():.3f}"
-                report.version = await self.store.touch(self.name, fields)
+                report.version = await self._stamped(await self.store.touch(self.name, fields))
                 return
-            report.version = await builder.commit(fields)
+            report.version = await self._stamped(await builder.commit(fields))
             report.outcome = "success"
         except SourceError as exc:
             await builder.abort()

@@ -36,9 +36,16 @@ def write_numbers(folder: Path, *numbers: str, name: str = "blocklist.csv") -> N
     (folder / name).write_text("number,reason\n" + "".join(f"{n},spam\n" for n in numbers))
 
 
-async def snapshot(redis: Redis) -> dict[bytes, bytes | None]:
-    """Every key with its serialised value: equal snapshots mean nothing was written."""
-    return {key: await redis.dump(key) async for key in redis.scan_iter(count=1000)}
+async def snapshot(redis: Redis) -> dict[bytes, Any]:
+    """Every key with its value (serialised; a hash's fields sorted, as DUMP's order
+    moves when a field is added and deleted): equal snapshots mean nothing was changed."""
+    found: dict[bytes, Any] = {}
+    async for key in redis.scan_iter(count=1000):
+        if await redis.type(key) == b"hash":
+            found[key] = sorted((await redis.hgetall(key)).items())
+        else:
+            found[key] = await redis.dump(key)
+    return found
 
 
 SEED = ("5162065613", "5162065614", "5162065615", "5162065616")

@@ -20,7 +20,7 @@ from core import keys
 from core.config import Config
 from core.store import ListStore
 from devtools.redis_server import RedisProcess, free_port
-from loader.heal import Healer, Snapshots
+from loader.heal import Healer, Snapshots, _lost_buckets
 from loader.metrics import LoaderMetrics
 from loader.schedule import Scheduler
 from tests.helpers import REJECT, body_from, wait_for
@@ -191,7 +191,7 @@ async def test_what_the_healer_notices_and_what_it_cannot_heal(
     assert await store.contains("manual", "numbers", MANUAL)
     new_gen = (await store.states(["personal"]))["personal"].gen
     assert new_gen != gen
-    assert await healer._lost_buckets("personal", new_gen) == 0
+    assert await _lost_buckets(redis, "personal", new_gen) == 0
     assert await healer.check() == []
 
     def sample(name: str, **labels: str) -> float:
