@@ -226,9 +226,15 @@ class Report:
             " one service)",
             f"  {'policy':30} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
         ]
-        labels = {"local": "local lists only", "subscribers": "subscriber + call rate"}
-        for name in ("local", "subscribers"):
-            results = runs[name]
+        labels = {
+            "local": "local lists only",
+            "subscribers": "subscriber + call rate",
+            "entries": "subscriber entries only",
+        }
+        for name in ("local", "subscribers", "entries"):
+            results = runs.get(name)
+            if not results:
+                continue
             self.lines.append(
                 f"  {labels[name]:30} {mean(r['rps'] for r in results):>10,.0f}"
                 f" {mean(r['p50_ms'] for r in results):>8.2f}"
@@ -250,6 +256,19 @@ class Report:
             + ", ".join(f"{p:.2f}" for p in pairs)
             + ")"
         )
+        if runs.get("entries"):
+            ratios = [
+                e["rps"] / local["rps"]
+                for local, e in zip(runs["local"], runs["entries"], strict=True)
+            ]
+            cache = h.get("cache") or {}
+            looked = sum(cache.values())
+            hits = f"{cache.get('hit', 0) / looked:.1%}" if looked else "-"
+            self.lines.append(
+                f"  ratio entries-only/local: {median(ratios):.3f} (paired rounds: "
+                + ", ".join(f"{p:.2f}" for p in ratios)
+                + f"); called subscribers Zipf {h.get('zipf', 0):g}; entries cache hits {hits}"
+            )
         redis_ms = h["redis_mean_ms"]
         on_error = h["on_error"]
         self.lines.append(

@@ -16,10 +16,14 @@ Steps, on the bench's private Redis (the block list and the others already loade
 4. unless ``--skip-http``: a service whose config has both the bench's local-only policy
    (trunk group ``bench``) and one reading the called subscriber's entries and counting
    the caller's calls (trunk group ``subscribers``: both from Redis in one pipelined
-   round trip a call). A sample of answers is checked, then wrk drives both trunk
-   groups of the same service in alternating rounds (``--subscriber-rounds``), then
-   both once more at the same moderate rate (``--pace`` times the subscriber group's
-   full rate), where latency is the call's own cost rather than queueing.
+   round trip a call), and one with the entries rules alone (``subscriber-entries``:
+   a subscriber the worker's entries cache holds costs no Redis command). Bodies call
+   the subscribers uniformly, or by a Zipf law (``--subscriber-zipf 1.1``: a few
+   contact centres take most calls). A sample of answers is checked, then wrk drives
+   the trunk groups of the same service in alternating rounds (``--subscriber-rounds``),
+   then once more at the same moderate rate (``--pace`` times the subscriber group's
+   full rate), where latency is the call's own cost rather than queueing. The cache's
+   hit share under load is reported.
 
 Default size: about 45 s on the bench machine (2 cores), most of it the sync and wrk.
 """
@@ -38,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import load, servers, storage
 from bench.workload import (
+    ENTRIES_TRUNK_GROUP,
     SUBSCRIBER_CLASS_SHARES,
     SUBSCRIBER_LIST,
     SUBSCRIBER_TRUNK_GROUP,
@@ -76,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--subscriber-bodies", type=int, default=20_000, help="distinct subscriber bodies"
     )
+    parser.add_argument(
+        "--subscriber-zipf",
+        type=float,
+        default=0.0,
+        help="called subscribers drawn by a Zipf law of this exponent (0: uniformly)",
+    )
 
 
 def run(
@@ -92,7 +103,10 @@ def run(
     folder = work / "subscribers"
     folder.mkdir(parents=True, exist_ok=True)
     sizes = SubscriberSizes(
-        subscribers=args.subscribers, entries=args.subscriber_entries, bodies=args.subscriber_bodies
+        subscribers=args.subscribers,
+        entries=args.subscriber_entries,
+        bodies=args.subscriber_bodies,
+        zipf=args.subscriber_zipf,
     )
     done = step(f"subscribers: writing {sizes.subscribers:,} subscribers x {sizes.entries} entries")
     workload = write_subscribers(folder / "personal.csv", sizes)
@@ -238,6 +252,7 @@ def serve(
     targets = {
         "local": (f"/tg/{TRUNK_GROUP}", local_bodies),
         "subscribers": (f"/tg/{SUBSCRIBER_TRUNK_GROUP}", folder / "bodies.jsonl"),
+        "entries": (f"/tg/{ENTRIES_TRUNK_GROUP}", folder / "bodies.jsonl"),
     }
     scripts = {}
     for name, (path, bodies) in targets.items():
@@ -247,6 +262,7 @@ def serve(
     python_bodies = {
         "local": local_bodies.read_bytes().splitlines(),
         "subscribers": workload.bodies,
+        "entries": workload.bodies,
     }
 
     def drive(url: str, name: str, seconds: int) -> load.LoadResult:
@@ -255,7 +271,7 @@ def serve(
             return load.run_wrk(url + path, scripts[name], seconds, args.connections, args.threads)
         return load.run_python(url + path, python_bodies[name], seconds, args.connections)
 
-    runs: dict[str, list[load.LoadResult]] = {"local": [], "subscribers": []}
+    runs: dict[str, list[load.LoadResult]] = {"local": [], "subscribers": [], "entries": []}
     service = servers.service(config, free_port(), args.workers, folder / "service.log", env)
     with service:
         done = step("subscribers: checking a sample of the answers")
@@ -297,6 +313,8 @@ def serve(
         "redis_mean_ms": (after["redis_sum"] - before["redis_sum"]) / reads * 1000
         if reads
         else None,
+        "zipf": args.subscriber_zipf,
+        "cache": {k: after["cache"].get(k, 0) - before["cache"].get(k, 0) for k in after["cache"]},
         **load.runs_json(runs, paced),
     }
 
@@ -338,7 +356,9 @@ def _metrics(url: str) -> dict[str, Any]:
     and the count and sum of the per-call Redis round trips."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    found: dict[str, Any] = {"decisions": {}, "on_error": {}, "redis_count": 0, "redis_sum": 0.0}
+    found: dict[str, Any] = {
+        "decisions": {}, "on_error": {}, "redis_count": 0, "redis_sum": 0.0, "cache": {}
+    }  # fmt: skip
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
@@ -350,6 +370,9 @@ def _metrics(url: str) -> dict[str, Any]:
                     found["decisions"][decision] = (
                         found["decisions"].get(decision, 0) + sample.value
                     )
+            elif family.name == "callscreen_subscriber_cache_lookups":
+                if sample.name.endswith("_total"):
+                    found["cache"][labels["result"]] = sample.value
             elif family.name == "callscreen_on_error" and sample.name.endswith("_total"):
                 found["on_error"][labels["reason"]] = sample.value
             elif family.name == "callscreen_redis_duration_seconds" and (

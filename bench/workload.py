@@ -35,9 +35,10 @@ sub_unlisted  75 %    on none of the called subscriber's entries
 
 from __future__ import annotations
 
+import itertools
 import random
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ TRUNK_GROUP = "bench"
 #: The per-subscriber part: its list, trunk group, classes and answers.
 SUBSCRIBER_LIST = "personal"
 SUBSCRIBER_TRUNK_GROUP = "subscribers"
+#: The same subscriber rules without the call-rate rule: a hot subscriber is answered
+#: from the worker's entries cache, without Redis (docs/subscribers.md).
+ENTRIES_TRUNK_GROUP = "subscriber-entries"
 SUBSCRIBER_CLASS_SHARES = {"sub_block": 0.20, "sub_allow": 0.05, "sub_unlisted": 0.75}
 SUBSCRIBER_ANSWERS: dict[str, list[dict[str, Any]]] = {
     "sub_block": [{"action": "reject", "operands": ["decline", "subscriber-block"]}],
@@ -383,6 +387,10 @@ class SubscriberSizes:
     bodies: int = 20_000
     #: Subscribers the bodies call (their entries are kept to build the bodies).
     called: int = 5_000
+    #: How the bodies pick the called subscriber: 0 uniformly, else by a Zipf law of
+    #: this exponent over the ``called`` ones (1.0: the k-th busiest gets 1/k of the
+    #: busiest's calls; a few contact centres take most of the traffic).
+    zipf: float = 0.0
 
 
 @dataclass(slots=True)
@@ -441,22 +449,33 @@ def write_subscribers(path: Path, sizes: SubscriberSizes, seed: int = 2025) -> S
             out.write("\n".join(lines))
             out.write("\n")
             rows += len(lines)
-    bodies, classes = _subscriber_bodies(prng, rng, kept, sizes.bodies)
+    bodies, classes = _subscriber_bodies(prng, rng, kept, sizes.bodies, sizes.zipf)
     return SubscriberWorkload(path, rows, bodies, classes)
 
 
 def _subscriber_bodies(
-    prng: random.Random, rng: np.random.Generator, kept: dict[str, list[str]], count: int
+    prng: random.Random,
+    rng: np.random.Generator,
+    kept: dict[str, list[str]],
+    count: int,
+    zipf: float = 0.0,
 ) -> tuple[list[bytes], list[str]]:
-    """``count`` bodies calling the ``kept`` subscribers, in the classes' shares, shuffled."""
+    """``count`` bodies calling the ``kept`` subscribers, in the classes' shares, shuffled;
+    the subscriber picked uniformly, or by a Zipf law of exponent ``zipf``."""
     called = sorted(kept)
+    pick: Callable[[], str] = lambda: prng.choice(called)  # noqa: E731
+    if zipf > 0:
+        ranked = called[:]
+        prng.shuffle(ranked)  # the busiest are not the lowest numbers
+        cumulative = list(itertools.accumulate(1 / (k**zipf) for k in range(1, len(ranked) + 1)))
+        pick = lambda: prng.choices(ranked, cum_weights=cumulative)[0]  # noqa: E731
     counts = {cls: int(count * share) for cls, share in SUBSCRIBER_CLASS_SHARES.items()}
     counts["sub_unlisted"] += count - sum(counts.values())
     strangers = iter(_nanp_numbers(rng, (counts["sub_unlisted"],)).tolist())
     calls: list[tuple[str, str, str]] = []
     for cls, n in counts.items():
         for _ in range(n):
-            subscriber = prng.choice(called)
+            subscriber = pick()
             entries = kept[subscriber]
             if cls == "sub_block":
                 caller = prng.choice(entries[:-1])
@@ -476,11 +495,13 @@ def _subscriber_bodies(
 
 
 def subscriber_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
-    """``config`` (:func:`bench_config`) plus the subscribers list and its trunk group.
+    """``config`` (:func:`bench_config`) plus the subscribers list and its trunk groups.
 
-    Its policy reads the called subscriber's entries (allow first, then block) and
-    counts the caller's calls (a limit no caller reaches): both come from Redis in the
-    call's one pipelined round trip.
+    The ``subscribers`` policy reads the called subscriber's entries (allow first, then
+    block) and counts the caller's calls (a limit no caller reaches): the count, and the
+    entries unless cached, come from Redis in the call's one pipelined round trip. The
+    ``subscriber-entries`` policy has the entries rules alone: a cached subscriber's
+    calls need no Redis at all.
     """
     personal = {"match": "caller_in_subscriber_list", "list": SUBSCRIBER_LIST}
     spec = {"kind": "subscribers", "source": str(source)}
@@ -499,10 +520,19 @@ def subscriber_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
                      "window_s": 60, "operands": ["busy-here", "too-many-calls"]},
                 ],
             },
+            ENTRIES_TRUNK_GROUP: {
+                "default": "allow",
+                "rules": [
+                    {"name": "personal-allow", **personal, "action": "allow"},
+                    {"name": "personal-block", **personal,
+                     "operands": ["decline", "subscriber-block"]},
+                ],
+            },
         },
         "trunk_groups": {
             **config["trunk_groups"],
             SUBSCRIBER_TRUNK_GROUP: {"policy": SUBSCRIBER_TRUNK_GROUP},
+            ENTRIES_TRUNK_GROUP: {"policy": ENTRIES_TRUNK_GROUP},
         },
     }  # fmt: skip
 

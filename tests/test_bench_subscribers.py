@@ -8,6 +8,7 @@ back from Redis, and its memory measure covers every bucket.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +82,19 @@ async def test_subscriber_bodies_get_the_answer_of_their_class(
         assert not client.keys("*bench-copy*")  # the scratch copies are gone
     finally:
         client.close()
+
+
+def test_zipf_bodies_crowd_onto_few_subscribers(tmp_path: Path) -> None:
+    """``--subscriber-zipf``: a few called numbers take most calls (contact centres);
+    the classes keep their shares, and each body's caller fits its class."""
+    uniform = write_subscribers(tmp_path / "u.csv", TINY)
+    skewed = write_subscribers(tmp_path / "z.csv", replace(TINY, zipf=1.2))
+
+    def called(workload: Any) -> Counter[str]:
+        return Counter(orjson.loads(b)["To"][0]["user"] for b in workload.bodies)
+
+    top_uniform = sum(n for _, n in called(uniform).most_common(10)) / TINY.bodies
+    top_skewed = sum(n for _, n in called(skewed).most_common(10)) / TINY.bodies
+    assert top_uniform < 0.1 and top_skewed > 0.4
+    counts = Counter(skewed.classes)
+    assert {c: counts[c] / TINY.bodies for c in SUBSCRIBER_CLASS_SHARES} == SUBSCRIBER_CLASS_SHARES
