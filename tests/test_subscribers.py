@@ -28,7 +28,14 @@ from service.appkeys import CACHE
 from service.screening.lists import NumberList, SubscriberList
 from service.screening.policy import CompiledPolicy, NeedsRates
 from service.screening.request import CallParser
-from tests.helpers import PERSONAL_ALLOW, PERSONAL_BLOCK, REJECT, body_from, ready_client
+from tests.helpers import (
+    PERSONAL_ALLOW,
+    PERSONAL_BLOCK,
+    REJECT,
+    body_from,
+    ready_client,
+    wait_for,
+)
 from tests.test_call_rate import CountingConnection, load_blocklist
 
 Client = TestClient[Any, Any]
