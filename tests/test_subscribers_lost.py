@@ -136,8 +136,14 @@ async def test_a_lost_bucket_answers_its_subscribers_by_on_error(
     second = await client.post("/tg/rate", json=call_body("15165550777", victim))
     assert await second.json() == RATE
     assert await metric(client, LOST) == 4
-    # Ready: the loss is per bucket, seen by calls alone (docs/subscribers.md).
-    assert (await client.get("/readyz")).status == 200
+    # Ready: the loss is per bucket, seen by calls alone (docs/subscribers.md); the
+    # operator's /readyz names the list and how many of its buckets calls found lost.
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    report = (await ready.json())["lost_buckets"]
+    assert report == {
+        "personal": {"gen": gen, "buckets_seen_lost": 1, "share": 1 / keys.SUBSCRIBER_BUCKETS}
+    }
     # The admin GET flags the lost bucket; another bucket's subscriber is not flagged.
     path = "/v1/lists/personal/subscribers"
     got = await (await client.get(f"{path}/{victim}", headers=admin)).json()

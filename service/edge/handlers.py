@@ -13,6 +13,7 @@ import time
 import orjson
 from aiohttp import web
 
+from core.keys import SUBSCRIBER_BUCKETS
 from core.logs import REQUEST_ID
 from service.appkeys import AUTH, INTERNALS, SCREENER
 from service.edge.answers import screening_response
@@ -118,7 +119,21 @@ async def readyz(request: web.Request) -> web.Response:
     # while the others are answered as usual, so the instance stays ready for them.
     down = screener.store.dispatcher.down
     degraded = [f"Redis node {name} failing" for name in down]
-    body = {"ready": not reasons, "reasons": reasons, "degraded": degraded, "lists": lists}
+    # Buckets Redis lost affect only the calls reading them (they answer by on_error
+    # until a sync heals them): degraded, not unready.
+    lost = screener.lost_bucket_report()
+    degraded += [
+        f"list {name}: {int(seen['buckets_seen_lost'])} of {SUBSCRIBER_BUCKETS} buckets of "
+        f"generation {int(seen['gen'])} found lost by calls ({seen['share']:.1%})"
+        for name, seen in lost.items()
+    ]
+    body = {
+        "ready": not reasons,
+        "reasons": reasons,
+        "degraded": degraded,
+        "lost_buckets": lost,
+        "lists": lists,
+    }
     return web.Response(
         status=200 if not reasons else 503, body=orjson.dumps(body), content_type=_JSON
     )

@@ -14,19 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
 from core import fraud
 from core.config import Config
-from core.keys import subscriber_bucket_of
+from core.keys import SUBSCRIBER_BUCKETS, subscriber_bucket_of
 from core.logs import log_fields
 from core.store import ListStore
 from core.subscribers import Entries
 from service.metrics import ROOT_TRUNK_GROUP, Metrics
 from service.ratelimit import RateLimitedLog
 from service.screening.cache import LIST_LOST, LIST_NOT_LOADED, ListCache
+from service.screening.lists import SubscriberList
 from service.screening.policy import (
     ON_ERROR_RULE,
     CompiledPolicy,
@@ -76,6 +78,8 @@ class Screener:
         #: STIR/SHAKEN verification, set up by the app when a policy has ``stir_*`` rules.
         self.stir: Verifier | None = None
         #: Subscribers' entries read lately, answered from without Redis while fresh.
+        #: Per subscribers list: (generation, buckets calls found without their marker).
+        self.lost_buckets: dict[str, tuple[int, set[int]]] = {}
         self.subscribers = SubscriberCache(
             config.cache.subscriber_entries, config.cache.subscriber_max_age_ms
         )
@@ -263,6 +267,7 @@ class Screener:
         lists = cache.lists
         if lost:  # rare: copy the (few) list objects without the lost ones
             lists = {name: held for name, held in lists.items() if name not in lost}
+            self._note_lost(reads, lost)
         try:
             return policy.evaluate(call, lists, counts, found, resume=pending)
         except ListsUnavailable as exc:
@@ -294,6 +299,26 @@ class Screener:
         started = time.perf_counter()
         call.stir = await self.stir.verify(call, policy.trust_verstat, self.deadline_s / 2)
         return self.decide_locally(policy, call), self.deadline_s - (time.perf_counter() - started)
+
+    def _note_lost(self, reads: list[tuple[str, int, str]], lost: Collection[str]) -> None:
+        """Remember which buckets of which generation calls found lost (operator /readyz)."""
+        for name, gen, subscriber in reads:
+            if name in lost:
+                seen_gen, buckets = self.lost_buckets.get(name, (gen, set()))
+                if seen_gen != gen:  # a newer generation: what the old one lost is moot
+                    buckets = set()
+                buckets.add(subscriber_bucket_of(subscriber))
+                self.lost_buckets[name] = (gen, buckets)
+
+    def lost_bucket_report(self) -> dict[str, dict[str, float]]:
+        """Per subscribers list, the buckets of its live generation calls found lost."""
+        report = {}
+        for name, (gen, buckets) in sorted(self.lost_buckets.items()):
+            held = self.cache.lists.get(name)
+            if isinstance(held, SubscriberList) and held.gen == gen and buckets:
+                share = len(buckets) / SUBSCRIBER_BUCKETS
+                report[name] = {"gen": gen, "buckets_seen_lost": len(buckets), "share": share}
+        return report
 
     def record(self, group: str, call: Call, evaluation: Evaluation) -> None:
         """Count a decision and log a rejected call (one line each).
