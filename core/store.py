@@ -185,6 +185,30 @@ class ListState:
         )
 
 
+def data_lost(before: ListState, now: ListState) -> str | None:
+    """How ``now`` shows Redis lost data a healthy ``before`` had, or None.
+
+    The one rule the service (which stops answering from the list) and ``loader run``
+    (which heals it) both apply.
+    """
+    if before.version == 0:  # a list never written: nothing to lose
+        return None
+    if now.version == 0:
+        return "its meta hash is gone (Redis flushed, restarted empty or failed over)"
+    if now.version < before.version:
+        return (
+            f"its version went back from {before.version} to {now.version} (Redis restored "
+            "from an older copy or failed over to a lagging replica)"
+        )
+    # Neither stamp is ever deleted, and a live base is only ever replaced by a newer
+    # one (or none): either going back means the meta hash was rewritten from scratch.
+    if before.stamped and not now.stamped:
+        return "its sync stamp is gone (Redis lost the list and it was rewritten since)"
+    if 0 < now.gen < before.gen:
+        return f"its base went back from generation {before.gen} to {now.gen}"
+    return None
+
+
 #: The ``meta`` fields a :class:`ListState` is read from.
 STATE_FIELDS = ("gen", "version", "synced_at", "accepted_at", "checksum")
 

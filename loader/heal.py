@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from core import keys, overlay
 from core.config import Config, ListKind
 from core.redact import redact_text
-from core.store import ListState, ListStore, RedisClient
+from core.store import ListState, ListStore, RedisClient, data_lost
 from loader.export import export_list, snapshot_path
 from loader.metrics import LoaderMetrics
 
@@ -34,25 +34,6 @@ MARKERS_PER_ROUND = 2048
 #: Runs one sync of a list (``source``: a file to read instead of its own, or None);
 #: returns the outcome (``success``, ``unchanged``, ``refused``, ``failed``, ...).
 SyncFn = Callable[[str, str | None], Awaitable[str]]
-
-
-def loss(before: ListState, now: ListState) -> str | None:
-    """How ``now`` shows Redis lost what ``before`` (a healthy state) had, or None.
-
-    The same rules as the service's (service/screening/cache.py ``_loss``); the loader
-    does not import the service, so they are written twice, on purpose kept in step.
-    """
-    if before.version == 0:
-        return None
-    if now.version == 0:
-        return "its meta hash is gone"
-    if now.version < before.version:
-        return f"its version went back from {before.version} to {now.version}"
-    if before.stamped and not now.stamped:
-        return "its sync stamp is gone"
-    if 0 < now.gen < before.gen:
-        return f"its base went back from generation {before.gen} to {now.gen}"
-    return None
 
 
 async def missing_data(
@@ -131,7 +112,7 @@ class Healer:
             state, health = states[name], self.health[name]
             why = missing.get(name)
             if why is None and health.healthy is not None:
-                why = loss(health.healthy, state)
+                why = data_lost(health.healthy, state)
             if why is None and state.version == 0 and self._source_of(name) is not None:
                 why = "it is not in Redis"
             if why is None:
@@ -223,7 +204,7 @@ class Snapshots:
             if spec.source is not None or path is None or healthy is None:
                 continue
             state = (await self.healer.store.states([name]))[name]
-            if loss(healthy, state) is not None or self.written.get(name) == state.version:
+            if data_lost(healthy, state) is not None or self.written.get(name) == state.version:
                 continue
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

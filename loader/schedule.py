@@ -113,7 +113,8 @@ class Scheduler:
         logger.info("synced %s", report.summary())
         return report.outcome
 
-    async def _heal_sync(self, name: str, source: str | None) -> str:
+    async def heal_sync(self, name: str, source: str | None) -> str:
+        """The healer's sync: one slot of the scheduler's, and always a build."""
         async with self.slots:
             # What the healer repairs (a lost bucket or base) is not in the source's
             # digest: always build.
@@ -148,7 +149,7 @@ class Scheduler:
             for name, interval in intervals.items()
         ]
         tasks.append(asyncio.create_task(self._maintenance(stop), name="compaction"))
-        healer = Healer(self.redis, self.config, self.metrics, self._heal_sync)
+        healer = Healer(self.redis, self.config, self.metrics, self.heal_sync)
         tasks.append(asyncio.create_task(healer.run(stop), name="healer"))
         if self.config.loader.snapshot_dir is not None:
             snapshots = Snapshots(self.redis, self.config, healer)

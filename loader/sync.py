@@ -22,6 +22,7 @@ from typing import IO
 import aiohttp
 import numpy as np
 
+from core import keys
 from core.audit import AuditLog, loader_record
 from core.build import (
     BuildResult,
@@ -320,6 +321,10 @@ class _ListSync:
         self.digest = await source_digest(raw, self.config, self.name, self.report.source)
         same, self.changes = await unchanged(self.redis, self.name, self.digest)
         if not same or self.options.force or self.options.rebuild:
+            return False
+        # A build that died left staging keys behind (meta's ``building``): a build
+        # deletes them, so run one.
+        if await self.redis.hexists(keys.meta(self.name), "building"):
             return False
         # Data Redis lost (a base, a bucket's marker) is not in meta: a sync repairs it.
         states = await self.store.states([self.name])

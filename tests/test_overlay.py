@@ -136,7 +136,7 @@ async def test_an_overlay_entry_with_a_ttl_expires_and_the_source_decides_again(
     await sync_list(redis, config, "blocklist", QUIET)
     assert await ListStore(redis).contains("blocklist", "numbers", MANUAL)  # not yet expired
     scheduler = Scheduler(redis, config, LoaderMetrics(CollectorRegistry(), []), progress="off")
-    healer = Healer(redis, config, scheduler.metrics, scheduler.sync_once)
+    healer = Healer(redis, config, scheduler.metrics, scheduler.heal_sync)
 
     async def expired() -> bool:
         await healer.check()

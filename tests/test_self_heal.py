@@ -146,7 +146,7 @@ async def test_flushall_under_loader_run_heals_within_10_s(
     print(f"answered from the lists again {healed_s:.2f} s after FLUSHALL")
     assert healed_s < 10
     log = (folder / "loader.log").read_text()
-    assert "blocklist: lost from Redis (its meta hash is gone)" in log
+    assert "blocklist: lost from Redis (its meta hash is gone" in log
 
 
 async def test_what_the_healer_notices_and_what_it_cannot_heal(
@@ -168,7 +168,7 @@ async def test_what_the_healer_notices_and_what_it_cannot_heal(
     registry = CollectorRegistry()
     metrics = LoaderMetrics(registry, [], config.lists)
     scheduler = Scheduler(redis, config, metrics, progress="off")
-    healer = Healer(redis, config, metrics, scheduler.sync_once)
+    healer = Healer(redis, config, metrics, scheduler.heal_sync)
     store = ListStore(redis)
 
     # never loaded: the lists with a source are synced at once

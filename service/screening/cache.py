@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from core.config import CacheSettings, ListKind
-from core.store import Deltas, ListState, ListStore
+from core.store import Deltas, ListState, ListStore, data_lost
 from service.ratelimit import RateLimitedLog
 from service.screening.lists import ListObject, NameList, NumberList, PrefixList, SubscriberList
 from service.screening.shared_lists import SharedBases, SharingFailed, release_free_memory
@@ -45,26 +45,6 @@ class Distrust:
     detail: str
     #: For a lost list: the stamp Redis showed when the loss was noticed.
     stamp: str = ""
-
-
-def _loss(copy: ListState, seen: ListState) -> str | None:
-    """How ``seen`` shows Redis lost data the copy in use (``copy``) was built from."""
-    if copy.version == 0:  # the copy is of a list never written: nothing to lose
-        return None
-    if seen.version == 0:
-        return "its meta hash is gone (Redis flushed, restarted empty or failed over)"
-    if seen.version < copy.version:
-        return (
-            f"its version went back from {copy.version} to {seen.version} (Redis restored "
-            "from an older copy or failed over to a lagging replica)"
-        )
-    # Neither stamp is ever deleted, and a live base is only ever replaced by a newer
-    # one (or none): either going back means the meta hash was rewritten from scratch.
-    if copy.stamped and not seen.stamped:
-        return "its sync stamp is gone (Redis lost the list and it was rewritten since)"
-    if 0 < seen.gen < copy.gen:
-        return f"its base went back from generation {copy.gen} to {seen.gen}"
-    return None
 
 
 def _set_list(
@@ -221,7 +201,7 @@ class ListCache:
         if held is not None and held.reason == LIST_LOST:
             return None if seen.stamped and seen.stamp != held.stamp else held
         copy = self.loaded.get(name)
-        if copy is not None and (how := _loss(copy, seen)) is not None:
+        if copy is not None and (how := data_lost(copy, seen)) is not None:
             return Distrust(
                 LIST_LOST,
                 f"list {name!r} lost from Redis: {how}; answering by on_error until a full "
