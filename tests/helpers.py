@@ -130,3 +130,12 @@ async def ready_client(make_client: Callable[..., Awaitable[Any]], config: Any) 
 
     await wait_for(ready)
     return client
+
+
+async def metric(client: Any, line: str) -> float:
+    """The value of one series (``name{labels}``) in a test client's ``/metrics``."""
+    text = await (await client.get("/metrics")).text()
+    for row in text.splitlines():
+        if row.startswith(line + " "):
+            return float(row.split()[-1])
+    raise AssertionError(f"{line} not in /metrics")

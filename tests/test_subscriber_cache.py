@@ -19,7 +19,7 @@ from core import keys
 from core.config import Config
 from devtools.redis_server import RedisProcess
 from loader.sync import sync_list
-from tests.helpers import wait_for
+from tests.helpers import metric, wait_for
 from tests.test_call_rate import CountingConnection, load_blocklist
 from tests.test_subscribers import (
     ADMIN_TOKEN,
@@ -39,14 +39,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 def source(tmp_path: Path) -> Path:
     (tmp_path / "personal.csv").write_text(CSV)
     return tmp_path
-
-
-async def metric(client: Any, line: str) -> float:
-    text = await (await client.get("/metrics")).text()
-    for row in text.splitlines():
-        if row.startswith(line + " "):
-            return float(row.split()[-1])
-    raise AssertionError(f"{line} not in /metrics")
 
 
 HITS = 'callscreen_subscriber_cache_lookups_total{result="hit"}'

@@ -23,7 +23,7 @@ from core.config import Config
 from core.subscribers import _RESERVE_GEN, SubscriberStore, code_of, mark_buckets
 from devtools.redis_server import LocalCluster
 from loader.sync import SyncOptions, sync_list
-from tests.helpers import PERSONAL_ALLOW, PERSONAL_BLOCK, ready_client, wait_for
+from tests.helpers import PERSONAL_ALLOW, PERSONAL_BLOCK, metric, ready_client, wait_for
 from tests.test_subscribers import ON_ERROR, PERSONAL, answer, call_body
 
 TOKEN = "subscribers-lost-admin-token-0123"
@@ -59,14 +59,6 @@ def lost_config(redis_url: str | None = None) -> dict[str, Any]:
 def write_source(folder: Path) -> None:
     rows = "".join(f"{s},1516555{i:04d}\n{s},1900*\n" for i, s in enumerate(SUBSCRIBERS))
     (folder / "personal.csv").write_text(rows + f"{SUBSCRIBERS[0]},19005550000,allow\n")
-
-
-async def metric(client: Any, line: str) -> float:
-    text = await (await client.get("/metrics")).text()
-    for row in text.splitlines():
-        if row.startswith(line + " "):
-            return float(row.split()[-1])
-    raise AssertionError(f"{line} not in /metrics")
 
 
 LOST = 'callscreen_on_error_total{reason="list_lost"}'
