@@ -29,6 +29,7 @@ _SPELLINGS = {
     "p-asserted-identity": "P-Asserted-Identity",
     "remote-party-id": "Remote-Party-ID",
     "privacy": "Privacy",
+    "identity": "Identity",
 }
 RPID_PRIVACY = frozenset({"full", "uri"})
 MAX_FIELD_CHARS = 256

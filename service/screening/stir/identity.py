@@ -5,13 +5,17 @@ A value whose ``ppt`` is not ``shaken`` is skipped (RFC 8224 §6.2: unknown PASS
 types are ignored); a ``shaken`` one that cannot be read is :class:`Malformed`, never an
 exception. Nothing here checks the signature: :mod:`.verify` does, with the key of the
 certificate the header names.
+
+The parts every call of one signer repeats (the PASSporT header segment and the value's
+parameters) are decoded once per distinct string, in small LRUs: the dictionaries they
+give are shared and must not be changed. The payload and signature are decoded per call.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -23,6 +27,9 @@ MAX_VALUE_CHARS = 4096
 #: Identity values looked at per call.
 MAX_VALUES = 4
 ATTESTATIONS = frozenset({"A", "B", "C"})
+#: Distinct header segments and parameter strings kept decoded (one or two per signer).
+DECODED_CACHE_SIZE = 512
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 class Malformed(Exception):
@@ -74,7 +81,9 @@ def _split(value: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+@lru_cache(maxsize=DECODED_CACHE_SIZE)
 def _params(text: str) -> dict[str, str]:
+    """The parameters after a value's first ``;`` (shared: do not change the result)."""
     params: dict[str, str] = {}
     for item in text.split(";"):
         key, _, value = item.partition("=")
@@ -92,9 +101,11 @@ def value_ppt(value: str) -> str | None:
 
 
 def _b64(part: str) -> bytes:
+    # base64.urlsafe_b64decode's steps without its wrappers: same alphabet, same leniency.
     try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
+        raw = part.encode("ascii").translate(_URLSAFE)
+        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
         raise Malformed("a PASSporT part is not base64url") from None
 
 
@@ -108,6 +119,12 @@ def _object(part: str, what: str) -> dict[str, Any]:
     return found
 
 
+@lru_cache(maxsize=DECODED_CACHE_SIZE)
+def _header(part: str) -> dict[str, Any]:
+    """A decoded header segment (shared: do not change the result); Malformed if not one."""
+    return _object(part, "header")
+
+
 def parse_value(value: str) -> Passport:
     """Decode one SHAKEN Identity value; raise :class:`Malformed` naming the problem."""
     token, _, rest = value.partition(";")
@@ -117,7 +134,7 @@ def parse_value(value: str) -> Passport:
         raise Malformed("the PASSporT is not <header>.<payload>.<signature>")
     if not parts[1]:
         raise Malformed("compact form (no payload) cannot be checked from a header alone")
-    header = _object(parts[0], "header")
+    header = _header(parts[0])
     payload = _object(parts[1], "payload")
     signature = _b64(parts[2])
     if header.get("alg") != ES256 or params.get("alg", ES256).strip('"') != ES256:
@@ -174,7 +191,7 @@ def shaken_value(values: Any) -> str | None:
         ppt = value_ppt(value)
         if ppt is None:  # no parameter: the PASSporT's own header says which type it is
             try:
-                ppt = _object(value.partition(".")[0], "header").get("ppt")
+                ppt = _header(value.partition(".")[0]).get("ppt")
             except Malformed:
                 return value  # unreadable: reported as malformed
         if ppt is None or ppt == SHAKEN:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -24,7 +24,6 @@ from core.config import StirSettings
 from core.numbers import normalise
 from service.metrics import Metrics
 from service.screening.request import Call
-from service.screening.stir.certs import Signer
 from service.screening.stir.identity import Malformed, Passport, parse_value, shaken_value
 from service.screening.stir.store import CertEntry, CertStore
 
@@ -82,23 +81,55 @@ ABSENT = Verification("absent", checks=(Check("identity", "failed", "no SHAKEN I
 class _Signed:
     """What depends on the header value only: its PASSporT and what its signature gave.
 
-    For a good signature also the PASSporT's numbers as the service normalises them,
-    whether the TNAuthList covers ``orig.tn``, and the checks of a valid result.
+    For a good signature also whether the TNAuthList covers ``orig.tn`` and the checks
+    of a valid result.
     """
 
     passport: Passport | None
     reason: str | None
     checks: tuple[Check, ...]
-    signer: Signer | None = None
-    orig: str | None = None
-    dests: frozenset[str | None] = frozenset()
     covered: bool = False
     valid_checks: tuple[Check, ...] = ()
 
 
+_DECODED = Check("decode", "ok")
+_SIGNATURE_OK = Check("signature", "ok")
+_BAD_SIGNATURE = Check("signature", "failed", "does not verify with the certificate's key")
 _VALID_TAIL = (
     Check("freshness", "ok"), Check("orig.tn", "ok"), Check("dest.tn", "ok"), Check("tn_auth", "ok")
 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _EntryChecks:
+    """The checks every PASSporT verified with one certificate entry shares."""
+
+    entry: CertEntry
+    #: Up to the certificate (its failure, or its success and where it came from).
+    certificate: tuple[Check, ...]
+    bad_signature: tuple[Check, ...]
+    signed: tuple[Check, ...]
+    valid: tuple[Check, ...]
+
+
+def _entry_checks(entry: CertEntry) -> _EntryChecks:
+    if entry.signer is None:
+        certificate = (_DECODED, Check("certificate", "failed", entry.detail))
+    else:
+        certificate = (_DECODED, Check("certificate", "ok", f"{entry.detail} ({entry.source})"))
+    signed = (*certificate, _SIGNATURE_OK)
+    return _EntryChecks(
+        entry, certificate, (*certificate, _BAD_SIGNATURE), signed, (*signed, *_VALID_TAIL)
+    )
+
+
+def _is_number(number: str, tn: str, country: str) -> bool:
+    """Whether a PASSporT number ``tn`` is ``number`` after the service's normalisation.
+
+    SHAKEN numbers are already E.164 digits, the normalised form, so equal strings
+    settle it without normalising.
+    """
+    return number == tn or number == normalise("+" + tn, country)
 
 
 class Verifier:
@@ -117,6 +148,8 @@ class Verifier:
         self.metrics = metrics
         self.signed: OrderedDict[str, _Signed] = OrderedDict()
         self._generation = certs.trust.generation
+        #: The checks of the certificate entry used last (most calls share one signer).
+        self._last_checks: _EntryChecks | None = None
 
     def verify_now(self, call: Call, trust_verstat: bool = False) -> Verification | None:
         """The call's result without waiting, or None when a certificate must be loaded."""
@@ -173,23 +206,29 @@ class Verifier:
             entry = self.certs.peek(passport.x5u)
             if entry is None:
                 return None
-        signed = _check_signature(passport, entry)
-        if signed.reason is None:
-            signed = self._numbers(signed, passport)
+        signed = self._check_signature(passport, entry)
         if signed.reason != "cert_unavailable":  # that one is tried again next call
             self._remember(value, signed)
         return self._per_call(call, signed)
 
-    def _numbers(self, signed: _Signed, passport: Passport) -> _Signed:
-        country = self.default_country
-        assert signed.signer is not None
-        return replace(
-            signed,
-            orig=normalise("+" + passport.orig_tn, country),
-            dests=frozenset(normalise("+" + tn, country) for tn in passport.dest_tns),
-            covered=signed.signer.tn_auth.covers(passport.orig_tn),
-            valid_checks=(*signed.checks, *_VALID_TAIL),
+    def _check_signature(self, passport: Passport, entry: CertEntry) -> _Signed:
+        """The signature checked with the entry's key: a distinct PASSporT, checked anew."""
+        checks = self._last_checks
+        if checks is None or checks.entry is not entry:
+            checks = self._last_checks = _entry_checks(entry)
+        signer = entry.signer
+        if signer is None:
+            return _Signed(passport, entry.reason or "cert_unavailable", checks.certificate)
+        signature = passport.signature
+        der = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
         )
+        try:
+            signer.key.verify(der, passport.signing_input, _ECDSA)
+        except InvalidSignature:
+            return _Signed(passport, "bad_signature", checks.bad_signature)
+        covered = signer.tn_auth.covers(passport.orig_tn)
+        return _Signed(passport, None, checks.signed, covered, checks.valid)
 
     def _remember(self, value: str, signed: _Signed) -> _Signed:
         size = self.settings.results_cache_size
@@ -222,20 +261,20 @@ class Verifier:
         if stale is not None:
             return self._invalid("stale", passport, (*signed.checks, stale))
         caller, called = call.caller, call.called
-        if (
-            signed.covered
-            and caller is not None
-            and caller == signed.orig
-            and called is not None
-            and called in signed.dests
-        ):
+        country = self.default_country
+        orig_ok = caller is not None and _is_number(caller, passport.orig_tn, country)
+        dest_ok = called is not None and (
+            called in passport.dest_tns
+            or any(_is_number(called, tn, country) for tn in passport.dest_tns)
+        )
+        if signed.covered and orig_ok and dest_ok:
             return Verification(
                 "valid", None, passport.attest, passport.origid, passport, signed.valid_checks
             )
         checks = [*signed.checks, _VALID_TAIL[0]]
-        if caller is None or caller != signed.orig:
+        if not orig_ok:
             checks.append(Check("orig.tn", "failed", f"{passport.orig_tn} is not the caller"))
-        elif called is None or called not in signed.dests:
+        elif not dest_ok:
             failed = Check("dest.tn", "failed", "no dest.tn is the called number")
             checks += [_VALID_TAIL[1], failed]
         else:
@@ -267,21 +306,3 @@ class Verifier:
 
 def _malformed(detail: str) -> _Signed:
     return _Signed(None, "malformed", (Check("decode", "failed", detail),))
-
-
-def _check_signature(passport: Passport, entry: CertEntry) -> _Signed:
-    decoded = Check("decode", "ok")
-    if entry.signer is None:
-        reason = entry.reason or "cert_unavailable"
-        return _Signed(passport, reason, (decoded, Check("certificate", "failed", entry.detail)))
-    cert = Check("certificate", "ok", f"{entry.detail} ({entry.source})")
-    signature = passport.signature
-    der = encode_dss_signature(
-        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    )
-    try:
-        entry.signer.key.verify(der, passport.signing_input, _ECDSA)
-    except InvalidSignature:
-        failed = Check("signature", "failed", "does not verify with the certificate's key")
-        return _Signed(passport, "bad_signature", (decoded, cert, failed))
-    return _Signed(passport, None, (decoded, cert, Check("signature", "ok")), entry.signer)
