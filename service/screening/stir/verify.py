@@ -3,9 +3,12 @@
 Results: ``valid`` (attestation A/B/C), ``absent`` (no SHAKEN Identity header) or
 ``invalid`` with the first reason found, in the order of docs/stir-shaken.md
 (``malformed``, ``stale`` before any fetch, ``cert_unavailable``, ``untrusted_chain``,
-``bad_signature``, ``tn_mismatch``, ``verstat_failed``). What depends on the header
-value alone (decoding, certificate, signature) is kept per value in a bounded LRU;
-freshness and the numbers are checked for every call.
+``bad_signature``, ``tn_mismatch``, ``verstat_failed``). Every distinct Identity value
+has its signature checked. What depends on the value alone (decoding, certificate,
+signature) is kept by the identical string in a bounded LRU, for replays and forks;
+freshness and the numbers are checked for every call, so a kept result serves only
+within the PASSporT's ``iat`` window. What a certificate gives every call it signs
+(key, TNAuthList, checks) is worked out once per certificate entry.
 """
 
 from __future__ import annotations
