@@ -151,6 +151,9 @@ async def test_tn_mismatch(
     # Numbers compare after the service's normalisation: a national From still matches.
     found = await verifier.verify(call_of(signed(pki, x5u), caller=CALLER[1:]), False, 2.0)
     assert found.result == "valid"
+    # So do PASSporT numbers written with separators (not compared as strings only).
+    spaced = signed(pki, x5u, orig="1-516-206-5613", dest="1 951 262 3062")
+    assert (await verifier.verify(call_of(spaced), False, 2.0)).result == "valid"
     # A certificate whose TNAuthList names numbers covers only those.
     narrow, key = pki.sp_cert(tn_auth=encode_tn_auth(numbers=("12125551111",)))
     narrow_x5u = server.serve("/narrow.pem", pem(narrow, pki.intermediate))
