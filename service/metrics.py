@@ -274,7 +274,7 @@ class Metrics:
         self.registry = registry
         self.request_seconds = LatencyHistogram(
             "callscreen_request_duration_seconds",
-            "Time to answer one screening request, from body read to answer.",
+            "Time to answer one screening request, from its arrival to its answer.",
             LATENCY_BUCKETS_S,
         )
         registry.register(self.request_seconds)
@@ -286,7 +286,7 @@ class Metrics:
         )
         self.late_answers = Counter(
             "callscreen_late_answers_total",
-            "Answers sent later than handler.deadline_ms after the handler took the request.",
+            "Answers sent later than handler.deadline_ms after the request arrived.",
             registry=registry,
         )
         self.fallbacks = Counter(

@@ -3,7 +3,13 @@
 Three speed-ups and the connection guard reach past aiohttp's public API: the screening
 answer written whole (:class:`WholeAnswer`), screening calls matched without the router
 (:class:`RawDispatch`, :class:`InternalRunner`) and the guard's per-connection
-bookkeeping (:class:`GuardedHandler`, :class:`GuardedServer`). :func:`resolve` decides at
+bookkeeping (:class:`GuardedHandler`, :class:`GuardedServer`), which also stamps each
+request with when its first bytes were read from the socket, so that
+``handler.deadline_ms`` runs from the request's arrival (``GuardedHandler.arrived``,
+read by the screening handler). In public
+mode there is no such stamp and the deadline runs from the handler's entry: time a
+request spent queued behind another one on its connection (pipelining) or parsed while
+the loop was busy is not counted. :func:`resolve` decides at
 start-up whether they may be used: the aiohttp version must be in the range whose
 internals this module knows and every attribute it touches must exist. Otherwise the
 service runs on the public API (``web.Response``, the router, a public-mode guard);
@@ -16,13 +22,16 @@ import inspect
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
@@ -238,12 +247,28 @@ class Guard(Protocol):
 
 
 class GuardedHandler(RequestHandler):
-    """aiohttp's connection protocol, with the bookkeeping the guard needs.
+    """aiohttp's connection protocol, with the bookkeeping the guard needs and the
+    arrival time of each request.
 
-    The extra work on the request path is an attribute or two per read and per answer.
+    Arrival: when a read starts a new request (no head incomplete, no body still
+    expected, not only whitespace), its time is noted; each message aiohttp's parser
+    completes gets the time its head's first bytes came (later messages completed by the
+    same read: that read's time), queued in :attr:`arrivals` beside aiohttp's own queue
+    of messages, and :class:`GuardedServer` hands it to the request made from that
+    message as :attr:`arrived`. Invariant: a stamp is never earlier than the first byte
+    of its request (when unsure, a later one is taken): the bytes of a request
+    pipelined behind another one's body in the same read count from the read that
+    completes its head, and requests aiohttp held back while its queue was full count
+    from when they are parsed.
+
+    The extra work on the request path is a clock reading per read and an attribute or
+    two per read and per answer.
     """
 
-    __slots__ = ("body_request", "body_since", "guard", "head_since", "timed_out")
+    __slots__ = (
+        "arrivals", "arrived", "body", "body_request", "body_since", "guard", "head_at",
+        "head_since", "timed_out",
+    )  # fmt: skip
 
     guard: Guard
     #: Sweep count when the first byte of a request head still incomplete arrived.
@@ -253,21 +278,50 @@ class GuardedHandler(RequestHandler):
     body_since: int
     #: Closed by the guard for overrunning the read timeout.
     timed_out: bool
+    #: ``perf_counter()`` when the first byte of the head being parsed arrived, if any.
+    head_at: float | None
+    #: The body of the last message parsed (a read before its end is more of it).
+    body: StreamReader | None
+    #: The arrival of each parsed message not yet made a request, oldest first.
+    arrivals: deque[float]
+    #: The arrival of the request being handled (``perf_counter()``).
+    arrived: float
 
     def connection_made(self, transport: BaseTransport) -> None:
         self.head_since = None
         self.body_request = None
         self.body_since = 0
         self.timed_out = False
+        self.head_at = None
+        self.body = None
+        self.arrivals = deque()
+        self.arrived = 0.0
         super().connection_made(transport)
         self.guard.admit(self)
 
     def data_received(self, data: bytes) -> None:
+        now = perf_counter()
         if self.head_since is None and not self._request_in_progress:
             self.head_since = self.guard.sweeps
+        # A new request starts unless a head or a body is incomplete; a lone CRLF
+        # between requests (some clients send one) and aiohttp's re-parse of what it
+        # held back (no data) start nothing.
+        body = self.body
+        starts = self.head_at is None and (body is None or body.is_eof())
+        if starts and data and not data.isspace():
+            self.head_at = now
+        count = self._request_count
         super().data_received(data)
         if self._messages:
             self.head_since = None
+        parsed = self._request_count - count
+        if parsed:
+            arrivals = self.arrivals
+            arrivals.append(now if self.head_at is None else self.head_at)
+            for _ in range(parsed - 1):
+                arrivals.append(now)
+            self.head_at = None
+            self.body = self._messages[-1][1]
 
     def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -292,9 +346,25 @@ class GuardedHandler(RequestHandler):
 
 
 class GuardedServer(Server):
-    """aiohttp's protocol factory, making :class:`GuardedHandler` connections."""
+    """aiohttp's protocol factory, making :class:`GuardedHandler` connections, whose
+    requests it hands their arrival (:attr:`GuardedHandler.arrived`)."""
 
     guard: Guard
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        make = self.request_factory
+
+        def stamped(
+            message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+        ) -> BaseRequest:
+            # aiohttp makes each request right after taking its message off the queue,
+            # one at a time per connection: the oldest stamp is this message's.
+            arrivals = protocol.arrivals
+            protocol.arrived = arrivals.popleft() if arrivals else perf_counter()
+            return make(message, payload, protocol, writer, task)
+
+        self.request_factory = stamped
 
     def __call__(self) -> RequestHandler:
         handler = GuardedHandler(self, loop=self._loop, **self._kwargs)

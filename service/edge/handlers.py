@@ -33,12 +33,13 @@ async def screen(request: web.Request) -> web.StreamResponse:
 
     Every call passes here, so it does no more than the pipeline needs; a decision that
     needs no Redis round trip (no ``call_rate`` rule reached) is made without awaiting.
-    ``handler.deadline_ms`` runs from here, the earliest moment the handler sees the
-    request (aiohttp gives no earlier time without its internals): the Redis wait gets
-    what is left of it, and an answer sent later anyway is counted
-    (``callscreen_late_answers_total``).
+    ``handler.deadline_ms`` runs from the request's arrival: when its first bytes were
+    read from the socket, as stamped by the connection with aiohttp's internals
+    (``GuardedHandler.arrived``), else from here (public mode has no earlier time). The
+    Redis wait gets what is left of it (none left: ``on_error``), and an answer sent
+    later anyway is counted (``callscreen_late_answers_total``).
     """
-    started = time.perf_counter()
+    started = getattr(request.protocol, "arrived", None) or time.perf_counter()
     app = request.app
     screener = app[SCREENER]
     try:

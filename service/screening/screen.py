@@ -209,9 +209,10 @@ class Screener:
         with reason ``list_lost``. The fraud rules' reads (:mod:`core.fraud`; rates by
         ``trunk_group`` use the metrics label) ride in the same round trip.
 
-        ``arrived`` (a :func:`time.perf_counter` reading) is when the handler took the
-        request: the Redis wait gets what is left of the deadline from then, so the
-        whole call, not only its Redis read, is answered within ``handler.deadline_ms``.
+        ``arrived`` (a :func:`time.perf_counter` reading) is when the request arrived
+        (service/edge/handlers.py): the Redis wait gets what is left of the deadline from
+        then, so the whole call, not only its Redis read, is answered within
+        ``handler.deadline_ms``; with nothing left it answers by ``on_error`` at once.
         """
         budget_s = self.deadline_s
         if pending.stir:
