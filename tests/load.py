@@ -83,6 +83,7 @@ class Load:
     answers: list[Answered] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     started_s: float = 0.0
+    stopping_s: float = 0.0
     stopped_s: float = 0.0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _running: asyncio.Future[list[None]] | None = None
@@ -98,6 +99,7 @@ class Load:
 
     async def stop(self) -> None:
         """Stop sending; wait for the calls in flight to be answered."""
+        self.stopping_s = time.monotonic()
         self._stop.set()
         assert self._running is not None, "start() first"
         await self._running
@@ -144,9 +146,20 @@ class Load:
                 streams[1].close()
 
     def rate(self) -> float:
-        """Calls answered a second over the run (the achieved load level)."""
-        end_s = self.stopped_s or time.monotonic()
-        return len(self.answers) / max(1e-9, end_s - self.started_s)
+        """Calls answered a second over the run, from its start to the call to
+        :meth:`stop` (the achieved load level)."""
+        end_s = self.stopping_s or time.monotonic()
+        sent = sum(1 for answer in self.answers if answer.sent_s < end_s)
+        return sent / max(1e-9, end_s - self.started_s)
+
+    def per_second(self) -> list[int]:
+        """Calls answered, by the second of the run they were sent in."""
+        counts: list[int] = []
+        for answer in self.answers:
+            second = int(answer.sent_s - self.started_s)
+            counts.extend([0] * (second + 1 - len(counts)))
+            counts[second] += 1
+        return counts
 
     def statuses(self) -> set[int]:
         return {answer.status for answer in self.answers}
@@ -156,4 +169,9 @@ class Load:
         return [answer.json() for answer in self.answers if answer.sent_s >= since_s]
 
     def report(self) -> str:
-        return f"{len(self.answers)} calls, {self.rate():.0f}/s, {len(self.errors)} errors"
+        slowest = max((answer.took_s for answer in self.answers), default=0.0)
+        return (
+            f"{len(self.answers)} calls, {self.rate():.0f}/s over {self.connections} "
+            f"connections (by second: {self.per_second()}), slowest {slowest * 1000:.0f} ms, "
+            f"{len(self.errors)} errors"
+        )

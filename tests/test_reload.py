@@ -24,7 +24,7 @@ from tests.procs import BLOCKLIST_CONFIG, ServiceProcess, scrape
 
 #: The issue's load level: 2,000 calls a second in all over keep-alive connections.
 RATE_PER_S = 2000.0
-CONNECTIONS = 16
+CONNECTIONS = 64
 #: A run that achieved less did not test the issue's case (a load level, not a speed).
 MIN_RATE_PER_S = 1800.0
 #: After a SIGHUP that changes only the policy, every answer must be the new one by then.
