@@ -280,7 +280,8 @@ class GuardedHandler(RequestHandler):
     timed_out: bool
     #: ``perf_counter()`` when the first byte of the head being parsed arrived, if any.
     head_at: float | None
-    #: The body of the last message parsed (a read before its end is more of it).
+    #: The body of the last message parsed, while more of it is expected (a read before
+    #: its end is more of it, not a new request).
     body: StreamReader | None
     #: The arrival of each parsed message not yet made a request, oldest first.
     arrivals: deque[float]
@@ -300,28 +301,33 @@ class GuardedHandler(RequestHandler):
         self.guard.admit(self)
 
     def data_received(self, data: bytes) -> None:
-        now = perf_counter()
         if self.head_since is None and not self._request_in_progress:
             self.head_since = self.guard.sweeps
-        # A new request starts unless a head or a body is incomplete; a lone CRLF
-        # between requests (some clients send one) and aiohttp's re-parse of what it
-        # held back (no data) start nothing.
-        body = self.body
-        starts = self.head_at is None and (body is None or body.is_eof())
-        if starts and data and not data.isspace():
-            self.head_at = now
+        head_at = self.head_at
+        if head_at is None and data and not data.isspace():
+            # A new request starts unless a body is still expected; a lone CRLF between
+            # requests (some clients send one) and aiohttp's re-parse of what it held
+            # back (no data) start nothing.
+            body = self.body
+            if body is None or body.is_eof():
+                head_at = self.head_at = perf_counter()
         count = self._request_count
         super().data_received(data)
         if self._messages:
             self.head_since = None
         parsed = self._request_count - count
         if parsed:
-            arrivals = self.arrivals
-            arrivals.append(now if self.head_at is None else self.head_at)
-            for _ in range(parsed - 1):
-                arrivals.append(now)
+            self.arrivals.append(perf_counter() if head_at is None else head_at)
+            if parsed > 1:
+                self._also_arrived(parsed - 1)
             self.head_at = None
-            self.body = self._messages[-1][1]
+            last = self._messages[-1][1]
+            self.body = None if last.is_eof() else last
+
+    def _also_arrived(self, count: int) -> None:
+        """Stamp ``count`` more messages completed by this read with its time."""
+        now = perf_counter()
+        self.arrivals.extend([now] * count)
 
     def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
