@@ -125,6 +125,7 @@ async def call_on(
     return orjson.loads(body)
 
 
+@pytest.mark.internals  # arrival stamps need aiohttp's internals
 async def test_a_keep_alive_connection_is_not_charged_for_its_idle_time(
     tmp_path: Path, redis_server: RedisProcess, redis: Redis
 ) -> None:
@@ -156,6 +157,7 @@ async def test_a_keep_alive_connection_is_not_charged_for_its_idle_time(
         service.stop()
 
 
+@pytest.mark.internals  # arrival stamps need aiohttp's internals
 async def test_a_call_queued_behind_a_slow_one_counts_its_wait_from_arrival(
     tmp_path: Path, own_redis: RedisProcess
 ) -> None:
