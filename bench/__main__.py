@@ -22,6 +22,7 @@ removed unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import shutil
@@ -86,7 +87,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         metavar="SHARE",
         help="turn call history on, recording this share of allowed calls (0 to 1) besides "
-        "every reject; the service's cost per call is then measured with it",
+        "every reject; the service is then also run with history off in the same rounds",
     )
     parser.add_argument(
         "--public-mode",
@@ -237,8 +238,14 @@ def run_http(
     service = servers.service(config, service_port, args.workers, work / "service.log", env)
     baseline = servers.baseline(free_port(), args.workers, work / "baseline.log")
     runs: dict[str, list[load.LoadResult]] = {"baseline": [], "service": []}
+    # CPU per request of each server and of Redis, each round: steadier than requests/s
+    # on shared cores, where another process's load moves the rate, not the work.
+    cpu_us: dict[str, list[float]] = collections.defaultdict(list)
     targets = {"baseline": baseline, "service": service}
     with contextlib.ExitStack() as stack:
+        redis_client = stack.enter_context(
+            contextlib.closing(redis.Redis.from_url(env["CALLSCREEN_REDIS_URL"]))
+        )
         if args.public_mode:
             # The same service on aiohttp's public API (service/edge/aiohttp_adapter.py).
             public_port = free_port()
@@ -255,6 +262,27 @@ def run_http(
                 )
             )
             runs["service_public"] = []
+        if args.history is not None:
+            # The same service with history off, in the same rounds: history's cost is the
+            # ratio of each pair, not a comparison across runs on a noisy machine.
+            off_port = free_port()
+            targets["service_no_history"] = stack.enter_context(
+                servers.service(
+                    write_config(
+                        work / "bench-no-history.yaml",
+                        {
+                            **load_config_dict(config),
+                            "server": _server_on(config, off_port),
+                            "history": {"enabled": False},
+                        },
+                    ),
+                    off_port,
+                    args.workers,
+                    work / "service-no-history.log",
+                    env,
+                )
+            )
+            runs["service_no_history"] = []
         stack.enter_context(baseline)
         stack.enter_context(service)
         done = _step("checking a sample of the service's answers")
@@ -273,7 +301,10 @@ def run_http(
         for round_ in range(1, args.rounds + 1):
             for name, server in targets.items():
                 done = _step(f"round {round_}/{args.rounds}: {name}, {args.duration} s")
+                cpu_before = server.cpu_s() + _redis_cpu_s(redis_client)
                 result = drive(server.url, args.duration)
+                cpu_s = server.cpu_s() + _redis_cpu_s(redis_client) - cpu_before
+                cpu_us[name].append(cpu_s / max(result.requests, 1) * 1e6)
                 runs[name].append(result)
                 print(f"   {result.summary()}", flush=True)
                 done()
@@ -285,8 +316,15 @@ def run_http(
         "answers": answers,
         "reject_share_counted": _reject_share(counted_before, counted_after),
         "reject_share_expected": expected_reject,
+        "cpu_us_per_request": dict(cpu_us),
         **load.runs_json(runs, paced),
     }
+
+
+def _redis_cpu_s(client: redis.Redis) -> float:
+    """Redis's CPU seconds so far (user and system, from INFO)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def load_config_dict(config: Path) -> dict[str, Any]:

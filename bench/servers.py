@@ -64,6 +64,13 @@ class Server:
             time.sleep(0.1)
         return self
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user and system) used so far by the processes of its session:
+        the supervisor and every worker it forked (Linux /proc; 0 elsewhere)."""
+        if self.process is None:
+            return 0.0
+        return session_cpu_s(self.process.pid)
+
     def _ready(self) -> bool:
         try:
             with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as response:
@@ -98,6 +105,21 @@ class Server:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def session_cpu_s(session: int) -> float:
+    """User and system CPU seconds of the live processes whose session id is ``session``."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (field 2) may hold spaces: split after its ")".
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session:  # fields[0] is field 3 of proc(5): state
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def service_supports_workers() -> bool:
