@@ -12,7 +12,7 @@ unless ``history.unmasked``, their sets then named by an HMAC under
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
 import logging
 import os
 import random
@@ -21,8 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from core import keys
@@ -44,21 +43,25 @@ redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[3])
 redis.call('zremrangebyrank', KEYS[1], 0, -tonumber(ARGV[4]) - 1)
 redis.call('expire', KEYS[1], ARGV[5])
 """
-#: A single server (or Sentinel) takes the whole batch as scripts of this many calls
-#: each: one command instead of three per call, short enough (well under a millisecond
-#: of Redis time) not to hold up the call-rate reads of the request path.
-SCRIPT_CHUNK = 100
-#: The chunk script: KEYS[1] the recent stream, KEYS[2..] the numbers' sets; ARGV: the
-#: four limits, then per call its record and "<time in ms> <set> <set>" (indexes into
-#: KEYS, 0: none; one argument rather than three, as each costs its encoding).
+#: A single server (or Sentinel) takes a chunk of calls in one script: KEYS[1] the recent
+#: stream, KEYS[2..] the numbers' sets; ARGV: the four limits, the records joined by
+#: newlines (orjson never writes a raw newline: inside strings it is escaped), and per
+#: record "<time in ms> <set> <set>" (indexes into KEYS, 0: none), also joined by
+#: newlines. Two arguments for the whole chunk rather than two a call: redis-py encodes
+#: each argument in Python, on the worker's loop.
 _ADD_CHUNK = """
 local max_entries, oldest, per_number, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-for i = 5, #ARGV, 2 do
-  redis.call('xadd', KEYS[1], 'MAXLEN', '~', max_entries, '*', 'r', ARGV[i])
-  local at, a, b = string.match(ARGV[i + 1], '(%d+) (%d+) (%d+)')
-  for _, k in ipairs({tonumber(a), tonumber(b)}) do
-    if k > 0 then redis.call('zadd', KEYS[k], at, ARGV[i]) end
-  end
+local metas = {}
+for at, a, b in string.gmatch(ARGV[6], '(%d+) (%d+) (%d+)') do
+  metas[#metas + 1] = {at, tonumber(a), tonumber(b)}
+end
+local i = 0
+for record in string.gmatch(ARGV[5], '[^\\n]+') do
+  i = i + 1
+  local m = metas[i]
+  redis.call('xadd', KEYS[1], 'MAXLEN', '~', max_entries, '*', 'r', record)
+  if m[2] > 0 then redis.call('zadd', KEYS[m[2]], m[1], record) end
+  if m[3] > 0 then redis.call('zadd', KEYS[m[3]], m[1], record) end
 end
 for k = 2, #KEYS do
   redis.call('zremrangebyscore', KEYS[k], '-inf', oldest)
@@ -66,10 +69,23 @@ for k = 2, #KEYS do
   redis.call('expire', KEYS[k], ttl)
 end
 """
+#: Records encoded in one go at most, and written in one command (one script, or on a
+#: Cluster one pipeline): a chunk's Redis time stays short next to the request path's
+#: own reads of the same server.
+CHUNK_MAX = 128
+#: The loop's time one chunk's encoding may take before the chunk is cut short and sent;
+#: the loop serves calls while Redis works on it.
+SLICE_S = 0.0005
+#: Numbers whose set key is remembered (the HMAC is the dearest step of a record); past
+#: it the memo starts again empty, so it stays bounded.
+KEY_MEMO_MAX = 20_000
+SHA256_BLOCK = 64
 #: Round trips at most (of core.audit.QUERY_PAGE entries) for the recent calls.
 MAX_PAGES = 20
 #: A record as queued: (time, trunk group, call, evaluation).
 Queued = tuple[float, str, Call, Evaluation]
+#: A record as written: its JSON, its time in ms, the keys of its numbers' sets.
+Encoded = tuple[bytes, int, list[str]]
 
 
 def history_key(config: Config, environ: Mapping[str, str] | None = None) -> bytes | None:
@@ -108,6 +124,8 @@ class CallHistory:
         self.queue: list[Queued] = []
         self.queue_max = self.settings.queue_max
         self.cluster = isinstance(redis, RedisCluster)
+        self._set_keys: dict[str, str] = {}
+        self._pads = None if self.key is None else _hmac_pads(self.key)
         self._warn = RateLimitedLog(logger, interval_s=10.0)
         self._written = metrics.history_records.labels("written")
         self._full = metrics.history_records.labels("dropped_queue_full")
@@ -133,19 +151,69 @@ class CallHistory:
             await self.flush()
 
     async def flush(self) -> int:
-        """Write what is queued now; returns how many records were written."""
+        """Write what is queued now; returns how many records were written.
+
+        Records are encoded in slices of at most about :data:`SLICE_S` of the loop's
+        time, the loop serving calls between them, and written :data:`CHUNK_MAX` a
+        command. On a timeout or a Redis error the records not yet written are dropped
+        and counted.
+        """
         batch, self.queue = self.queue, []
-        if not batch:
-            return 0
+        written = 0
         try:
             async with asyncio.timeout(self.settings.write_timeout_ms / 1000):
-                await self._write(batch)
+                while written < len(batch):
+                    end = min(written + CHUNK_MAX, len(batch))
+                    chunk: list[Encoded] = []
+                    while written + len(chunk) < end:
+                        if chunk:  # a slice is over: answer the calls waiting meanwhile
+                            await asyncio.sleep(0)
+                        self._encode(batch, written + len(chunk), end, chunk)
+                    await self._send(chunk)
+                    written += len(chunk)
         except (TimeoutError, RedisError, OSError) as exc:
-            self._failed.inc(len(batch))
-            self._warn.warning("call history: %d records dropped: %r", len(batch), exc)
-            return 0
-        self._written.inc(len(batch))
-        return len(batch)
+            lost = len(batch) - written
+            self._failed.inc(lost)
+            self._warn.warning("call history: %d records dropped: %r", lost, exc)
+        if written:
+            self._written.inc(written)
+        return written
+
+    def _encode(self, batch: list[Queued], start: int, end: int, chunk: list[Encoded]) -> None:
+        """Append the records of ``batch[start:end]`` to ``chunk`` until :data:`SLICE_S`
+        has passed (one at least)."""
+        deadline = time.perf_counter() + SLICE_S
+        set_key = self._set_key
+        for at, group, call, evaluation in batch[start:end]:
+            caller, called = call.caller, call.called
+            sets = [set_key(caller)] if caller else []
+            if called and called != caller:
+                sets.append(set_key(called))
+            chunk.append((self._record(at, group, call, evaluation), int(at * 1000), sets))
+            if time.perf_counter() >= deadline:
+                return
+
+    def _record(self, at: float, group: str, call: Call, evaluation: Evaluation) -> bytes:
+        outcome = evaluation.outcome
+        return orjson.dumps(
+            {
+                "call_id": call.call_id,
+                "time": round(at, 3),
+                "trunk_group": None if group.startswith("_") else group,
+                "caller": self._number(call.caller),
+                "called": self._number(call.called),
+                "decision": outcome.action,
+                "answer": outcome.operands or (),
+                "rule": outcome.rule,
+                "list": outcome.list,
+                "matched": self._matched(evaluation.matched, call),
+                "on_error": evaluation.fallback,
+                "dry_run_matches": [
+                    {"rule": dry.rule, "list": dry.list, "matched": self._matched(m, call)}
+                    for dry, m in evaluation.dry_runs
+                ],
+            }
+        )
 
     def _number(self, number: str | None) -> str | None:
         if number is None:
@@ -159,57 +227,36 @@ class CallHistory:
         return matched
 
     def number_key(self, number: str) -> str:
-        """The name of a (canonical) number's set: the number, or its keyed hash."""
-        if self.key is None:
+        """The name of a (canonical) number's set: the number, or its keyed hash
+        (HMAC-SHA256, from the key's two padded hash states computed once)."""
+        if self._pads is None:
             return number
-        return hmac.digest(self.key, number.encode(), "sha256").hex()[:32]
+        inner, outer = self._pads[0].copy(), self._pads[1].copy()
+        inner.update(number.encode())
+        outer.update(inner.digest())
+        return outer.hexdigest()[:32]
 
-    def _record(self, at: float, group: str, call: Call, evaluation: Evaluation) -> dict[str, Any]:
-        outcome = evaluation.outcome
-        caller, called = call.caller, call.called
-        return {
-            "call_id": call.call_id,
-            "time": round(at, 3),
-            "trunk_group": None if group.startswith("_") else group,
-            "caller": self._number(caller),
-            "called": self._number(called),
-            "decision": outcome.action,
-            "answer": list(outcome.operands) if outcome.operands else [],
-            "rule": outcome.rule,
-            "list": outcome.list,
-            "matched": self._matched(evaluation.matched, call),
-            "on_error": evaluation.fallback,
-            "dry_run_matches": [
-                {"rule": dry.rule, "list": dry.list, "matched": self._matched(m, call)}
-                for dry, m in evaluation.dry_runs
-            ],
-        }
+    def _set_key(self, number: str) -> str:
+        """The Redis key of a number's set, remembered (see :data:`KEY_MEMO_MAX`)."""
+        found = self._set_keys.get(number)
+        if found is None:
+            if len(self._set_keys) >= KEY_MEMO_MAX:
+                self._set_keys.clear()
+            found = self._set_keys[number] = keys.history_calls(self.number_key(number))
+        return found
 
-    def _numbers(self, call: Call) -> list[str]:
-        """The keys of the sets a call goes to: its caller's and its called number's."""
-        caller, called = call.caller, call.called
-        found = [caller] if caller else []
-        if called and called != caller:
-            found.append(called)
-        return [keys.history_calls(self.number_key(number)) for number in found]
-
-    async def _write(self, batch: list[Queued]) -> None:
+    async def _send(self, chunk: list[Encoded]) -> None:
         settings = self.settings
         oldest_ms = int(time.time() * 1000) - settings.retention_s * 1000
         limits = (settings.max_entries, oldest_ms, settings.max_per_number, settings.retention_s)
-        records = [
-            (orjson.dumps(self._record(*queued)), int(queued[0] * 1000), self._numbers(queued[2]))
-            for queued in batch
-        ]
+        if not self.cluster:  # one script: the loop's cost is then two arguments and the keys
+            await self.redis.eval(*_chunk_script(chunk, limits))
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
-            if self.cluster:  # every number's set on its own slot: one command each
-                for data, at_ms, sets in records:
-                    pipe.xadd(keys.HISTORY_RECENT, {"r": data}, maxlen=limits[0], approximate=True)
-                    for key in sets:
-                        pipe.eval(_ADD_CALL, 1, key, data, at_ms, *limits[1:])
-            else:  # one script per chunk: the loop's cost is then the arguments only
-                for start in range(0, len(records), SCRIPT_CHUNK):
-                    _add_chunk(pipe, records[start : start + SCRIPT_CHUNK], limits)
+            for data, at_ms, sets in chunk:  # every number's set on its own slot
+                pipe.xadd(keys.HISTORY_RECENT, {"r": data}, maxlen=limits[0], approximate=True)
+                for key in sets:
+                    pipe.eval(_ADD_CALL, 1, key, data, at_ms, *limits[1:])
             await pipe.execute()
 
     # --- the reads (operator API) ------------------------------------------------------
@@ -234,15 +281,22 @@ class CallHistory:
         return found[:limit]
 
 
-def _add_chunk(
-    pipe: Pipeline | ClusterPipeline,
-    records: list[tuple[bytes, int, list[str]]],
-    limits: tuple[int, ...],
-) -> None:
-    """Queue one :data:`_ADD_CHUNK` call for ``records`` (record, time in ms, set keys)."""
+def _hmac_pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """SHA-256 states after the HMAC inner and outer key pads (RFC 2104)."""
+    if len(key) > SHA256_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(SHA256_BLOCK, b"\0")
+    inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
+    return inner, hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+
+
+def _chunk_script(chunk: list[Encoded], limits: tuple[int, ...]) -> tuple[Any, ...]:
+    """The arguments of ``EVAL`` :data:`_ADD_CHUNK` for ``chunk``."""
     index: dict[str, int] = {}
-    args: list[bytes | str] = []
-    for data, at_ms, sets in records:
+    metas: list[str] = []
+    for _, at_ms, sets in chunk:
         slots = [index.setdefault(key, len(index) + 2) for key in sets] + [0, 0]
-        args += [data, f"{at_ms} {slots[0]} {slots[1]}"]
-    pipe.eval(_ADD_CHUNK, 1 + len(index), keys.HISTORY_RECENT, *index, *limits, *args)
+        metas.append(f"{at_ms} {slots[0]} {slots[1]}")
+    records = b"\n".join(data for data, _, _ in chunk)
+    return (_ADD_CHUNK, 1 + len(index), keys.HISTORY_RECENT, *index, *limits, records,
+            "\n".join(metas))  # fmt: skip
