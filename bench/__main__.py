@@ -301,10 +301,13 @@ def run_http(
         for round_ in range(1, args.rounds + 1):
             for name, server in targets.items():
                 done = _step(f"round {round_}/{args.rounds}: {name}, {args.duration} s")
-                cpu_before = server.cpu_s() + _redis_cpu_s(redis_client)
+                server_before, redis_before = server.cpu_s(), _redis_cpu_s(redis_client)
                 result = drive(server.url, args.duration)
-                cpu_s = server.cpu_s() + _redis_cpu_s(redis_client) - cpu_before
-                cpu_us[name].append(cpu_s / max(result.requests, 1) * 1e6)
+                per_request_us = 1e6 / max(result.requests, 1)
+                server_us = (server.cpu_s() - server_before) * per_request_us
+                redis_us = (_redis_cpu_s(redis_client) - redis_before) * per_request_us
+                cpu_us[name].append(server_us + redis_us)
+                cpu_us[f"{name} (Redis)"].append(redis_us)
                 runs[name].append(result)
                 print(f"   {result.summary()}", flush=True)
                 done()

@@ -31,7 +31,7 @@ from core.store import RedisClient
 from service.metrics import Metrics
 from service.ratelimit import RateLimitedLog
 from service.screening.policy import Evaluation
-from service.screening.request import Call
+from service.screening.request import Call, called_number
 from service.screening.screen import mask_number
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ KEY_MEMO_MAX = 20_000
 SHA256_BLOCK = 64
 #: Round trips at most (of core.audit.QUERY_PAGE entries) for the recent calls.
 MAX_PAGES = 20
-#: A record as queued: (time, trunk group, call, evaluation).
-Queued = tuple[float, str, Call, Evaluation]
+#: A record as queued: (time, trunk group, Call-ID, caller, the body's To value, evaluation).
+Queued = tuple[float, str, str | None, str | None, Any, Evaluation]
 #: A record as written: its JSON, its time in ms, the keys of its numbers' sets.
 Encoded = tuple[bytes, int, list[str]]
 
@@ -120,6 +120,7 @@ class CallHistory:
         self.metrics = metrics
         self.key = history_key(config, environ)
         self.masked = config.server.mask_callers and not self.settings.unmasked
+        self.default_country = config.caller.default_country
         self.sample = self.settings.sample_allowed
         self.queue: list[Queued] = []
         self.queue_max = self.settings.queue_max
@@ -140,7 +141,11 @@ class CallHistory:
         if len(self.queue) >= self.queue_max:
             self._full.inc()
             return
-        self.queue.append((time.time(), group, call, evaluation))
+        # Not the call and its whole parsed body: held until the next flush, they would be
+        # traced by every garbage collection meanwhile. The To value is kept as it came
+        # and normalised by the writer, off the answer's path.
+        to = call.headers.get("to")
+        self.queue.append((time.time(), group, call.call_id, call.caller, to, evaluation))
 
     # --- the writer --------------------------------------------------------------------
     async def run(self) -> None:
@@ -184,32 +189,42 @@ class CallHistory:
         has passed (one at least)."""
         deadline = time.perf_counter() + SLICE_S
         set_key = self._set_key
-        for at, group, call, evaluation in batch[start:end]:
-            caller, called = call.caller, call.called
+        for at, group, call_id, caller, to, evaluation in batch[start:end]:
+            called = called_number(to, self.default_country)
             sets = [set_key(caller)] if caller else []
             if called and called != caller:
                 sets.append(set_key(called))
-            chunk.append((self._record(at, group, call, evaluation), int(at * 1000), sets))
+            record = self._record(at, group, call_id, caller, called, evaluation)
+            chunk.append((record, int(at * 1000), sets))
             if time.perf_counter() >= deadline:
                 return
 
-    def _record(self, at: float, group: str, call: Call, evaluation: Evaluation) -> bytes:
+    def _record(
+        self,
+        at: float,
+        group: str,
+        call_id: str | None,
+        caller: str | None,
+        called: str | None,
+        evaluation: Evaluation,
+    ) -> bytes:
         outcome = evaluation.outcome
+        numbers = (caller, called)
         return orjson.dumps(
             {
-                "call_id": call.call_id,
+                "call_id": call_id,
                 "time": round(at, 3),
                 "trunk_group": None if group.startswith("_") else group,
-                "caller": self._number(call.caller),
-                "called": self._number(call.called),
+                "caller": self._number(caller),
+                "called": self._number(called),
                 "decision": outcome.action,
                 "answer": outcome.operands or (),
                 "rule": outcome.rule,
                 "list": outcome.list,
-                "matched": self._matched(evaluation.matched, call),
+                "matched": self._matched(evaluation.matched, numbers),
                 "on_error": evaluation.fallback,
                 "dry_run_matches": [
-                    {"rule": dry.rule, "list": dry.list, "matched": self._matched(m, call)}
+                    {"rule": dry.rule, "list": dry.list, "matched": self._matched(m, numbers)}
                     for dry, m in evaluation.dry_runs
                 ],
             }
@@ -220,9 +235,9 @@ class CallHistory:
             return None
         return mask_number(number) if self.masked else number
 
-    def _matched(self, matched: str | None, call: Call) -> str | None:
+    def _matched(self, matched: str | None, numbers: tuple[str | None, str | None]) -> str | None:
         """What a rule matched, masked when it is the caller or called number."""
-        if matched is not None and matched in (call.caller, call.called):
+        if matched is not None and matched in numbers:
             return self._number(matched)
         return matched
 

@@ -87,9 +87,7 @@ class Call:
     @cached_property
     def called(self) -> str | None:
         """The called number (``To``), normalised."""
-        to = _addresses(self.headers.get("to"))
-        user = _user(to[0]) if to else None
-        return normalise(user, self.default_country) if user else None
+        return called_number(self.headers.get("to"), self.default_country)
 
     @cached_property
     def called_int(self) -> int | None:
@@ -274,6 +272,13 @@ def _param(address: dict[str, Any], name: str) -> str | None:
         if value is not None:
             return value
     return None
+
+
+def called_number(to: Any, default_country: str) -> str | None:
+    """The called number of a body's ``To`` header value (as parsed), normalised."""
+    found = _addresses(to)
+    user = _user(found[0]) if found else None
+    return normalise(user, default_country) if user else None
 
 
 def _addresses(values: Any, calling_only: bool = False) -> list[dict[str, Any]]:
