@@ -425,8 +425,9 @@ class HistorySettings(_Model):
     #: Variable holding the key of the HMAC that names each number's index while
     #: numbers are masked (the index must not hold the number in clear).
     hash_key_env: EnvName = "CALLSCREEN_HISTORY_KEY"
-    #: Records waiting in memory are written this often, in one pipeline.
-    flush_ms: Annotated[int, Field(gt=0, le=10_000)] = 150
+    #: Records waiting in memory are written this often (in slices; see
+    #: service/screening/history.py).
+    flush_ms: Annotated[int, Field(gt=0, le=10_000)] = 50
     #: Records waiting at most; past it new ones are dropped and counted.
     queue_max: Annotated[int, Field(gt=0)] = 20_000
     #: A batch write taking longer is given up and its records counted as dropped.

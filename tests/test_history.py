@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from core import keys
 from core.config import Config, ConfigError
 from service.appkeys import SCREENER
 from service.metrics import Metrics
-from service.screening.history import CallHistory, history_key
+from service.screening.history import CHUNK_MAX, CallHistory, history_key
 from service.screening.policy import Evaluation, outcome_for
 from service.screening.request import Call, CallParser
 from tests.helpers import REJECT, body_from, load_list, wait_for
@@ -231,3 +232,26 @@ async def check_writer(client: Redis | RedisCluster, make_config: Callable[..., 
     for n in range(3):
         assert len(await history.calls(f"1516206{5600 + n}", 0, time.time() + 1, 10)) == 1
     assert len(await history.recent(10)) == 3
+
+
+async def test_a_large_flush_lets_the_loop_answer_calls_between_its_chunks(
+    redis: Redis, make_config: Callable[..., Config]
+) -> None:
+    config = make_config(CONFIG)
+    metrics = Metrics(config, CollectorRegistry())
+    history = CallHistory(config, redis, metrics, {"CALLSCREEN_HISTORY_KEY": HISTORY_KEY})
+    queued = 12 * CHUNK_MAX  # under history.max_per_number: all stay findable
+    for n in range(queued):
+        history.add("main", *rejected_call(n))
+    # Another task (an answer, in the service) gets the loop while the flush goes on:
+    # at least once per chunk, never only once the whole batch is encoded.
+    flush = asyncio.create_task(history.flush())
+    turns_meanwhile = 0
+    while not flush.done():
+        turns_meanwhile += 1
+        await asyncio.sleep(0)
+    assert await flush == queued
+    assert turns_meanwhile >= queued // CHUNK_MAX
+    assert len(await history.recent(queued)) == queued
+    called = await history.calls("19512623062", 0, time.time() + 1, queued)
+    assert {c["call_id"] for c in called} == {f"call-{n}@pbx" for n in range(queued)}

@@ -72,7 +72,7 @@ end
 #: Records encoded in one go at most, and written in one command (one script, or on a
 #: Cluster one pipeline): a chunk's Redis time stays short next to the request path's
 #: own reads of the same server.
-CHUNK_MAX = 128
+CHUNK_MAX = 64
 #: The loop's time one chunk's encoding may take before the chunk is cut short and sent;
 #: the loop serves calls while Redis works on it.
 SLICE_S = 0.0005
