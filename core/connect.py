@@ -23,7 +23,7 @@ from redis.backoff import ExponentialBackoff
 
 # Re-exported: redact() lived here first, and callers still import it from this module.
 from core.redact import redact as redact  # noqa: PLC0414
-from core.shards import ShardedCluster
+from core.shards import LeanRedis, ShardedCluster
 from core.store import RedisClient
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -205,7 +205,7 @@ def connect(
             f"{s}://" for s in (*_SERVER_SCHEMES, *SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
         )
         raise _fail(url, f"unsupported scheme {scheme!r}; use one of {known}")
-    return Redis.from_url(
+    return LeanRedis.from_url(
         url,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s,

@@ -27,6 +27,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError
 
+from core.wire import Link, settings_of
+
 logger = logging.getLogger(__name__)
 
 #: How often the slot map is read again while a node is down.
@@ -59,12 +61,45 @@ class ShardError(RedisConnectionError):
 class Dispatcher:
     """Runs batches of single-key commands (key first) on one Redis, Sentinel or Cluster."""
 
-    def __init__(self, client: Redis | RedisCluster) -> None:
+    def __init__(self, client: Redis | RedisCluster, *, lean: bool = False) -> None:
+        """``lean``: send on :mod:`core.wire` links where the settings allow; only for
+        an owner that closes the dispatcher (:class:`LeanRedis`, :class:`ShardedCluster`)."""
         self.client = client
+        self._allow_links = lean
         self._pools: dict[str, Redis] = {}
+        #: Node name -> its lean connection (:mod:`core.wire`), None where its settings
+        #: need redis-py's (TLS, a Unix socket, Sentinel).
+        self._links: dict[str, Link | None] = {}
+        self._plain_link: Link | None = None
+        self._cluster_lean: bool | None = None
+        if lean and not isinstance(client, RedisCluster):
+            settings = settings_of(client.connection_pool)
+            self._plain_link = Link(settings) if settings is not None else None
         #: Node name -> monotonic time of its last failure, while it is failing.
         self._down: dict[str, float] = {}
         self._refresher: asyncio.Task[None] | None = None
+
+    @property
+    def lean(self) -> bool:
+        """Whether batches go on :mod:`core.wire` links, which join each event-loop
+        turn's callers into one write by themselves (see :mod:`core.coalesce`)."""
+        if not isinstance(self.client, RedisCluster):
+            return self._plain_link is not None
+        if not self._allow_links:
+            return False
+        if self._cluster_lean is None:
+            default = self.client.get_default_node()
+            model = _node_client(default, "localhost", 6379)
+            lean = settings_of(model.connection_pool) is not None
+            if default is None:  # not connected yet: the node settings are not known
+                return lean
+            self._cluster_lean = lean
+        return self._cluster_lean
+
+    def sent(self) -> tuple[int, int]:
+        """(writes, callers) of the lean links so far (for tests and benchmarks)."""
+        links = [link for link in (self._plain_link, *self._links.values()) if link is not None]
+        return sum(link.writes for link in links), sum(link.callers for link in links)
 
     @property
     def down(self) -> list[str]:
@@ -121,6 +156,11 @@ class Dispatcher:
         return replies
 
     async def _plain(self, commands: Sequence[Command]) -> list[Any]:
+        if self._plain_link is not None:
+            try:
+                return await self._plain_link.run(commands)
+            except Exception as exc:  # any failure inside the link is a Redis failure
+                return [ShardError(f"{type(exc).__name__}: {exc}")] * len(commands)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for command in commands:
@@ -162,10 +202,14 @@ class Dispatcher:
         if failed_at is not None and time.monotonic() - failed_at < FAIL_FAST_S:
             return [ShardError(f"Redis node {name} is failing")] * len(commands)
         try:
-            async with self._pool(host, port).pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = list(await pipe.execute(raise_on_error=False))
+            link = self._link(host, port)
+            if link is not None:
+                replies = await link.run(commands)
+            else:
+                async with self._pool(host, port).pipeline(transaction=False) as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies = list(await pipe.execute(raise_on_error=False))
         except Exception as exc:  # any failure inside the client is a Redis failure
             why = f"{type(exc).__name__}: {exc}"
             self._failed(name, why)
@@ -182,6 +226,17 @@ class Dispatcher:
             model = self.client.get_node(host, port) or self.client.get_default_node()
             found = self._pools[name] = _node_client(model, host, port)
         return found
+
+    def _link(self, host: str, port: int) -> Link | None:
+        name = f"{host}:{port}"
+        try:
+            return self._links[name]
+        except KeyError:
+            if not self._allow_links:
+                return None
+            settings = settings_of(self._pool(host, port).connection_pool)
+            link = self._links[name] = Link(settings) if settings is not None else None
+            return link
 
     def _failed(self, name: str, why: str) -> None:
         if name not in self._down:
@@ -233,6 +288,10 @@ class Dispatcher:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        for link in (self._plain_link, *self._links.values()):
+            if link is not None:
+                await link.aclose()
+        self._links.clear()
         for pool in self._pools.values():
             await pool.aclose(close_connection_pool=True)
         self._pools.clear()
@@ -268,13 +327,29 @@ class ShardedCluster(RedisCluster):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.dispatcher = Dispatcher(self)
+        self.dispatcher = Dispatcher(self, lean=True)
 
     async def aclose(self) -> None:
         await self.dispatcher.aclose()
         await super().aclose()
 
 
+class LeanRedis(Redis):
+    """A client of one server that owns the :class:`Dispatcher` of its calls' batches,
+    with its :mod:`core.wire` link; closing the client closes the link too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dispatcher = Dispatcher(self, lean=True)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await self.dispatcher.aclose()
+        await super().aclose(close_connection_pool)
+
+
 def dispatcher_for(client: Redis | RedisCluster) -> Dispatcher:
-    """The client's own dispatcher (a :class:`ShardedCluster`'s) or a new one."""
-    return client.dispatcher if isinstance(client, ShardedCluster) else Dispatcher(client)
+    """The client's own dispatcher (a :class:`ShardedCluster`'s or :class:`LeanRedis`'s),
+    or a new one on redis-py's connections (nobody would close links made for it)."""
+    if isinstance(client, ShardedCluster | LeanRedis):
+        return client.dispatcher
+    return Dispatcher(client)

@@ -18,6 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from core.config import Config, parse_config
 from core.connect import connect
+from core.shards import LeanRedis
 from devtools.redis_server import LocalCluster, RedisProcess
 from devtools.stir_pki import StiPKI, make_pki
 from service.app import create_app
@@ -85,7 +86,8 @@ async def cluster_redis(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
 
 @pytest.fixture
 async def redis(redis_server: RedisProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
+    # The service's own kind of client (core.connect): its calls go on a core.wire link.
+    client = LeanRedis.from_url(redis_server.url)
     await client.flushall()
     yield client
     await client.aclose()

@@ -24,6 +24,7 @@ CALLERS = [f"1516555{i:04d}" for i in range(30)]
 
 @pytest.fixture
 async def counting(redis: Redis, redis_server: RedisProcess) -> AsyncIterator[Redis]:
+    """A client on redis-py's own connections (as for Sentinel or TLS), counting writes."""
     pool = ConnectionPool.from_url(redis_server.url, connection_class=CountingConnection)
     client = Redis(connection_pool=pool)
     yield client
@@ -31,27 +32,45 @@ async def counting(redis: Redis, redis_server: RedisProcess) -> AsyncIterator[Re
     await pool.disconnect()  # a pool passed in is not closed by the client
 
 
-async def test_concurrent_calls_share_one_pipeline_and_get_their_own_counts(
+def check_own_counts(calls: list[str], counts: list[dict[str, int]]) -> None:
+    """Each call got its own reply: the n-th call of a caller saw n in its window."""
+    seen: dict[str, list[int]] = {}
+    for caller, got in zip(calls, counts, strict=True):
+        seen.setdefault(caller, []).append(got["p:flood"])
+    for i, caller in enumerate(CALLERS):
+        assert seen[caller] == list(range(1, i + 2))
+
+
+async def test_concurrent_calls_share_one_write_and_get_their_own_counts(redis: Redis) -> None:
+    store = ListStore(redis)
+    assert store.dispatcher.lean  # a plain server: the calls' own connection (core/wire.py)
+    now_s = 1_000_000.0
+    await store.count_call("15165559999", WINDOWS, now_s)  # connected
+    writes, callers = store.dispatcher.sent()
+    # Caller i calls i+1 times, all in the same turn.
+    calls = [c for i, c in enumerate(CALLERS) for _ in range(i + 1)]
+    counts = await asyncio.gather(*(store.count_call(c, WINDOWS, now_s) for c in calls))
+    after_writes, after_callers = store.dispatcher.sent()
+    assert (after_writes - writes, after_callers - callers) == (1, len(calls))
+    check_own_counts(calls, counts)
+
+
+async def test_on_redis_py_connections_the_turn_still_shares_one_pipeline(
     counting: Redis,
 ) -> None:
     store = ListStore(counting)
+    assert not store.dispatcher.lean
     now_s = 1_000_000.0
     # Two connections made (one call alone, one joined), so none is opened below.
     await asyncio.gather(*(store.count_call("15165559999", WINDOWS, now_s) for _ in range(2)))
     before_sends, before_batches = CountingConnection.sends, store.coalescer.batches
-    # Caller i calls i+1 times, all in the same turn.
     calls = [c for i, c in enumerate(CALLERS) for _ in range(i + 1)]
     counts = await asyncio.gather(*(store.count_call(c, WINDOWS, now_s) for c in calls))
     # The first call, with nothing in flight, goes at once; the others of the turn join.
     assert CountingConnection.sends - before_sends == 2
     assert store.coalescer.batches - before_batches == 1
     assert store.coalescer.callers == 1 + len(calls) - 1
-    # Each call got its own reply: the n-th call of a caller saw n in its window.
-    seen: dict[str, list[int]] = {}
-    for caller, got in zip(calls, counts, strict=True):
-        seen.setdefault(caller, []).append(got["p:flood"])
-    for i, caller in enumerate(CALLERS):
-        assert seen[caller] == list(range(1, i + 2))
+    check_own_counts(calls, counts)
 
 
 async def test_one_call_gone_past_its_deadline_leaves_the_batch_to_the_others(
@@ -61,11 +80,10 @@ async def test_one_call_gone_past_its_deadline_leaves_the_batch_to_the_others(
     now_s = 2_000_000.0
 
     async def hasty() -> None:
-        # Zero time: gives up before the batch is even sent.
+        # Zero time: gives up before the turn's write.
         async with asyncio.timeout(0):
             await store.count_call("15165550001", WINDOWS, now_s)
 
-    # The first call goes alone (nothing in flight); the next two are joined.
     results = await asyncio.gather(
         store.count_call("15165550002", WINDOWS, now_s),
         hasty(),
@@ -74,7 +92,11 @@ async def test_one_call_gone_past_its_deadline_leaves_the_batch_to_the_others(
     )
     assert isinstance(results[1], TimeoutError)
     assert results[0] == results[2] == {"p:flood": 1}
-    assert store.coalescer.callers == 1  # the hasty one was dropped before the send
+    assert store.dispatcher.sent()[1] == 2
+    # The hasty call's commands were never sent: it counted nothing.
+    index = int(now_s // 60)
+    assert await redis.get(keys.rate("15165550001", "p:flood", index)) is None
+    assert await redis.get(keys.rate("15165550002", "p:flood", index)) == b"1"
 
 
 async def test_a_frozen_master_fails_only_the_calls_that_read_it(

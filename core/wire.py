@@ -1,0 +1,346 @@
+"""A lean pipelined Redis connection for the calls' batches (auto-pipelining on the wire).
+
+One :class:`Link` per Redis node holds one connection. A caller's commands are encoded
+to RESP at once and queued; the queue is written in one ``write`` at the end of the
+event-loop turn, so every call of a turn shares one round trip; replies are parsed by
+hiredis and handed back in order (Redis answers a connection's commands in the order
+sent). redis-py does the same work through a pipeline object, a connection checkout and
+a parser per batch, which costs several times more per call (docs/design.md, "The call
+path's Redis connection").
+
+Invariants:
+
+- each caller gets exactly its own replies, in its order, error replies included as
+  exception objects (as redis-py's ``raise_on_error=False``);
+- a caller that stopped waiting before the turn's write is left out of it (its commands
+  are never sent); one that stops later still has its replies read and dropped;
+- a lost connection fails every caller waiting on it with :class:`LinkError`, and the
+  next caller connects again; a connection whose oldest command has waited
+  ``stall_s`` is closed (a node that stopped answering), failing its callers.
+
+Only plain TCP connections with a password or ACL user are served this way
+(:func:`settings_of`); TLS, Unix sockets and credential providers keep redis-py's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+from redis import exceptions as errors
+from redis.asyncio import ConnectionPool
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError, ResponseError
+
+#: How long a connection may leave its oldest command unanswered when the client sets no
+#: ``socket_timeout``.
+DEFAULT_STALL_S = 2.0
+
+
+class LinkError(RedisConnectionError):
+    """The connection failed before a caller's replies came."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a :class:`Link` needs to connect, taken from a redis-py pool's settings."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    client_name: str | None = None
+    connect_timeout_s: float = DEFAULT_STALL_S
+    stall_s: float = DEFAULT_STALL_S
+
+    def at(self, host: str, port: int) -> Settings:
+        """The same settings for another node (a Cluster's)."""
+        return Settings(
+            host, port, self.username, self.password, self.db, self.client_name,
+            self.connect_timeout_s, self.stall_s,
+        )  # fmt: skip
+
+
+def settings_of(pool: ConnectionPool) -> Settings | None:
+    """Settings for a :class:`Link` to the pool's server, or None where the pool needs
+    what a Link does not do (TLS, a Unix socket, a credential provider, a
+    Sentinel-managed pool)."""
+    kind = pool.connection_class
+    if type(pool) is not ConnectionPool or not issubclass(kind, Connection):
+        return None
+    if issubclass(kind, SSLConnection):
+        return None
+    kwargs = pool.connection_kwargs
+    if kwargs.get("credential_provider") is not None or "path" in kwargs:
+        return None
+    stall = kwargs.get("socket_timeout") or DEFAULT_STALL_S
+    return Settings(
+        host=str(kwargs.get("host", "localhost")),
+        port=int(kwargs.get("port", 6379)),
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        db=int(kwargs.get("db", 0) or 0),
+        client_name=kwargs.get("client_name"),
+        connect_timeout_s=float(kwargs.get("socket_connect_timeout") or stall),
+        stall_s=float(stall),
+    )
+
+
+def _arg(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool):
+        raise TypeError("a bool is no Redis argument")
+    if isinstance(value, int):
+        return b"%d" % value
+    if isinstance(value, float):
+        return repr(value).encode()
+    raise TypeError(f"no Redis argument: {type(value).__name__}")
+
+
+def encode(commands: Sequence[Sequence[Any]]) -> bytes:
+    """The RESP encoding of ``commands`` (each a command name and its arguments)."""
+    parts: list[bytes] = []
+    for command in commands:
+        parts.append(b"*%d\r\n" % len(command))
+        for value in command:
+            data = _arg(value)
+            parts.append(b"$%d\r\n" % len(data))
+            parts.append(data)
+            parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+#: Error replies by their code, as the exceptions redis-py raises for them.
+_ERRORS: dict[str, type[Exception]] = {
+    "MOVED": MovedError,
+    "ASK": errors.AskError,
+    "NOPERM": errors.NoPermissionError,
+    "NOSCRIPT": errors.NoScriptError,
+    "READONLY": errors.ReadOnlyError,
+    "LOADING": errors.BusyLoadingError,
+    "NOAUTH": errors.AuthenticationError,
+    "WRONGPASS": errors.AuthenticationError,
+    "OOM": errors.OutOfMemoryError,
+    "EXECABORT": errors.ExecAbortError,
+    "CLUSTERDOWN": errors.ClusterDownError,
+    "TRYAGAIN": errors.TryAgainError,
+}
+
+
+def _error(reply: ResponseError) -> Exception:
+    """The redis-py exception for an error reply: its class by the reply's code, with
+    the code taken off the message as redis-py does (a MOVED reply's is "slot host:port")."""
+    text = str(reply)
+    code, _, rest = text.partition(" ")
+    found = _ERRORS.get(code)
+    return found(rest) if found is not None else reply
+
+
+class _Waiter:
+    __slots__ = ("count", "data", "future", "replies", "sent_at")
+
+    def __init__(self, future: asyncio.Future[list[Any]], data: bytes, count: int) -> None:
+        self.future = future
+        self.data = data
+        self.count = count
+        self.replies: list[Any] = []
+        self.sent_at = 0.0
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection: what it was sent and the reader of its replies, which go to the
+    oldest waiter still owed some. A connection lost or stalled fails its own waiters
+    only (the link's next connection has its own)."""
+
+    def __init__(self, name: str, stall_s: float) -> None:
+        self.name = name
+        self.stall_s = stall_s
+        self.reader = hiredis.Reader(replyError=ResponseError)
+        self.transport: asyncio.Transport | None = None
+        self.sent: deque[_Waiter] = deque()
+        self.watch: asyncio.TimerHandle | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, waiters: list[_Waiter], data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for waiter in waiters:
+            waiter.sent_at = now
+        self.sent.extend(waiters)
+        if self.watch is None:
+            self.watch = loop.call_later(self.stall_s, self.check)
+
+    def check(self) -> None:
+        """Close the connection when its oldest command waited past ``stall_s``."""
+        self.watch = None
+        if not self.sent or self.lost:
+            return
+        loop = asyncio.get_running_loop()
+        waited = loop.time() - self.sent[0].sent_at
+        if waited >= self.stall_s:
+            self.close(LinkError(f"Redis node {self.name}: no reply in {waited:.1f} s"))
+        else:
+            self.watch = loop.call_later(self.stall_s - waited, self.check)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        sent = self.sent
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            if not sent:  # a reply nobody asked for: the stream is out of step
+                self.close(LinkError(f"Redis node {self.name}: a reply no command asked for"))
+                return
+            waiter = sent[0]
+            waiter.replies.append(_error(reply) if isinstance(reply, ResponseError) else reply)
+            if len(waiter.replies) == waiter.count:
+                sent.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_result(waiter.replies)
+
+    def close(self, exc: LinkError) -> None:
+        """Abort the connection now and fail everything it owes."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.fail(exc)
+
+    def fail(self, exc: LinkError) -> None:
+        self.lost = True
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
+        sent, self.sent = self.sent, deque()
+        for waiter in sent:
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        why = f": {exc}" if exc is not None else ""
+        self.fail(LinkError(f"Redis node {self.name}: connection lost{why}"))
+
+
+class Link:
+    """One Redis node's connection for the calls (see the module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Task[_Protocol] | None = None
+        #: Encoded, not yet written (the turn's callers).
+        self._queued: list[_Waiter] = []
+        self._flush_scheduled = False
+        self._closed = False
+        #: Writes made and the callers they carried (for tests and benchmarks).
+        self.writes = 0
+        self.callers = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """``commands``' replies in order, written with the turn's other callers'.
+
+        Raises :class:`LinkError` when the connection cannot be made or is lost before
+        the replies come.
+        """
+        if not commands:
+            return []
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            await self._connect()
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), encode(commands), len(commands))
+        self._queued.append(waiter)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await waiter.future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        queued, self._queued = self._queued, []
+        live = [waiter for waiter in queued if not waiter.future.done()]
+        if not live:
+            return
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            failed = LinkError(f"Redis node {self.name}: connection lost")
+            for waiter in live:
+                waiter.future.set_exception(failed)
+            return
+        protocol.send(live, b"".join([waiter.data for waiter in live]))
+        self.writes += 1
+        self.callers += len(live)
+
+    async def _connect(self) -> None:
+        if self._closed:
+            raise LinkError(f"Redis node {self.name}: link closed")
+        if self._connecting is None or self._connecting.done():
+            # A task of its own: a caller whose deadline passes must not cancel the
+            # connection the others wait for.
+            self._connecting = asyncio.create_task(self._open(), name=f"redis-link {self.name}")
+        try:
+            self._protocol = await asyncio.shield(self._connecting)
+        except LinkError:
+            raise
+        except Exception as exc:
+            raise LinkError(f"Redis node {self.name}: {type(exc).__name__}: {exc}") from None
+
+    async def _open(self) -> _Protocol:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(settings.connect_timeout_s):
+            _, protocol = await loop.create_connection(
+                lambda: _Protocol(self.name, settings.stall_s), settings.host, settings.port
+            )
+            hello: list[tuple[Any, ...]] = []
+            if settings.password is not None:
+                user = (settings.username,) if settings.username else ()
+                hello.append(("AUTH", *user, settings.password))
+            if settings.db:
+                hello.append(("SELECT", settings.db))
+            if settings.client_name:
+                hello.append(("CLIENT", "SETNAME", settings.client_name))
+            if hello:
+                waiter = _Waiter(loop.create_future(), encode(hello), len(hello))
+                protocol.send([waiter], waiter.data)
+                try:
+                    replies = await waiter.future
+                except BaseException:
+                    protocol.close(LinkError(f"Redis node {self.name}: no answer to AUTH"))
+                    raise
+                failed = next((r for r in replies if isinstance(r, Exception)), None)
+                if failed is not None:
+                    protocol.close(LinkError(f"Redis node {self.name}: refused"))
+                    raise LinkError(f"Redis node {self.name} refused the connection: {failed}")
+        return protocol
+
+    async def aclose(self) -> None:
+        """Close the connection; callers still waiting get :class:`LinkError`."""
+        self._closed = True
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connecting
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and not protocol.lost:
+            protocol.close(LinkError(f"Redis node {self.name}: link closed"))
