@@ -1,10 +1,11 @@
-"""``python -m bench.coalesce``: a call's Redis read, coalesced or one pipeline per call.
+"""``python -m bench.coalesce``: a call's Redis read, three ways.
 
 ``--concurrency`` callers loop over ``ListStore.fetch_for_call`` (one call-rate rule
 and one subscriber read: 4 commands) against a local ``redis-server`` for
-``--seconds``, alternating ``direct`` (one pipeline per call, as before
-core/coalesce.py) and ``coalesced`` rounds. Prints calls/s and this process's CPU time
-per call: the client-side cost the coalescing is meant to cut.
+``--seconds``, alternating rounds of ``direct`` (one redis-py pipeline per call),
+``coalesced`` (redis-py pipelines joined per event-loop turn, core/coalesce.py, the path
+Sentinel and TLS take) and ``wire`` (the service's own connection, core/wire.py).
+Prints calls/s and this process's CPU time per call: the client-side cost.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from core.shards import LeanRedis
 from core.store import ListStore
 from devtools.redis_server import RedisProcess
 
 WINDOWS = [("p:flood", 60)]
 
 
-async def _round(
-    url: str, coalesced: bool, concurrency: int, seconds: float
-) -> tuple[float, float]:
-    client = Redis.from_url(url)
+MODES = ("direct", "coalesced", "wire")
+
+
+async def _round(url: str, mode: str, concurrency: int, seconds: float) -> tuple[float, float]:
+    client = LeanRedis.from_url(url) if mode == "wire" else Redis.from_url(url)
     store = ListStore(client)
-    run = store.coalescer.run if coalesced else store.dispatcher.run
-    store.coalescer.run = run  # type: ignore[method-assign]
+    if mode == "direct":
+        store.coalescer.run = store.dispatcher.run  # type: ignore[method-assign]
     done = 0
     stop = time.monotonic() + seconds
 
@@ -53,9 +56,8 @@ async def main(rounds: int, concurrency: int, seconds: float) -> None:
     server = RedisProcess(Path(tempfile.mkdtemp(prefix="bench-coalesce-"))).start()
     try:
         for n in range(rounds):
-            for coalesced in (False, True):
-                rate, cpu_us = await _round(server.url, coalesced, concurrency, seconds)
-                mode = "coalesced" if coalesced else "direct"
+            for mode in MODES:
+                rate, cpu_us = await _round(server.url, mode, concurrency, seconds)
                 print(f"round {n} {mode:9} {rate:8.0f} calls/s {cpu_us:7.1f} us CPU a call")
     finally:
         server.stop()
