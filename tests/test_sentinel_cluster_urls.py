@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from core.connect import BadRedisUrl, SentinelRedis, connect, redact
+from core.shards import LeanRedis
 
 
 async def test_sentinel_url_names_sentinels_service_and_database() -> None:
@@ -39,9 +39,9 @@ async def test_cluster_url_names_startup_nodes() -> None:
     await client.aclose()
 
 
-async def test_single_server_urls_still_give_a_plain_client() -> None:
+async def test_single_server_urls_give_a_client_with_its_own_call_link() -> None:
     client = connect("redis://127.0.0.1:1/0")
-    assert type(client) is Redis
+    assert type(client) is LeanRedis and client.dispatcher.lean  # core/wire.py
     await client.aclose()
 
 
