@@ -623,4 +623,7 @@ def load_config(path: str | Path) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, source=str(path), base_dir=path.resolve().parent)
+    # The folder of the path given, symlinks kept: a Kubernetes ConfigMap's config.yaml
+    # is a symlink into a folder the kubelet replaces at each change, and a base_dir
+    # moving with it would read as a change of every list (a worker restart).
+    return parse_config(data, source=str(path), base_dir=path.absolute().parent)

@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if workers == 1:
         return serve_one(config, host, port, operator=operator, config_path=args.config)
+    # absolute(), not resolve(): a reload must re-read the path given, which may be a
+    # symlink swapped to a new file (a Kubernetes ConfigMap's ..data), not its old target.
     worker_argv = [
-        "--config", str(args.config.resolve()),
+        "--config", str(args.config.absolute()),
         "--log-level", args.log_level,
         "--log-format", log_format,
     ]  # fmt: skip
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_argv,
         operator=operator,
         share_parent=share_parent if config.cache.share_lists else None,
-        config=(args.config.resolve(), config),
+        config=(args.config.absolute(), config),
         own_argv=sys.argv[1:] if argv is None else argv,
         upgrade_from=args.upgrade_from,
     ).run()

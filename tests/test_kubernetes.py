@@ -5,7 +5,8 @@ Every manifest is validated offline against the Kubernetes schemas that the
 oldest and the newest version it knows. The ServiceMonitor is a Prometheus Operator
 CRD with no schema there: its metadata and selector are validated against the
 Kubernetes definitions and the rest is checked by reading it. The config watcher
-sidecar runs here for real against a stand-in for the reload endpoint.
+sidecar runs here for real, against a stand-in for the reload endpoint and against a
+real service process whose config file is swapped the way the kubelet swaps it.
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from aiohttp import web
+from redis.asyncio import Redis
 from referencing import Registry, Resource
 
 from core.config import Config, parse_config
-from devtools.redis_server import free_port
+from devtools.redis_server import RedisProcess, free_port
 from service.procs.workers import STOP_GRACE_S
-from tests.helpers import wait_for
+from tests.helpers import REJECT, body_from, load_list, wait_for
+from tests.procs import BLOCKLIST_CONFIG, ServiceProcess, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -408,3 +412,95 @@ async def test_the_watcher_asks_its_pod_to_reload_once_per_config_change(tmp_pat
         process.kill()
         await process.wait()
         await runner.cleanup()
+
+
+async def start_watcher(script: Path, env: dict[str, str]) -> Any:
+    """The watcher script (written at ``script``) as a process, once it says it watches."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-u", str(script), env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert process.stdout
+    await asyncio.wait_for(process.stdout.readline(), timeout=30)  # "watching ..."
+    return process
+
+
+async def test_the_watcher_reloads_a_real_service_when_the_kubelet_swaps_its_config(
+    tmp_path: Path, redis_server: RedisProcess, redis: Redis
+) -> None:
+    """The sidecar and a real supervisor with 2 workers, config swapped as by the kubelet:
+    a valid policy reaches every worker; an invalid one is refused and the last good
+    policy keeps answering."""
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    token = "watcher-test-token-0123456789"
+    admin_port = free_port()
+    server = {**BLOCKLIST_CONFIG["server"], "admin_port": admin_port}
+    folder = tmp_path / "config"
+    service = ServiceProcess(
+        folder,
+        redis_server.url,
+        workers=2,
+        overrides={"server": server},
+        env={"CALLSCREEN_ADMIN_TOKENS": token},
+    )
+    first: dict[str, Any] = yaml.safe_load(service.config_path.read_text())
+    service.config_path.unlink()  # the kubelet's layout: config.yaml -> ..data/config.yaml
+    swap_in(folder, yaml.safe_dump(first), 1)
+    watch_only = copy.deepcopy(first)
+    watch_only["policies"]["default"]["rules"][0]["dry_run"] = True  # blocked caller passes
+    invalid = {**copy.deepcopy(first), "default_policy": "nonexistent"}
+    watcher = None
+    try:
+        service.start()
+        await service.ready()
+        script = tmp_path / "watch.py"
+        script.write_text(watcher_source())
+        watcher = await start_watcher(
+            script,
+            {
+                "CALLSCREEN_ADMIN_TOKENS": token,
+                "WATCH_CONFIG": str(service.config_path),
+                "WATCH_RELOAD_URL": f"http://127.0.0.1:{admin_port}/v1/reload",
+                "WATCH_INTERVAL_S": "0.1",
+            },
+        )
+        assert watcher.stdout
+        async with aiohttp.ClientSession() as session:
+
+            async def answers() -> list[Any]:
+                found = []
+                for _ in range(6):  # both workers
+                    body = body_from("15162065613")
+                    async with session.post(f"{service.url}/tg/main", json=body) as response:
+                        assert response.status == 200
+                        found.append(await response.json())
+                return found
+
+            assert await answers() == [REJECT] * 6
+            swap_in(folder, yaml.safe_dump(watch_only), 2)
+            line = await asyncio.wait_for(watcher.stdout.readline(), timeout=30)
+            assert b"reload answered 202" in line, line
+
+            async def switched() -> bool:
+                return await answers() == [[]] * 6
+
+            await wait_for(switched, timeout_s=10.0, interval_s=0.1)
+            swap_in(folder, yaml.safe_dump(invalid), 3)
+            line = await asyncio.wait_for(watcher.stdout.readline(), timeout=30)
+            assert b"reload answered 422" in line, line
+
+            async def refused() -> bool:
+                return "config reload refused" in service.log_text()
+
+            await wait_for(refused, timeout_s=10.0, interval_s=0.1)
+            assert "default_policy: unknown policy 'nonexistent'" in service.log_text()
+            for _ in range(3):  # the last good policy answers on, in every worker
+                assert await answers() == [[]] * 6
+        samples = await scrape(f"http://127.0.0.1:{admin_port}")
+        assert samples['callscreen_config_reload_total{outcome="applied"}'] == 1
+        assert samples['callscreen_config_reload_total{outcome="invalid"}'] == 1
+    finally:
+        if watcher is not None:
+            watcher.kill()
+            await watcher.wait()
+        service.stop()

@@ -91,7 +91,8 @@ def serve_one(
     # POST /v1/reload asks whoever reloads: the supervisor, or this process.
     hup = None
     if config_path is not None:
-        target = ReloadTarget(os.getppid() if worker else os.getpid(), config_path.resolve())
+        # Not resolved: the path may be a symlink a kubelet swaps (service/__main__.py).
+        target = ReloadTarget(os.getppid() if worker else os.getpid(), config_path.absolute())
         for served in (app, operator_app):
             if served is not None:
                 served[RELOAD_TARGET] = target
