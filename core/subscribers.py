@@ -406,9 +406,12 @@ class SubscriberStore:
         if not changes:
             return await self.gen(name)
         by_bucket: dict[int, dict[str, Mapping[str, bool]]] = {}
+        slices = Slices()
+        adds = False
         for subscriber, entries in changes.items():
             by_bucket.setdefault(keys.subscriber_bucket_of(subscriber), {})[subscriber] = entries
-        adds = any(add for e in changes.values() for add in e.values())
+            adds = adds or any(entries.values())
+            await slices.tick()
         gen = await self.gen(name)
         if not gen and not adds:
             return 0  # nothing to remove from a list that holds nothing

@@ -25,12 +25,15 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.config import Config
+from core.config import Config, load_config
+from core.subscribers import Changes, SubscriberStore
 from devtools.redis_server import RedisProcess, free_port
+from loader.sync import sync_list
 from service.operator import admin as admin_module
 from tests.helpers import REJECT, body_from, load_list, wait_for
 from tests.load import Load
 from tests.procs import BLOCKLIST_CONFIG, ServiceProcess, scrape
+from tests.test_subscribers import PERSONAL, SUB_A, call_body, subscribers_config
 
 #: The CarrierX trunk group timeout: later answers are lost (see the module docstring).
 CARRIER_TIMEOUT_S = 0.25
@@ -252,7 +255,7 @@ async def _load_answered(load: Load, count: int) -> bool:
     return len(load.answers) >= count
 
 
-async def _count(timings: list[float], count: int) -> bool:
+async def _count(timings: list[Any], count: int) -> bool:
     return len(timings) >= count
 
 
@@ -302,3 +305,144 @@ async def test_a_100k_bulk_holds_the_event_loop_a_few_ms_at_a_time(
         await watcher
     print(f"longest holds: {[round(h * 1000, 1) for h in sorted(holds)[-5:]]} ms")
     assert max(holds) < MAX_HOLD_S, f"the loop was held for {max(holds) * 1000:.0f} ms"
+
+
+def subscriber_bulk() -> bytes:
+    """A subscribers bulk change as large as admin.max_bulk_entries allows by default: a
+    block entry for each of 100 k subscribers (about 7 MB of JSON). Written as text: held
+    as 100 k dicts, the test's own objects would lengthen the collector's passes in the
+    in-process test."""
+    items = ",".join(
+        f'{{"subscriber":"1951{i:07d}","entry":"1212{i:07d}","side":"block"}}'
+        for i in range(100_000)
+    )
+    return f'{{"add":[{items}]}}'.encode()
+
+
+async def test_a_100k_subscriber_bulk_is_prepared_without_holding_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+    redis: Redis,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """Like the list bulk above, for what runs before the write: the body's JSON, every
+    item's checks and canonical form (in the helper process) and the changes handed back.
+
+    Measured up to the moment the write begins (:meth:`SubscriberStore.bulk_change`,
+    wrapped to note when). The write itself yields every few ms, but its 100 k-subscriber
+    structures cost a full pass of the cyclic collector of tens of ms (docs/subscribers.md).
+    """
+    monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", TOKEN)
+    (tmp_path / "personal.csv").write_text(f"{SUB_A},15165550101\n")
+    config = make_config(subscribers_config(), base_dir=tmp_path)
+    await sync_list(redis, config, "personal")
+    client = await make_client(config, redis_client=redis)
+    holds: list[float] = []
+    writing: list[int] = []  # how many holds were seen when the write began
+    stop = asyncio.Event()
+    bulk_change = SubscriberStore.bulk_change
+
+    async def noted(store: SubscriberStore, name: str, changes: Changes) -> int:
+        writing.append(len(holds))
+        return await bulk_change(store, name, changes)
+
+    monkeypatch.setattr(SubscriberStore, "bulk_change", noted)
+
+    async def watch() -> None:
+        last = time.thread_time()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.thread_time()
+            holds.append(now - last)
+            last = now
+
+    bulk = subscriber_bulk()
+    watcher = asyncio.create_task(watch())
+    try:
+        response = await client.post(
+            "/v1/lists/personal/subscribers",
+            data=io.BytesIO(bulk),
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        assert response.status == 200, await response.text()
+        assert (await response.json())["added"] == 100_000
+    finally:
+        stop.set()
+        await watcher
+
+    async def screened() -> bool:  # the bulk's last pair (after the worker's next poll)
+        call = await client.post("/tg/main", json=call_body("12120099999", "19510099999"))
+        return bool(await call.json() == PERSONAL)
+
+    await wait_for(screened, timeout_s=10)
+    before = holds[: writing[0]]
+    print(f"longest holds before the write: {[round(h * 1000, 1) for h in sorted(before)[-5:]]}")
+    print(f"longest holds in all: {[round(h * 1000, 1) for h in sorted(holds)[-5:]]} ms")
+    assert max(before) < MAX_HOLD_S, f"the loop was held for {max(before) * 1000:.0f} ms"
+
+
+async def test_a_100k_subscriber_bulk_on_the_operator_listener_leaves_calls_in_time(
+    tmp_path: Path, redis_server: RedisProcess, redis: Redis
+) -> None:
+    """One process: the operator listener and the handler share an event loop; calls
+    that read a subscriber from Redis go on while the bulk change is prepared and written."""
+    admin_port = free_port()
+    (tmp_path / "personal.csv").write_text(f"{SUB_A},15165550101\n")
+    overrides = subscribers_config()
+    overrides["lists"]["personal"]["source"] = str(tmp_path / "personal.csv")
+    service = ServiceProcess(
+        tmp_path / "service",
+        redis_server.url,
+        overrides={
+            **overrides,
+            "server": {**BLOCKLIST_CONFIG["server"], "admin_port": admin_port},
+        },
+        env={"CALLSCREEN_ADMIN_TOKENS": TOKEN},
+    )
+    bulk = subscriber_bulk()
+    answers: list[Any] = []
+    stop = asyncio.Event()
+
+    async def calls() -> None:  # a subscriber's block entry, paced, one connection
+        body = orjson.dumps(call_body("15165550101", SUB_A))
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                async with session.post(f"{service.url}/tg/main", data=body) as response:
+                    answers.append(await response.json())
+                await asyncio.sleep(0.002)
+
+    try:
+        await sync_list(redis, load_config(service.config_path), "personal")
+        service.start()
+        await service.ready()
+        running = asyncio.create_task(calls())
+        await wait_for(lambda: _count(answers, 50), timeout_s=10)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{admin_port}/v1/lists/personal/subscribers",
+                data=io.BytesIO(bulk),
+                headers={**AUTH, "Content-Type": "application/json"},
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+            assert (await response.json())["added"] == 100_000
+        done = len(answers)
+        await wait_for(lambda: _count(answers, done + 50), timeout_s=10)
+        stop.set()
+        await running
+        found = await scrape(f"http://127.0.0.1:{admin_port}")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{service.url}/tg/main", json=call_body("12120099999", "19510099999")
+            ) as response,
+        ):
+            assert await response.json() == PERSONAL  # the bulk's last pair is screened
+    finally:
+        stop.set()
+        service.stop()
+    assert answers and all(answer == PERSONAL for answer in answers)
+    assert found["callscreen_late_answers_total"] == 0
+    assert found['callscreen_on_error_total{reason="deadline"}'] == 0

@@ -22,7 +22,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 from pydantic import BaseModel
-from pydantic_core import ErrorDetails
 from redis.exceptions import RedisError
 
 from core import overlay
@@ -211,15 +210,6 @@ async def _list_info(request: web.Request, name: str) -> api.ListInfo:
     return info
 
 
-async def read_json(request: web.Request) -> Any:
-    """An admin request's JSON body: 413 over ``admin.max_body_bytes``, 400 if not JSON."""
-    data = await read_body(request)
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise AdminError(400, f"request body is not valid JSON: {exc}") from None
-
-
 async def read_body(request: web.Request) -> bytes:
     """An admin request's body: 413 over ``admin.max_body_bytes``."""
     limit = request.app[CONFIG].admin.max_body_bytes
@@ -368,14 +358,3 @@ async def bulk_change(request: web.Request) -> web.Response:
     logger.info("admin: list %s +%d -%d (version %d)", name, len(adds), len(removes), version)
     await audit_change(request, "bulk", name, version, added=len(adds), removed=len(removes))
     return _json(api.BulkResult(list=name, added=len(adds), removed=len(removes), version=version))
-
-
-def bulk_refusal(errors: list[ErrorDetails], items: str = "strings") -> AdminError:
-    """The ``400`` for a bulk body its model refused, in one plain sentence; ``items``
-    names what the ``add``/``remove`` arrays hold (``strings``, ``objects``)."""
-    first = errors[0]
-    if first["type"] == "nothing_to_change":
-        return AdminError(400, first["msg"])
-    if all(error["type"] == "list_type" for error in errors):
-        return AdminError(400, f'"{first["loc"][0]}" must be an array of {items}')
-    return AdminError(400, 'the body must be an object with "add" and/or "remove" arrays')

@@ -1,5 +1,9 @@
 """A bulk change's heavy work in a helper process, away from the calls' event loop.
 
+Two bulk changes go through it: a list's entries (:func:`prepare`) and a subscribers
+list's pairs (:func:`prepare_subscribers`); each keeps the refusals, statuses and
+messages the admin API documents (docs/api.md).
+
 A 100 k-entry body is about 2 MB of JSON. Parsing it (orjson), checking and
 canonicalising every entry, and de-duplicating take tens of milliseconds of CPU in C
 and Python code that holds the GIL the whole time: on the event loop, every call the
@@ -17,6 +21,7 @@ import asyncio
 import logging
 import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -28,6 +33,13 @@ from pydantic import ValidationError
 
 from core.config import ListKind
 from core.entries import BadEntry, canonical, new_entry
+from core.subscribers import (
+    BadSubscriberEntry,
+    Side,
+    canonical_entry,
+    canonical_subscriber,
+    code_of,
+)
 from service.operator import models as api
 
 logger = logging.getLogger(__name__)
@@ -88,13 +100,14 @@ def _canonical_all(
     return entries
 
 
-def _refusal_of(errors: list[Any]) -> Refusal:
-    """The ``400`` for a body :class:`api.BulkChange` refused: one plain sentence."""
+def _refusal_of(errors: list[Any], items: str = "strings") -> Refusal:
+    """The ``400`` for a body its model refused, in one plain sentence; ``items`` names
+    what the ``add``/``remove`` arrays hold."""
     first = errors[0]
     if first["type"] == "nothing_to_change":
         return Refusal(400, first["msg"])
     if all(error["type"] == "list_type" for error in errors):
-        return Refusal(400, f'"{first["loc"][0]}" must be an array of strings')
+        return Refusal(400, f'"{first["loc"][0]}" must be an array of {items}')
     return Refusal(400, 'the body must be an object with "add" and/or "remove" arrays')
 
 
@@ -129,6 +142,109 @@ def prepare(
         return Refusal(400, message, {"entries": both})
     adds, removes = list(dict.fromkeys(adds)), list(dict.fromkeys(removes))
     return Prepared(_chunks(adds), _chunks(removes), len(adds), len(removes), change.ttl_s)
+
+
+@dataclass
+class PreparedSubscribers:
+    """A subscribers bulk change ready to write: ``subscriber code 1|0`` lines (1: add),
+    a subscriber's codes each once, joined :data:`CHUNK_ENTRIES` lines a string."""
+
+    lines: list[str]
+    added: int
+    removed: int
+
+
+def prepare_subscribers(body: bytes, country: str, limit: int) -> Refusal | PreparedSubscribers:
+    """Check and canonicalise a subscribers bulk change (runs in the helper process).
+
+    The guards in order: JSON, shape, item count (before any item is looked at), every
+    item (all bad ones reported by field and index), then pairs both added and removed
+    on the same side.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return Refusal(400, f"request body is not valid JSON: {exc}")
+    try:
+        change = api.SubscriberBulkChange.model_validate(data)
+    except ValidationError as exc:
+        return _refusal_of(exc.errors(include_url=False), "objects")
+    total = len(change.add) + len(change.remove)
+    if total > limit:
+        return Refusal(413, f"{total} items in one request; at most {limit}")
+    bad: list[dict[str, Any]] = []
+    pairs = _pairs(api.SubscriberAdd, change.add, "add", country, bad)
+    pairs += _pairs(api.SubscriberRemove, change.remove, "remove", country, bad)
+    if bad:
+        return Refusal(
+            400, f"{len(bad)} bad items; nothing was changed", {"bad_entries": bad[:BAD_SHOWN]}
+        )
+    changes: dict[tuple[str, str], bool] = {}
+    twice: set[str] = set()
+    for subscriber, entry, side, add in pairs:
+        key = (subscriber, code_of(entry, side))
+        if changes.get(key, add) != add:
+            twice.add(f"{subscriber}:{entry} ({side})")
+        changes[key] = add
+    if twice:
+        message = "pairs both added and removed on the same side; nothing was changed"
+        return Refusal(400, message, {"entries": sorted(twice)[:BAD_SHOWN]})
+    added = sum(changes.values())
+    lines = [f"{s} {code} {int(add)}" for (s, code), add in changes.items()]
+    return PreparedSubscribers(_chunks(lines), added, len(changes) - added)
+
+
+def _pairs(
+    model: type[api.SubscriberAdd | api.SubscriberRemove],
+    items: list[Any],
+    field: str,
+    country: str,
+    bad: list[dict[str, Any]],
+) -> list[tuple[str, str, Side, bool]]:
+    """``(subscriber, entry, side, add?)`` of each item; bad ones go to ``bad``."""
+    found: list[tuple[str, str, Side, bool]] = []
+    adding = model is api.SubscriberAdd
+    for index, item in enumerate(items):
+        try:
+            parsed = model.model_validate(item)
+            subscriber = canonical_subscriber(parsed.subscriber, country)
+            entry = canonical_entry(parsed.entry, country)
+        except ValidationError as exc:
+            bad.append(_item_report(field, index, item, _first_error(item, exc)))
+        except BadSubscriberEntry as exc:
+            bad.append(_item_report(field, index, item, str(exc)))
+        else:
+            found.append((subscriber, entry, parsed.side, adding))
+    return found
+
+
+def _first_error(item: Any, exc: ValidationError) -> str:
+    if not isinstance(item, dict):
+        return "not an object"
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def _item_report(field: str, index: int, item: Any, error: str) -> dict[str, Any]:
+    report: dict[str, Any] = {"field": field, "index": index, "error": error}
+    if isinstance(item, dict):
+        for key in ("subscriber", "entry"):
+            if isinstance(item.get(key), str):
+                report[key] = item[key][:200]
+    return report
+
+
+async def subscriber_changes(chunks: list[str]) -> dict[str, dict[str, bool]]:
+    """The changes of :attr:`PreparedSubscribers.lines` as
+    :data:`core.subscribers.Changes`, a chunk per loop turn."""
+    changes: dict[str, dict[str, bool]] = {}
+    for chunk in chunks:
+        for line in chunk.split("\n"):
+            subscriber, code, add = line.split(" ")
+            changes.setdefault(subscriber, {})[code] = add == "1"
+        await asyncio.sleep(0)
+    return changes
 
 
 async def entries(chunks: list[str]) -> list[str]:
@@ -172,14 +288,28 @@ class Offloader:
     async def prepare(
         self, body: bytes, kind: ListKind, country: str, limit: int, *, strict_add: bool = False
     ) -> Refusal | Prepared:
-        """:func:`prepare` in the helper process; a helper that died is replaced once."""
+        """:func:`prepare` in the helper process."""
+        prepared: Refusal | Prepared = await self._run(
+            prepare, body, kind, country, limit, strict_add
+        )
+        return prepared
+
+    async def prepare_subscribers(
+        self, body: bytes, country: str, limit: int
+    ) -> Refusal | PreparedSubscribers:
+        """:func:`prepare_subscribers` in the helper process."""
+        prepared: Refusal | PreparedSubscribers = await self._run(
+            prepare_subscribers, body, country, limit
+        )
+        return prepared
+
+    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in the helper process; a helper that died is replaced once."""
         for attempt in range(2):
             pool = self._pool if self._pool is not None else await asyncio.to_thread(self._started)
             loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(
-                    pool, prepare, body, kind, country, limit, strict_add
-                )
+                return await loop.run_in_executor(pool, function, *args)
             except BrokenProcessPool:
                 logger.warning("the bulk-change helper process died; starting another")
                 self._close_now()

@@ -17,26 +17,21 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from core.subscribers import (
     BadSubscriberEntry,
-    Side,
-    Slices,
     SubscriberStore,
     canonical_entry,
     canonical_side,
     canonical_subscriber,
-    code_of,
 )
 from service.appkeys import CONFIG, REDIS
 from service.operator import models as api
-from service.operator.admin import AdminError, admin_only, bulk_refusal, list_kind, read_json
+from service.operator.admin import AdminError, admin_only, list_kind, read_body
+from service.operator.offload import OFFLOAD, Refusal, subscriber_changes
 from service.operator.records import audit_change
 
 logger = logging.getLogger(__name__)
-#: Pairs named in a refusal, at most (like ``bad_entries``).
-SHOWN = 100
 
 
 def add_subscriber_routes(app: web.Application) -> None:
@@ -129,40 +124,19 @@ async def bulk_change(request: web.Request) -> web.Response:
     every item (any bad one, or a pair added and removed or added on both sides, refuses
     the whole change with its field and index). A subscriber taken past 100 entries is
     ``409`` with nothing written. Writes are atomic per bucket, not across buckets.
+    Everything before the write runs in the helper process
+    (:func:`service.operator.offload.prepare_subscribers`), off the calls' event loop.
     """
     name = _subscribers_list(request)
-    try:
-        change = api.SubscriberBulkChange.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise bulk_refusal(exc.errors(include_url=False), "objects") from None
-    total = len(change.add) + len(change.remove)
-    limit = request.app[CONFIG].admin.max_bulk_entries
-    if total > limit:  # before any work on the items: a huge body costs nothing more
-        raise AdminError(413, f"{total} items in one request; at most {limit}")
-    country = request.app[CONFIG].caller.default_country
-    bad: list[dict[str, Any]] = []
-    slices = Slices()
-    adds = await _items(api.SubscriberAdd, change.add, "add", country, bad, slices)
-    removes = await _items(api.SubscriberRemove, change.remove, "remove", country, bad, slices)
-    if bad:
-        raise AdminError(400, f"{len(bad)} bad items; nothing was changed", bad_entries=bad[:SHOWN])
-    changes: dict[str, dict[str, bool]] = {}
-    twice: list[str] = []
-    for subscriber, entry, side, add in adds + removes:
-        held = changes.setdefault(subscriber, {})
-        code = code_of(entry, side)
-        if code in held and held[code] != add:
-            twice.append(f"{subscriber}:{entry} ({side})")
-        held[code] = add
-        await slices.tick()
-    if twice:
-        raise AdminError(
-            400,
-            "pairs both added and removed on the same side; nothing was changed",
-            entries=sorted(set(twice))[:SHOWN],
-        )
-    added = sum(add for held in changes.values() for add in held.values())
-    removed = sum(not add for held in changes.values() for add in held.values())
+    body = await read_body(request)
+    config = request.app[CONFIG]
+    prepared = await request.app[OFFLOAD].prepare_subscribers(
+        body, config.caller.default_country, config.admin.max_bulk_entries
+    )
+    if isinstance(prepared, Refusal):
+        raise AdminError(prepared.status, prepared.message, **prepared.extra)
+    changes = await subscriber_changes(prepared.lines)
+    added, removed = prepared.added, prepared.removed
     try:
         gen = await SubscriberStore(request.app[REDIS]).bulk_change(name, changes)
     except BadSubscriberEntry as exc:
@@ -176,54 +150,3 @@ async def bulk_change(request: web.Request) -> web.Response:
         list=name, gen=gen, added=added, removed=removed, subscribers=len(changes)
     )
     return web.Response(body=api.answer(result), content_type="application/json")
-
-
-async def _items(
-    model: type[api.SubscriberAdd | api.SubscriberRemove],
-    items: list[Any],
-    field: str,
-    country: str,
-    bad: list[dict[str, Any]],
-    slices: Slices,
-) -> list[tuple[str, str, Side, bool]]:
-    """``(subscriber, entry, side, add?)`` of each item; bad ones go to ``bad``.
-
-    One item at a time, yielding to the event loop between slices (:class:`Slices`), so
-    that 100 k items neither stall the calls this worker answers nor, when bad, build
-    100 k error objects at once.
-    """
-    found: list[tuple[str, str, Side, bool]] = []
-    for index, item in enumerate(items):
-        try:
-            parsed: BaseModel = model.model_validate(item)
-        except ValidationError as exc:
-            bad.append(_report(field, index, item, _first_error(item, exc)))
-        else:
-            assert isinstance(parsed, api.SubscriberAdd | api.SubscriberRemove)
-            side: Side = parsed.side
-            try:
-                subscriber = canonical_subscriber(parsed.subscriber, country)
-                entry = canonical_entry(parsed.entry, country)
-            except BadSubscriberEntry as exc:
-                bad.append(_report(field, index, item, str(exc)))
-            else:
-                found.append((subscriber, entry, side, isinstance(parsed, api.SubscriberAdd)))
-        await slices.tick()
-    return found
-
-
-def _first_error(item: Any, exc: ValidationError) -> str:
-    if not isinstance(item, dict):
-        return "not an object"
-    error = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]
-
-
-def _report(field: str, index: int, item: Any, error: str) -> dict[str, Any]:
-    report: dict[str, Any] = {"field": field, "index": index, "error": error}
-    if isinstance(item, dict):
-        for key in ("subscriber", "entry"):
-            if isinstance(item.get(key), str):
-                report[key] = item[key][:200]
-    return report
