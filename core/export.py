@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from array import array
 from collections.abc import AsyncIterator
 
-from core import keys, overlay
+from core import keys, overlay, subscriber_overlay
 from core.config import ListKind
 from core.entries import EXACT_MARK
 from core.store import Deltas, ListStore, RedisClient, unpack_bucket
@@ -145,14 +146,19 @@ async def _subscribers(
         return
     marker = keys.SUBSCRIBER_MARKER.encode()
     lost = 0
+    notes: list[str] = []
+    now_s = time.time()
     for first in range(0, keys.SUBSCRIBER_BUCKETS, SUBSCRIBER_BUCKETS_PER_READ):
         last = min(first + SUBSCRIBER_BUCKETS_PER_READ, keys.SUBSCRIBER_BUCKETS)
         async with redis.pipeline(transaction=False) as pipe:
             for bucket in range(first, last):
                 pipe.hgetall(keys.subscribers(name, bucket, gen))
+                pipe.hgetall(keys.subscriber_overlay(name, bucket))
             replies = await pipe.execute()
         lines: list[str] = []
-        for fields in replies:
+        for kept in replies[1::2]:
+            notes += _overlay_notes(subscriber_overlay.live(kept, now_s))
+        for fields in replies[::2]:
             if marker not in fields:
                 lost += 1
             for subscriber, blob in sorted(fields.items()):
@@ -166,5 +172,20 @@ async def _subscribers(
             await slices.tick()
         if lines:
             yield "".join(lines), len(lines)
+    if notes:
+        yield "".join(sorted(notes)), 0
     if lost:
         yield f"# warning: {lost} buckets of gen {gen} were lost from Redis\n", 0
+
+
+def _overlay_notes(kept: dict[str, dict[str, bool]]) -> list[str]:
+    """Comment lines naming a bucket's admin overlay (a sync skips comments, so the
+    export reads back as the list it is, overlay included)."""
+    notes = []
+    for subscriber, codes in kept.items():
+        for code, add in codes.items():
+            entry, side = entry_of(code)
+            shown = entry if entry.endswith("*") else "+" + entry
+            change = "add" if add else "remove"
+            notes.append(f"# admin overlay: {change} +{subscriber},{shown},{side}\n")
+    return notes

@@ -4,7 +4,8 @@ Each list lives under one hash tag, ``{cs:<list>}`` (``meta``, ``base:<gen>``, `
 ``dels``, ``overlay:*`` (the admin overlay, :mod:`core.overlay`), ``stage:<gen>:<b>``,
 ``lock``, staged admin changes), so a swap runs in one MULTI/EXEC on one Cluster slot;
 a ``subscribers`` list spreads its data over ``SUBSCRIBER_BUCKETS`` tags
-``{cs:<list>:<b>}``, each bucket carrying the :data:`SUBSCRIBER_MARKER` field. Rate
+``{cs:<list>:<b>}``, each bucket carrying the :data:`SUBSCRIBER_MARKER` field (and its
+admin overlay, ``{cs:<list>:<b>}:overlay``, in the same slot). Rate
 counters, sequential dialing, STIR certificates, the audit trail and call history have
 tags of their own. The full table: docs/design.md, "Redis key layout" (audit and
 history: docs/audit.md, docs/history.md).
@@ -103,6 +104,17 @@ def subscriber_bucket_of(subscriber: str) -> int:
 def subscribers(name: str, bucket: int, gen: int) -> str:
     """One bucket of generation ``gen`` of a subscribers list."""
     return f"{{cs:{check_list_name(name)}:{bucket}}}:sub:{gen}"
+
+
+def subscriber_overlay(name: str, bucket: int) -> str:
+    """The admin overlay of one bucket of a subscribers list (:mod:`core.subscriber_overlay`):
+    kept across generations, in the bucket's slot."""
+    return f"{{cs:{check_list_name(name)}:{bucket}}}:overlay"
+
+
+def subscriber_overlay_expiry(name: str) -> str:
+    """Index of a subscribers list's expiring overlay fields (``<bucket> <field>``)."""
+    return _tag(name) + ":overlay:expiry:subscribers"
 
 
 def subscriber_changes(name: str) -> str:

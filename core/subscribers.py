@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from core import keys
+from core import keys, subscriber_overlay
 from core.numbers import normalise, normalise_prefix
 from core.store import RedisClient
 
@@ -350,24 +350,39 @@ class SubscriberStore:
         return gen, entries, marker is None
 
     async def change(
-        self, name: str, subscriber: str, entry: str, side: Side, *, remove: bool = False
+        self,
+        name: str,
+        subscriber: str,
+        entry: str,
+        side: Side,
+        *,
+        remove: bool = False,
+        overlay: bool = False,
+        ttl_s: float | None = None,
     ) -> int:
         """Put ``entry`` on ``side`` of ``subscriber`` (``remove``: take it off that side;
-        the other side is never touched).
+        the other side is never touched). ``overlay`` (a list with a source) also keeps
+        the write in the admin overlay, which syncs apply (:mod:`core.subscriber_overlay`),
+        until ``ttl_s`` if given.
 
         Returns the generation written. Raises :class:`BadSubscriberEntry` when the
         subscriber already holds :data:`MAX_ENTRIES` entries.
         """
         bucket = keys.subscriber_bucket_of(subscriber)
         gen = await self.gen(name)
-        if not gen and remove:
-            return 0  # nothing to remove from a list that holds nothing
         code = code_of(entry, side)
+        kept = {subscriber: {code: not remove}}
+        if not gen and remove:
+            if overlay:  # nothing to remove now; the next sync must not bring it
+                await subscriber_overlay.write(self.redis, name, kept, ttl_s, _no_tick)
+            return 0
         for _ in range(MAX_ATTEMPTS):
             if not gen:
                 gen = await self.live_gen(name)
             key = keys.subscribers(name, bucket, gen)
             wrote = await self._change_in(key, subscriber, code, remove)
+            if overlay:  # after the entry cap's check: a refused write keeps nothing
+                await subscriber_overlay.write(self.redis, name, kept, ttl_s, _no_tick)
             now = await (self.changed(name) if wrote else self.gen(name))
             if now == gen:
                 return gen
@@ -393,7 +408,9 @@ class SubscriberStore:
                 return True
         raise RuntimeError(f"subscriber {subscriber}: too many concurrent changes; retry")
 
-    async def bulk_change(self, name: str, changes: Changes) -> int:
+    async def bulk_change(
+        self, name: str, changes: Changes, *, overlay: bool = False, ttl_s: float | None = None
+    ) -> int:
         """Apply many subscribers' changes: ``{subscriber: {code: True (add) or False}}``,
         a code naming the entry and its side (:func:`code_of`): sides are independent.
 
@@ -401,7 +418,8 @@ class SubscriberStore:
         subscriber is planned first (:meth:`_plan`), so one taken past
         :data:`MAX_ENTRIES` raises :class:`BadSubscriberEntry` with nothing written; then
         one pipelined compare-and-set per bucket. Atomic per bucket, not as a whole; each
-        change is idempotent, so resending finishes a half-applied one.
+        change is idempotent, so resending finishes a half-applied one. ``overlay`` and
+        ``ttl_s``: as for :meth:`change`, kept once the plan passed.
         """
         if not changes:
             return await self.gen(name)
@@ -414,11 +432,15 @@ class SubscriberStore:
             await slices.tick()
         gen = await self.gen(name)
         if not gen and not adds:
-            return 0  # nothing to remove from a list that holds nothing
+            if overlay:  # nothing to remove now; the next sync must not bring them
+                await subscriber_overlay.write(self.redis, name, changes, ttl_s, slices.tick)
+            return 0
         for _ in range(MAX_ATTEMPTS):
             if not gen:
                 gen = await self.live_gen(name)
             plan = await self._plan(name, gen, by_bucket, "nothing was changed")
+            if overlay:
+                await subscriber_overlay.write(self.redis, name, changes, ttl_s, slices.tick)
             await self._write(name, gen, plan, by_bucket)
             now = await (self.changed(name) if plan else self.gen(name))
             if now == gen:
@@ -487,6 +509,10 @@ class SubscriberStore:
             refused = "filled by another change meanwhile; the other buckets were written"
             plan = await self._plan(name, gen, {b: by_bucket[b] for b in moved}, refused)
         raise RuntimeError(f"list {name!r}: too many concurrent changes; send it again")
+
+
+async def _no_tick() -> None:
+    """A single write's overlay is one field: nothing to slice."""
 
 
 async def _bucket_writes(

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from core import keys, overlay
+from core import keys, overlay, subscriber_overlay
 from core.config import Config, ListKind
 from core.redact import redact_text
 from core.store import ListState, ListStore, RedisClient, data_lost
@@ -127,11 +127,13 @@ class Healer:
         return healed
 
     async def _expire_overlays(self) -> None:
-        """Drop expired admin overlay entries and re-sync their lists (core/overlay.py)."""
+        """Drop expired admin overlay entries and re-sync their lists (core/overlay.py,
+        core/subscriber_overlay.py)."""
         for name, spec in self.config.lists.items():
-            if spec.source is None or spec.kind == "subscribers":
+            if spec.source is None:
                 continue
-            dropped = await overlay.drop_expired(self.redis, name)
+            kept = subscriber_overlay if spec.kind == "subscribers" else overlay
+            dropped = await kept.drop_expired(self.redis, name)
             if dropped:
                 logger.info("%s: %d admin overlay entries expired; re-syncing", name, dropped)
                 await self.sync(name, None)

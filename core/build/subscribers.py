@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from core import keys
+from core import keys, subscriber_overlay
 from core.build.base import BuildLock, BuildResult, ListBuilder
 from core.store import RedisClient
 from core.subscribers import MAX_ENTRIES as subscribers_max
@@ -116,13 +117,14 @@ class SubscriberListBuilder(ListBuilder):
         await self._retire_leftover()
         tally = _Tally(sample)
         step = SUBSCRIBER_BUCKETS_PER_ROUND
+        now_s = time.time()  # admin overlay fields expired by then are left out
         for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
             await self._refresh_lock()
             ids = range(first, min(first + step, keys.SUBSCRIBER_BUCKETS))
             rows = await self._read_round(ids)
             async with self.redis.pipeline(transaction=False) as pipe:
-                for bucket, (staged, old_raw) in zip(ids, rows, strict=True):
-                    packed = tally.settle(staged)
+                for bucket, (staged, old_raw, kept) in zip(ids, rows, strict=True):
+                    packed = tally.settle(staged, subscriber_overlay.live(kept, now_s))
                     tally.diff(packed, self._old_entries(old_raw, tally))
                     self._write_bucket(pipe, bucket, packed, staged)
                 await pipe.execute()
@@ -132,17 +134,21 @@ class SubscriberListBuilder(ListBuilder):
         self.result = tally.result()
         return self.result
 
-    async def _read_round(self, ids: range) -> list[tuple[bytes | None, dict[bytes, bytes]]]:
-        """Each bucket's staged rows and, with a live generation, its live hash."""
+    async def _read_round(
+        self, ids: range
+    ) -> list[tuple[bytes | None, dict[bytes, bytes], dict[bytes, bytes]]]:
+        """Each bucket's staged rows, its live hash (none without a live generation) and
+        its admin overlay (:mod:`core.subscriber_overlay`)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in ids:
                 pipe.get(keys.subscribers_stage(self.name, bucket, self.gen))
                 if self.old_gen:
                     pipe.hgetall(keys.subscribers(self.name, bucket, self.old_gen))
+                pipe.hgetall(keys.subscriber_overlay(self.name, bucket))
             replies = await pipe.execute()
         if not self.old_gen:
-            return [(staged, {}) for staged in replies]
-        return list(zip(replies[::2], replies[1::2], strict=True))
+            return [(staged, {}, kept) for staged, kept in zip(*[iter(replies)] * 2, strict=True)]
+        return list(zip(*[iter(replies)] * 3, strict=True))
 
     def _old_entries(self, old_raw: dict[bytes, bytes], tally: _Tally) -> dict[str, list[str]]:
         """The live bucket's subscribers and codes; none when Redis lost the bucket."""
@@ -222,14 +228,21 @@ class _Tally:
         self.added_sample: list[str] = []
         self.removed_sample: list[str] = []
 
-    def settle(self, staged: bytes | None) -> dict[str, bytes]:
-        """A bucket's staged rows as packed values by subscriber, sorted, counted."""
+    def settle(
+        self, staged: bytes | None, kept: Mapping[str, Mapping[str, bool]]
+    ) -> dict[str, bytes]:
+        """A bucket's staged rows with its admin overlay ``kept`` applied, as packed values
+        by subscriber, sorted, counted."""
         new: dict[str, list[str]] = {}
         for line in keys.decoded(staged or b"").splitlines():
             subscriber, _, code = line.partition(" ")
             new.setdefault(subscriber, []).append(code)
+        for subscriber, changes in kept.items():
+            new[subscriber] = subscriber_overlay.apply(new.get(subscriber, []), changes)
         packed: dict[str, bytes] = {}
         for subscriber in sorted(new):
+            if not new[subscriber]:
+                continue  # every entry taken off by the overlay
             codes = subscribers_settle(new[subscriber])
             self.dropped += max(0, len(set(new[subscriber])) - len(codes))
             blob = subscribers_pack(codes)

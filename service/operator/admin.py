@@ -286,7 +286,7 @@ async def _write_one(request: web.Request, *, adding: bool) -> web.Response:
     """One admin write; on a list with a source it is kept in the overlay (core/overlay.py)."""
     name, kind = list_kind(request)
     entry = _canonical(request, kind, request.match_info["entry"], adding=adding)
-    ttl_s = _ttl_s(request.query.get("ttl_s"))
+    ttl_s = ttl_s_of(request.query.get("ttl_s"))
     sourced = request.app[CONFIG].lists[name].source is not None
     if ttl_s is not None and not sourced:
         raise AdminError(400, "ttl_s is for lists with a source (the admin overlay)")
@@ -310,7 +310,8 @@ async def _write_one(request: web.Request, *, adding: bool) -> web.Response:
     return _json(state)
 
 
-def _ttl_s(raw: str | None) -> float | None:
+def ttl_s_of(raw: str | None) -> float | None:
+    """The ``?ttl_s=`` of an admin write (None when absent); AdminError 400 if bad."""
     if raw is None:
         return None
     try:

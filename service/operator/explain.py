@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from core import overlay
+from core import overlay, subscriber_overlay
+from core.subscribers import Side, code_of
 from service.appkeys import CONFIG, SCREENER, STORE
 from service.edge.body import BadRequest, policy_of, read_body, refuse
 from service.operator.admin import explain_refusal
@@ -84,7 +85,13 @@ async def _from_overlay(request: web.Request, evaluation: Evaluation) -> bool | 
     spec = request.app[CONFIG].lists.get(name) if name else None
     if name is None or matched is None or spec is None or spec.source is None:
         return None
+    redis = request.app[STORE].redis
     if spec.kind == "subscribers":
-        return None
-    side, _ = await overlay.state_of(request.app[STORE].redis, name, matched)
-    return side == "add"
+        # "<entry> (subscriber <called>)" (service/screening/policy.py); the rule's action
+        # names the side it read.
+        entry, _, rest = matched.partition(" (subscriber ")
+        side: Side = "allow" if evaluation.outcome.action == "allow" else "block"
+        kept = await subscriber_overlay.of_subscriber(redis, name, rest.rstrip(")"))
+        return any(k.add and k.code == code_of(entry, side) for k in kept)
+    state, _ = await overlay.state_of(redis, name, matched)
+    return state == "add"

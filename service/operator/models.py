@@ -316,6 +316,16 @@ class Lists(_Body):
     lists: list[ListInfo]
 
 
+class SubscriberOverlayEntry(_Body):
+    """One admin write of a subscriber kept across syncs of a list with a source."""
+
+    entry: str
+    side: Literal["block", "allow"]
+    change: Literal["add", "remove"]
+    expires_at: float | None = None
+    """When it expires (Unix time); null: never."""
+
+
 class SubscriberEntries(_Body):
     """One subscriber's entries: numbers, then prefixes ending in `*`."""
 
@@ -330,6 +340,9 @@ class SubscriberEntries(_Body):
     """True when Redis lost the subscriber's bucket (its marker is missing): the entries
     shown are only those written since, and calls to it are answered by on_error until
     a full sync (or `loader run`'s self-healing) writes the bucket again."""
+    overlay: builtins.list[SubscriberOverlayEntry] | Absent = None
+    """A list with a source: the subscriber's admin writes kept across syncs (the admin
+    overlay), each an entry put on (`add`) or taken off (`remove`) a side."""
 
 
 class SubscriberAdd(_Body):
@@ -388,6 +401,9 @@ class SubscriberBulkChange(_Body):
 
     add: list[SubscriberAddItem] = []
     remove: list[SubscriberRemoveItem] = []
+    ttl_s: Annotated[float, Field(gt=0, le=MAX_OVERLAY_TTL_S)] | Absent = None
+    """On a list with a source: the admin overlay pairs expire after this long (they
+    survive syncs until then); none: they last until changed."""
 
     @model_validator(mode="after")
     def _not_empty(self) -> SubscriberBulkChange:

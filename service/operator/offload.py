@@ -152,6 +152,8 @@ class PreparedSubscribers:
     lines: list[str]
     added: int
     removed: int
+    #: The admin overlay's expiry asked for (lists with a source only).
+    ttl_s: float | None = None
 
 
 def prepare_subscribers(body: bytes, country: str, limit: int) -> Refusal | PreparedSubscribers:
@@ -191,7 +193,7 @@ def prepare_subscribers(body: bytes, country: str, limit: int) -> Refusal | Prep
         return Refusal(400, message, {"entries": sorted(twice)[:BAD_SHOWN]})
     added = sum(changes.values())
     lines = [f"{s} {code} {int(add)}" for (s, code), add in changes.items()]
-    return PreparedSubscribers(_chunks(lines), added, len(changes) - added)
+    return PreparedSubscribers(_chunks(lines), added, len(changes) - added, change.ttl_s)
 
 
 def _pairs(

@@ -18,16 +18,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from core import subscriber_overlay
 from core.subscribers import (
     BadSubscriberEntry,
     SubscriberStore,
     canonical_entry,
     canonical_side,
     canonical_subscriber,
+    entry_of,
 )
 from service.appkeys import CONFIG, REDIS
 from service.operator import models as api
-from service.operator.admin import AdminError, admin_only, list_kind, read_body
+from service.operator.admin import AdminError, admin_only, list_kind, read_body, ttl_s_of
 from service.operator.offload import OFFLOAD, Refusal, subscriber_changes
 from service.operator.records import audit_change
 
@@ -74,10 +76,35 @@ def _entry(request: web.Request) -> str:
 
 
 async def _answer(request: web.Request, name: str, subscriber: str) -> web.Response:
-    gen, entries, lost = await SubscriberStore(request.app[REDIS]).read_marked(name, subscriber)
-    return _json(
-        {"list": name, "subscriber": subscriber, "gen": gen, **entries.as_dict(), "lost": lost}
-    )
+    """The subscriber's entries; on a list with a source, its admin overlay too."""
+    redis = request.app[REDIS]
+    gen, entries, lost = await SubscriberStore(redis).read_marked(name, subscriber)
+    body = {"list": name, "subscriber": subscriber, "gen": gen, **entries.as_dict(), "lost": lost}
+    if _sourced(request, name):
+        body["overlay"] = [
+            {
+                "entry": entry,
+                "side": side,
+                "change": "add" if kept.add else "remove",
+                "expires_at": kept.expires_at,
+            }
+            for kept in await subscriber_overlay.of_subscriber(redis, name, subscriber)
+            for entry, side in [entry_of(kept.code)]
+        ]
+    return _json(body)
+
+
+def _sourced(request: web.Request, name: str) -> bool:
+    """Whether the list has a source: admin writes then go to its overlay too."""
+    return request.app[CONFIG].lists[name].source is not None
+
+
+def _overlay_ttl_s(request: web.Request, name: str, ttl_s: float | None) -> bool:
+    """Whether writes to ``name`` keep an overlay; AdminError 400 for a ttl_s without one."""
+    sourced = _sourced(request, name)
+    if ttl_s is not None and not sourced:
+        raise AdminError(400, "ttl_s is for lists with a source (the admin overlay)")
+    return sourced
 
 
 async def get_subscriber(request: web.Request) -> web.Response:
@@ -93,9 +120,13 @@ async def _change(request: web.Request, *, remove: bool) -> web.Response:
         side = canonical_side(request.query.get("side", "block"))
     except BadSubscriberEntry as exc:
         raise AdminError(400, str(exc)) from None
+    ttl_s = ttl_s_of(request.query.get("ttl_s"))
+    sourced = _overlay_ttl_s(request, name, ttl_s)
     store = SubscriberStore(request.app[REDIS])
     try:
-        gen = await store.change(name, subscriber, entry, side, remove=remove)
+        gen = await store.change(
+            name, subscriber, entry, side, remove=remove, overlay=sourced, ttl_s=ttl_s
+        )
     except BadSubscriberEntry as exc:
         raise AdminError(409, str(exc)) from None
     what = f"removed {entry!r} from {side}" if remove else f"put {entry!r} on {side}"
@@ -135,10 +166,12 @@ async def bulk_change(request: web.Request) -> web.Response:
     )
     if isinstance(prepared, Refusal):
         raise AdminError(prepared.status, prepared.message, **prepared.extra)
+    sourced = _overlay_ttl_s(request, name, prepared.ttl_s)
     changes = await subscriber_changes(prepared.lines)
     added, removed = prepared.added, prepared.removed
+    store = SubscriberStore(request.app[REDIS])
     try:
-        gen = await SubscriberStore(request.app[REDIS]).bulk_change(name, changes)
+        gen = await store.bulk_change(name, changes, overlay=sourced, ttl_s=prepared.ttl_s)
     except BadSubscriberEntry as exc:
         raise AdminError(409, str(exc)) from None
     logger.info(
