@@ -84,7 +84,14 @@ class BuildLock:
         self._refreshed = time.monotonic()
 
     async def refresh(self) -> None:
-        """Extend the lock; cheap to call often (it talks to Redis every ttl/4 at most)."""
+        """Extend the lock; cheap to call often (it talks to Redis every ttl/4 at most).
+
+        A no-op once released: a subscribers build's clean-up after its swap (expiring
+        the old generation) still walks the buckets, and must not fail for a lock the
+        swap gave back.
+        """
+        if not self.held:
+            return
         now = time.monotonic()
         if now - self._refreshed < self.ttl_ms / 4000:
             return
