@@ -102,6 +102,16 @@ async def test_an_admin_put_is_still_answered_after_three_syncs(
     export = "".join([text async for text in export_csv(redis, "personal", "subscribers")])
     assert f"+{SUB_A},+{MANUAL},block\n" in export
     assert f"# admin overlay: add +{SUB_A},+{MANUAL},block\n" in export
+    # The export restores the list as it was, the overlay's effect included.
+    backup = tmp_path / "backup.csv"
+    backup.write_text(export)
+    await redis.flushall()
+    restore = SyncOptions(progress="off", source=str(backup))
+    assert (await sync_list(redis, config, "personal", restore)).outcome == "success"
+    again = "".join([text async for text in export_csv(redis, "personal", "subscribers")])
+    rows = [line for line in export.splitlines() if not line.startswith("#")]
+    assert [line for line in again.splitlines() if not line.startswith("#")] == rows
+    await answer_becomes(admin, MANUAL, PERSONAL)
 
 
 async def test_a_removed_source_entry_stays_removed_and_sides_are_separate(

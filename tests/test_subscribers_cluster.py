@@ -87,6 +87,13 @@ async def test_subscribers_spread_over_the_masters_and_calls_are_answered(
 
     await wait_for(swapped, timeout_s=2.0)
     assert await answer(client, "19765551234", subscribers[5]) == PERSONAL
+    # The admin write outlived the sync: kept in the admin overlay, in its bucket's slot.
+    assert await answer(client, "15165550001", subscribers[7]) == PERSONAL
+    bucket = keys.subscriber_bucket_of(subscribers[7])
+    overlay_key = keys.subscriber_overlay("personal", bucket)
+    assert await cluster_redis.exists(overlay_key) == 1
+    slot = cluster_redis.keyslot(keys.subscribers("personal", bucket, gen))
+    assert cluster_redis.keyslot(overlay_key) == slot
     metrics = await (await client.get("/metrics")).text()
     assert 'callscreen_on_error_total{reason="redis_error"} 0.0' in metrics
 
