@@ -7,7 +7,9 @@ prefixes; block and allow are separate sides (``?side=``, default ``block``, on 
 and DELETE), and every answer says ``"lost": true`` when Redis lost the
 subscriber's bucket. Each write is a compare-and-set in Redis
 (:class:`core.subscribers.SubscriberStore`) answered after Redis acknowledged it; calls
-read subscribers from Redis, so the next call sees the change.
+read subscribers from Redis, so the next call sees the change. On a list with a source,
+writes are also kept in its admin overlay (:mod:`core.subscriber_overlay`, optional
+``ttl_s``), so syncs keep them; the answers list the subscriber's overlay.
 """
 
 from __future__ import annotations
