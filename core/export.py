@@ -28,6 +28,8 @@ NUMBER_BUCKETS_PER_READ = 16
 #: Subscriber buckets per pipelined round: fewer round trips for a sparse list, while a
 #: round at 10 M subscribers (~40 kB a bucket, ~5 MB) stays a short parse for the loop.
 SUBSCRIBER_BUCKETS_PER_READ = 128
+#: Admin overlay comment lines of a subscribers list per piece yielded.
+NOTES_PER_PIECE = 2000
 #: SSCAN page size for prefixes and names.
 SCAN_COUNT = 1000
 END_MARK = "# end of export: "
@@ -172,8 +174,9 @@ async def _subscribers(
             await slices.tick()
         if lines:
             yield "".join(lines), len(lines)
-    if notes:
-        yield "".join(sorted(notes)), 0
+    for start in range(0, len(notes), NOTES_PER_PIECE):  # in bucket order, sorted in each
+        yield "".join(notes[start : start + NOTES_PER_PIECE]), 0
+        await slices.tick()
     if lost:
         yield f"# warning: {lost} buckets of gen {gen} were lost from Redis\n", 0
 
@@ -182,8 +185,8 @@ def _overlay_notes(kept: dict[str, dict[str, bool]]) -> list[str]:
     """Comment lines naming a bucket's admin overlay (a sync skips comments, so the
     export reads back as the list it is, overlay included)."""
     notes = []
-    for subscriber, codes in kept.items():
-        for code, add in codes.items():
+    for subscriber, codes in sorted(kept.items()):
+        for code, add in sorted(codes.items()):
             entry, side = entry_of(code)
             shown = entry if entry.endswith("*") else "+" + entry
             change = "add" if add else "remove"

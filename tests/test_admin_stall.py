@@ -343,9 +343,9 @@ async def test_a_100k_subscriber_bulk_is_prepared_without_holding_the_event_loop
     stop = asyncio.Event()
     bulk_change = SubscriberStore.bulk_change
 
-    async def noted(store: SubscriberStore, name: str, changes: Changes) -> int:
+    async def noted(store: SubscriberStore, name: str, changes: Changes, **how: Any) -> int:
         writing.append(len(holds))
-        return await bulk_change(store, name, changes)
+        return await bulk_change(store, name, changes, **how)
 
     monkeypatch.setattr(SubscriberStore, "bulk_change", noted)
 
