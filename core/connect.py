@@ -81,7 +81,7 @@ def _host_port(url: str, item: str, default_port: int) -> tuple[str, int]:
         raise _fail(url, f"missing host in {item!r}")
     if not port_text:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise _fail(url, f"bad port in {item!r}")
     return host, int(port_text)
 
@@ -108,7 +108,7 @@ def parse_multi_host(url: str, default_port: int) -> MultiHostUrl:
 
 
 def _db(url: str, text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise _fail(url, f"database must be a number, not {text!r}")
     return int(text)
 

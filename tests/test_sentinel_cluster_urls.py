@@ -54,6 +54,7 @@ async def test_single_server_urls_give_a_client_with_its_own_call_link() -> None
         ("redis+sentinel://h1:70000/mymaster", "bad port in 'h1:70000'"),
         ("redis+sentinel://h1", "the path must be /<service name>[/<db>]"),
         ("redis+sentinel://h1/mymaster/zero", "database must be a number, not 'zero'"),
+        ("redis+sentinel://h1:\u00b3/mymaster", "bad port in 'h1:\u00b3'"),
         ("redis+sentinel://h1/mymaster?timeout=1", "unknown option(s) timeout"),
         ("redis+cluster://h1:7000/1", "a Redis Cluster has only database 0"),
         ("redis+cluster://h1:7000?readonly=1", "unknown option(s) readonly"),

@@ -130,6 +130,8 @@ def test_cache_lifetime_from_the_headers() -> None:
     assert cache_ttl_s("public, max-age=600", None, config) == 600
     assert cache_ttl_s("max-age=5", None, config) == 60  # bounded below
     assert cache_ttl_s("max-age=9999999", None, config) == 86_400  # and above
+    # Digits of other scripts are no lifetime (int() would refuse them): the default.
+    assert cache_ttl_s("max-age=\u00b3\u00b3", None, config) == 3600
     assert cache_ttl_s("no-store", None, config) == 60
     assert 1700 <= cache_ttl_s(None, formatdate(time.time() + 1800, usegmt=True), config) <= 1800
     assert cache_ttl_s(None, "garbage", config) == 60

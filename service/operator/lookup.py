@@ -42,7 +42,7 @@ def _json(body: Any) -> web.Response:
 
 def _limit(request: web.Request, default: int = 100) -> int:
     text = request.query.get("limit", str(default))
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
         raise AdminError(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return int(text)
 

@@ -73,7 +73,7 @@ class TNAuth:
             return True
         if tn in self.numbers:
             return True
-        if not tn.isdigit():
+        if not (tn.isascii() and tn.isdigit()):
             return False
         value = int(tn)
         return any(first <= value < first + count for first, count in self.ranges)

@@ -133,8 +133,9 @@ def cache_ttl_s(control: str | None, expires: str | None, settings: StirSettings
         if name in ("no-store", "no-cache"):
             ttl = 0
             break
-        if name in ("s-maxage", "max-age") and value.strip('"').isdigit():
-            ttl = int(value.strip('"'))
+        seconds = value.strip('"')
+        if name in ("s-maxage", "max-age") and seconds.isascii() and seconds.isdigit():
+            ttl = int(seconds)
     if ttl is None and expires:
         try:
             ttl = email.utils.parsedate_to_datetime(expires).timestamp() - time.time()
