@@ -309,33 +309,6 @@ class Report:
                 else ""
             )
         )
-        if runs.get("service_no_history"):
-            off_pairs = [
-                on["rps"] / off["rps"]
-                for on, off in zip(runs["service"], runs["service_no_history"], strict=True)
-            ]
-            off_rps = mean(r["rps"] for r in runs["service_no_history"])
-            self.lines.append(
-                f"  history off: {off_rps:,.0f} req/s; ratio history on/off:"
-                f" {median(off_pairs):.3f} (median of the paired rounds: "
-                + ", ".join(f"{p:.2f}" for p in off_pairs)
-                + ")"
-            )
-        cpu = h.get("cpu_us_per_request") or {}
-        if cpu:
-            self.lines.append(
-                "  CPU per request (the server's processes and Redis), median of the rounds: "
-                + ", ".join(f"{name} {median(values):.1f} us" for name, values in cpu.items())
-            )
-        if cpu.get("service_no_history"):
-            cpu_pairs = [
-                on / off for on, off in zip(cpu["service"], cpu["service_no_history"], strict=True)
-            ]
-            self.lines.append(
-                f"  CPU per request, history on/off: {median(cpu_pairs):.3f} (paired rounds: "
-                + ", ".join(f"{p:.2f}" for p in cpu_pairs)
-                + ")"
-            )
         answers = h["answers"]
         self.lines.append(
             f"  answers checked: {answers['checked']}, wrong: {answers['wrong']}; "
