@@ -25,11 +25,11 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from core.config import ListKind
 from core.entries import BadEntry, canonical, new_entry
@@ -43,6 +43,7 @@ from core.subscribers import (
 from service.operator import models as api
 
 logger = logging.getLogger(__name__)
+Model = TypeVar("Model", bound=BaseModel)
 
 #: Entries per chunk handed back: splitting one takes well under a millisecond.
 CHUNK_ENTRIES = 2000
@@ -111,6 +112,18 @@ def _refusal_of(errors: list[Any], items: str = "strings") -> Refusal:
     return Refusal(400, 'the body must be an object with "add" and/or "remove" arrays')
 
 
+def _parsed(body: bytes, model: type[Model], items: str) -> Model | Refusal:
+    """The body as ``model``, or the ``400`` that refuses it (``items``: see _refusal_of)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return Refusal(400, f"request body is not valid JSON: {exc}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        return _refusal_of(exc.errors(include_url=False), items)
+
+
 def prepare(
     body: bytes, kind: ListKind, country: str, limit: int, strict_add: bool = False
 ) -> Refusal | Prepared:
@@ -119,14 +132,9 @@ def prepare(
     ``strict_add``: the list does not ``allow_short_codes``, so added numbers must be
     dialable.
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return Refusal(400, f"request body is not valid JSON: {exc}")
-    try:
-        change = api.BulkChange.model_validate(data)
-    except ValidationError as exc:
-        return _refusal_of(exc.errors(include_url=False))
+    change = _parsed(body, api.BulkChange, "strings")
+    if isinstance(change, Refusal):
+        return change
     total = len(change.add) + len(change.remove)
     if total > limit:  # before any work on the entries: a huge body costs nothing more
         return Refusal(413, f"{total} entries in one request; at most {limit}")
@@ -163,14 +171,9 @@ def prepare_subscribers(body: bytes, country: str, limit: int) -> Refusal | Prep
     item (all bad ones reported by field and index), then pairs both added and removed
     on the same side.
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return Refusal(400, f"request body is not valid JSON: {exc}")
-    try:
-        change = api.SubscriberBulkChange.model_validate(data)
-    except ValidationError as exc:
-        return _refusal_of(exc.errors(include_url=False), "objects")
+    change = _parsed(body, api.SubscriberBulkChange, "objects")
+    if isinstance(change, Refusal):
+        return change
     total = len(change.add) + len(change.remove)
     if total > limit:
         return Refusal(413, f"{total} items in one request; at most {limit}")
