@@ -11,7 +11,9 @@ path's Redis connection").
 Invariants:
 
 - each caller gets exactly its own replies, in its order, error replies included as
-  exception objects (as redis-py's ``raise_on_error=False``);
+  exception objects (as redis-py's ``raise_on_error=False``); replies are as Redis
+  sends them, without redis-py's response callbacks (``b"OK"``, not ``True``; EXPIRE's
+  ``1``, not ``True``), so callers read integers, bulk strings and arrays only;
 - a caller that stopped waiting before the turn's write is left out of it (its commands
   are never sent); one that stops later still has its replies read and dropped;
 - a lost connection fails every caller waiting on it with :class:`LinkError`, and the

@@ -1,0 +1,80 @@
+"""The calls' own Redis connection (core/wire.py) when its server stops answering, goes
+away, or answers with errors: the callers waiting on it fail with LinkError, the next
+caller gets a fresh connection, and replies are Redis's own (no redis-py callbacks)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.exceptions import NoPermissionError, ResponseError
+
+from core.wire import Link, LinkError, Settings
+from devtools.redis_server import RedisProcess
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RedisProcess]:
+    process = RedisProcess(tmp_path / "redis").start()
+    yield process
+    process.resume()  # in case a test left it paused
+    process.stop()
+
+
+async def test_a_server_that_stops_answering_fails_its_callers_then_is_reconnected(
+    server: RedisProcess,
+) -> None:
+    link = Link(Settings("127.0.0.1", server.port, connect_timeout_s=1.0, stall_s=0.3))
+    try:
+        assert await link.run([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
+        server.pause()
+        try:
+            waiting = [asyncio.ensure_future(link.run([("GET", "k")])) for _ in range(3)]
+            done = await asyncio.gather(*waiting, return_exceptions=True)
+        finally:
+            server.resume()
+        assert all(isinstance(d, LinkError) and "no reply" in str(d) for d in done), done
+        # The stalled connection was closed; the next call connects again.
+        assert await link.run([("GET", "k")]) == [b"v"]
+    finally:
+        await link.aclose()
+
+
+async def test_a_server_gone_fails_the_call_and_one_back_is_used_again(
+    server: RedisProcess,
+) -> None:
+    link = Link(Settings("127.0.0.1", server.port, connect_timeout_s=1.0))
+    try:
+        assert await link.run([("PING",)]) == [b"PONG"]
+        server.stop()
+        with pytest.raises(LinkError):
+            await link.run([("PING",)])
+        server.start()
+        assert await link.run([("INCR", "n"), ("INCR", "n")]) == [1, 2]
+    finally:
+        await link.aclose()
+
+
+async def test_error_replies_come_back_as_redis_py_exceptions_in_place(
+    server: RedisProcess,
+) -> None:
+    admin = Link(Settings("127.0.0.1", server.port))
+    user = Link(Settings("127.0.0.1", server.port, username="calls", password="s3cret-pass"))
+    try:
+        setup = [("ACL", "SETUSER", "calls", "on", ">s3cret-pass", "~{ok}*", "+@all")]
+        assert await admin.run(setup) == [b"OK"]
+        replies = await user.run(
+            [("SET", "{ok}a", 1), ("GET", "{no}b"), ("LPUSH", "{ok}a", "x"), ("GET", "{ok}a")]
+        )
+        assert replies[0] == b"OK" and replies[3] == b"1"
+        assert isinstance(replies[1], NoPermissionError)
+        assert isinstance(replies[2], ResponseError) and "WRONGTYPE" in str(replies[2])
+        wrong = Link(Settings("127.0.0.1", server.port, username="calls", password="nope"))
+        with pytest.raises(LinkError, match="refused the connection"):
+            await wrong.run([("PING",)])
+        await wrong.aclose()
+    finally:
+        await admin.aclose()
+        await user.aclose()
