@@ -5,8 +5,8 @@ to RESP at once and queued; the queue is written in one ``write`` at the end of 
 event-loop turn, so every call of a turn shares one round trip; replies are parsed by
 hiredis and handed back in order (Redis answers a connection's commands in the order
 sent). redis-py does the same work through a pipeline object, a connection checkout and
-a parser per batch, which costs several times more per call (docs/design.md, "The call
-path's Redis connection").
+a parser per batch, which costs several times more per call (docs/design.md,
+"Auto-pipelining, on the call path's own connection").
 
 Invariants:
 
@@ -20,8 +20,9 @@ Invariants:
   next caller connects again; a connection whose oldest command has waited
   ``stall_s`` is closed (a node that stopped answering), failing its callers.
 
-Only plain TCP connections with a password or ACL user are served this way
-(:func:`settings_of`); TLS, Unix sockets and credential providers keep redis-py's path.
+Only plain TCP connections are served this way, with or without a password or an ACL
+user (:func:`settings_of`); TLS, Unix sockets, credential providers and Sentinel keep
+redis-py's path.
 """
 
 from __future__ import annotations
