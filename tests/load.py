@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from tests.helpers import wait_for
+
 #: What one call may take before it counts as an error (a hung connection, not a slow one).
 CALL_TIMEOUT_S = 10.0
 
@@ -163,6 +165,15 @@ class Load:
 
     def statuses(self) -> set[int]:
         return {answer.status for answer in self.answers}
+
+    async def answered(self, count: int, since_s: float = 0.0, timeout_s: float = 60.0) -> None:
+        """Wait until ``count`` calls sent at ``since_s`` (monotonic) or later were
+        answered: the load has run about ``count / rate_per_s`` seconds past that moment."""
+
+        async def enough() -> bool:
+            return sum(1 for a in self.answers if a.sent_s >= since_s) >= count
+
+        await wait_for(enough, timeout_s=timeout_s, interval_s=0.05)
 
     def after(self, since_s: float) -> list[Any]:
         """The JSON answers to the calls sent at ``since_s`` (monotonic) or later."""

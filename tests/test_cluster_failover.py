@@ -178,7 +178,7 @@ async def test_a_dead_master_fails_only_its_own_calls_until_its_replica_takes_ov
         )
         load.start()
         healthy = next(n for n in cluster.nodes if n.port not in (victim,))
-        await asyncio.sleep(2.0)
+        await load.answered(2 * CALLS_PER_S)
 
         # 1. The master is killed; its replica is promoted after the node timeout.
         killed_at = time.monotonic()
@@ -204,7 +204,7 @@ async def test_a_dead_master_fails_only_its_own_calls_until_its_replica_takes_ov
             lambda: cluster.roles(via=healthy).get(replica, ("", None))[0] == "master",
             "the replica's promotion",
         )
-        await asyncio.sleep(2.5)
+        await load.answered(int(2.5 * CALLS_PER_S), since_s=promoted_at)
 
         # 2. The old master comes back (empty: no persistence) as the new one's replica.
         restarted_at = time.monotonic()
@@ -216,7 +216,7 @@ async def test_a_dead_master_fails_only_its_own_calls_until_its_replica_takes_ov
             ),
             "the restarted node to sync",
         )
-        await asyncio.sleep(1.5)
+        await load.answered(int(1.5 * CALLS_PER_S), since_s=time.monotonic())
 
         # 3. A manual failover hands the slots back to it.
         failover_at = time.monotonic()
@@ -225,7 +225,7 @@ async def test_a_dead_master_fails_only_its_own_calls_until_its_replica_takes_ov
             lambda: cluster.roles(via=healthy).get(victim, ("", None))[0] == "master",
             "the manual failover",
         )
-        await asyncio.sleep(2.0)
+        await load.answered(2 * CALLS_PER_S, since_s=failed_over_at)
         await load.stop()
         samples = await scrape(service.url)
 

@@ -43,14 +43,15 @@ def paced(service: ServiceProcess) -> Load:
     return load
 
 
-async def answered(load: Load, count: int, since_s: float = 0.0) -> None:
-    """Wait until ``count`` calls sent at ``since_s`` (monotonic) or later were answered:
-    the load has run that long (about ``count / RATE_PER_S`` seconds) past that moment."""
-
-    async def enough() -> bool:
-        return sum(1 for a in load.answers if a.sent_s >= since_s) >= count
-
-    await wait_for(enough, timeout_s=60.0, interval_s=0.05)
+async def under_load(service: ServiceProcess, redis: Redis) -> Load:
+    """The blocked caller listed, ``service`` started and answering the paced load
+    for a second."""
+    await load_list(redis, "blocklist", "numbers", ["5162065613"])
+    service.start()
+    await service.ready()
+    load = paced(service)
+    await load.answered(int(RATE_PER_S))
+    return load
 
 
 async def stopped(load: Load) -> None:
@@ -94,15 +95,11 @@ def service(tmp_path: Path, redis_server: RedisProcess) -> Iterator[ServiceProce
 async def test_sighup_with_a_new_policy_switches_every_answer_without_a_failed_call(
     service: ServiceProcess, redis: Redis
 ) -> None:
-    await load_list(redis, "blocklist", "numbers", ["5162065613"])
-    service.start()
-    await service.ready()
-    load = paced(service)
-    await answered(load, int(RATE_PER_S))
+    load = await under_load(service, redis)
     write_config(service, config_with(service, policies=WATCH_ONLY))
     hup_at = time.monotonic()
     service.signal(signal.SIGHUP)
-    await answered(load, int(RATE_PER_S), since_s=hup_at + SWITCH_S)
+    await load.answered(int(RATE_PER_S), since_s=hup_at + SWITCH_S)
     await stopped(load)
 
     assert load.errors == []
@@ -118,11 +115,7 @@ async def test_sighup_with_a_new_policy_switches_every_answer_without_a_failed_c
 async def test_sighup_that_changes_lists_replaces_the_workers_without_a_failed_call(
     service: ServiceProcess, redis: Redis
 ) -> None:
-    await load_list(redis, "blocklist", "numbers", ["5162065613"])
-    service.start()
-    await service.ready()
-    load = paced(service)
-    await answered(load, int(RATE_PER_S))
+    load = await under_load(service, redis)
     # A new list and the cache's refresh: no process can swap those in place.
     config = config_with(service, policies=WATCH_ONLY)
     config["lists"] = {**config["lists"], "extra": {"kind": "numbers"}}
@@ -137,7 +130,7 @@ async def test_sighup_that_changes_lists_replaces_the_workers_without_a_failed_c
     # The last old worker was told to stop: its keep-alive clients get their last
     # old answers (with Connection: close) during its drain, well under a second.
     switched_at = time.monotonic() + 1.0
-    await answered(load, int(RATE_PER_S), since_s=switched_at)
+    await load.answered(int(RATE_PER_S), since_s=switched_at)
     await stopped(load)
 
     assert load.errors == []
@@ -164,7 +157,7 @@ async def test_sighup_with_an_invalid_config_keeps_the_last_good_one(
     await wait_for(refused, timeout_s=10.0, interval_s=0.1)
     assert "trunk_groups.main.policy: unknown policy 'nonexistent'" in service.log_text()
     load = paced(service)
-    await answered(load, int(RATE_PER_S))
+    await load.answered(int(RATE_PER_S))
     await stopped(load)
     assert load.errors == []
     assert load.after(0.0) and all(answer == REJECT for answer in load.after(0.0))
@@ -196,11 +189,11 @@ async def test_sighup_in_a_single_process_swaps_the_policy_in_place(
 
         await wait_for(refused, timeout_s=10.0, interval_s=0.1)
         load = paced(service)
-        await answered(load, int(RATE_PER_S / 2))
+        await load.answered(int(RATE_PER_S / 2))
         write_config(service, config_with(service, policies=WATCH_ONLY))
         service.signal(signal.SIGHUP)
         hup_at = time.monotonic()
-        await answered(load, int(RATE_PER_S / 2), since_s=hup_at + SWITCH_S)
+        await load.answered(int(RATE_PER_S / 2), since_s=hup_at + SWITCH_S)
         await stopped(load)
         assert load.errors == []
         assert REJECT in load.after(0.0)
@@ -225,11 +218,7 @@ def alive(pid: int) -> bool:
 async def test_sigusr2_moves_to_a_new_supervisor_without_a_failed_call(
     service: ServiceProcess, redis: Redis
 ) -> None:
-    await load_list(redis, "blocklist", "numbers", ["5162065613"])
-    service.start()
-    await service.ready()
-    load = paced(service)
-    await answered(load, int(RATE_PER_S))
+    load = await under_load(service, redis)
     service.signal(signal.SIGUSR2)
     successor = 0
     try:
@@ -239,7 +228,7 @@ async def test_sigusr2_moves_to_a_new_supervisor_without_a_failed_call(
         assert found is not None
         successor = int(found.group(1))
         # Calls go on, to the new workers only.
-        await answered(load, int(RATE_PER_S), since_s=exited_at)
+        await load.answered(int(RATE_PER_S), since_s=exited_at)
         await stopped(load)
         assert status == 0  # the old supervisor drained its workers and stopped
         assert alive(successor)
