@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
 from core.config import Config, parse_config
@@ -23,7 +23,7 @@ from devtools.redis_server import LocalCluster, RedisProcess
 from devtools.stir_pki import StiPKI, make_pki
 from service.app import create_app
 from service.edge.aiohttp_adapter import resolve
-from tests.helpers import ServiceTestServer
+from tests.helpers import CountingConnection, ServiceTestServer
 from tests.stir_support import X5uServer
 
 
@@ -140,3 +140,14 @@ async def server(pki: StiPKI, files: dict[str, Path]) -> AsyncIterator[X5uServer
     running.serve("/sp.pem", pki.chain_pem)
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def counting_redis(redis: Redis, redis_server: RedisProcess) -> AsyncIterator[LeanRedis]:
+    """The service's kind of client on connections that count what redis-py sends
+    (tests.helpers.sends adds the calls' link's writes)."""
+    pool = ConnectionPool.from_url(redis_server.url, connection_class=CountingConnection)
+    client = LeanRedis(connection_pool=pool)
+    yield client
+    await client.aclose()
+    await pool.disconnect()  # a pool passed in is not closed by the client

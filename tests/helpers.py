@@ -10,10 +10,12 @@ from typing import Any
 
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
+from redis.asyncio.connection import Connection
 
 from core.build import start_build
 from core.config import ListKind
 from core.entries import canonical
+from core.shards import LeanRedis
 from core.store import RedisClient
 from service.app import DIRECT_HANDLERS
 from service.appkeys import INTERNALS
@@ -139,3 +141,18 @@ async def metric(client: Any, line: str) -> float:
         if row.startswith(line + " "):
             return float(row.split()[-1])
     raise AssertionError(f"{line} not in /metrics")
+
+
+class CountingConnection(Connection):
+    """A real connection that counts the writes it sends (one per pipeline or command)."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+def sends(client: LeanRedis) -> int:
+    """Writes to Redis so far: the calls' link's (core/wire.py) and redis-py's."""
+    return client.dispatcher.sent()[0] + CountingConnection.sends

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio import Redis
 
 from core.build import start_build
 from core.config import Config
 from core.shards import LeanRedis
 from core.store import ListStore
 from devtools.redis_server import RedisProcess
-from tests.helpers import body_from
+from tests.helpers import body_from, sends
 
 RATE_REJECT = [{"action": "reject", "operands": ["busy-here", "too-many-calls"]}]
 ON_ERROR = [{"action": "reject", "operands": ["unavailable", "redis-trouble"]}]
@@ -143,30 +141,6 @@ async def test_sliding_window_counts_a_burst_across_a_window_boundary(redis: Red
     }
     # Two windows later everything has slid out.
     assert await store.count_call("15165550131", windows, base + 25) == {"p:flood": 1}
-
-
-class CountingConnection(Connection):
-    """A real connection that counts the writes it sends (one per pipeline or command)."""
-
-    sends = 0
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        CountingConnection.sends += 1
-        await super().send_packed_command(command, check_health)
-
-
-def sends(client: LeanRedis) -> int:
-    """Writes to Redis so far: the calls' link's (core/wire.py) and redis-py's."""
-    return client.dispatcher.sent()[0] + CountingConnection.sends
-
-
-@pytest.fixture
-async def counting_redis(redis: Redis, redis_server: RedisProcess) -> AsyncIterator[LeanRedis]:
-    pool = ConnectionPool.from_url(redis_server.url, connection_class=CountingConnection)
-    client = LeanRedis(connection_pool=pool)
-    yield client
-    await client.aclose()
-    await pool.disconnect()  # a pool passed in is not closed by the client
 
 
 async def test_a_rate_checked_call_costs_one_round_trip(

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from core import keys
 from core.store import ListStore
 from devtools.redis_server import LocalCluster, RedisProcess
-from tests.test_call_rate import CountingConnection
+from tests.helpers import CountingConnection
 
 WINDOWS = [("p:flood", 60)]
 CALLERS = [f"1516555{i:04d}" for i in range(30)]

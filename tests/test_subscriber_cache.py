@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 
 from core import keys
 from core.config import Config
 from core.shards import LeanRedis
-from devtools.redis_server import RedisProcess
 from loader.sync import sync_list
-from tests.helpers import metric, wait_for
-from tests.test_call_rate import CountingConnection, load_blocklist, sends
+from tests.helpers import metric, sends, wait_for
+from tests.test_call_rate import load_blocklist
 from tests.test_subscribers import (
     ADMIN_TOKEN,
     CSV,
@@ -47,7 +46,7 @@ HITS = 'callscreen_subscriber_cache_lookups_total{result="hit"}'
 
 async def test_a_cached_subscriber_is_answered_without_redis(
     redis: Redis,
-    redis_server: RedisProcess,
+    counting_redis: LeanRedis,
     make_config: Callable[..., Config],
     make_client: Callable[..., Any],
     source: Path,
@@ -57,26 +56,20 @@ async def test_a_cached_subscriber_is_answered_without_redis(
     config = make_config(data, base_dir=source)
     await load_blocklist(redis, [])
     await sync_list(redis, config, "personal")
-    pool = ConnectionPool.from_url(redis_server.url, connection_class=CountingConnection)
-    counting = LeanRedis(connection_pool=pool)
-    try:
-        client = await make_client(config, redis_client=counting)
+    client = await make_client(config, redis_client=counting_redis)
+    assert await answer(client, "15165550101") == PERSONAL
+    before = sends(counting_redis)
+    for _ in range(20):  # a contact centre: the same DID, many callers
         assert await answer(client, "15165550101") == PERSONAL
-        before = sends(counting)
-        for _ in range(20):  # a contact centre: the same DID, many callers
-            assert await answer(client, "15165550101") == PERSONAL
-            assert await answer(client, "19005550000") == []  # its allow entry
-            assert await answer(client, "15165559999") == []  # on no side
-        assert sends(counting) == before  # not one command
-        assert await metric(client, HITS) == 60
-        # Another subscriber is read once, then cached too.
-        assert await answer(client, "15165550102", SUB_B) == PERSONAL
-        assert sends(counting) == before + 1
-        assert await answer(client, "15165550102", SUB_B) == PERSONAL
-        assert sends(counting) == before + 1
-    finally:
-        await counting.aclose()
-        await pool.disconnect()
+        assert await answer(client, "19005550000") == []  # its allow entry
+        assert await answer(client, "15165559999") == []  # on no side
+    assert sends(counting_redis) == before  # not one command
+    assert await metric(client, HITS) == 60
+    # Another subscriber is read once, then cached too.
+    assert await answer(client, "15165550102", SUB_B) == PERSONAL
+    assert sends(counting_redis) == before + 1
+    assert await answer(client, "15165550102", SUB_B) == PERSONAL
+    assert sends(counting_redis) == before + 1
 
 
 async def test_admin_changes_and_syncs_are_seen_within_a_refresh(

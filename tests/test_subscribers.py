@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 
 from core import keys
 from core.config import Config
@@ -35,9 +35,10 @@ from tests.helpers import (
     REJECT,
     body_from,
     ready_client,
+    sends,
     wait_for,
 )
-from tests.test_call_rate import CountingConnection, load_blocklist, sends
+from tests.test_call_rate import load_blocklist
 
 Client = TestClient[Any, Any]
 ADMIN_TOKEN = "subscribers-test-admin-token-0123"
@@ -229,7 +230,7 @@ async def test_calls_are_decided_by_the_called_subscriber(
 
 async def test_explain_and_one_round_trip(
     redis: Redis,
-    redis_server: RedisProcess,
+    counting_redis: LeanRedis,
     make_config: Callable[..., Config],
     make_client: Callable[..., Any],
     personal_source: Path,
@@ -241,21 +242,15 @@ async def test_explain_and_one_round_trip(
     config = make_config(data, base_dir=personal_source)
     await load_blocklist(redis, [])
     await sync_list(redis, config, "personal")
-    pool = ConnectionPool.from_url(redis_server.url, connection_class=CountingConnection)
-    counting = LeanRedis(connection_pool=pool)
-    try:
-        client = await make_client(config, redis_client=counting)
-        explained = await client.post("/v1/explain/tg/main", json=call_body("19005551234"))
-        body = await explained.json()
-        assert (body["rule"], body["matched"]) == ("personal-block", f"1900* (subscriber {SUB_A})")
-        before = sends(counting)
-        for i in range(10):
-            assert await answer(client, f"1516555{i:04d}") == []
-        # Rate counts and both subscriber reads (two rules, one list: one HGET): one send.
-        assert sends(counting) - before == 10
-    finally:
-        await counting.aclose()
-        await pool.disconnect()
+    client = await make_client(config, redis_client=counting_redis)
+    explained = await client.post("/v1/explain/tg/main", json=call_body("19005551234"))
+    body = await explained.json()
+    assert (body["rule"], body["matched"]) == ("personal-block", f"1900* (subscriber {SUB_A})")
+    before = sends(counting_redis)
+    for i in range(10):
+        assert await answer(client, f"1516555{i:04d}") == []
+    # Rate counts and both subscriber reads (two rules, one list: one HGET): one send.
+    assert sends(counting_redis) - before == 10
 
 
 # --- loader -------------------------------------------------------------------------------
