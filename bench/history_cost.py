@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 
 from core.config import parse_config
+from core.connect import connect
+from core.store import RedisClient
 from devtools.redis_server import RedisProcess
 from service.metrics import Metrics
 from service.screening.history import CallHistory
@@ -51,7 +52,7 @@ async def measure(url: str) -> dict[str, tuple[float, float, float]]:
     config = parse_config(
         {"redis": {"url": url}, "history": {"enabled": True, "queue_max": ADDS + 1}}
     )
-    redis = Redis.from_url(url)
+    redis = connect(url)  # the service's own client: its lean link on a single server
     metrics = Metrics(config, CollectorRegistry())
     history = CallHistory(config, redis, metrics, {"CALLSCREEN_HISTORY_KEY": "bench-key"})
     parser = CallParser(config.caller.sources, config.caller.default_country)
@@ -116,7 +117,7 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
-async def _redis_cpu_s(redis: Redis) -> float:
+async def _redis_cpu_s(redis: RedisClient) -> float:
     info = await redis.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 

@@ -418,7 +418,7 @@ class HistorySettings(_Model):
     retention_s: Annotated[int, Field(gt=0)] = 7 * 86_400
     #: Calls kept in the recent-calls stream (all numbers), approximately.
     max_entries: Annotated[int, Field(gt=0)] = 100_000
-    #: Calls kept per number, the newest.
+    #: Calls kept per number, the newest (about: see docs/history.md).
     max_per_number: Annotated[int, Field(gt=0, le=100_000)] = 1000
     #: Store full numbers even when ``server.mask_callers`` is on.
     unmasked: bool = False

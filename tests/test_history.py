@@ -15,6 +15,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from core import keys
 from core.config import Config, ConfigError
+from core.shards import dispatcher_for
 from service.appkeys import SCREENER
 from service.metrics import Metrics
 from service.screening.history import CHUNK_MAX, CallHistory, history_key
@@ -141,6 +142,7 @@ async def test_a_slow_or_absent_redis_drops_records_but_never_an_answer(
         assert await (await client.post("/tg/main", json=body_from("15162065613"))).json() == REJECT
     assert len(history.queue) == 3  # two dropped: the queue was full
     history.redis = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    history.dispatcher = dispatcher_for(history.redis)
     try:
         assert await history.flush() == 0  # Redis unreachable: dropped, counted
     finally:
@@ -170,7 +172,8 @@ async def test_history_keys_expire_with_the_retention(
 
     await wait_for(written, timeout_s=1.0)
     for key in await redis.keys(keys.history_calls("*")):
-        assert 3500 < await redis.ttl(key) <= 3600
+        # Pushed back every tenth of the retention, to 1.1x: no call outlived early.
+        assert 3600 < await redis.ttl(key) <= 3960
 
 
 async def test_lookup_gathers_lists_decisions_calls_and_audit(started: Callable[..., Any]) -> None:
@@ -255,3 +258,24 @@ async def test_a_large_flush_lets_the_loop_answer_calls_between_its_chunks(
     assert len(await history.recent(queued)) == queued
     called = await history.calls("19512623062", 0, time.time() + 1, queued)
     assert {c["call_id"] for c in called} == {f"call-{n}@pbx" for n in range(queued)}
+
+
+async def test_a_busy_numbers_set_stays_near_its_cap_and_old_calls_are_not_read(
+    redis: Redis, make_config: Callable[..., Config]
+) -> None:
+    config = make_config({**CONFIG, "history": {"enabled": True, "max_per_number": 20}})
+    metrics = Metrics(config, CollectorRegistry())
+    history = CallHistory(config, redis, metrics, {"CALLSCREEN_HISTORY_KEY": HISTORY_KEY})
+    for flush in range(3):  # 45 calls to one called number, 15 a flush
+        for n in range(15 * flush, 15 * flush + 15):
+            history.add("main", *rejected_call(n))
+        assert await history.flush() == 15
+    key = keys.history_calls(history.number_key("19512623062"))
+    # Trimmed after every second call (a tenth of 20): never more than 20 + 2 kept.
+    assert 20 <= await redis.zcard(key) <= 22
+    called = await history.calls("19512623062", 0, time.time() + 1, 20)
+    assert [c["call_id"] for c in called] == [f"call-{n}@pbx" for n in range(44, 24, -1)]
+    # A call older than the retention is not shown, though its set still holds it.
+    await redis.zadd(key, {b'{"call_id":"old@pbx"}': (time.time() - 8 * 86_400) * 1000})
+    older = await history.calls("19512623062", 0, time.time() - 3600, 10)
+    assert older == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -21,12 +22,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from core import keys
 from core.audit import newest_first
 from core.config import Config, ConfigError
+from core.shards import Command, dispatcher_for
 from core.store import RedisClient
 from service.metrics import Metrics
 from service.ratelimit import RateLimitedLog
@@ -35,47 +35,17 @@ from service.screening.request import Call, called_number
 from service.screening.screen import mask_number
 
 logger = logging.getLogger(__name__)
-#: One number's set: add the record, trim by age and count, push the expiry back. One
-#: command per number (one key: Cluster-safe) instead of four.
-_ADD_CALL = """
-redis.call('zadd', KEYS[1], ARGV[2], ARGV[1])
-redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[3])
-redis.call('zremrangebyrank', KEYS[1], 0, -tonumber(ARGV[4]) - 1)
-redis.call('expire', KEYS[1], ARGV[5])
-"""
-#: A single server (or Sentinel) takes a chunk of calls in one script: KEYS[1] the recent
-#: stream, KEYS[2..] the numbers' sets; ARGV: the four limits, the records joined by
-#: newlines (orjson never writes a raw newline: inside strings it is escaped), and per
-#: record "<time in ms> <set> <set>" (indexes into KEYS, 0: none), also joined by
-#: newlines. Two arguments for the whole chunk rather than two a call: redis-py encodes
-#: each argument in Python, on the worker's loop.
-_ADD_CHUNK = """
-local max_entries, oldest, per_number, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local metas = {}
-for at, a, b in string.gmatch(ARGV[6], '(%d+) (%d+) (%d+)') do
-  metas[#metas + 1] = {at, tonumber(a), tonumber(b)}
-end
-local i = 0
-for record in string.gmatch(ARGV[5], '[^\\n]+') do
-  i = i + 1
-  local m = metas[i]
-  redis.call('xadd', KEYS[1], 'MAXLEN', '~', max_entries, '*', 'r', record)
-  if m[2] > 0 then redis.call('zadd', KEYS[m[2]], m[1], record) end
-  if m[3] > 0 then redis.call('zadd', KEYS[m[3]], m[1], record) end
-end
-for k = 2, #KEYS do
-  redis.call('zremrangebyscore', KEYS[k], '-inf', oldest)
-  redis.call('zremrangebyrank', KEYS[k], 0, -per_number - 1)
-  redis.call('expire', KEYS[k], ttl)
-end
-"""
-#: Records encoded in one go at most, and written in one command (one script, or on a
-#: Cluster one pipeline): a chunk's Redis time stays short next to the request path's
-#: own reads of the same server.
+#: Records encoded in one go at most, and written in one batch of native commands
+#: (:mod:`core.shards`: one write on a single server's link, one per node of a Cluster):
+#: a chunk's Redis time stays well under a millisecond next to the request path's own
+#: reads of the same server.
 CHUNK_MAX = 64
 #: The loop's time one chunk's encoding may take before the chunk is cut short and sent;
 #: the loop serves calls while Redis works on it.
 SLICE_S = 0.0005
+#: Distinct record tails (decision, answer, rule, list, on_error) kept encoded; past it
+#: the memo starts again empty.
+TAIL_MEMO_MAX = 1024
 #: Numbers whose set key is remembered (the HMAC is the dearest step of a record); past
 #: it the memo starts again empty, so it stays bounded.
 KEY_MEMO_MAX = 20_000
@@ -124,8 +94,12 @@ class CallHistory:
         self.sample = self.settings.sample_allowed
         self.queue: list[Queued] = []
         self.queue_max = self.settings.queue_max
-        self.cluster = isinstance(redis, RedisCluster)
+        self.dispatcher = dispatcher_for(redis)
         self._set_keys: dict[str, str] = {}
+        self._tails: dict[tuple[Any, ...], bytes] = {}
+        #: A number's set -> [when its expiry was last pushed back, calls added since
+        #: its last trim] (see :meth:`_upkeep`); bounded like the set keys' memo.
+        self._upkept: dict[str, list[float]] = {}
         self._pads = None if self.key is None else _hmac_pads(self.key)
         self._warn = RateLimitedLog(logger, interval_s=10.0)
         self._written = metrics.history_records.labels("written")
@@ -164,25 +138,27 @@ class CallHistory:
         and counted.
         """
         batch, self.queue = self.queue, []
-        written = 0
+        written = done = 0
         try:
             async with asyncio.timeout(self.settings.write_timeout_ms / 1000):
-                while written < len(batch):
-                    end = min(written + CHUNK_MAX, len(batch))
+                while done < len(batch):
+                    end = min(done + CHUNK_MAX, len(batch))
                     chunk: list[Encoded] = []
-                    while written + len(chunk) < end:
+                    while done + len(chunk) < end:
                         if chunk:  # a slice is over: answer the calls waiting meanwhile
                             await asyncio.sleep(0)
-                        self._encode(batch, written + len(chunk), end, chunk)
-                    await self._send(chunk)
-                    written += len(chunk)
-        except (TimeoutError, RedisError, OSError) as exc:
-            lost = len(batch) - written
-            self._failed.inc(lost)
-            self._warn.warning("call history: %d records dropped: %r", lost, exc)
+                        self._encode(batch, done + len(chunk), end, chunk)
+                    written += await self._send(chunk)
+                    done += len(chunk)
+        except TimeoutError as exc:
+            self._drop(len(batch) - done, exc)
         if written:
             self._written.inc(written)
         return written
+
+    def _drop(self, lost: int, why: BaseException) -> None:
+        self._failed.inc(lost)
+        self._warn.warning("call history: %d records dropped: %r", lost, why)
 
     def _encode(self, batch: list[Queued], start: int, end: int, chunk: list[Encoded]) -> None:
         """Append the records of ``batch[start:end]`` to ``chunk`` until :data:`SLICE_S`
@@ -208,20 +184,39 @@ class CallHistory:
         called: str | None,
         evaluation: Evaluation,
     ) -> bytes:
+        """The record's JSON: the call's own fields, then the outcome's, which repeat
+        from call to call and are encoded once (:data:`TAIL_MEMO_MAX`)."""
         outcome = evaluation.outcome
         numbers = (caller, called)
-        return orjson.dumps(
+        head = orjson.dumps(
             {
                 "call_id": call_id,
                 "time": round(at, 3),
                 "trunk_group": None if group.startswith("_") else group,
                 "caller": self._number(caller),
                 "called": self._number(called),
+                "matched": self._matched(evaluation.matched, numbers),
+            }
+        )
+        if evaluation.dry_runs:  # rare, and with numbers of the call in it: not memoised
+            return head[:-1] + self._tail(evaluation, numbers)
+        memo = (outcome.action, outcome.operands, outcome.rule, outcome.list, evaluation.fallback)
+        tail = self._tails.get(memo)
+        if tail is None:
+            if len(self._tails) >= TAIL_MEMO_MAX:
+                self._tails.clear()
+            tail = self._tails[memo] = self._tail(evaluation, numbers)
+        return head[:-1] + tail
+
+    def _tail(self, evaluation: Evaluation, numbers: tuple[str | None, str | None]) -> bytes:
+        """The outcome's fields, as JSON members after a comma, closing the object."""
+        outcome = evaluation.outcome
+        fields = orjson.dumps(
+            {
                 "decision": outcome.action,
                 "answer": outcome.operands or (),
                 "rule": outcome.rule,
                 "list": outcome.list,
-                "matched": self._matched(evaluation.matched, numbers),
                 "on_error": evaluation.fallback,
                 "dry_run_matches": [
                     {"rule": dry.rule, "list": dry.list, "matched": self._matched(m, numbers)}
@@ -229,6 +224,7 @@ class CallHistory:
                 ],
             }
         )
+        return b"," + fields[1:]
 
     def _number(self, number: str | None) -> str | None:
         if number is None:
@@ -260,25 +256,72 @@ class CallHistory:
             found = self._set_keys[number] = keys.history_calls(self.number_key(number))
         return found
 
-    async def _send(self, chunk: list[Encoded]) -> None:
+    def _upkeep(self, key: str, added: int) -> list[Command]:
+        """What a number's set needs besides the new calls: its expiry pushed back at
+        most every tenth of the retention (to 1.1x the retention, so it outlives each
+        call it holds by the retention at least), and a trim to the newest
+        ``max_per_number`` after every tenth of them this process added. Age is not
+        trimmed: :meth:`calls` never reads past the retention. So a number's set holds
+        about ``max_per_number`` calls (a tenth more per process at most, between trims),
+        and a set written again and again costs one command a chunk, not three."""
         settings = self.settings
-        oldest_ms = int(time.time() * 1000) - settings.retention_s * 1000
-        limits = (settings.max_entries, oldest_ms, settings.max_per_number, settings.retention_s)
-        if not self.cluster:  # one script: the loop's cost is then two arguments and the keys
-            await self.redis.eval(*_chunk_script(chunk, limits))
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for data, at_ms, sets in chunk:  # every number's set on its own slot
-                pipe.xadd(keys.HISTORY_RECENT, {"r": data}, maxlen=limits[0], approximate=True)
-                for key in sets:
-                    pipe.eval(_ADD_CALL, 1, key, data, at_ms, *limits[1:])
-            await pipe.execute()
+        state = self._upkept.get(key)
+        now = time.monotonic()
+        if state is None:
+            if len(self._upkept) >= KEY_MEMO_MAX:
+                self._upkept.clear()  # forgotten sets get both at their next write: safe
+            state = self._upkept[key] = [-math.inf, 0]
+        commands: list[Command] = []
+        state[1] += added
+        if state[1] >= max(1, settings.max_per_number // 10):
+            commands.append(("ZREMRANGEBYRANK", key, 0, -settings.max_per_number - 1))
+            state[1] = 0
+        refresh_s = settings.retention_s / 10
+        if now - state[0] >= refresh_s:
+            commands.append(("EXPIRE", key, math.ceil(settings.retention_s + refresh_s)))
+            state[0] = now
+        return commands
+
+    async def _send(self, chunk: list[Encoded]) -> int:
+        """Write ``chunk``; returns how many of its records were written whole (their
+        stream entry and their numbers' sets), counting the others as dropped."""
+        settings = self.settings
+        by_key: dict[str, list[Any]] = {}
+        commands: list[Command] = []
+        for data, at_ms, sets in chunk:
+            commands.append(("XADD", keys.HISTORY_RECENT, "*", "r", data))
+            for key in sets:
+                by_key.setdefault(key, []).extend((at_ms, data))
+        for key, members in by_key.items():
+            commands.append(("ZADD", key, *members))
+            commands.extend(self._upkeep(key, len(members) // 2))
+        commands.append(("XTRIM", keys.HISTORY_RECENT, "MAXLEN", "~", settings.max_entries))
+        replies = await self.dispatcher.run(commands)
+        failed = {
+            command[1] for command, reply in zip(commands, replies, strict=True)
+            if isinstance(reply, Exception) and command[0] != "XADD"
+        }  # fmt: skip
+        for key in failed:  # its expiry may not be set: set it at the next write
+            self._upkept.pop(key, None)
+        written = 0
+        error: BaseException | None = None
+        for (_, _, sets), reply in zip(chunk, replies, strict=False):
+            if isinstance(reply, Exception) or failed.intersection(sets):
+                error = reply if isinstance(reply, Exception) else error
+                continue
+            written += 1
+        if written < len(chunk):
+            why = error or next(r for r in replies if isinstance(r, Exception))
+            self._drop(len(chunk) - written, why)
+        return written
 
     # --- the reads (operator API) ------------------------------------------------------
     async def calls(
         self, number: str, since_s: float, until_s: float, limit: int
     ) -> list[dict[str, Any]]:
-        """A canonical number's recorded calls in ``[since_s, until_s]``, newest first."""
+        """A canonical number's recorded calls in ``[since_s, until_s]``, newest first,
+        none older than ``history.retention_s`` (the writer leaves them to expiry)."""
+        since_s = max(since_s, time.time() - self.settings.retention_s)
         key = keys.history_calls(self.number_key(number))
         found = await self.redis.zrevrangebyscore(
             key, int(until_s * 1000), int(since_s * 1000), start=0, num=limit
@@ -303,15 +346,3 @@ def _hmac_pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
     key = key.ljust(SHA256_BLOCK, b"\0")
     inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
     return inner, hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
-
-
-def _chunk_script(chunk: list[Encoded], limits: tuple[int, ...]) -> tuple[Any, ...]:
-    """The arguments of ``EVAL`` :data:`_ADD_CHUNK` for ``chunk``."""
-    index: dict[str, int] = {}
-    metas: list[str] = []
-    for _, at_ms, sets in chunk:
-        slots = [index.setdefault(key, len(index) + 2) for key in sets] + [0, 0]
-        metas.append(f"{at_ms} {slots[0]} {slots[1]}")
-    records = b"\n".join(data for data, _, _ in chunk)
-    return (_ADD_CHUNK, 1 + len(index), keys.HISTORY_RECENT, *index, *limits, records,
-            "\n".join(metas))  # fmt: skip
