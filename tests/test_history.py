@@ -279,3 +279,17 @@ async def test_a_busy_numbers_set_stays_near_its_cap_and_old_calls_are_not_read(
     await redis.zadd(key, {b'{"call_id":"old@pbx"}': (time.time() - 8 * 86_400) * 1000})
     older = await history.calls("19512623062", 0, time.time() - 3600, 10)
     assert older == []
+
+
+async def test_the_writer_reloads_its_script_after_redis_forgot_it(
+    redis: Redis, make_config: Callable[..., Config]
+) -> None:
+    config = make_config(CONFIG)
+    metrics = Metrics(config, CollectorRegistry())
+    history = CallHistory(config, redis, metrics, {"CALLSCREEN_HISTORY_KEY": HISTORY_KEY})
+    history.add("main", *rejected_call(0))
+    assert await history.flush() == 1
+    await redis.script_flush()  # as after a restart: EVALSHA now answers NOSCRIPT
+    history.add("main", *rejected_call(1))
+    assert await history.flush() == 1
+    assert {c["call_id"] for c in await history.recent(10)} == {"call-0@pbx", "call-1@pbx"}

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from core import keys
 from core.audit import newest_first
@@ -35,6 +37,36 @@ from service.screening.request import Call, called_number
 from service.screening.screen import mask_number
 
 logger = logging.getLogger(__name__)
+#: A single server (or Sentinel) takes a chunk in one script, which costs the worker's
+#: loop one command's packing and reply instead of one per write. KEYS[1]: the recent
+#: stream, KEYS[2..]: the numbers' sets. ARGV: max_entries, the rank a trim stops at,
+#: the sets' TTL, the records joined by newlines (orjson escapes any newline inside a
+#: string), per record "<time in ms> <set> <set>" (indexes into KEYS, 0: none), and
+#: per set a letter: T trim, E expire, B both, - neither (see CallHistory._upkeep).
+_ADD_CHUNK = """
+local recent, stop, ttl, upkeep = KEYS[1], tonumber(ARGV[2]), ARGV[3], ARGV[6]
+local metas = {}
+for at, a, b in string.gmatch(ARGV[5], '(%d+) (%d+) (%d+)') do
+  metas[#metas + 1] = {at, tonumber(a), tonumber(b)}
+end
+local i = 0
+for record in string.gmatch(ARGV[4], '[^\\n]+') do
+  i = i + 1
+  local m = metas[i]
+  redis.call('xadd', recent, '*', 'r', record)
+  if m[2] > 0 then redis.call('zadd', KEYS[m[2]], m[1], record) end
+  if m[3] > 0 then redis.call('zadd', KEYS[m[3]], m[1], record) end
+end
+for k = 2, #KEYS do
+  local what = string.sub(upkeep, k - 1, k - 1)
+  if what == 'T' or what == 'B' then redis.call('zremrangebyrank', KEYS[k], 0, stop) end
+  if what == 'E' or what == 'B' then redis.call('expire', KEYS[k], ttl) end
+end
+redis.call('xtrim', recent, 'MAXLEN', '~', ARGV[1])
+return i
+"""
+_ADD_CHUNK_SHA = hashlib.sha1(_ADD_CHUNK.encode()).hexdigest()
+_UPKEEP_LETTERS = {(False, False): "-", (True, False): "T", (False, True): "E", (True, True): "B"}
 #: Records encoded in one go at most, and written in one batch of native commands
 #: (:mod:`core.shards`: one write on a single server's link, one per node of a Cluster):
 #: a chunk's Redis time stays well under a millisecond next to the request path's own
@@ -95,6 +127,9 @@ class CallHistory:
         self.queue: list[Queued] = []
         self.queue_max = self.settings.queue_max
         self.dispatcher = dispatcher_for(redis)
+        self.cluster = isinstance(redis, RedisCluster)
+        self._refresh_s = self.settings.retention_s / 10
+        self._ttl_s = math.ceil(self.settings.retention_s + self._refresh_s)
         self._set_keys: dict[str, str] = {}
         self._tails: dict[tuple[Any, ...], bytes] = {}
         #: A number's set -> [when its expiry was last pushed back, calls added since
@@ -256,14 +291,15 @@ class CallHistory:
             found = self._set_keys[number] = keys.history_calls(self.number_key(number))
         return found
 
-    def _upkeep(self, key: str, added: int) -> list[Command]:
-        """What a number's set needs besides the new calls: its expiry pushed back at
-        most every tenth of the retention (to 1.1x the retention, so it outlives each
-        call it holds by the retention at least), and a trim to the newest
-        ``max_per_number`` after every tenth of them this process added. Age is not
-        trimmed: :meth:`calls` never reads past the retention. So a number's set holds
-        about ``max_per_number`` calls (a tenth more per process at most, between trims),
-        and a set written again and again costs one command a chunk, not three."""
+    def _upkeep(self, key: str, added: int) -> tuple[bool, bool]:
+        """Whether a number's set, given ``added`` calls, is due a trim and an expiry.
+
+        Its expiry is pushed back at most every tenth of the retention (to 1.1x the
+        retention, so the set outlives each call it holds by the retention at least), and
+        it is trimmed to the newest ``max_per_number`` after every tenth of that many
+        calls this process added. Age is not trimmed: :meth:`calls` never reads past the
+        retention. So a set holds about ``max_per_number`` calls (a tenth more per
+        process at most, between trims), and a busy number costs a write, not three."""
         settings = self.settings
         state = self._upkept.get(key)
         now = time.monotonic()
@@ -271,20 +307,52 @@ class CallHistory:
             if len(self._upkept) >= KEY_MEMO_MAX:
                 self._upkept.clear()  # forgotten sets get both at their next write: safe
             state = self._upkept[key] = [-math.inf, 0]
-        commands: list[Command] = []
         state[1] += added
-        if state[1] >= max(1, settings.max_per_number // 10):
-            commands.append(("ZREMRANGEBYRANK", key, 0, -settings.max_per_number - 1))
+        trim = state[1] >= max(1, settings.max_per_number // 10)
+        if trim:
             state[1] = 0
-        refresh_s = settings.retention_s / 10
-        if now - state[0] >= refresh_s:
-            commands.append(("EXPIRE", key, math.ceil(settings.retention_s + refresh_s)))
+        expire = now - state[0] >= self._refresh_s
+        if expire:
             state[0] = now
-        return commands
+        return trim, expire
 
     async def _send(self, chunk: list[Encoded]) -> int:
         """Write ``chunk``; returns how many of its records were written whole (their
         stream entry and their numbers' sets), counting the others as dropped."""
+        by_key: dict[str, int] = {}
+        for _, _, sets in chunk:
+            for key in sets:
+                by_key[key] = by_key.get(key, 0) + 1
+        upkeep = {key: self._upkeep(key, added) for key, added in by_key.items()}
+        if self.cluster:
+            return await self._send_commands(chunk, upkeep)
+        settings = self.settings
+        index = {key: slot for slot, key in enumerate(upkeep, start=2)}
+        metas = []
+        for _, at_ms, sets in chunk:
+            slots = [index[key] for key in sets] + [0, 0]
+            metas.append(f"{at_ms} {slots[0]} {slots[1]}")
+        args = (
+            1 + len(index), keys.HISTORY_RECENT, *index,
+            settings.max_entries, -settings.max_per_number - 1, self._ttl_s,
+            b"\n".join([data for data, _, _ in chunk]), "\n".join(metas),
+            "".join([_UPKEEP_LETTERS[due] for due in upkeep.values()]),
+        )  # fmt: skip
+        (reply,) = await self.dispatcher.run([("EVALSHA", _ADD_CHUNK_SHA, *args)])
+        if isinstance(reply, NoScriptError):  # a restarted or flushed server
+            (reply,) = await self.dispatcher.run([("EVAL", _ADD_CHUNK, *args)])
+        if isinstance(reply, Exception):
+            for key in upkeep:  # their expiry may not be set: set it at the next write
+                self._upkept.pop(key, None)
+            self._drop(len(chunk), reply)
+            return 0
+        return len(chunk)
+
+    async def _send_commands(
+        self, chunk: list[Encoded], upkeep: dict[str, tuple[bool, bool]]
+    ) -> int:
+        """On a Cluster: the numbers' sets are on many nodes, so plain commands, each
+        node's share in one write (:mod:`core.shards`)."""
         settings = self.settings
         by_key: dict[str, list[Any]] = {}
         commands: list[Command] = []
@@ -294,7 +362,11 @@ class CallHistory:
                 by_key.setdefault(key, []).extend((at_ms, data))
         for key, members in by_key.items():
             commands.append(("ZADD", key, *members))
-            commands.extend(self._upkeep(key, len(members) // 2))
+            trim, expire = upkeep[key]
+            if trim:
+                commands.append(("ZREMRANGEBYRANK", key, 0, -settings.max_per_number - 1))
+            if expire:
+                commands.append(("EXPIRE", key, self._ttl_s))
         commands.append(("XTRIM", keys.HISTORY_RECENT, "MAXLEN", "~", settings.max_entries))
         replies = await self.dispatcher.run(commands)
         failed = {
