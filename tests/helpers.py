@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -156,3 +158,55 @@ class CountingConnection(Connection):
 def sends(client: LeanRedis) -> int:
     """Writes to Redis so far: the calls' link's (core/wire.py) and redis-py's."""
     return client.dispatcher.sent()[0] + CountingConnection.sends
+
+
+class LoopHolds:
+    """How long the event loop's thread held the loop between two turns of a watcher
+    task, in CPU time of that thread (a busy machine's preemption is not the code's),
+    less what the garbage collector took meanwhile: its passes over a large change's
+    objects are a documented cost of the write, not of the work a test bounds."""
+
+    def __init__(self) -> None:
+        self.holds: list[float] = []
+        self._gc_s = 0.0
+        self._gc_started: float | None = None
+        self._thread = threading.get_ident()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def _on_gc(self, phase: str, _info: dict[str, Any]) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        if phase == "start":
+            self._gc_started = time.thread_time()
+        elif self._gc_started is not None:
+            self._gc_s += time.thread_time() - self._gc_started
+            self._gc_started = None
+
+    async def _watch(self) -> None:
+        last, gc_then = time.thread_time(), self._gc_s
+        while not self._stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.thread_time()
+            self.holds.append(now - last - (self._gc_s - gc_then))
+            last, gc_then = now, self._gc_s
+
+    def start(self) -> None:
+        gc.callbacks.append(self._on_gc)
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        gc.callbacks.remove(self._on_gc)
+
+    def longest(self, upto: int | None = None) -> float:
+        return max(self.holds[:upto])
+
+
+def thread_cpu_s(work: Callable[[], Any]) -> float:
+    """The CPU time of this thread that ``work()`` takes."""
+    started = time.thread_time()
+    work()
+    return time.thread_time() - started

@@ -30,7 +30,8 @@ from core.subscribers import Changes, SubscriberStore
 from devtools.redis_server import RedisProcess, free_port
 from loader.sync import sync_list
 from service.operator import admin as admin_module
-from tests.helpers import REJECT, body_from, load_list, wait_for
+from service.operator import offload
+from tests.helpers import REJECT, LoopHolds, body_from, load_list, thread_cpu_s, wait_for
 from tests.load import Load
 from tests.procs import BLOCKLIST_CONFIG, ServiceProcess, scrape
 from tests.test_subscribers import PERSONAL, SUB_A, call_body, subscribers_config
@@ -185,10 +186,12 @@ async def test_an_over_limit_bulk_body_is_refused_before_any_entry_is_read(
     assert looked_at == []
 
 
-#: The longest the service's own code may hold its event loop (CPU time) for a bulk
-#: change: a few slices of work. Before the bulk's parse moved to a helper process and
-#: the delta sets were decoded in slices, a 100 k-entry change held it for 40-110 ms.
-MAX_HOLD_S = 0.03
+#: The longest the service's own code may hold its event loop (CPU time, less garbage
+#: collection) for a bulk change, as a share of what preparing the same change on the
+#: loop takes on the same machine: before the bulk's parse moved to a helper process and
+#: the delta sets were decoded in slices, a 100 k-entry change held the loop for all of
+#: it (40-110 ms on the machines of the time), now for a few slices of work.
+MAX_HOLD_SHARE = 1 / 3
 #: A bulk change as large as admin.max_bulk_entries allows by default.
 BULK_NUMBERS = [f"+1212{i:07d}" for i in range(100_000)]
 
@@ -275,23 +278,15 @@ async def test_a_100k_bulk_holds_the_event_loop_a_few_ms_at_a_time(
     await load_list(redis, "blocklist", "numbers", ["5162065613"])
     config = make_config({**BLOCKLIST_CONFIG, "cache": {"refresh_ms": 50}})
     client = await make_client(config, redis_client=redis)
-    holds: list[float] = []
-    stop = asyncio.Event()
-
-    async def watch() -> None:
-        last = time.thread_time()
-        while not stop.is_set():
-            await asyncio.sleep(0.001)
-            now = time.thread_time()
-            holds.append(now - last)
-            last = now
+    holds = LoopHolds()
 
     async def listed() -> bool:
         response = await client.post("/tg/main", json=body_from("12120099999"))
         return bool(await response.json() == REJECT)
 
     bulk = orjson.dumps({"add": BULK_NUMBERS})
-    watcher = asyncio.create_task(watch())
+    on_the_loop_s = thread_cpu_s(lambda: offload.prepare(bulk, "numbers", "1", 100_000))
+    holds.start()
     try:
         response = await client.post(
             "/v1/lists/blocklist/entries",
@@ -301,10 +296,11 @@ async def test_a_100k_bulk_holds_the_event_loop_a_few_ms_at_a_time(
         assert response.status == 200, await response.text()
         await wait_for(listed, timeout_s=30, interval_s=0.05)
     finally:
-        stop.set()
-        await watcher
-    print(f"longest holds: {[round(h * 1000, 1) for h in sorted(holds)[-5:]]} ms")
-    assert max(holds) < MAX_HOLD_S, f"the loop was held for {max(holds) * 1000:.0f} ms"
+        await holds.stop()
+    longest = holds.longest()
+    print(f"longest hold {longest * 1000:.1f} ms; on the loop the change took "
+          f"{on_the_loop_s * 1000:.1f} ms")  # fmt: skip
+    assert longest < MAX_HOLD_SHARE * on_the_loop_s, f"held for {longest * 1000:.0f} ms"
 
 
 def subscriber_bulk() -> bytes:
@@ -338,27 +334,19 @@ async def test_a_100k_subscriber_bulk_is_prepared_without_holding_the_event_loop
     config = make_config(subscribers_config(), base_dir=tmp_path)
     await sync_list(redis, config, "personal")
     client = await make_client(config, redis_client=redis)
-    holds: list[float] = []
+    holds = LoopHolds()
     writing: list[int] = []  # how many holds were seen when the write began
-    stop = asyncio.Event()
     bulk_change = SubscriberStore.bulk_change
 
     async def noted(store: SubscriberStore, name: str, changes: Changes, **how: Any) -> int:
-        writing.append(len(holds))
+        writing.append(len(holds.holds))
         return await bulk_change(store, name, changes, **how)
 
     monkeypatch.setattr(SubscriberStore, "bulk_change", noted)
 
-    async def watch() -> None:
-        last = time.thread_time()
-        while not stop.is_set():
-            await asyncio.sleep(0.001)
-            now = time.thread_time()
-            holds.append(now - last)
-            last = now
-
     bulk = subscriber_bulk()
-    watcher = asyncio.create_task(watch())
+    on_the_loop_s = thread_cpu_s(lambda: offload.prepare_subscribers(bulk, "1", 100_000))
+    holds.start()
     try:
         response = await client.post(
             "/v1/lists/personal/subscribers",
@@ -368,18 +356,17 @@ async def test_a_100k_subscriber_bulk_is_prepared_without_holding_the_event_loop
         assert response.status == 200, await response.text()
         assert (await response.json())["added"] == 100_000
     finally:
-        stop.set()
-        await watcher
+        await holds.stop()
 
     async def screened() -> bool:  # the bulk's last pair (after the worker's next poll)
         call = await client.post("/tg/main", json=call_body("12120099999", "19510099999"))
         return bool(await call.json() == PERSONAL)
 
     await wait_for(screened, timeout_s=10)
-    before = holds[: writing[0]]
-    print(f"longest holds before the write: {[round(h * 1000, 1) for h in sorted(before)[-5:]]}")
-    print(f"longest holds in all: {[round(h * 1000, 1) for h in sorted(holds)[-5:]]} ms")
-    assert max(before) < MAX_HOLD_S, f"the loop was held for {max(before) * 1000:.0f} ms"
+    longest = holds.longest(writing[0])
+    print(f"longest hold before the write {longest * 1000:.1f} ms; on the loop the "
+          f"preparation took {on_the_loop_s * 1000:.1f} ms")  # fmt: skip
+    assert longest < MAX_HOLD_SHARE * on_the_loop_s, f"held for {longest * 1000:.0f} ms"
 
 
 async def test_a_100k_subscriber_bulk_on_the_operator_listener_leaves_calls_in_time(
