@@ -6,8 +6,7 @@ their replies into what each rule is judged on, by rule key (``policy:rule``): a
 count for a ``call_rate`` rule, a run length for a ``sequential_dialing`` rule.
 
 Invariants: every key a call touches has a hash tag of its own (core/keys.py), so the
-commands go to whichever Cluster node holds each (a rule's writes are one script of
-core/scripts.py, on keys of one tag); every key written has a TTL, so a
+commands go to whichever Cluster node holds each; every key written has a TTL, so a
 number that stops calling leaves nothing behind. ``call_rate`` rules keyed by the
 caller stay with ``fetch_for_call``'s own counters, unchanged.
 """
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core import keys
-from core.scripts import COUNT_CALL, DIALLED
 
 Command = tuple[str | int | float, ...]
 #: Tag of each ``call_rate`` key (other than ``caller``) in its counters' key names.
@@ -111,13 +109,13 @@ class Plan:
         """Count or run length per rule key, from the replies to :attr:`commands`."""
         values: dict[str, int] = {}
         for rule_key, at, param, is_rate in self._parts:
-            if is_rate:  # the script's [this window's, the last one's], or two GETs
-                current, previous = replies[at] if self.increment else replies[at : at + 2]
+            if is_rate:  # this window's count (INCRBY or GET), the last one's GET
+                previous = replies[at + (2 if self.increment else 1)]
                 values[rule_key] = sliding_count(
-                    current, previous, self.now_s, param, self.increment
+                    replies[at], previous, self.now_s, param, self.increment
                 )
             else:
-                members = replies[at]
+                members = replies[at + (4 if self.increment else 0)]
                 dialled = [int(m) for m in members]
                 values[rule_key] = run_length(dialled, self.called_int, param)
         return values
@@ -147,20 +145,27 @@ def plan(
         index = int(now_s // rate.window_s)
         tag = KEY_TAGS[rate.key]
         current = keys.rate_by(tag, subject, rate.rule_key, index)
-        previous = keys.rate_by(tag, subject, rate.rule_key, index - 1)
         out._parts.append((rate.rule_key, len(commands), rate.window_s, True))
-        if increment:  # replied: [this window's count, the last window's]
-            commands.append(COUNT_CALL.command((current, previous), 2 * rate.window_s))
+        if increment:
+            commands += [("INCRBY", current, 1), ("EXPIRE", current, 2 * rate.window_s)]
         else:
-            commands += [("GET", current), ("GET", previous)]
+            commands.append(("GET", current))
+        commands.append(("GET", keys.rate_by(tag, subject, rate.rule_key, index - 1)))
     if caller is None or not called:
         return out
     for seq in sequences:
         key = keys.dialed(caller, seq.rule_key)
         since = now_s - seq.window_s
         out._parts.append((seq.rule_key, len(commands), seq.max_gap, False))
-        if increment:  # kept: calls less than window_s old, the newest ``track`` of them
-            commands.append(DIALLED.command((key,), now_s, called, since, seq.track, seq.window_s))
+        if increment:
+            commands += [
+                ("ZADD", key, now_s, called),
+                # Kept: calls less than window_s old, the newest ``track`` of them.
+                ("ZREMRANGEBYSCORE", key, "-inf", since),
+                ("ZREMRANGEBYRANK", key, 0, -seq.track - 1),
+                ("EXPIRE", key, seq.window_s),
+                ("ZRANGE", key, 0, -1),
+            ]
         else:
             commands.append(("ZRANGEBYSCORE", key, f"({since!r}", "+inf"))
     return out

@@ -25,9 +25,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError, NoScriptError
+from redis.exceptions import MovedError
 
-from core.scripts import as_eval, key_of
 from core.wire import Link, settings_of
 
 logger = logging.getLogger(__name__)
@@ -126,23 +125,6 @@ class Dispatcher:
         if not commands:
             return []
         report = on_part if on_part is not None else _ignore
-
-        def report_final(done: list[tuple[int, Any]]) -> None:
-            # A script the server forgot is sent again below: not final yet.
-            report([(i, r) for i, r in done if not _forgotten(commands[i], r)])
-
-        replies = await self._run(commands, report_final)
-        forgotten = [i for i, reply in enumerate(replies) if _forgotten(commands[i], reply)]
-        if forgotten:  # a restarted or flushed server: the same scripts, with their bodies
-            again = [as_eval(commands[i]) for i in forgotten]
-            found = await self._run([command for command in again if command], _ignore)
-            for i, reply in zip(forgotten, found, strict=True):
-                replies[i] = reply
-            report([(i, replies[i]) for i in forgotten])
-        return replies
-
-    async def _run(self, commands: Sequence[Command], on_part: Report | None) -> list[Any]:
-        report = on_part if on_part is not None else _ignore
         if not isinstance(self.client, RedisCluster):
             plain = await self._plain(commands)
             report(list(enumerate(plain)))
@@ -151,7 +133,7 @@ class Dispatcher:
         try:
             if not cluster.nodes_manager.slots_cache:
                 await cluster.initialize()
-            where = [_address(cluster.get_node_from_key(key_of(command))) for command in commands]
+            where = [_address(cluster.get_node_from_key(command[1])) for command in commands]
         except Exception as exc:
             failed = ShardError(f"Redis Cluster slot map unavailable: {exc}")
             self._refresh()
@@ -313,11 +295,6 @@ class Dispatcher:
         for pool in self._pools.values():
             await pool.aclose(close_connection_pool=True)
         self._pools.clear()
-
-
-def _forgotten(command: Command, reply: Any) -> bool:
-    """Whether ``reply`` says the server lost the script ``command`` names (one of ours)."""
-    return isinstance(reply, NoScriptError) and as_eval(command) is not None
 
 
 def _address(node: ClusterNode | None) -> tuple[str, int]:

@@ -30,7 +30,6 @@ from core import keys
 from core.coalesce import Coalescer
 from core.config import ListKind
 from core.overlay import queue_write as queue_overlay
-from core.scripts import COUNT_CALL
 from core.shards import dispatcher_for
 
 RedisClient = Redis | RedisCluster
@@ -541,11 +540,10 @@ class ListStore:
         (counts per rule, packed entries per list (None: no entries), the lists whose
         bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted,
         the replies to the ``extra`` commands, in order: core/fraud.py's; each command
-        single-key, key first, or a script of core/scripts.py). A counted call is one
-        script (:data:`core.scripts.COUNT_CALL`) per rule. Sent with the other calls of
-        the same event-loop turn (:mod:`core.coalesce`); on a Cluster each node's
-        commands go on that node's own connections, all at once (:mod:`core.shards`).
-        Raises a ``RedisError`` when any of this call's commands failed.
+        single-key, key first). Sent with the other calls of the same event-loop turn
+        (:mod:`core.coalesce`); on a Cluster each node's commands go on that node's own
+        connections, all at once (:mod:`core.shards`). Raises a ``RedisError`` when any
+        of this call's commands failed.
         """
         counted = windows if caller else ()
         commands: list[tuple[Any, ...]] = []
@@ -553,11 +551,11 @@ class ListStore:
             assert caller is not None
             index = int(now_s // window_s)
             current = keys.rate(caller, rule_key, index)
-            previous = keys.rate(caller, rule_key, index - 1)
-            if increment:  # replied: [this window's count, the last window's]
-                commands.append(COUNT_CALL.command((current, previous), 2 * window_s))
+            if increment:
+                commands += [("INCRBY", current, 1), ("EXPIRE", current, 2 * window_s)]
             else:
-                commands += [("GET", current), ("GET", previous)]
+                commands.append(("GET", current))
+            commands.append(("GET", keys.rate(caller, rule_key, index - 1)))
         for name, gen, subscriber in subscribers:
             bucket = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
             commands.append(("HMGET", bucket, subscriber, keys.SUBSCRIBER_MARKER))
@@ -566,10 +564,10 @@ class ListStore:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply if isinstance(reply, RedisError) else RedisError(str(reply))
-        step = 1 if increment else 2
+        step = 3 if increment else 2
         counts = {}
         for i, (rule_key, window_s) in enumerate(counted):
-            current, previous = replies[i] if increment else replies[2 * i : 2 * i + 2]
+            current, previous = replies[step * i], replies[step * i + step - 1]
             overlap = 1 - (now_s % window_s) / window_s
             weighted = math.ceil(int(previous or 0) * overlap - 1e-9)
             counts[rule_key] = int(current or 0) + weighted + (0 if increment else 1)

@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from core import keys
 from core.audit import newest_first
 from core.config import Config, ConfigError
-from core.scripts import Script
 from core.shards import Command, dispatcher_for
 from core.store import RedisClient
 from service.metrics import Metrics
@@ -43,8 +43,7 @@ logger = logging.getLogger(__name__)
 #: the sets' TTL, the records joined by newlines (orjson escapes any newline inside a
 #: string), per record "<time in ms> <set> <set>" (indexes into KEYS, 0: none), and
 #: per set a letter: T trim, E expire, B both, - neither (see CallHistory._upkeep).
-_ADD_CHUNK = Script(
-    """
+_ADD_CHUNK = """
 local recent, stop, ttl, upkeep = KEYS[1], tonumber(ARGV[2]), ARGV[3], ARGV[6]
 local metas = {}
 for at, a, b in string.gmatch(ARGV[5], '(%d+) (%d+) (%d+)') do
@@ -66,7 +65,7 @@ end
 redis.call('xtrim', recent, 'MAXLEN', '~', ARGV[1])
 return i
 """
-)
+_ADD_CHUNK_SHA = hashlib.sha1(_ADD_CHUNK.encode()).hexdigest()
 _UPKEEP_LETTERS = {(False, False): "-", (True, False): "T", (False, True): "E", (True, True): "B"}
 #: Records encoded in one go at most, and written in one batch of native commands
 #: (:mod:`core.shards`: one write on a single server's link, one per node of a Cluster):
@@ -333,13 +332,15 @@ class CallHistory:
         for _, at_ms, sets in chunk:
             slots = [index[key] for key in sets] + [0, 0]
             metas.append(f"{at_ms} {slots[0]} {slots[1]}")
-        command = _ADD_CHUNK.command(
-            (keys.HISTORY_RECENT, *index),
+        args = (
+            1 + len(index), keys.HISTORY_RECENT, *index,
             settings.max_entries, -settings.max_per_number - 1, self._ttl_s,
             b"\n".join([data for data, _, _ in chunk]), "\n".join(metas),
             "".join([_UPKEEP_LETTERS[due] for due in upkeep.values()]),
         )  # fmt: skip
-        (reply,) = await self.dispatcher.run([command])  # NOSCRIPT: core.shards sends EVAL
+        (reply,) = await self.dispatcher.run([("EVALSHA", _ADD_CHUNK_SHA, *args)])
+        if isinstance(reply, NoScriptError):  # a restarted or flushed server
+            (reply,) = await self.dispatcher.run([("EVAL", _ADD_CHUNK, *args)])
         if isinstance(reply, Exception):
             for key in upkeep:  # their expiry may not be set: set it at the next write
                 self._upkept.pop(key, None)
