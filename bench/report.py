@@ -355,6 +355,19 @@ class Report:
             )
         wrong = sum(a["wrong"] for a in s["answers"].values())
         self._target("signed calls answered right", wrong == 0, f"{wrong} wrong")
+        misses = s.get("misses")
+        if misses:
+            # A call waits for a missing certificate half its deadline at most. Judged by
+            # the service's own count of late answers (from each request's arrival);
+            # wrk's latency also holds the time a request waited to be read.
+            late = misses["late_answers"]
+            self._target(
+                "certificate misses answered within handler.deadline_ms",
+                late == 0 and not misses["errors"],
+                f"{late:,.0f} late of {misses['requests']:,} (wrk: p99 {misses['p99_ms']:.1f} "
+                f"ms, max {misses['max_ms']:.1f} ms against {s['deadline_ms']} ms), "
+                f"{misses['errors']} errors",
+            )
 
     def print(self) -> None:
         print("\n".join(["", *self.lines, "", "Targets", *self._target_lines]))

@@ -13,13 +13,21 @@ Steps, on the bench's private Redis (the lists already loaded):
    behind a ``stir_result`` rule rejecting invalid PASSporTs (``stir``: every call's
    signature is checked, the per-value results cache is off so retries do not flatter
    it), and the same with ``trust_verstat`` (``stir_verstat``); and the bare-aiohttp
-   baseline. A sample of answers is checked, then rounds alternate over all four.
+   baseline. A sample of answers is checked, then rounds alternate over all four;
+4. certificate misses: ``--stir-miss-bodies`` bodies signed with x5u URLs of their own,
+   every one on a local certificate server that accepts and never answers, driven at
+   full speed on the ``stir`` trunk group: every call's certificate is missing, and its
+   answer's latency is reported against ``handler.deadline_ms`` (a call waits at most
+   half of it, then answers ``cert_unavailable``; docs/stir-shaken.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import socket
+import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +49,8 @@ Step = Callable[[str], Callable[[], None]]
 X5U = "https://cert.bench.invalid/sp-chain.pem"
 NAMES = ("baseline", "local", "stir", "stir_verstat")
 WARMUP_S = 1
+#: handler.deadline_ms when the bench config does not set it (core/config.py).
+DEFAULT_DEADLINE_MS = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,11 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stir-bodies", type=int, default=5000, help="signed bodies for the STIR part (0: skip)"
     )
     parser.add_argument("--stir-rounds", type=int, default=2, help="load runs per server")
+    parser.add_argument(
+        "--stir-miss-bodies",
+        type=int,
+        default=10_000,
+        help="bodies with a certificate URL of their own that never answers (0: skip)",
+    )
 
 
 def stir_config(base: dict[str, Any], anchors: Path) -> dict[str, Any]:
     config = copy.deepcopy(base)
     config["stir"] = {"trust_anchors": str(anchors), "max_age_s": 3600, "results_cache_size": 0}
+    # The misses' certificate server is on loopback, over plain http (step 4).
+    config["stir"] |= {"allow_http": True, "allow_networks": ["127.0.0.0/8"]}
     rules = config["policies"]["bench"]["rules"]
     invalid = {"name": "stir-invalid", "match": "stir_result", "results": ["invalid"],
                "operands": ["forbidden", "stir"]}  # fmt: skip
@@ -78,6 +96,46 @@ def signed_bodies(workload: Workload, count: int, key: Any) -> tuple[list[bytes]
     return plain, upstream
 
 
+class SilentServer:
+    """A TCP server on loopback that accepts every connection and never answers (a
+    certificate server that hangs); a context manager, serving from a thread."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.port: int = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, name="silent-server", daemon=True)
+
+    def __enter__(self) -> SilentServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed: done
+            while True:
+                conn, _ = self.listener.accept()
+                self.held.append(conn)
+
+
+def miss_bodies(workload: Workload, count: int, key: Any, port: int) -> list[bytes]:
+    """``count`` bodies each signed with an x5u of its own on ``port`` (never cached)."""
+    made = []
+    for n in range(count):
+        body = orjson.loads(workload.bodies[n % len(workload.bodies)])
+        caller = normalise(body["From"][0]["user"], "1")
+        called = normalise(body["To"][0]["user"], "1")
+        assert caller is not None and called is not None
+        x5u = f"http://127.0.0.1:{port}/miss/{n}.pem"
+        body["Identity"] = [sign_passport(key, x5u, caller, called, attest="A")]
+        made.append(orjson.dumps(body))
+    return made
+
+
 def _sample(classes: list[str], per_class: int) -> list[int]:
     taken: dict[str, int] = {}
     indexes = []
@@ -86,6 +144,16 @@ def _sample(classes: list[str], per_class: int) -> list[int]:
             taken[cls] = taken.get(cls, 0) + 1
             indexes.append(i)
     return indexes
+
+
+def _late_answers(url: str) -> float:
+    """Answers the service itself sent past handler.deadline_ms (from its arrival stamp)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "callscreen_late_answers":
+            return sum(m.value for m in family.samples if m.name.endswith("_total"))
+    return 0.0
 
 
 def _stir_results(url: str) -> dict[str, float]:
@@ -169,13 +237,45 @@ def run(
                 print(f"   {result.summary()}", flush=True)
                 done()
         results = _stir_results(service.url)
+        misses = None
+        if args.stir_miss_bodies > 0:
+            late_before = _late_answers(service.url)
+            with SilentServer() as silent:
+                misses = _misses(args, folder, workload, pki.sp_key, silent.port, service.url)
+            misses["late_answers"] = _late_answers(service.url) - late_before
+            after = _stir_results(service.url)
+            misses["results"] = {k: v - results.get(k, 0) for k, v in after.items()
+                                 if v - results.get(k, 0)}  # fmt: skip
+    deadline_ms = base_config.get("handler", {}).get("deadline_ms", DEFAULT_DEADLINE_MS)
     return {
         "tool": "wrk" if wrk else "python",
         "bodies": args.stir_bodies,
         "answers": answers,
         "results": results,
+        "misses": misses,
+        "deadline_ms": deadline_ms,
         **load.runs_json(runs, {}),
     }
+
+
+def _misses(
+    args: argparse.Namespace, folder: Path, workload: Workload, key: Any, port: int, url: str
+) -> dict[str, Any]:
+    """Drive the ``stir`` trunk group with certificates that never come (step 4)."""
+    bodies = folder / "misses.jsonl"
+    bodies.write_bytes(b"\n".join(miss_bodies(workload, args.stir_miss_bodies, key, port)) + b"\n")
+    target = url + "/tg/stir"
+    wrk = load.wrk_binary()
+    if wrk is not None:
+        script_folder = folder / "wrk-misses"
+        script_folder.mkdir(exist_ok=True)
+        script = load.write_wrk_script(script_folder, bodies, "/tg/stir")
+        result = load.run_wrk(target, script, args.duration, args.connections, args.threads)
+    else:
+        lines = bodies.read_bytes().splitlines()
+        result = load.run_python(target, lines, args.duration, args.connections)
+    print(f"   certificate misses: {result.summary()}, max {result.max_ms:.1f} ms", flush=True)
+    return {"bodies": args.stir_miss_bodies, **result.as_json()}
 
 
 def summary(s: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
@@ -204,4 +304,14 @@ def summary(s: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], dic
     lines.append(f"  results counted: {counted or 'none'}")
     for name, checked in s["answers"].items():
         lines.append(f"  {name}: answers checked {checked['checked']}, wrong {checked['wrong']}")
+    misses = s.get("misses")
+    if misses:
+        counted = ", ".join(f"{k}: {v:,.0f}" for k, v in sorted(misses["results"].items()))
+        lines.append(
+            f"  certificate misses ({misses['bodies']:,} x5u URLs of their own, a server that "
+            f"never answers): {misses['rps']:,.0f} req/s, p50 {misses['p50_ms']:.1f} ms, p99 "
+            f"{misses['p99_ms']:.1f} ms, max {misses['max_ms']:.1f} ms (wrk) against "
+            f"handler.deadline_ms {s['deadline_ms']}; answers the service sent late: "
+            f"{misses['late_answers']:,.0f}; errors {misses['errors']}; {counted}"
+        )
     return lines, ratios
