@@ -14,6 +14,7 @@ median of the paired ratios. Then the keys those calls left in Redis are sampled
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
@@ -21,7 +22,7 @@ from typing import Any
 
 import redis
 
-from bench import load, servers
+from bench import load, servers, storage
 from bench.workload import write_config
 from devtools.redis_server import RedisProcess, free_port
 
@@ -101,6 +102,8 @@ def run(
         return load.run_python(url + path, python_bodies, seconds, args.connections)
 
     runs: dict[str, list[load.LoadResult]] = {"baseline": [], "fraud": []}
+    commands = {"baseline": 0, "fraud": 0}
+    client = redis.Redis(port=server.port)
     service = servers.service(config, free_port(), args.workers, folder / "service.log", env)
     baseline = servers.baseline(free_port(), args.workers, folder / "baseline.log")
     with baseline, service:
@@ -109,11 +112,13 @@ def run(
         for round_ in range(1, args.fraud_rounds + 1):
             for name, target in (("baseline", baseline), ("fraud", service)):
                 done = step(f"fraud round {round_}/{args.fraud_rounds}: {name}, {args.duration} s")
-                result = drive(target.url, args.duration)
+                result, ran = storage.commands_per_call(
+                    client, functools.partial(drive, target.url, args.duration)
+                )
+                commands[name] += ran
                 runs[name].append(result)
                 print(f"   {result.summary()}", flush=True)
                 done()
-    client = redis.Redis(port=server.port)
     try:
         done = step("fraud: MEMORY USAGE and TTL of the keys the calls left")
         memory = {kind: key_memory(client, pattern) for kind, pattern in KINDS.items()}
@@ -126,6 +131,7 @@ def run(
         "ratio": median(ratios) if ratios else None,
         "ratios": ratios,
         "memory": memory,
+        "commands_per_call": commands["fraud"] / max(1, sum(r.requests for r in runs["fraud"])),
         **load.runs_json(runs, {}),
     }
 
@@ -168,6 +174,8 @@ def lines(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
         )
     ratios = ", ".join(f"{r:.2f}" for r in results["ratios"])
     out.append(f"  ratio fraud/bare aiohttp: {results['ratio']:.3f} (paired rounds: {ratios})")
+    if "commands_per_call" in results:
+        out.append(f"  Redis commands per call: {results['commands_per_call']:.2f}")
     for kind, m in results["memory"].items():
         per_key = "n/a" if m["bytes_per_key"] is None else f"{m['bytes_per_key']:.0f} B/key"
         out.append(

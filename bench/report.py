@@ -179,6 +179,12 @@ class Report:
                 + ", ".join(f"{p:.2f}" for p in cpu_pairs)
                 + ")"
             )
+        per_call = h.get("commands_per_call")
+        if per_call:
+            self.lines.append(
+                "  Redis commands per call (all of Redis's, list polls included): "
+                + ", ".join(f"{name} {count:.2f}" for name, count in per_call.items())
+            )
         answers = h["answers"]
         self.lines.append(
             f"  answers checked: {answers['checked']}, wrong: {answers['wrong']}; "
@@ -309,6 +315,12 @@ class Report:
                 else ""
             )
         )
+        per_call = h.get("commands_per_call")
+        if per_call:
+            self.lines.append(
+                "  Redis commands per call (all of Redis's, list polls included): "
+                + ", ".join(f"{name} {count:.2f}" for name, count in per_call.items())
+            )
         answers = h["answers"]
         self.lines.append(
             f"  answers checked: {answers['checked']}, wrong: {answers['wrong']}; "

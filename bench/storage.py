@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,21 @@ class Timed:
 
 def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
+
+
+def commands_run(client: redis.Redis) -> int:
+    """Commands Redis ran since its statistics were last reset (``CONFIG RESETSTAT``),
+    but for the bench's own ``INFO`` and ``CONFIG``."""
+    stats = client.info("commandstats")
+    own = ("cmdstat_info", "cmdstat_config")
+    return sum(int(s["calls"]) for name, s in stats.items() if not name.startswith(own))
+
+
+def commands_per_call(client: redis.Redis, drive: Callable[[], Any]) -> tuple[Any, int]:
+    """``drive()``'s result, and the commands Redis ran meanwhile (statistics reset)."""
+    client.config_resetstat()
+    result = drive()
+    return result, commands_run(client)
 
 
 def write_sadd_commands(numbers: np.ndarray[Any, Any], key: str, path: Path) -> Path:

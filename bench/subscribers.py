@@ -31,6 +31,7 @@ Default size: about 45 s on the bench machine (2 cores), most of it the sync and
 from __future__ import annotations
 
 import argparse
+import functools
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +155,7 @@ def run(
             local_bodies=local_bodies,
             env=env,
             step=step,
+            redis_port=server.port,
         )
     return results
 
@@ -246,8 +248,10 @@ def serve(
     local_bodies: Path,
     env: dict[str, str],
     step: Step,
+    redis_port: int,
 ) -> dict[str, Any]:
-    """Check a sample of answers, then wrk on both trunk groups, rounds alternating."""
+    """Check a sample of answers, then wrk on both trunk groups, rounds alternating; the
+    commands Redis ran in each round are counted, per call of that round's trunk group."""
     wrk = load.wrk_binary()
     targets = {
         "local": (f"/tg/{TRUNK_GROUP}", local_bodies),
@@ -282,17 +286,23 @@ def serve(
         for name in runs:
             drive(service.url, name, WARMUP_S)
         before = _metrics(service.url)
+        client = redis.Redis(port=redis_port)
+        commands = dict.fromkeys(runs, 0)
         for round_ in range(1, args.subscriber_rounds + 1):
             for name, results in runs.items():
                 done = step(
                     f"subscribers round {round_}/{args.subscriber_rounds}: {name} trunk group, "
                     f"{args.duration} s"
                 )
-                result = drive(service.url, name, args.duration)
+                result, ran = storage.commands_per_call(
+                    client, functools.partial(drive, service.url, name, args.duration)
+                )
                 results.append(result)
+                commands[name] += ran
                 print(f"   {result.summary()}", flush=True)
                 done()
         after = _metrics(service.url)
+        client.close()
         paced = _paced(args, folder, targets, runs["subscribers"], service.url, step)
     decided = {k: after["decisions"].get(k, 0) - before["decisions"].get(k, 0)
                for k in after["decisions"]}  # fmt: skip
@@ -310,6 +320,9 @@ def serve(
         },
         "calls": total,
         "redis_round_trips": reads,
+        "commands_per_call": {
+            name: commands[name] / max(1, sum(r.requests for r in runs[name])) for name in runs
+        },
         "redis_mean_ms": (after["redis_sum"] - before["redis_sum"]) / reads * 1000
         if reads
         else None,
