@@ -14,7 +14,8 @@ caller stay with ``fetch_for_call``'s own counters, unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,29 +95,108 @@ def run_length(numbers: Iterable[int], current: int, max_gap: int) -> int:
     return high - low + 1
 
 
+#: Members up to which Redis keeps a sorted set compact (``zset-max-listpack-entries``):
+#: trims come often enough that a set of one worker's calls stays within it.
+COMPACT_SET_MAX = 128
+#: Keys an :class:`Upkeep` remembers at most; past it it starts again empty (every key
+#: then gets its expiry and trim at its next call: safe, only a command dearer).
+UPKEEP_MAX = 100_000
+
+
+class Upkeep:
+    """What this process already did for the keys calls write, so that a call sends
+    only the commands that change something: a counter's expiry once per counter (its
+    name holds its window), a dialled set's expiry at most every tenth of its window
+    (to 1.1 windows, so it outlives every call it holds by a window) and its trim to the
+    newest ``track`` after every quarter of ``track`` calls (fewer where that would take
+    the set past :data:`COMPACT_SET_MAX`).
+
+    A key deleted meanwhile (FLUSHALL, eviction, a failover) would come back without a
+    TTL from a call that skipped its expiry: the replies show it (a counter at 1, a set
+    holding only this call), and :meth:`Plan.repairs` gives the expiry to send then.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._counted: dict[str, None] = {}
+        #: A dialled set -> [when its expiry was last pushed back, calls since its trim].
+        self._dialled: dict[str, list[float]] = {}
+
+    def counter_expiry_due(self, key: str) -> bool:
+        """Whether a call counting on ``key`` should send its EXPIRE (the first time)."""
+        if key in self._counted:
+            return False
+        if len(self._counted) >= UPKEEP_MAX:
+            self._counted.clear()
+        self._counted[key] = None
+        return True
+
+    def dialled_due(self, key: str, window_s: int, track: int) -> tuple[bool, bool]:
+        """(trim, expire) due for a dialled set a call adds to."""
+        state = self._dialled.get(key)
+        now = self.clock()
+        if state is None:
+            if len(self._dialled) >= UPKEEP_MAX:
+                self._dialled.clear()
+            state = self._dialled[key] = [-math.inf, 0]
+        state[1] += 1
+        trim = state[1] >= max(1, min(track // 4, COMPACT_SET_MAX - track))
+        if trim:
+            state[1] = 0
+        expire = now - state[0] >= window_s / 10
+        if expire:
+            state[0] = now
+        return trim, expire
+
+    def forget(self, key: str) -> None:
+        """Send ``key``'s upkeep again at its next call (its write may have failed)."""
+        self._counted.pop(key, None)
+        self._dialled.pop(key, None)
+
+
+def dialled_ttl_s(window_s: int) -> int:
+    """A dialled set's TTL: 1.1 windows (see :class:`Upkeep`)."""
+    return math.ceil(window_s * 1.1)
+
+
 @dataclass(slots=True)
 class Plan:
     """The commands of one call and how to read their replies."""
 
     commands: list[Command] = field(default_factory=list)
-    #: Per rule: (rule key, index of its first reply, window_s or max_gap, is a rate).
-    _parts: list[tuple[str, int, int, bool]] = field(default_factory=list)
+    #: Per rule: (rule key, index of its first reply, window_s or max_gap, is a rate,
+    #: for a dialled set the numbers it keeps).
+    _parts: list[tuple[str, int, int, bool, int]] = field(default_factory=list)
     now_s: float = 0.0
     increment: bool = True
     called_int: int = 0
+    #: Writes whose expiry this call skipped (:class:`Upkeep`): (index of the reply that
+    #: tells whether the key is new, the EXPIRE to send then).
+    _unexpired: list[tuple[int, Command]] = field(default_factory=list)
+
+    def repairs(self, replies: Sequence[Any]) -> list[Command]:
+        """The EXPIREs this call skipped on keys its replies show are new (a counter at
+        1, a dialled set holding only this call's number): deleted since the process
+        last gave them one. Rare; sent after the answer, off the call's round trip."""
+        found = []
+        for at, expire in self._unexpired:
+            reply = replies[at]
+            if reply == 1 or (isinstance(reply, list) and len(reply) == 1):
+                found.append(expire)
+        return found
 
     def read(self, replies: Sequence[Any]) -> dict[str, int]:
         """Count or run length per rule key, from the replies to :attr:`commands`."""
         values: dict[str, int] = {}
-        for rule_key, at, param, is_rate in self._parts:
+        for rule_key, at, param, is_rate, track in self._parts:
             if is_rate:  # this window's count (INCRBY or GET), the last one's GET
-                previous = replies[at + (2 if self.increment else 1)]
+                previous = replies[at + 1]
                 values[rule_key] = sliding_count(
                     replies[at], previous, self.now_s, param, self.increment
                 )
             else:
-                members = replies[at + (4 if self.increment else 0)]
-                dialled = [int(m) for m in members]
+                # Oldest first: the newest ``track``, as the set keeps between trims.
+                dialled = [int(m) for m in replies[at][-track:]]
                 values[rule_key] = run_length(dialled, self.called_int, param)
         return values
 
@@ -130,11 +210,14 @@ def plan(
     trunk_group: str,
     now_s: float,
     increment: bool = True,
+    upkeep: Upkeep | None = None,
 ) -> Plan:
     """The commands one call adds to its round trip for these rules.
 
     ``increment=False`` (explain) writes nothing and reads what the call would be
     judged on. A rule whose subject the call lacks gets no commands and no value.
+    ``upkeep``: the process's record of expiries and trims already sent (without it,
+    every call sends them).
     """
     out = Plan(now_s=now_s, increment=increment, called_int=int(called) if called else 0)
     commands = out.commands
@@ -145,27 +228,38 @@ def plan(
         index = int(now_s // rate.window_s)
         tag = KEY_TAGS[rate.key]
         current = keys.rate_by(tag, subject, rate.rule_key, index)
-        out._parts.append((rate.rule_key, len(commands), rate.window_s, True))
+        out._parts.append((rate.rule_key, len(commands), rate.window_s, True, 0))
+        commands += [
+            ("INCRBY", current, 1) if increment else ("GET", current),
+            ("GET", keys.rate_by(tag, subject, rate.rule_key, index - 1)),
+        ]
         if increment:
-            commands += [("INCRBY", current, 1), ("EXPIRE", current, 2 * rate.window_s)]
-        else:
-            commands.append(("GET", current))
-        commands.append(("GET", keys.rate_by(tag, subject, rate.rule_key, index - 1)))
+            expire = ("EXPIRE", current, 2 * rate.window_s)
+            if upkeep is None or upkeep.counter_expiry_due(current):
+                commands.append(expire)
+            else:
+                out._unexpired.append((len(commands) - 2, expire))
     if caller is None or not called:
         return out
     for seq in sequences:
         key = keys.dialed(caller, seq.rule_key)
         since = now_s - seq.window_s
-        out._parts.append((seq.rule_key, len(commands), seq.max_gap, False))
         if increment:
-            commands += [
-                ("ZADD", key, now_s, called),
-                # Kept: calls less than window_s old, the newest ``track`` of them.
-                ("ZREMRANGEBYSCORE", key, "-inf", since),
-                ("ZREMRANGEBYRANK", key, 0, -seq.track - 1),
-                ("EXPIRE", key, seq.window_s),
-                ("ZRANGE", key, 0, -1),
-            ]
+            commands.append(("ZADD", key, now_s, called))
+        # Read: the calls less than window_s old. Kept: the newest ``track`` (older ones
+        # go with the trim or the set's expiry).
+        out._parts.append((seq.rule_key, len(commands), seq.max_gap, False, seq.track))
+        commands.append(("ZRANGEBYSCORE", key, f"({since!r}", "+inf"))
+        if not increment:
+            continue
+        trim, expire_due = (
+            (True, True) if upkeep is None else upkeep.dialled_due(key, seq.window_s, seq.track)
+        )
+        if trim:
+            commands.append(("ZREMRANGEBYRANK", key, 0, -seq.track - 1))
+        expire = ("EXPIRE", key, dialled_ttl_s(seq.window_s))
+        if expire_due:
+            commands.append(expire)
         else:
-            commands.append(("ZRANGEBYSCORE", key, f"({since!r}", "+inf"))
+            out._unexpired.append((out._parts[-1][1], expire))
     return out

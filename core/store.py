@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from core import keys
 from core.coalesce import Coalescer
 from core.config import ListKind
+from core.fraud import Upkeep
 from core.overlay import queue_write as queue_overlay
 from core.shards import dispatcher_for
 
@@ -268,6 +269,9 @@ class ListStore:
         self.dispatcher = dispatcher_for(redis)
         #: The calls' reads of one event-loop turn, sent as one batch (auto-pipelining).
         self.coalescer = Coalescer(self.dispatcher)
+        #: Expiries and trims the calls' writes already got (core/fraud.py).
+        self.upkeep = Upkeep()
+        self._later: set[asyncio.Task[list[Any]]] = set()
 
     # --- reading -------------------------------------------------------------------
     async def states(self, names: Iterable[str]) -> dict[str, ListState]:
@@ -547,31 +551,47 @@ class ListStore:
         """
         counted = windows if caller else ()
         commands: list[tuple[Any, ...]] = []
+        unexpired: list[tuple[int, tuple[Any, ...]]] = []
+        starts = [0]  # where each counted rule's commands start (and, last, end)
         for rule_key, window_s in counted:
             assert caller is not None
             index = int(now_s // window_s)
             current = keys.rate(caller, rule_key, index)
-            if increment:
-                commands += [("INCRBY", current, 1), ("EXPIRE", current, 2 * window_s)]
-            else:
-                commands.append(("GET", current))
-            commands.append(("GET", keys.rate(caller, rule_key, index - 1)))
+            commands += [
+                ("INCRBY", current, 1) if increment else ("GET", current),
+                ("GET", keys.rate(caller, rule_key, index - 1)),
+            ]
+            if not increment:
+                continue
+            expire = ("EXPIRE", current, 2 * window_s)
+            if self.upkeep.counter_expiry_due(current):
+                commands.append(expire)
+            else:  # sent by this process before; again only if the reply shows it new
+                unexpired.append((len(commands) - 2, expire))
+            starts.append(len(commands))
         for name, gen, subscriber in subscribers:
             bucket = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
             commands.append(("HMGET", bucket, subscriber, keys.SUBSCRIBER_MARKER))
         commands += [tuple(command) for command in extra]
-        replies = await self.coalescer.run(commands)
+        try:
+            replies = await self.coalescer.run(commands)
+        except BaseException:  # the call gave up (its deadline): its writes may not land
+            self._forget(commands)
+            raise
         for reply in replies:
             if isinstance(reply, Exception):
+                self._forget(commands)
                 raise reply if isinstance(reply, RedisError) else RedisError(str(reply))
-        step = 3 if increment else 2
+        self.send_later([expire for at, expire in unexpired if replies[at] == 1])
+        if not increment:
+            starts = [2 * i for i in range(len(counted) + 1)]
         counts = {}
         for i, (rule_key, window_s) in enumerate(counted):
-            current, previous = replies[step * i], replies[step * i + step - 1]
+            current, previous = replies[starts[i]], replies[starts[i] + 1]
             overlap = 1 - (now_s % window_s) / window_s
             weighted = math.ceil(int(previous or 0) * overlap - 1e-9)
             counts[rule_key] = int(current or 0) + weighted + (0 if increment else 1)
-        first = step * len(counted)
+        first = starts[len(counted)]
         entries: dict[str, bytes | None] = {}
         lost: tuple[str, ...] = ()
         extra_at = len(replies) - len(extra)
@@ -580,6 +600,25 @@ class ListStore:
             if marker is None:
                 lost += (name,)
         return counts, entries, lost, replies[extra_at:]
+
+    def _forget(self, commands: Sequence[tuple[Any, ...]]) -> None:
+        """The next call on these keys sends their upkeep again (this call's may be lost)."""
+        for command in commands:
+            self.upkeep.forget(command[1])
+
+    async def drain(self) -> None:
+        """Wait for the writes :meth:`send_later` started (before the client closes)."""
+        if self._later:
+            await asyncio.gather(*self._later, return_exceptions=True)
+
+    def send_later(self, commands: Sequence[tuple[Any, ...]]) -> None:
+        """Send ``commands`` after the call that found them needed, off its round trip
+        (never raises: the dispatcher turns failures into replies)."""
+        if not commands:
+            return
+        task = asyncio.create_task(self.coalescer.run(list(commands)))
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
 
 
 class MissingGeneration(LookupError):

@@ -162,6 +162,7 @@ def _redis_ctx(given: RedisClient | None):  # type: ignore[no-untyped-def]
         app[STORE] = ListStore(client)
         logger.info("using Redis at %s", redact(config.redis.url))
         yield
+        await app[STORE].drain()
         if given is None:
             await client.aclose()
 

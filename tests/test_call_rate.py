@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from core import keys
 from core.build import start_build
 from core.config import Config
 from core.shards import LeanRedis
@@ -141,6 +142,24 @@ async def test_sliding_window_counts_a_burst_across_a_window_boundary(redis: Red
     }
     # Two windows later everything has slid out.
     assert await store.count_call("15165550131", windows, base + 25) == {"p:flood": 1}
+
+
+async def test_a_counter_sends_its_expiry_once_and_again_if_it_was_deleted(
+    redis: Redis,
+) -> None:
+    store = ListStore(redis)
+    windows = [("p:flood", 60)]
+    now = 1_000_010.0
+    key = keys.rate("15165550131", "p:flood", int(now // 60))
+    await redis.config_resetstat()
+    for n in range(3):
+        assert await store.count_call("15165550131", windows, now + n) == {"p:flood": n + 1}
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_expire"]["calls"] == 1  # the counter's name holds its window
+    await redis.delete(key)  # as a FLUSHALL, an eviction or a failover to a lagging replica
+    assert await store.count_call("15165550131", windows, now + 4) == {"p:flood": 1}
+    await store.drain()  # the reply showed a new counter: its expiry sent after the call
+    assert 60 < await redis.ttl(key) <= 120
 
 
 async def test_a_rate_checked_call_costs_one_round_trip(

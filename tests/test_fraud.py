@@ -213,15 +213,48 @@ async def test_near_consecutive_numbers_match_within_max_gap(start: Callable[...
     assert await answer(client, call(CALLER, "15162060130")) == WAR_DIAL  # joins both runs
 
 
-async def test_sequential_dialing_window_and_memory_are_bounded(redis: Redis) -> None:
+async def test_a_dialled_set_deleted_meanwhile_gets_its_expiry_back(redis: Redis) -> None:
     store = ListStore(redis)
     rule = fraud.SequenceRule("p:seq", window_s=60, max_gap=1, track=8)
-    base = 2_000_000.0
+    upkeep = fraud.Upkeep()
+    key = keys.dialed(CALLER, "p:seq")
 
     async def run(called: int, at_s: float) -> int:
         plan = fraud.plan(
-            [], [rule], caller=CALLER, called=str(called), trunk_group="main", now_s=at_s
-        )
+            [], [rule], caller=CALLER, called=str(called), trunk_group="main", now_s=at_s,
+            upkeep=upkeep,
+        )  # fmt: skip
+        *_, replies = await store.fetch_for_call(CALLER, (), at_s, extra=plan.commands)
+        store.send_later(plan.repairs(replies))
+        return plan.read(replies)["p:seq"]
+
+    assert await run(15162060000, 1_000.0) == 1
+    assert await run(15162060001, 1_001.0) == 2  # its expiry not sent again so soon
+    await redis.delete(key)
+    assert await run(15162060002, 1_002.0) == 1  # a set holding only this call: new
+    await store.drain()
+    assert 60 < await redis.ttl(key) <= 66
+
+
+@pytest.mark.parametrize("remembered", [False, True], ids=["every-call", "upkeep"])
+async def test_sequential_dialing_window_and_memory_are_bounded(
+    redis: Redis, remembered: bool
+) -> None:
+    """Without an Upkeep every call trims and pushes the expiry back; with the service's
+    (core.fraud.Upkeep) a trim comes every quarter of ``track`` calls and the expiry every
+    tenth of the window, and the answers are the same."""
+    store = ListStore(redis)
+    rule = fraud.SequenceRule("p:seq", window_s=60, max_gap=1, track=8)
+    base = 2_000_000.0
+    upkeep = fraud.Upkeep(clock=lambda: now[0]) if remembered else None
+    now = [0.0]
+
+    async def run(called: int, at_s: float) -> int:
+        now[0] = at_s
+        plan = fraud.plan(
+            [], [rule], caller=CALLER, called=str(called), trunk_group="main", now_s=at_s,
+            upkeep=upkeep,
+        )  # fmt: skip
         *_, replies = await store.fetch_for_call(CALLER, (), at_s, extra=plan.commands)
         return plan.read(replies)["p:seq"]
 
@@ -230,10 +263,11 @@ async def test_sequential_dialing_window_and_memory_are_bounded(redis: Redis) ->
     assert await run(number + 1, base + 59.9) == 2  # just inside the window
     assert await run(number + 2, base + 60.1) == 2  # the first call slid out
     key = keys.dialed(CALLER, "p:seq")
-    for i in range(3, 40):  # a long walk keeps only the newest ``track`` numbers
-        await run(number + i, base + 61 + i / 100)
-    assert await redis.zcard(key) == 8
-    assert 0 < await redis.ttl(key) <= 60
+    for i in range(3, 40):  # a long walk: a run of the newest ``track`` numbers only
+        assert await run(number + i, base + 61 + i / 100) == min(i, 8)
+    # The newest ``track`` kept, and at most a quarter more between two trims.
+    assert 8 <= await redis.zcard(key) <= (10 if remembered else 8)
+    assert 60 < await redis.ttl(key) <= 66  # 1.1 windows: outlives its calls by a window
     usage = await redis.memory_usage(key)
     assert usage is not None and usage < 400  # measured 200 bytes (docs/fraud.md)
 

@@ -234,6 +234,7 @@ class Screener:
                 trunk_group=trunk_group,
                 now_s=now_s,
                 increment=count,
+                upkeep=self.store.upkeep,
             )
         started = time.perf_counter()
         budget_s = self.deadline_s - (started - arrived if arrived is not None else 0.0)
@@ -258,6 +259,7 @@ class Screener:
         self.metrics.redis_rate.observe(time.perf_counter() - started)
         if plan is not None:
             counts.update(plan.read(replies))
+            self.store.send_later(plan.repairs(replies))
         if count:
             self.metrics.rates_seen(counts, now_s)
         found = {name: Entries.unpack(blob) for name, blob in packed.items()}
