@@ -50,7 +50,7 @@ X5U = "https://cert.bench.invalid/sp-chain.pem"
 NAMES = ("baseline", "local", "stir", "stir_verstat")
 WARMUP_S = 1
 #: Connections the silent server holds open at most: the oldest are long past the
-#: service's fetch time limit (at most 100 fetch at once: aiohttp's connection pool).
+#: service's fetch time limit (at most 32 at once a worker: service/screening/stir/fetch.py).
 HELD_MAX = 512
 #: handler.deadline_ms when the bench config does not set it (core/config.py).
 DEFAULT_DEADLINE_MS = 100
