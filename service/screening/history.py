@@ -67,10 +67,9 @@ return i
 """
 _ADD_CHUNK_SHA = hashlib.sha1(_ADD_CHUNK.encode()).hexdigest()
 _UPKEEP_LETTERS = {(False, False): "-", (True, False): "T", (False, True): "E", (True, True): "B"}
-#: Records encoded in one go at most, and written in one batch of native commands
-#: (:mod:`core.shards`: one write on a single server's link, one per node of a Cluster):
-#: a chunk's Redis time stays well under a millisecond next to the request path's own
-#: reads of the same server.
+#: Records encoded in one go at most, and written in one command (:data:`_ADD_CHUNK`;
+#: on a Cluster plain commands, one write per node): a chunk's Redis time stays around a
+#: millisecond at most next to the request path's own reads of the same server.
 CHUNK_MAX = 64
 #: The loop's time one chunk's encoding may take before the chunk is cut short and sent;
 #: the loop serves calls while Redis works on it.
