@@ -2,9 +2,10 @@
 
 Every reject, every dry-run match and a sample of allowed calls are recorded.
 :meth:`CallHistory.add` only appends to an in-memory queue on the request path; a
-background task (:meth:`CallHistory.run`) writes it every ``history.flush_ms`` in one
-pipeline. Invariant: an answer never waits for Redis; past ``history.queue_max``, or on
-a slow or failed write, records are dropped and counted. Numbers are stored masked
+background task (:meth:`CallHistory.run`) writes it every ``history.flush_ms``, in
+chunks of :data:`CHUNK_MAX` records a command. Invariant: an answer never waits for
+Redis; past ``history.queue_max``, or on a slow or failed write, records are dropped
+and counted. Numbers are stored masked
 unless ``history.unmasked``, their sets then named by an HMAC under
 ``history.hash_key_env``. The Redis layout is in docs/history.md.
 """
