@@ -5,9 +5,9 @@ Every reject, every dry-run match and a sample of allowed calls are recorded.
 background task (:meth:`CallHistory.run`) writes it every ``history.flush_ms``, in
 chunks of :data:`CHUNK_MAX` records a command. Invariant: an answer never waits for
 Redis; past ``history.queue_max``, or on a slow or failed write, records are dropped
-and counted. Numbers are stored masked
-unless ``history.unmasked``, their sets then named by an HMAC under
-``history.hash_key_env``. The Redis layout is in docs/history.md.
+and counted. Numbers are stored masked unless ``history.unmasked``, their sets then
+named by an HMAC under ``history.hash_key_env``. The Redis layout is in
+docs/history.md.
 """
 
 from __future__ import annotations
