@@ -130,39 +130,25 @@ class Report:
             )
         # Each service round ran right after a baseline round: the ratio of each pair
         # cancels slow changes in machine load, and the median drops the odd bad pair.
-        pairs = [
-            service["rps"] / baseline["rps"]
-            for baseline, service in zip(runs["baseline"], runs["service"], strict=True)
-        ]
+        pairs = _rps_pairs(runs["service"], runs["baseline"])
         ratio = median(pairs)
         self.lines.append(
-            f"  ratio service/baseline: {ratio:.3f} (median of the paired rounds: "
-            + ", ".join(f"{p:.2f}" for p in pairs)
-            + ")"
+            f"  ratio service/baseline: {ratio:.3f} (median of the paired rounds: {_listed(pairs)})"
         )
         if runs.get("service_public"):
-            public_pairs = [
-                public["rps"] / service["rps"]
-                for service, public in zip(runs["service"], runs["service_public"], strict=True)
-            ]
+            public_pairs = _rps_pairs(runs["service_public"], runs["service"])
             public_rps = mean(r["rps"] for r in runs["service_public"])
             self.lines.append(
                 f"  public API mode (no aiohttp internals): {public_rps:,.0f} req/s; ratio"
                 f" public/internals: {median(public_pairs):.3f} (median of the paired rounds: "
-                + ", ".join(f"{p:.2f}" for p in public_pairs)
-                + ")"
+                f"{_listed(public_pairs)})"
             )
         if runs.get("service_no_history"):
-            off_pairs = [
-                on["rps"] / off["rps"]
-                for on, off in zip(runs["service"], runs["service_no_history"], strict=True)
-            ]
+            off_pairs = _rps_pairs(runs["service"], runs["service_no_history"])
             off_rps = mean(r["rps"] for r in runs["service_no_history"])
             self.lines.append(
                 f"  history off: {off_rps:,.0f} req/s; ratio history on/off:"
-                f" {median(off_pairs):.3f} (median of the paired rounds: "
-                + ", ".join(f"{p:.2f}" for p in off_pairs)
-                + ")"
+                f" {median(off_pairs):.3f} (median of the paired rounds: {_listed(off_pairs)})"
             )
         cpu = h.get("cpu_us_per_request") or {}
         if cpu:
@@ -176,8 +162,7 @@ class Report:
             ]
             self.lines.append(
                 f"  CPU per request, history on/off: {median(cpu_pairs):.3f} (paired rounds: "
-                + ", ".join(f"{p:.2f}" for p in cpu_pairs)
-                + ")"
+                f"{_listed(cpu_pairs)})"
             )
         per_call = h.get("commands_per_call")
         if per_call:
@@ -282,27 +267,19 @@ class Report:
                 f"  {labels[name] + ', paced':30} {r['rps']:>10,.0f} {r['p50_ms']:>8.2f}"
                 f" {r['p99_ms']:>8.2f} {r['errors']:>7}"
             )
-        pairs = [
-            sub["rps"] / local["rps"]
-            for local, sub in zip(runs["local"], runs["subscribers"], strict=True)
-        ]
+        pairs = _rps_pairs(runs["subscribers"], runs["local"])
         self.lines.append(
-            f"  ratio subscribers/local: {median(pairs):.3f} (paired rounds: "
-            + ", ".join(f"{p:.2f}" for p in pairs)
-            + ")"
+            f"  ratio subscribers/local: {median(pairs):.3f} (paired rounds: {_listed(pairs)})"
         )
         if runs.get("entries"):
-            ratios = [
-                e["rps"] / local["rps"]
-                for local, e in zip(runs["local"], runs["entries"], strict=True)
-            ]
+            ratios = _rps_pairs(runs["entries"], runs["local"])
             cache = h.get("cache") or {}
             looked = sum(cache.values())
             hits = f"{cache.get('hit', 0) / looked:.1%}" if looked else "-"
             self.lines.append(
                 f"  ratio entries-only/local: {median(ratios):.3f} (paired rounds: "
-                + ", ".join(f"{p:.2f}" for p in ratios)
-                + f"); called subscribers Zipf {h.get('zipf', 0):g}; entries cache hits {hits}"
+                f"{_listed(ratios)}); called subscribers Zipf {h.get('zipf', 0):g}; "
+                f"entries cache hits {hits}"
             )
         redis_ms = h["redis_mean_ms"]
         on_error = h["on_error"]
@@ -383,6 +360,15 @@ class Report:
 
     def print(self) -> None:
         print("\n".join(["", *self.lines, "", "Targets", *self._target_lines]))
+
+
+def _rps_pairs(tops: list[dict[str, Any]], bottoms: list[dict[str, Any]]) -> list[float]:
+    """Each round's throughput of ``tops`` over the round of ``bottoms`` run beside it."""
+    return [top["rps"] / bottom["rps"] for top, bottom in zip(tops, bottoms, strict=True)]
+
+
+def _listed(pairs: list[float]) -> str:
+    return ", ".join(f"{p:.2f}" for p in pairs)
 
 
 def _share(value: float | None) -> str:
