@@ -81,15 +81,19 @@ def body_from(
 
 
 async def wait_for(
-    check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0, interval_s: float = 0.02
-) -> None:
-    """Poll ``check`` until it returns True; fail the test after ``timeout_s``."""
+    check: Callable[[], Awaitable[bool]],
+    timeout_s: float = 5.0,
+    interval_s: float = 0.02,
+    what: str = "condition",
+) -> float:
+    """Poll ``check`` until it returns True; fail the test after ``timeout_s``, naming
+    ``what`` it waited for. Returns the :func:`time.monotonic` time it first held."""
     deadline = time.monotonic() + timeout_s
     while True:
         if await check():
-            return
+            return time.monotonic()
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
+            raise AssertionError(f"{what} not met within {timeout_s}s")
         await asyncio.sleep(interval_s)
 
 

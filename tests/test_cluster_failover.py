@@ -113,11 +113,7 @@ def answered(load: Load, calls: list[Call]) -> list[Answered]:
 
 async def until(check: Any, what: str, timeout_s: float = 30.0) -> float:
     """Poll a blocking ``check`` in a thread every 20 ms; the time it first held."""
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(check):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-    return time.monotonic()
+    return await wait_for(lambda: asyncio.to_thread(check), timeout_s, what=what)
 
 
 async def test_a_dead_master_fails_only_its_own_calls_until_its_replica_takes_over(
