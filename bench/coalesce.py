@@ -14,11 +14,13 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
-from core.shards import LeanRedis
+from core.shards import Command, LeanRedis
 from core.store import ListStore
 from devtools.redis_server import RedisProcess
 
@@ -32,7 +34,12 @@ async def _round(url: str, mode: str, concurrency: int, seconds: float) -> tuple
     client = LeanRedis.from_url(url) if mode == "wire" else Redis.from_url(url)
     store = ListStore(client)
     if mode == "direct":
-        store.coalescer.run = store.dispatcher.run  # type: ignore[method-assign]
+        dispatcher = store.dispatcher
+
+        async def direct(commands: Sequence[Command], deadline: float | None = None) -> list[Any]:
+            return await dispatcher.run(commands, deadline=deadline)
+
+        store.coalescer.run = direct  # type: ignore[method-assign]
     done = 0
     stop = time.monotonic() + seconds
 

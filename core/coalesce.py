@@ -35,15 +35,22 @@ class Coalescer:
         self.batches = 0
         self.callers = 0
 
-    async def run(self, commands: Sequence[Command]) -> list[Any]:
+    async def run(self, commands: Sequence[Command], deadline: float | None = None) -> list[Any]:
         """``commands``' replies in order, sent with the turn's other batches.
 
-        Never raises for a Redis failure (see :meth:`core.shards.Dispatcher.run`).
+        Never raises for a Redis failure (see :meth:`core.shards.Dispatcher.run`);
+        raises ``TimeoutError`` when ``deadline`` (``loop.time()``) passes first.
         """
         if not commands:
             return []
         if self.dispatcher.lean:  # the links join the turn's callers on the wire
-            return await self.dispatcher.run(commands)
+            return await self.dispatcher.run(commands, deadline=deadline)
+        if deadline is None:
+            return await self._joined(commands)
+        async with asyncio.timeout_at(deadline):
+            return await self._joined(commands)
+
+    async def _joined(self, commands: Sequence[Command]) -> list[Any]:
         if not self._pending and not self._running and not self._alone:
             self._alone += 1
             try:

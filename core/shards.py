@@ -18,7 +18,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -72,6 +72,8 @@ class Dispatcher:
         self._links: dict[str, Link | None] = {}
         self._plain_link: Link | None = None
         self._cluster_lean: bool | None = None
+        #: Asked once: RedisCluster's isinstance goes through typing.Protocol's slow check.
+        self._cluster = isinstance(client, RedisCluster)
         if lean and not isinstance(client, RedisCluster):
             settings = settings_of(client.connection_pool)
             self._plain_link = Link(settings) if settings is not None else None
@@ -83,12 +85,12 @@ class Dispatcher:
     def lean(self) -> bool:
         """Whether batches go on :mod:`core.wire` links, which join each event-loop
         turn's callers into one write by themselves (see :mod:`core.coalesce`)."""
-        if not isinstance(self.client, RedisCluster):
+        if not self._cluster:
             return self._plain_link is not None
         if not self._allow_links:
             return False
         if self._cluster_lean is None:
-            default = self.client.get_default_node()
+            default = cast(RedisCluster, self.client).get_default_node()
             model = _node_client(default, "localhost", 6379)
             lean = settings_of(model.connection_pool) is not None
             if default is None:  # not connected yet: the node settings are not known
@@ -108,27 +110,40 @@ class Dispatcher:
 
     def nodes(self) -> dict[str, bool]:
         """``{node: failing}`` for the Cluster's slot-serving masters and failing nodes."""
-        if not isinstance(self.client, RedisCluster):
+        if not self._cluster:
             return {}
-        slots = self.client.nodes_manager.slots_cache
+        slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
         found = dict.fromkeys({nodes[0].name for nodes in slots.values() if nodes}, False)
         found.update(dict.fromkeys(self._down, True))
         return found
 
-    async def run(self, commands: Sequence[Command], on_part: Report | None = None) -> list[Any]:
+    async def run(
+        self,
+        commands: Sequence[Command],
+        on_part: Report | None = None,
+        deadline: float | None = None,
+    ) -> list[Any]:
         """The replies in order; a command whose node failed gets a :class:`ShardError`.
 
         Never raises for a Redis failure; Redis error replies come back as exceptions too.
         ``on_part`` is given ``(index, reply)`` for the final replies as each node's share
         completes, so a caller need not wait for a slower node it has no command on.
+        ``deadline`` (``loop.time()``): raise ``TimeoutError`` when it passes first.
         """
         if not commands:
             return []
         report = on_part if on_part is not None else _ignore
-        if not isinstance(self.client, RedisCluster):
-            plain = await self._plain(commands)
+        if not self._cluster:
+            plain = await self._plain(commands, deadline)
             report(list(enumerate(plain)))
             return plain
+        if deadline is None:
+            return await self._on_cluster(commands, report)
+        async with asyncio.timeout_at(deadline):
+            return await self._on_cluster(commands, report)
+
+    async def _on_cluster(self, commands: Sequence[Command], report: Report) -> list[Any]:
+        assert isinstance(self.client, RedisCluster)
         cluster = self.client
         try:
             if not cluster.nodes_manager.slots_cache:
@@ -155,12 +170,20 @@ class Dispatcher:
                 replies[i] = reply
         return replies
 
-    async def _plain(self, commands: Sequence[Command]) -> list[Any]:
+    async def _plain(self, commands: Sequence[Command], deadline: float | None) -> list[Any]:
         if self._plain_link is not None:
             try:
-                return await self._plain_link.run(commands)
+                return await self._plain_link.run(commands, deadline)
+            except TimeoutError:  # the deadline, not a failure of Redis
+                raise
             except Exception as exc:  # any failure inside the link is a Redis failure
                 return [ShardError(f"{type(exc).__name__}: {exc}")] * len(commands)
+        if deadline is None:
+            return await self._pipeline(commands)
+        async with asyncio.timeout_at(deadline):
+            return await self._pipeline(commands)
+
+    async def _pipeline(self, commands: Sequence[Command]) -> list[Any]:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for command in commands:

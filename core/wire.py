@@ -18,7 +18,10 @@ Invariants:
   are never sent); one that stops later still has its replies read and dropped;
 - a lost connection fails every caller waiting on it with :class:`LinkError`, and the
   next caller connects again; a connection whose oldest command has waited
-  ``stall_s`` is closed (a node that stopped answering), failing its callers.
+  ``stall_s`` is closed (a node that stopped answering), failing its callers;
+- a caller's ``deadline`` (the event loop's clock) fails it alone with ``TimeoutError``
+  when it passes, as ``asyncio.timeout_at`` would, but from one timer per link armed
+  for the earliest deadline, not one per call.
 
 Only plain TCP connections are served this way, with or without a password or an ACL
 user (:func:`settings_of`); TLS, Unix sockets, credential providers and Sentinel keep
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +49,8 @@ from redis.exceptions import MovedError, ResponseError
 #: How long a connection may leave its oldest command unanswered when the client sets no
 #: ``socket_timeout``.
 DEFAULT_STALL_S = 2.0
+#: A deadline this close is taken as passed (the loop's timers fire to the millisecond).
+DEADLINE_SLACK_S = 0.001
 
 
 class LinkError(RedisConnectionError):
@@ -230,6 +237,11 @@ class Link:
         self._queued: list[_Waiter] = []
         self._flush_scheduled = False
         self._closed = False
+        #: (deadline, order, waiter) of the callers that gave one; a heap.
+        self._deadlines: list[tuple[float, int, _Waiter]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         #: Writes made and the callers they carried (for tests and benchmarks).
         self.writes = 0
         self.callers = 0
@@ -238,24 +250,54 @@ class Link:
     def name(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
 
-    async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    async def run(
+        self, commands: Sequence[Sequence[Any]], deadline: float | None = None
+    ) -> list[Any]:
         """``commands``' replies in order, written with the turn's other callers'.
 
         Raises :class:`LinkError` when the connection cannot be made or is lost before
-        the replies come.
+        the replies come, and ``TimeoutError`` when ``deadline`` (``loop.time()``)
+        passes first, connecting included.
         """
         if not commands:
             return []
         protocol = self._protocol
         if protocol is None or protocol.lost:
-            await self._connect()
+            if deadline is None:
+                await self._connect()
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await self._connect()
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), encode(commands), len(commands))
         self._queued.append(waiter)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._order), waiter))
+            if self._timer is None or deadline < self._timer_at:
+                self._arm(loop, deadline)
         return await waiter.future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        """Fail the callers whose deadline passed; arm for the next one."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        passed = loop.time() + DEADLINE_SLACK_S
+        heap = self._deadlines
+        while heap and (heap[0][0] <= passed or heap[0][2].future.done()):
+            future = heapq.heappop(heap)[2].future
+            if not future.done():
+                future.set_exception(TimeoutError())
+        if heap:
+            self._arm(loop, heap[0][0])
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -319,6 +361,10 @@ class Link:
     async def aclose(self) -> None:
         """Close the connection; callers still waiting get :class:`LinkError`."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
             with contextlib.suppress(BaseException):

@@ -78,3 +78,47 @@ async def test_error_replies_come_back_as_redis_py_exceptions_in_place(
     finally:
         await admin.aclose()
         await user.aclose()
+
+
+async def test_each_callers_deadline_fails_it_alone_and_its_late_reply_is_dropped(
+    server: RedisProcess,
+) -> None:
+    """Three callers in one write with different deadlines against a server that is
+    paused: each gets TimeoutError when its own deadline passes (not the link's stall
+    limit, not the first deadline), and once the server answers again the next caller
+    gets its own reply, not one of theirs."""
+    link = Link(Settings("127.0.0.1", server.port, connect_timeout_s=1.0, stall_s=5.0))
+    loop = asyncio.get_running_loop()
+    try:
+        assert await link.run([("SET", "k", "v")]) == [b"OK"]
+        failed_at: dict[float, float] = {}
+
+        async def caller(budget_s: float | None) -> list[object]:
+            deadline = None if budget_s is None else loop.time() + budget_s
+            try:
+                return await link.run([("GET", "k")], deadline)
+            except TimeoutError:
+                assert budget_s is not None
+                failed_at[budget_s] = loop.time() - started
+                raise
+
+        server.pause()
+        try:
+            started = loop.time()
+            waiting = [asyncio.ensure_future(caller(b)) for b in (0.3, 0.1, 0.2, None)]
+            done = await asyncio.gather(*waiting[:3], return_exceptions=True)
+        finally:
+            server.resume()
+        assert all(isinstance(d, TimeoutError) for d in done), done
+        # Each failed at its own deadline, in deadline order, none before it.
+        assert sorted(failed_at) == [0.1, 0.2, 0.3]
+        for budget_s, at_s in failed_at.items():
+            assert budget_s - 0.002 <= at_s < budget_s + 0.25, failed_at
+        # The caller without a deadline is answered once the server is back.
+        assert await waiting[3] == [b"v"]
+        assert await link.run([("SET", "k", "w"), ("GET", "k")], loop.time() + 1) == [
+            b"OK",
+            b"w",
+        ]
+    finally:
+        await link.aclose()

@@ -242,15 +242,15 @@ class Screener:
             return self._fallback("deadline", "no time left for the Redis read")
         sent_at = self.subscribers.clock()
         try:
-            async with asyncio.timeout(budget_s):
-                counts, packed, lost, replies = await self.store.fetch_for_call(
-                    call.caller,
-                    windows,
-                    now_s,
-                    increment=count,
-                    subscribers=reads,
-                    extra=plan.commands if plan is not None else (),
-                )
+            counts, packed, lost, replies = await self.store.fetch_for_call(
+                call.caller,
+                windows,
+                now_s,
+                increment=count,
+                subscribers=reads,
+                extra=plan.commands if plan is not None else (),
+                deadline=asyncio.get_running_loop().time() + budget_s,
+            )
         except TimeoutError:
             return self._fallback("deadline", f"Redis read took over {budget_s:.3f}s")
         except (RedisError, OSError) as exc:
