@@ -127,11 +127,6 @@ def subscriber_changes(name: str) -> str:
     return _tag(name) + ":changes"
 
 
-def subscribers_stage(name: str, bucket: int, gen: int) -> str:
-    """Rows of one bucket staged by a sync building generation ``gen``."""
-    return f"{{cs:{check_list_name(name)}:{bucket}}}:stage:{gen}"
-
-
 def rate(caller: str, rule_key: str, window_index: int) -> str:
     """Counter of one caller's calls for one rule (``policy:rule``) in one time window."""
     return f"{{cs:rate:{caller}}}:{rule_key}:{window_index}"

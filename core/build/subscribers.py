@@ -1,16 +1,24 @@
 """The builder of a ``subscribers`` list (:mod:`core.subscribers`): staged per bucket,
 then settled, packed and diffed against the live generation a round of buckets at a time.
+
+The rows are staged on the loader's own disk (a folder under ``TMPDIR``, one file per
+round of buckets), not in Redis: text rows cost Redis several times the packed list
+(a sync peaked at ~6x the list's memory when they were staged there). Redis then holds
+the live generation and the one being built, no more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from core import keys, subscriber_overlay
 from core.build.base import BuildLock, BuildResult, ListBuilder
@@ -23,8 +31,11 @@ from core.subscribers import unpack_codes as subscribers_unpack
 
 logger = logging.getLogger(__name__)
 
-#: Buckets of a subscribers list handled per pipelined round trip while building.
-SUBSCRIBER_BUCKETS_PER_ROUND = 512
+#: Buckets of a subscribers list handled per pipelined round trip while building, and
+#: per staging file: a round's pairs are what ``finish`` holds in memory at once.
+SUBSCRIBER_BUCKETS_PER_ROUND = 128
+#: Staging folders are named ``<prefix><list>-<pid>-<random>`` (see :func:`_stage_folder`).
+STAGE_PREFIX = "callscreen-stage-"
 
 
 class SubscriberListBuilder(ListBuilder):
@@ -36,7 +47,9 @@ class SubscriberListBuilder(ListBuilder):
     killed before it leaves ``meta.building`` (deleted by the next build), one killed
     after it ``meta.retiring`` (expired by the next build). Every new bucket gets the
     :data:`core.keys.SUBSCRIBER_MARKER` field; a live bucket found without it is diffed as
-    empty and counted in :attr:`lost_buckets`.
+    empty and counted in :attr:`lost_buckets`. The staged rows live in a folder of the
+    loader's own, removed by ``finish`` and ``abort`` (a killed loader's by the next
+    build of the same list on the host).
     """
 
     def __init__(
@@ -51,9 +64,10 @@ class SubscriberListBuilder(ListBuilder):
     ) -> None:
         super().__init__(redis, name, "subscribers", gen, old_gen, lock=lock)
         self.batch_size = batch_size
+        #: Rows not yet written to the staging files, by round: ``bucket subscriber code``.
         self._pending: dict[int, list[str]] = {}
         self._count = 0
-        self._expiring = np.zeros(keys.SUBSCRIBER_BUCKETS, dtype=bool)
+        self._stage: Path | None = None
         #: Subscribers in the new generation (set by ``finish``).
         self.subscribers = 0
         #: Buckets of the live generation that had lost their marker (set by ``finish``).
@@ -65,7 +79,8 @@ class SubscriberListBuilder(ListBuilder):
     async def add_pair(self, subscriber: str, code: str) -> None:
         """Stage one canonical subscriber with one packed code (core.subscribers.code_of)."""
         bucket = keys.subscriber_bucket_of(subscriber)
-        self._pending.setdefault(bucket, []).append(f"{subscriber} {code}\n")
+        round_ = bucket // SUBSCRIBER_BUCKETS_PER_ROUND
+        self._pending.setdefault(round_, []).append(f"{bucket} {subscriber} {code}\n")
         self._count += 1
         if self._count >= self.batch_size:
             await self._flush()
@@ -75,14 +90,30 @@ class SubscriberListBuilder(ListBuilder):
             return
         await self._refresh_lock()
         pending, self._pending, self._count = self._pending, {}, 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for bucket, lines in pending.items():
-                key = keys.subscribers_stage(self.name, bucket, self.gen)
-                pipe.append(key, "".join(lines))
-                if not self._expiring[bucket]:
-                    pipe.expire(key, keys.STAGING_TTL_S)
-                    self._expiring[bucket] = True
-            await pipe.execute()
+        if self._stage is None:
+            self._stage = await asyncio.to_thread(_stage_folder, self.name)
+        await asyncio.to_thread(_append_rounds, self._stage, pending)
+
+    def _staged_round(self, round_: int) -> dict[int, list[str]]:
+        """The staged ``subscriber code`` rows of one round, by bucket; its file removed."""
+        found: dict[int, list[str]] = {}
+        if self._stage is None:
+            return found
+        path = self._stage / f"{round_}.txt"
+        try:
+            text = path.read_text(encoding="ascii")
+        except FileNotFoundError:  # no pair fell in this round's buckets
+            return found
+        for line in text.splitlines():
+            bucket, _, row = line.partition(" ")
+            found.setdefault(int(bucket), []).append(row)
+        path.unlink()
+        return found
+
+    def _remove_stage(self) -> None:
+        if self._stage is not None:
+            shutil.rmtree(self._stage, ignore_errors=True)
+            self._stage = None
 
     async def _each_bucket(self, command: str, *args: Any, gen: int) -> None:
         """Run ``command`` on every bucket key of generation ``gen`` (pipelined)."""
@@ -91,8 +122,6 @@ class SubscriberListBuilder(ListBuilder):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket in range(first, min(first + 2048, keys.SUBSCRIBER_BUCKETS)):
                     getattr(pipe, command)(keys.subscribers(self.name, bucket, gen), *args)
-                    if command == "delete":
-                        pipe.delete(keys.subscribers_stage(self.name, bucket, gen))
                 await pipe.execute()
 
     async def _retire_leftover(self) -> None:
@@ -121,34 +150,34 @@ class SubscriberListBuilder(ListBuilder):
         for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
             await self._refresh_lock()
             ids = range(first, min(first + step, keys.SUBSCRIBER_BUCKETS))
+            staged = await asyncio.to_thread(self._staged_round, first // step)
             rows = await self._read_round(ids)
             async with self.redis.pipeline(transaction=False) as pipe:
-                for bucket, (staged, old_raw, kept) in zip(ids, rows, strict=True):
-                    packed = tally.settle(staged, subscriber_overlay.live(kept, now_s))
+                for bucket, (old_raw, kept) in zip(ids, rows, strict=True):
+                    live = subscriber_overlay.live(kept, now_s)
+                    packed = tally.settle(staged.get(bucket, ()), live)
                     tally.diff(packed, self._old_entries(old_raw, tally))
-                    self._write_bucket(pipe, bucket, packed, staged)
+                    self._write_bucket(pipe, bucket, packed)
                 await pipe.execute()
+        self._remove_stage()
         self._report(tally)
         self.subscribers = tally.subscribers
         self.lost_buckets = tally.lost
         self.result = tally.result()
         return self.result
 
-    async def _read_round(
-        self, ids: range
-    ) -> list[tuple[bytes | None, dict[bytes, bytes], dict[bytes, bytes]]]:
-        """Each bucket's staged rows, its live hash (none without a live generation) and
-        its admin overlay (:mod:`core.subscriber_overlay`)."""
+    async def _read_round(self, ids: range) -> list[tuple[dict[bytes, bytes], dict[bytes, bytes]]]:
+        """Each bucket's live hash (none without a live generation) and its admin
+        overlay (:mod:`core.subscriber_overlay`)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in ids:
-                pipe.get(keys.subscribers_stage(self.name, bucket, self.gen))
                 if self.old_gen:
                     pipe.hgetall(keys.subscribers(self.name, bucket, self.old_gen))
                 pipe.hgetall(keys.subscriber_overlay(self.name, bucket))
             replies = await pipe.execute()
         if not self.old_gen:
-            return [(staged, {}, kept) for staged, kept in zip(*[iter(replies)] * 2, strict=True)]
-        return list(zip(*[iter(replies)] * 3, strict=True))
+            return [({}, kept) for kept in replies]
+        return list(zip(*[iter(replies)] * 2, strict=True))
 
     def _old_entries(self, old_raw: dict[bytes, bytes], tally: _Tally) -> dict[str, list[str]]:
         """The live bucket's subscribers and codes; none when Redis lost the bucket."""
@@ -157,16 +186,12 @@ class SubscriberListBuilder(ListBuilder):
             return {}
         return {keys.decoded(k): subscribers_unpack(v) for k, v in old_raw.items() if k != _MARKER}
 
-    def _write_bucket(
-        self, pipe: Any, bucket: int, packed: dict[str, bytes], staged: bytes | None
-    ) -> None:
+    def _write_bucket(self, pipe: Any, bucket: int, packed: dict[str, bytes]) -> None:
         """Write one bucket of the new generation (with a TTL until the swap)."""
         # Every bucket, empty or not, gets the marker (core/keys.py).
         key = keys.subscribers(self.name, bucket, self.gen)
         pipe.hset(key, mapping={keys.SUBSCRIBER_MARKER: self.gen, **packed})
         pipe.expire(key, keys.STAGING_TTL_S)
-        if staged:
-            pipe.delete(keys.subscribers_stage(self.name, bucket, self.gen))
 
     def _report(self, tally: _Tally) -> None:
         if tally.dropped:
@@ -204,7 +229,35 @@ class SubscriberListBuilder(ListBuilder):
         return version
 
     async def _delete_built(self) -> None:
+        self._remove_stage()
         await self._each_bucket("delete", gen=self.gen)
+
+
+def _stage_folder(name: str) -> Path:
+    """A new staging folder for list ``name``; first removes those of the same list
+    whose loader process is gone (killed mid-sync)."""
+    parent = Path(tempfile.gettempdir())
+    for old in parent.glob(f"{STAGE_PREFIX}{name}-*"):
+        pid = old.name[len(STAGE_PREFIX) + len(name) + 1 :].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{name}-{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _append_rounds(folder: Path, pending: Mapping[int, list[str]]) -> None:
+    for round_, lines in pending.items():
+        with (folder / f"{round_}.txt").open("a", encoding="ascii") as out:
+            out.write("".join(lines))
 
 
 def _readable(pair: str) -> str:
@@ -229,12 +282,12 @@ class _Tally:
         self.removed_sample: list[str] = []
 
     def settle(
-        self, staged: bytes | None, kept: Mapping[str, Mapping[str, bool]]
+        self, staged: Iterable[str], kept: Mapping[str, Mapping[str, bool]]
     ) -> dict[str, bytes]:
-        """A bucket's staged rows with its admin overlay ``kept`` applied, as packed values
-        by subscriber, sorted, counted."""
+        """A bucket's staged ``subscriber code`` rows with its admin overlay ``kept``
+        applied, as packed values by subscriber, sorted, counted."""
         new: dict[str, list[str]] = {}
-        for line in keys.decoded(staged or b"").splitlines():
+        for line in staged:
             subscriber, _, code = line.partition(" ")
             new.setdefault(subscriber, []).append(code)
         for subscriber, changes in kept.items():

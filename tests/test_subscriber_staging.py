@@ -1,0 +1,104 @@
+"""A subscribers sync stages its rows on the loader's disk, not in Redis (core/build/
+subscribers.py): Redis holds the live generation and the new one, no text rows; the
+staging folder goes when the build finishes, is aborted, or its loader was killed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from core import keys
+from core.build import SubscriberListBuilder, start_build
+from core.build.subscribers import STAGE_PREFIX
+from core.subscribers import SubscriberStore, code_of
+
+SUBSCRIBERS = [f"1951262{n:04d}" for n in range(300)]
+
+
+@pytest.fixture
+def tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder ``tempfile`` hands out (as TMPDIR would), the test's own."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+async def _staged_build(redis: Redis) -> SubscriberListBuilder:
+    """A build of list ``personal`` with 600 pairs staged, written out in batches of 50."""
+    builder = await start_build(redis, "personal", "subscribers", batch_size=50)
+    assert isinstance(builder, SubscriberListBuilder)
+    for subscriber in SUBSCRIBERS:
+        await builder.add_pair(subscriber, code_of("15165550101", "block"))
+        await builder.add_pair(subscriber, code_of("1900*", "block"))
+    return builder
+
+
+async def _key_names(redis: Redis) -> list[str]:
+    return sorted(keys.decoded(key) for key in await redis.keys("*"))
+
+
+def _names(folder: Path) -> set[str]:
+    return {path.name for path in folder.iterdir()}
+
+
+def _stages(tmp_dir: Path) -> list[Path]:
+    return sorted(tmp_dir.glob(f"{STAGE_PREFIX}personal-*"))
+
+
+async def test_rows_are_staged_on_disk_and_removed_once_the_list_is_built(
+    redis: Redis, tmp_dir: Path
+) -> None:
+    builder = await _staged_build(redis)
+    # Staged so far: files in one folder of this process; in Redis only the list's meta
+    # and its build lock, no row.
+    (stage,) = _stages(tmp_dir)
+    assert list(stage.glob("*.txt"))
+    assert not [name for name in await _key_names(redis) if ":stage" in name]
+    result = await builder.finish()
+    assert result.size == 600 and result.added == 600
+    assert not _stages(tmp_dir)
+    await builder.commit({"source": "test"})
+    _, entries = await SubscriberStore(redis).read("personal", SUBSCRIBERS[123])
+    assert entries.as_dict()["block"] == ["15165550101", "1900*"]
+
+
+async def test_an_aborted_build_leaves_no_folder_and_no_keys(redis: Redis, tmp_dir: Path) -> None:
+    builder = await _staged_build(redis)
+    assert _stages(tmp_dir)
+    await builder.abort()  # as a dry run or a refused sync does
+    assert not _stages(tmp_dir)
+    assert not [name for name in await _key_names(redis) if "personal" in name]
+
+
+def _leftover_folders(tmp_dir: Path) -> tuple[Path, Path, Path]:
+    """Staging folders of a killed loader of ``personal``, of a running one (pid 1 lives),
+    and of a killed loader of another list."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(gone.stdout)
+    made = (
+        tmp_dir / f"{STAGE_PREFIX}personal-{dead_pid}-abc123",
+        tmp_dir / f"{STAGE_PREFIX}personal-1-def456",
+        tmp_dir / f"{STAGE_PREFIX}other-{dead_pid}-ghi789",
+    )
+    for folder in made:
+        folder.mkdir()
+        (folder / "0.txt").write_text("5 19512620001 x\n")
+    return made
+
+
+async def test_a_killed_loaders_folder_goes_with_the_next_build_of_the_list(
+    redis: Redis, tmp_dir: Path
+) -> None:
+    killed, running, other_list = _leftover_folders(tmp_dir)
+    builder = await _staged_build(redis)
+    left = _names(tmp_dir)
+    assert killed.name not in left
+    assert {running.name, other_list.name} <= left
+    await builder.abort()
