@@ -228,6 +228,11 @@ class Report:
             f"used_memory grew {s['used_memory_per_pair']:.1f} B/pair)",
             f"  bucket encodings: {encodings}",
         ]
+        if "sync_peak_x" in s:
+            self.lines.append(
+                f"  Redis peak during the sync: {s['sync_peak_x']:.2f}x the list; during a "
+                f"second (forced) sync, both generations held: {s['resync_peak_x']:.2f}x"
+            )
         dense = s.get("dense")
         if dense:
             self.lines.append(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,33 @@ class Timed:
 
 def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
+
+
+class PeakMemory:
+    """Redis's highest ``used_memory`` while the ``with`` block runs, polled every
+    ``every_s`` from a thread of its own (``used_memory_peak`` cannot be reset)."""
+
+    def __init__(self, port: int, every_s: float = 0.05) -> None:
+        self.client = redis.Redis(port=port)
+        self.every_s = every_s
+        self.before = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="redis-peak", daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self.before = self.peak = used_memory(self.client)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, used_memory(self.client))
+        self.client.close()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, used_memory(self.client))
 
 
 def commands_run(client: redis.Redis) -> int:
@@ -110,6 +138,8 @@ def run_child(command: list[str], env: dict[str, str], log: Path) -> Timed:
     return Timed(elapsed, peak)
 
 
-def loader_sync(config: Path, list_name: str, env: dict[str, str], log: Path) -> Timed:
+def loader_sync(
+    config: Path, list_name: str, env: dict[str, str], log: Path, *, force: bool = False
+) -> Timed:
     command = [sys.executable, "-m", "loader", "--config", str(config), "sync", "--list", list_name]
-    return run_child(command, env, log)
+    return run_child([*command, "--force"] if force else command, env, log)

@@ -119,9 +119,17 @@ def run(
     client = redis.Redis(port=server.port)
     try:
         done = step(f"subscribers: loader full sync of {workload.rows:,} rows")
-        before = storage.used_memory(client)
-        synced = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
-        used = storage.used_memory(client) - before
+        with storage.PeakMemory(server.port) as first:
+            synced = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
+        used = storage.used_memory(client) - first.before
+        done()
+        # Again, forced: the same pairs, built in full beside the live generation (then
+        # dropped, nothing changed): Redis's peak with both generations held.
+        done = step("subscribers: a forced second sync, Redis's peak memory")
+        with storage.PeakMemory(server.port) as second:
+            storage.loader_sync(
+                config_path, SUBSCRIBER_LIST, env, folder / "loader.log", force=True
+            )
         done()
         meta = client.hgetall(keys.meta(SUBSCRIBER_LIST))
         pairs, subscribers = int(meta[b"size"]), int(meta[b"subscribers"])
@@ -143,6 +151,9 @@ def run(
         "bytes_per_pair": memory["bytes"] / pairs,
         "marker_bytes_per_pair": memory["marker_bytes"] / pairs,
         "used_memory_per_pair": used / pairs,
+        # Redis's peak while syncing, as a multiple of what the list holds once synced.
+        "sync_peak_x": (first.peak - first.before) / used,
+        "resync_peak_x": (second.peak - first.before) / used,
         "encodings": memory["encodings"],
         "dense": dense,
     }
