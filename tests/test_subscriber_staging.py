@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.build import SubscriberListBuilder, start_build
-from core.build.subscribers import STAGE_PREFIX
+from core.build.subscribers import STAGE_PREFIX, StagingError
 from core.subscribers import SubscriberStore, code_of
 
 SUBSCRIBERS = [f"1951262{n:04d}" for n in range(300)]
@@ -102,3 +102,20 @@ async def test_a_killed_loaders_folder_goes_with_the_next_build_of_the_list(
     assert killed.name not in left
     assert {running.name, other_list.name} <= left
     await builder.abort()
+
+
+async def test_a_stage_that_cannot_be_written_fails_the_sync_with_a_clear_error(
+    redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TMPDIR naming something that is not a folder (as a full or read-only disk
+    would): the build stops with an error naming the list and TMPDIR, nothing is left."""
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))
+    builder = await start_build(redis, "personal", "subscribers", batch_size=10)
+    assert isinstance(builder, SubscriberListBuilder)
+    with pytest.raises(StagingError, match=r"'personal'.*TMPDIR must name a folder"):
+        for subscriber in SUBSCRIBERS[:20]:
+            await builder.add_pair(subscriber, code_of("15165550101", "block"))
+    await builder.abort()
+    assert not [name for name in await _key_names(redis) if "personal" in name]

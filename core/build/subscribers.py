@@ -38,6 +38,10 @@ SUBSCRIBER_BUCKETS_PER_ROUND = 128
 STAGE_PREFIX = "callscreen-stage-"
 
 
+class StagingError(OSError):
+    """The rows could not be staged on (or read back from) the loader's disk."""
+
+
 class SubscriberListBuilder(ListBuilder):
     """A subscribers list (:mod:`core.subscribers`): staged per bucket, packed in ``finish``.
 
@@ -90,9 +94,18 @@ class SubscriberListBuilder(ListBuilder):
             return
         await self._refresh_lock()
         pending, self._pending, self._count = self._pending, {}, 0
-        if self._stage is None:
-            self._stage = await asyncio.to_thread(_stage_folder, self.name)
-        await asyncio.to_thread(_append_rounds, self._stage, pending)
+        try:
+            if self._stage is None:
+                self._stage = await asyncio.to_thread(_stage_folder, self.name)
+            await asyncio.to_thread(_append_rounds, self._stage, pending)
+        except OSError as exc:
+            raise self._staging_error(exc) from exc
+
+    def _staging_error(self, exc: OSError) -> StagingError:
+        return StagingError(
+            f"list {self.name!r}: staging its rows on the loader's disk failed ({exc}); "
+            "TMPDIR must name a folder with room for about 20 bytes a pair"
+        )
 
     def _staged_round(self, round_: int) -> dict[int, list[str]]:
         """The staged ``subscriber code`` rows of one round, by bucket; its file removed."""
@@ -150,7 +163,10 @@ class SubscriberListBuilder(ListBuilder):
         for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
             await self._refresh_lock()
             ids = range(first, min(first + step, keys.SUBSCRIBER_BUCKETS))
-            staged = await asyncio.to_thread(self._staged_round, first // step)
+            try:
+                staged = await asyncio.to_thread(self._staged_round, first // step)
+            except OSError as exc:
+                raise self._staging_error(exc) from exc
             rows = await self._read_round(ids)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket, (old_raw, kept) in zip(ids, rows, strict=True):
