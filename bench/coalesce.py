@@ -36,8 +36,8 @@ async def _round(url: str, mode: str, concurrency: int, seconds: float) -> tuple
     if mode == "direct":
         dispatcher = store.dispatcher
 
-        async def direct(commands: Sequence[Command], deadline: float | None = None) -> list[Any]:
-            return await dispatcher.run(commands, deadline=deadline)
+        async def direct(commands: Sequence[Command], timeout_s: float | None = None) -> list[Any]:
+            return await dispatcher.run(commands, timeout_s=timeout_s)
 
         store.coalescer.run = direct  # type: ignore[method-assign]
     done = 0

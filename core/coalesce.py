@@ -35,19 +35,19 @@ class Coalescer:
         self.batches = 0
         self.callers = 0
 
-    async def run(self, commands: Sequence[Command], deadline: float | None = None) -> list[Any]:
+    async def run(self, commands: Sequence[Command], timeout_s: float | None = None) -> list[Any]:
         """``commands``' replies in order, sent with the turn's other batches.
 
         Never raises for a Redis failure (see :meth:`core.shards.Dispatcher.run`);
-        raises ``TimeoutError`` when ``deadline`` (``loop.time()``) passes first.
+        raises ``TimeoutError`` when ``timeout_s`` passes first.
         """
         if not commands:
             return []
         if self.dispatcher.lean:  # the links join the turn's callers on the wire
-            return await self.dispatcher.run(commands, deadline=deadline)
-        if deadline is None:
+            return await self.dispatcher.run(commands, timeout_s=timeout_s)
+        if timeout_s is None:
             return await self._joined(commands)
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout(timeout_s):
             return await self._joined(commands)
 
     async def _joined(self, commands: Sequence[Command]) -> list[Any]:

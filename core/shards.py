@@ -121,25 +121,25 @@ class Dispatcher:
         self,
         commands: Sequence[Command],
         on_part: Report | None = None,
-        deadline: float | None = None,
+        timeout_s: float | None = None,
     ) -> list[Any]:
         """The replies in order; a command whose node failed gets a :class:`ShardError`.
 
         Never raises for a Redis failure; Redis error replies come back as exceptions too.
         ``on_part`` is given ``(index, reply)`` for the final replies as each node's share
         completes, so a caller need not wait for a slower node it has no command on.
-        ``deadline`` (``loop.time()``): raise ``TimeoutError`` when it passes first.
+        ``timeout_s``: raise ``TimeoutError`` when it passes first.
         """
         if not commands:
             return []
         report = on_part if on_part is not None else _ignore
         if not self._cluster:
-            plain = await self._plain(commands, deadline)
+            plain = await self._plain(commands, timeout_s)
             report(list(enumerate(plain)))
             return plain
-        if deadline is None:
+        if timeout_s is None:
             return await self._on_cluster(commands, report)
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout(timeout_s):
             return await self._on_cluster(commands, report)
 
     async def _on_cluster(self, commands: Sequence[Command], report: Report) -> list[Any]:
@@ -170,17 +170,17 @@ class Dispatcher:
                 replies[i] = reply
         return replies
 
-    async def _plain(self, commands: Sequence[Command], deadline: float | None) -> list[Any]:
+    async def _plain(self, commands: Sequence[Command], timeout_s: float | None) -> list[Any]:
         if self._plain_link is not None:
             try:
-                return await self._plain_link.run(commands, deadline)
+                return await self._plain_link.run(commands, timeout_s)
             except TimeoutError:  # the deadline, not a failure of Redis
                 raise
             except Exception as exc:  # any failure inside the link is a Redis failure
                 return [ShardError(f"{type(exc).__name__}: {exc}")] * len(commands)
-        if deadline is None:
+        if timeout_s is None:
             return await self._pipeline(commands)
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout(timeout_s):
             return await self._pipeline(commands)
 
     async def _pipeline(self, commands: Sequence[Command]) -> list[Any]:

@@ -534,7 +534,7 @@ class ListStore:
         increment: bool = True,
         subscribers: Sequence[tuple[str, int, str]] = (),
         extra: Sequence[Sequence[Any]] = (),
-        deadline: float | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[dict[str, int], dict[str, bytes | None], tuple[str, ...], list[Any]]:
         """Everything one call needs from Redis, in one pipelined round trip.
 
@@ -548,8 +548,8 @@ class ListStore:
         single-key, key first). Sent with the other calls of the same event-loop turn
         (:mod:`core.coalesce`); on a Cluster each node's commands go on that node's own
         connections, all at once (:mod:`core.shards`). Raises a ``RedisError`` when any
-        of this call's commands failed, ``TimeoutError`` when ``deadline``
-        (``loop.time()``) passes before the replies come.
+        of this call's commands failed, ``TimeoutError`` when ``timeout_s`` passes
+        before the replies come.
         """
         counted = windows if caller else ()
         commands: list[tuple[Any, ...]] = []
@@ -576,7 +576,7 @@ class ListStore:
             commands.append(("HMGET", bucket, subscriber, keys.SUBSCRIBER_MARKER))
         commands += [tuple(command) for command in extra]
         try:
-            replies = await self.coalescer.run(commands, deadline)
+            replies = await self.coalescer.run(commands, timeout_s)
         except BaseException:  # the call gave up (its deadline): its writes may not land
             self._forget(commands)
             raise

@@ -19,9 +19,10 @@ Invariants:
 - a lost connection fails every caller waiting on it with :class:`LinkError`, and the
   next caller connects again; a connection whose oldest command has waited
   ``stall_s`` is closed (a node that stopped answering), failing its callers;
-- a caller's ``deadline`` (the event loop's clock) fails it alone with ``TimeoutError``
-  when it passes, as ``asyncio.timeout_at`` would, but from one timer per link armed
-  for the earliest deadline, not one per call.
+- a caller's ``timeout_s`` fails it alone with ``TimeoutError`` when it passes, as
+  ``asyncio.timeout`` would, but from one timer per link armed for the earliest
+  deadline, not one per call. The link keeps its event loop rather than asking for it
+  per call: CPython's ``asyncio.get_running_loop()`` makes a ``getpid`` system call.
 
 Only plain TCP connections are served this way, with or without a password or an ACL
 user (:func:`settings_of`); TLS, Unix sockets, credential providers and Sentinel keep
@@ -151,9 +152,10 @@ class _Protocol(asyncio.Protocol):
     oldest waiter still owed some. A connection lost or stalled fails its own waiters
     only (the link's next connection has its own)."""
 
-    def __init__(self, name: str, stall_s: float) -> None:
+    def __init__(self, name: str, stall_s: float, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
         self.stall_s = stall_s
+        self.loop = loop
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.transport: asyncio.Transport | None = None
         self.sent: deque[_Waiter] = deque()
@@ -167,7 +169,7 @@ class _Protocol(asyncio.Protocol):
     def send(self, waiters: list[_Waiter], data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         for waiter in waiters:
             waiter.sent_at = now
@@ -180,7 +182,7 @@ class _Protocol(asyncio.Protocol):
         self.watch = None
         if not self.sent or self.lost:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waited = loop.time() - self.sent[0].sent_at
         if waited >= self.stall_s:
             self.close(LinkError(f"Redis node {self.name}: no reply in {waited:.1f} s"))
@@ -251,30 +253,36 @@ class Link:
         return f"{self.settings.host}:{self.settings.port}"
 
     async def run(
-        self, commands: Sequence[Sequence[Any]], deadline: float | None = None
+        self, commands: Sequence[Sequence[Any]], timeout_s: float | None = None
     ) -> list[Any]:
         """``commands``' replies in order, written with the turn's other callers'.
 
         Raises :class:`LinkError` when the connection cannot be made or is lost before
-        the replies come, and ``TimeoutError`` when ``deadline`` (``loop.time()``)
-        passes first, connecting included.
+        the replies come, and ``TimeoutError`` when ``timeout_s`` passes first,
+        connecting included.
         """
         if not commands:
             return []
+        deadline = None
         protocol = self._protocol
         if protocol is None or protocol.lost:
-            if deadline is None:
+            if timeout_s is None:
                 await self._connect()
             else:
+                deadline = asyncio.get_running_loop().time() + timeout_s
                 async with asyncio.timeout_at(deadline):
                     await self._connect()
-        loop = asyncio.get_running_loop()
+            protocol = self._protocol
+            assert protocol is not None
+        loop = protocol.loop
         waiter = _Waiter(loop.create_future(), encode(commands), len(commands))
         self._queued.append(waiter)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        if deadline is not None:
+        if timeout_s is not None:
+            if deadline is None:
+                deadline = loop.time() + timeout_s
             heapq.heappush(self._deadlines, (deadline, next(self._order), waiter))
             if self._timer is None or deadline < self._timer_at:
                 self._arm(loop, deadline)
@@ -289,7 +297,8 @@ class Link:
     def _expire(self) -> None:
         """Fail the callers whose deadline passed; arm for the next one."""
         self._timer = None
-        loop = asyncio.get_running_loop()
+        protocol = self._protocol
+        loop = protocol.loop if protocol is not None else asyncio.get_running_loop()
         passed = loop.time() + DEADLINE_SLACK_S
         heap = self._deadlines
         while heap and (heap[0][0] <= passed or heap[0][2].future.done()):
@@ -334,7 +343,7 @@ class Link:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(settings.connect_timeout_s):
             _, protocol = await loop.create_connection(
-                lambda: _Protocol(self.name, settings.stall_s), settings.host, settings.port
+                lambda: _Protocol(self.name, settings.stall_s, loop), settings.host, settings.port
             )
             hello: list[tuple[Any, ...]] = []
             if settings.password is not None:

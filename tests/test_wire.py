@@ -94,9 +94,8 @@ async def test_each_callers_deadline_fails_it_alone_and_its_late_reply_is_droppe
         failed_at: dict[float, float] = {}
 
         async def caller(budget_s: float | None) -> list[object]:
-            deadline = None if budget_s is None else loop.time() + budget_s
             try:
-                return await link.run([("GET", "k")], deadline)
+                return await link.run([("GET", "k")], budget_s)
             except TimeoutError:
                 assert budget_s is not None
                 failed_at[budget_s] = loop.time() - started
@@ -116,7 +115,7 @@ async def test_each_callers_deadline_fails_it_alone_and_its_late_reply_is_droppe
             assert budget_s - 0.002 <= at_s < budget_s + 0.25, failed_at
         # The caller without a deadline is answered once the server is back.
         assert await waiting[3] == [b"v"]
-        assert await link.run([("SET", "k", "w"), ("GET", "k")], loop.time() + 1) == [
+        assert await link.run([("SET", "k", "w"), ("GET", "k")], 1.0) == [
             b"OK",
             b"w",
         ]

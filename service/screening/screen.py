@@ -11,7 +11,6 @@ loaded, or has a source and was never synced (see :mod:`service.screening.cache`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Collection
@@ -249,7 +248,7 @@ class Screener:
                 increment=count,
                 subscribers=reads,
                 extra=plan.commands if plan is not None else (),
-                deadline=asyncio.get_running_loop().time() + budget_s,
+                timeout_s=budget_s,
             )
         except TimeoutError:
             return self._fallback("deadline", f"Redis read took over {budget_s:.3f}s")
