@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -34,8 +33,8 @@ logger = logging.getLogger(__name__)
 #: Buckets of a subscribers list handled per pipelined round trip while building, and
 #: per staging file: a round's pairs are what ``finish`` holds in memory at once.
 SUBSCRIBER_BUCKETS_PER_ROUND = 128
-#: Staging folders are named ``<prefix><list>-<pid>-<random>`` (see :func:`_stage_folder`).
-STAGE_PREFIX = "callscreen-stage-"
+#: Staging folders are named ``<prefix><list>.<random>``: a list name has no dot.
+STAGE_PREFIX = "callscreen-stage."
 
 
 class StagingError(OSError):
@@ -250,24 +249,16 @@ class SubscriberListBuilder(ListBuilder):
 
 
 def _stage_folder(name: str) -> Path:
-    """A new staging folder for list ``name``; first removes those of the same list
-    whose loader process is gone (killed mid-sync)."""
+    """A new staging folder for list ``name``; first removes the list's older ones.
+
+    Only the holder of the list's build lock stages, so an older folder is a killed
+    build's, on this host or in an earlier life of this container (same pid, same
+    ``/tmp`` volume): never a running one.
+    """
     parent = Path(tempfile.gettempdir())
-    for old in parent.glob(f"{STAGE_PREFIX}{name}-*"):
-        pid = old.name[len(STAGE_PREFIX) + len(name) + 1 :].partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{name}-{os.getpid()}-", dir=parent))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
+    for old in parent.glob(f"{STAGE_PREFIX}{name}.*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{name}.", dir=parent))
 
 
 def _append_rounds(folder: Path, pending: Mapping[int, list[str]]) -> None:
