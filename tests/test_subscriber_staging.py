@@ -1,10 +1,12 @@
 """A subscribers sync stages its rows on the loader's disk, not in Redis (core/build/
-subscribers.py): Redis holds the live generation and the new one, no text rows; the
-staging folder goes when the build finishes, is aborted, or its loader was killed."""
+subscribers.py): Redis holds the live generation and the new one, no text rows, and
+nothing of the new one before the commit; the staging folder goes when the build is
+committed or aborted, or with the next build after its loader was killed."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,10 @@ from redis.asyncio import Redis
 from core import keys
 from core.build import SubscriberListBuilder, start_build
 from core.build.subscribers import STAGE_PREFIX, StagingError
+from core.config import Config
 from core.subscribers import SubscriberStore, code_of
+from loader.sync import SyncOptions, SyncRefused, sync_list
+from tests.test_subscribers import subscribers_config
 
 SUBSCRIBERS = [f"1951262{n:04d}" for n in range(300)]
 
@@ -60,8 +65,11 @@ async def test_rows_are_staged_on_disk_and_removed_once_the_list_is_built(
     assert not [name for name in await _key_names(redis) if ":stage" in name]
     result = await builder.finish()
     assert result.size == 600 and result.added == 600
-    assert not _stages(tmp_dir)
+    # Counted and packed, still nothing in Redis: a dry run or a refused sync that
+    # stops here has written no bucket.
+    assert not [name for name in await _key_names(redis) if ":sub:" in name]
     await builder.commit({"source": "test"})
+    assert not _stages(tmp_dir)
     _, entries = await SubscriberStore(redis).read("personal", SUBSCRIBERS[123])
     assert entries.as_dict()["block"] == ["15165550101", "1900*"]
 
@@ -117,3 +125,31 @@ async def test_a_stage_that_cannot_be_written_fails_the_sync_with_a_clear_error(
             await builder.add_pair(subscriber, code_of("15165550101", "block"))
     await builder.abort()
     assert not [name for name in await _key_names(redis) if "personal" in name]
+
+
+async def _hsets(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_hset", {}).get("calls", 0))
+
+
+async def test_syncs_that_change_nothing_or_are_refused_write_no_bucket(
+    redis: Redis, make_config: Callable[..., Config], tmp_path: Path, tmp_dir: Path
+) -> None:
+    """The source rewritten with the same pairs in another order, then with most of them
+    gone (refused by max_removal_share), then as a dry run: each is read and compared,
+    and not one of the 16,384 buckets of a new generation is written to Redis."""
+    config = make_config(subscribers_config(), base_dir=tmp_path)
+    source = tmp_path / "personal.csv"
+    rows = [f"1951262{i:04d},1516555{i:04d}\n" for i in range(40)]
+    source.write_text("".join(rows))
+    assert (await sync_list(redis, config, "personal")).outcome == "success"
+    await redis.config_resetstat()
+    source.write_text("".join(reversed(rows)))
+    assert (await sync_list(redis, config, "personal")).outcome == "unchanged"
+    source.write_text("".join(rows[:10]))
+    with pytest.raises(SyncRefused, match="max_removal_share"):
+        await sync_list(redis, config, "personal")
+    dry = await sync_list(redis, config, "personal", SyncOptions(dry_run=True))
+    assert dry.outcome == "dry_run"
+    assert await _hsets(redis) < 10  # the list's meta, never a bucket
+    assert not _stages(tmp_dir)

@@ -1,5 +1,8 @@
 """The builder of a ``subscribers`` list (:mod:`core.subscribers`): staged per bucket,
-then settled, packed and diffed against the live generation a round of buckets at a time.
+then settled, packed and diffed against the live generation a round of buckets at a time
+(``finish``, which writes nothing to Redis), then written as a new generation and
+swapped in (``commit``). A dry run, a refused sync and one that changes nothing so
+never write a bucket.
 
 The rows are staged on the loader's own disk (a folder under ``TMPDIR``, one file per
 round of buckets), not in Redis: text rows cost Redis several times the packed list
@@ -12,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import marshal
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from core import keys, subscriber_overlay
 from core.build.base import BuildLock, BuildResult, ListBuilder
@@ -29,6 +33,7 @@ from core.subscribers import settle as subscribers_settle
 from core.subscribers import unpack_codes as subscribers_unpack
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Buckets of a subscribers list handled per pipelined round trip while building, and
 #: per staging file: a round's pairs are what ``finish`` holds in memory at once.
@@ -42,7 +47,8 @@ class StagingError(OSError):
 
 
 class SubscriberListBuilder(ListBuilder):
-    """A subscribers list (:mod:`core.subscribers`): staged per bucket, packed in ``finish``.
+    """A subscribers list (:mod:`core.subscribers`): staged per bucket, packed and diffed
+    in ``finish`` (onto the loader's disk), written to Redis in ``commit``.
 
     Sizes count pairs (subscriber, entry). ``finish`` works
     :data:`SUBSCRIBER_BUCKETS_PER_ROUND` buckets at a time, so memory stays flat. The new
@@ -71,6 +77,10 @@ class SubscriberListBuilder(ListBuilder):
         self._pending: dict[int, list[str]] = {}
         self._count = 0
         self._stage: Path | None = None
+        #: Whether generation ``gen`` may have keys in Redis to delete on abort: once
+        #: ``commit`` writes, and for a builder without the lock (start_build's clean-up
+        #: of a dead build's generation).
+        self._keys_written = lock is None
         #: Subscribers in the new generation (set by ``finish``).
         self.subscribers = 0
         #: Buckets of the live generation that had lost their marker (set by ``finish``).
@@ -93,10 +103,17 @@ class SubscriberListBuilder(ListBuilder):
             return
         await self._refresh_lock()
         pending, self._pending, self._count = self._pending, {}, 0
+        await self._stage_io(_append_rounds, await self._stage_folder(), pending)
+
+    async def _stage_folder(self) -> Path:
+        if self._stage is None:
+            self._stage = await self._stage_io(_stage_folder, self.name)
+        return self._stage
+
+    async def _stage_io(self, work: Callable[..., _T], *args: Any) -> _T:
+        """``work(*args)`` in a thread; a failure of the disk as :class:`StagingError`."""
         try:
-            if self._stage is None:
-                self._stage = await asyncio.to_thread(_stage_folder, self.name)
-            await asyncio.to_thread(_append_rounds, self._stage, pending)
+            return await asyncio.to_thread(work, *args)
         except OSError as exc:
             raise self._staging_error(exc) from exc
 
@@ -162,19 +179,16 @@ class SubscriberListBuilder(ListBuilder):
         for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
             await self._refresh_lock()
             ids = range(first, min(first + step, keys.SUBSCRIBER_BUCKETS))
-            try:
-                staged = await asyncio.to_thread(self._staged_round, first // step)
-            except OSError as exc:
-                raise self._staging_error(exc) from exc
+            staged = await self._stage_io(self._staged_round, first // step)
             rows = await self._read_round(ids)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for bucket, (old_raw, kept) in zip(ids, rows, strict=True):
-                    live = subscriber_overlay.live(kept, now_s)
-                    packed = tally.settle(staged.get(bucket, ()), live)
-                    tally.diff(packed, self._old_entries(old_raw, tally))
-                    self._write_bucket(pipe, bucket, packed)
-                await pipe.execute()
-        self._remove_stage()
+            packed_round = []
+            for bucket, (old_raw, kept) in zip(ids, rows, strict=True):
+                live = subscriber_overlay.live(kept, now_s)
+                packed = tally.settle(staged.get(bucket, ()), live)
+                tally.diff(packed, self._old_entries(old_raw, tally))
+                packed_round.append(packed)
+            folder = await self._stage_folder()
+            await self._stage_io(_save_packed, folder / f"{first // step}.packed", packed_round)
         self._report(tally)
         self.subscribers = tally.subscribers
         self.lost_buckets = tally.lost
@@ -233,19 +247,36 @@ class SubscriberListBuilder(ListBuilder):
         compaction: bool = False,
     ) -> int:
         if self.result is not None and self.result.size:
+            await self._write_built()
             await self._each_bucket("persist", gen=self.gen)
         extra = {"subscribers": self.subscribers, "retiring": self.old_gen}
         version = await super().commit(
             {**fields, **extra}, expect_version=expect_version, compaction=compaction
         )
+        self._remove_stage()
         if self.old_gen:
             await self._each_bucket("expire", keys.OLD_GENERATION_GRACE_S, gen=self.old_gen)
         await self.redis.hdel(keys.meta(self.name), "retiring")
         return version
 
+    async def _write_built(self) -> None:
+        """Write every bucket ``finish`` packed, a round at a time, as generation ``gen``."""
+        self._keys_written = True
+        folder = await self._stage_folder()
+        step = SUBSCRIBER_BUCKETS_PER_ROUND
+        for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
+            await self._refresh_lock()
+            ids = range(first, min(first + step, keys.SUBSCRIBER_BUCKETS))
+            packed_round = await self._stage_io(_load_packed, folder / f"{first // step}.packed")
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for bucket, packed in zip(ids, packed_round, strict=True):
+                    self._write_bucket(pipe, bucket, packed)
+                await pipe.execute()
+
     async def _delete_built(self) -> None:
         self._remove_stage()
-        await self._each_bucket("delete", gen=self.gen)
+        if self._keys_written:
+            await self._each_bucket("delete", gen=self.gen)
 
 
 def _stage_folder(name: str) -> Path:
@@ -259,6 +290,18 @@ def _stage_folder(name: str) -> Path:
     for old in parent.glob(f"{STAGE_PREFIX}{name}.*"):
         shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{name}.", dir=parent))
+
+
+def _save_packed(path: Path, packed_round: list[dict[str, bytes]]) -> None:
+    with path.open("wb") as out:
+        marshal.dump(packed_round, out)
+
+
+def _load_packed(path: Path) -> list[dict[str, bytes]]:
+    with path.open("rb") as source:
+        found: list[dict[str, bytes]] = marshal.load(source)
+    path.unlink()
+    return found
 
 
 def _append_rounds(folder: Path, pending: Mapping[int, list[str]]) -> None:
