@@ -231,7 +231,13 @@ class Report:
         if "sync_peak_x" in s:
             self.lines.append(
                 f"  Redis peak during the sync: {s['sync_peak_x']:.2f}x the list; during a "
-                f"second (forced) sync, both generations held: {s['resync_peak_x']:.2f}x"
+                f"second sync adding one pair, both generations held: {s['resync_peak_x']:.2f}x"
+            )
+        if "same_pairs_s" in s:
+            self.lines.append(
+                f"  sync adding one pair {s['resync_s']:.2f} s; a rewritten file with the same "
+                f"pairs {s['same_pairs_s']:.2f} s, Redis growing {s['same_pairs_peak_x']:.2f}x "
+                "the list meanwhile"
             )
         dense = s.get("dense")
         if dense:

@@ -138,8 +138,6 @@ def run_child(command: list[str], env: dict[str, str], log: Path) -> Timed:
     return Timed(elapsed, peak)
 
 
-def loader_sync(
-    config: Path, list_name: str, env: dict[str, str], log: Path, *, force: bool = False
-) -> Timed:
+def loader_sync(config: Path, list_name: str, env: dict[str, str], log: Path) -> Timed:
     command = [sys.executable, "-m", "loader", "--config", str(config), "sync", "--list", list_name]
-    return run_child([*command, "--force"] if force else command, env, log)
+    return run_child(command, env, log)

@@ -62,6 +62,8 @@ from core.subscribers import code_of, pack, settle
 from devtools.redis_server import RedisProcess, free_port
 
 Step = Callable[[str], Callable[[], None]]
+#: The row the second sync adds (bench/workload.py's subscribers are random NANP numbers).
+EXTRA_PAIR = "19512620000,15165550000,block"
 #: Bucket keys per pipelined round trip while measuring memory.
 BUCKETS_PER_ROUND = 1024
 #: Seconds each trunk group is driven before the measured rounds.
@@ -123,13 +125,21 @@ def run(
             synced = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
         used = storage.used_memory(client) - first.before
         done()
-        # Again, forced: the same pairs, built in full beside the live generation (then
-        # dropped, nothing changed): Redis's peak with both generations held.
-        done = step("subscribers: a forced second sync, Redis's peak memory")
+        # Again with one pair more: a sync that changes the list writes a whole new
+        # generation beside the live one: Redis's peak with both generations held.
+        done = step("subscribers: a second sync changing one pair, Redis's peak memory")
+        with workload.path.open("a", encoding="ascii") as source:
+            source.write(f"{EXTRA_PAIR}\n")
         with storage.PeakMemory(server.port) as second:
-            storage.loader_sync(
-                config_path, SUBSCRIBER_LIST, env, folder / "loader.log", force=True
-            )
+            changed = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
+        done()
+        # And with that row twice: a new file with the same pairs is read and compared,
+        # and nothing is written to Redis.
+        done = step("subscribers: a third sync, a rewritten file with the same pairs")
+        with workload.path.open("a", encoding="ascii") as source:
+            source.write(f"{EXTRA_PAIR}\n")
+        with storage.PeakMemory(server.port) as third:
+            same = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
         done()
         meta = client.hgetall(keys.meta(SUBSCRIBER_LIST))
         pairs, subscribers = int(meta[b"size"]), int(meta[b"subscribers"])
@@ -154,6 +164,10 @@ def run(
         # Redis's peak while syncing, as a multiple of what the list holds once synced.
         "sync_peak_x": (first.peak - first.before) / used,
         "resync_peak_x": (second.peak - first.before) / used,
+        "resync_s": changed.seconds,
+        # Above what Redis held before it (the list, and its old generation expiring).
+        "same_pairs_peak_x": (third.peak - third.before) / used,
+        "same_pairs_s": same.seconds,
         "encodings": memory["encodings"],
         "dense": dense,
     }
