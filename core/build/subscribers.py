@@ -5,9 +5,8 @@ swapped in (``commit``). A dry run, a refused sync and one that changes nothing 
 never write a bucket.
 
 The rows are staged on the loader's own disk (a folder under ``TMPDIR``, one file per
-round of buckets), not in Redis: text rows cost Redis several times the packed list
-(a sync peaked at ~6x the list's memory when they were staged there). Redis then holds
-the live generation and the one being built, no more.
+round of buckets), not in Redis: text rows cost Redis several times the packed list.
+Redis then holds the live generation and the one being built, no more.
 """
 
 from __future__ import annotations
@@ -56,9 +55,9 @@ class SubscriberListBuilder(ListBuilder):
     killed before it leaves ``meta.building`` (deleted by the next build), one killed
     after it ``meta.retiring`` (expired by the next build). Every new bucket gets the
     :data:`core.keys.SUBSCRIBER_MARKER` field; a live bucket found without it is diffed as
-    empty and counted in :attr:`lost_buckets`. The staged rows live in a folder of the
-    loader's own, removed by ``finish`` and ``abort`` (a killed loader's by the next
-    build of the same list on the host).
+    empty and counted in :attr:`lost_buckets`. The staged rows and packed buckets live
+    in a folder of the loader's own, removed by ``commit`` and ``abort`` (a killed
+    loader's by the next build of the same list on the host).
     """
 
     def __init__(
@@ -120,7 +119,7 @@ class SubscriberListBuilder(ListBuilder):
     def _staging_error(self, exc: OSError) -> StagingError:
         return StagingError(
             f"list {self.name!r}: staging its rows on the loader's disk failed ({exc}); "
-            "TMPDIR must name a folder with room for about 20 bytes a pair"
+            "TMPDIR must name a folder with room for the staged rows (docs/subscribers.md)"
         )
 
     def _staged_round(self, round_: int) -> dict[int, list[str]]:
