@@ -7,7 +7,10 @@ Steps, on the bench's private Redis (the block list and the others already loade
 
 1. write the subscribers CSV (``subscriber,entry,side``; bench/workload.py);
 2. full sync by the real loader (``python -m loader sync --list personal``), timed as
-   the whole process an operator runs, with its peak memory;
+   the whole process an operator runs, with its peak memory and Redis's
+   (``used_memory`` polled); then a second sync with one pair more (Redis's peak with
+   both generations held) and a third of a file with a duplicate row (the same pairs:
+   timed, and how much Redis grew meanwhile);
 3. Redis bytes per pair: ``MEMORY USAGE ... SAMPLES 0`` of every bucket key of the live
    generation (all 16,384), divided by the pairs ``meta`` counts; and the share of that
    which the buckets' markers take (each bucket copied, its marker removed, measured);
