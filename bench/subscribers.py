@@ -121,29 +121,26 @@ def run(
     config_path = write_config(folder / "bench.yaml", subscriber_config(base_config, workload.path))
     done()
 
+    def sync(what: str, add_row: bool) -> tuple[storage.Timed, storage.PeakMemory]:
+        """A timed sync of the list, Redis's memory polled; ``add_row``: EXTRA_PAIR first."""
+        done = step(f"subscribers: {what}")
+        if add_row:
+            with workload.path.open("a", encoding="ascii") as source:
+                source.write(f"{EXTRA_PAIR}\n")
+        with storage.PeakMemory(server.port) as memory:
+            timed = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
+        done()
+        return timed, memory
+
     client = redis.Redis(port=server.port)
     try:
-        done = step(f"subscribers: loader full sync of {workload.rows:,} rows")
-        with storage.PeakMemory(server.port) as first:
-            synced = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
+        synced, first = sync(f"loader full sync of {workload.rows:,} rows", add_row=False)
         used = storage.used_memory(client) - first.before
-        done()
         # Again with one pair more: a sync that changes the list writes a whole new
-        # generation beside the live one: Redis's peak with both generations held.
-        done = step("subscribers: a second sync changing one pair, Redis's peak memory")
-        with workload.path.open("a", encoding="ascii") as source:
-            source.write(f"{EXTRA_PAIR}\n")
-        with storage.PeakMemory(server.port) as second:
-            changed = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
-        done()
-        # And with that row twice: a new file with the same pairs is read and compared,
-        # and nothing is written to Redis.
-        done = step("subscribers: a third sync, a rewritten file with the same pairs")
-        with workload.path.open("a", encoding="ascii") as source:
-            source.write(f"{EXTRA_PAIR}\n")
-        with storage.PeakMemory(server.port) as third:
-            same = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
-        done()
+        # generation beside the live one: Redis's peak with both generations held. Then
+        # with that row twice: a new file with the same pairs, read, compared, not written.
+        changed, second = sync("a second sync adding one pair", add_row=True)
+        same, third = sync("a third sync, a rewritten file with the same pairs", add_row=True)
         meta = client.hgetall(keys.meta(SUBSCRIBER_LIST))
         pairs, subscribers = int(meta[b"size"]), int(meta[b"subscribers"])
         done = step("subscribers: MEMORY USAGE of every bucket, with and without its marker")
