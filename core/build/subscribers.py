@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import marshal
+import os
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ _T = TypeVar("_T")
 #: Buckets of a subscribers list handled per pipelined round trip while building, and
 #: per staging file: a round's pairs are what ``finish`` holds in memory at once.
 SUBSCRIBER_BUCKETS_PER_ROUND = 128
-#: Staging folders are named ``<prefix><list>.<random>``: a list name has no dot.
+#: Staging folders are named ``<prefix><list>.<pid>.<random>``: a list name has no dot.
 STAGE_PREFIX = "callscreen-stage."
 
 
@@ -279,16 +280,29 @@ class SubscriberListBuilder(ListBuilder):
 
 
 def _stage_folder(name: str) -> Path:
-    """A new staging folder for list ``name``; first removes the list's older ones.
-
-    Only the holder of the list's build lock stages, so an older folder is a killed
-    build's, on this host or in an earlier life of this container (same pid, same
-    ``/tmp`` volume): never a running one.
+    """A new staging folder for list ``name``; first removes the list's folders whose
+    loader is gone: its process no longer runs, or it had this process's pid (an
+    earlier life of this container, or an earlier build here: a process builds a list
+    once at a time). A running loader's is kept: another loader on the host may sync a
+    list of the same name into another Redis.
     """
     parent = Path(tempfile.gettempdir())
+    own = os.getpid()
     for old in parent.glob(f"{STAGE_PREFIX}{name}.*"):
-        shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{name}.", dir=parent))
+        pid = old.name[len(STAGE_PREFIX) + len(name) + 1 :].partition(".")[0]
+        if pid.isdigit() and (int(pid) == own or not _running(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{name}.{own}.", dir=parent))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _save_packed(path: Path, packed_round: list[dict[str, bytes]]) -> None:
