@@ -164,12 +164,7 @@ class Report:
                 f"  CPU per request, history on/off: {median(cpu_pairs):.3f} (paired rounds: "
                 f"{_listed(cpu_pairs)})"
             )
-        per_call = h.get("commands_per_call")
-        if per_call:
-            self.lines.append(
-                "  Redis commands per call (all of Redis's, list polls included): "
-                + ", ".join(f"{name} {count:.2f}" for name, count in per_call.items())
-            )
+        self.lines += _commands_per_call(h)
         answers = h["answers"]
         self.lines.append(
             f"  answers checked: {answers['checked']}, wrong: {answers['wrong']}; "
@@ -303,12 +298,7 @@ class Report:
                 else ""
             )
         )
-        per_call = h.get("commands_per_call")
-        if per_call:
-            self.lines.append(
-                "  Redis commands per call (all of Redis's, list polls included): "
-                + ", ".join(f"{name} {count:.2f}" for name, count in per_call.items())
-            )
+        self.lines += _commands_per_call(h)
         answers = h["answers"]
         self.lines.append(
             f"  answers checked: {answers['checked']}, wrong: {answers['wrong']}; "
@@ -376,6 +366,15 @@ class Report:
 def _rps_pairs(tops: list[dict[str, Any]], bottoms: list[dict[str, Any]]) -> list[float]:
     """Each round's throughput of ``tops`` over the round of ``bottoms`` run beside it."""
     return [top["rps"] / bottom["rps"] for top, bottom in zip(tops, bottoms, strict=True)]
+
+
+def _commands_per_call(h: dict[str, Any]) -> list[str]:
+    """The line of Redis commands per call by policy, if the part counted them."""
+    per_call = h.get("commands_per_call")
+    if not per_call:
+        return []
+    counts = ", ".join(f"{name} {count:.2f}" for name, count in per_call.items())
+    return [f"  Redis commands per call (all of Redis's, list polls included): {counts}"]
 
 
 def _listed(pairs: list[float]) -> str:
