@@ -97,6 +97,23 @@ async def wait_for(
         await asyncio.sleep(interval_s)
 
 
+async def holds_for(
+    check: Callable[[], Awaitable[bool]],
+    window_s: float,
+    interval_s: float = 0.02,
+    what: str = "condition",
+) -> None:
+    """Poll ``check`` for ``window_s``; fail the test as soon as it stops holding, naming
+    ``what``. For "nothing more happens": a window is the only way to see an absence."""
+    deadline = time.monotonic() + window_s
+    while time.monotonic() < deadline:
+        if not await check():
+            raise AssertionError(f"{what} stopped holding")
+        await asyncio.sleep(interval_s)
+    if not await check():
+        raise AssertionError(f"{what} stopped holding")
+
+
 async def load_list(redis: RedisClient, name: str, kind: ListKind, entries: list[str]) -> int:
     """Replace a list with ``entries`` (canonicalised) by a real full sync; return version."""
     builder = await start_build(redis, name, kind)
