@@ -171,17 +171,23 @@ class Plan:
     increment: bool = True
     called_int: int = 0
     #: Writes whose expiry this call skipped (:class:`Upkeep`): (index of the reply that
-    #: tells whether the key is new, the EXPIRE to send then).
-    _unexpired: list[tuple[int, Command]] = field(default_factory=list)
+    #: tells whether the key is new, index of the ZADD's reply for a dialled set or -1,
+    #: the EXPIRE to send then).
+    _unexpired: list[tuple[int, int, Command]] = field(default_factory=list)
 
     def repairs(self, replies: Sequence[Any]) -> list[Command]:
-        """The EXPIREs this call skipped on keys its replies show are new (a counter at
-        1, a dialled set holding only this call's number): deleted since the process
-        last gave them one. Rare; sent after the answer, off the call's round trip."""
+        """The EXPIREs this call skipped on keys its replies show are new: a counter at
+        1, or a dialled set that this call's number joined (ZADD added it) and that holds
+        only it. Such a key was deleted since the process last gave it one. A redial of
+        the same number (ZADD added nothing) is no repair. Rare; sent after the answer,
+        off the call's round trip."""
         found = []
-        for at, expire in self._unexpired:
+        for at, added_at, expire in self._unexpired:
             reply = replies[at]
-            if reply == 1 or (isinstance(reply, list) and len(reply) == 1):
+            if added_at < 0:
+                if reply == 1:
+                    found.append(expire)
+            elif replies[added_at] == 1 and isinstance(reply, list) and len(reply) == 1:
                 found.append(expire)
         return found
 
@@ -238,12 +244,13 @@ def plan(
             if upkeep is None or upkeep.counter_expiry_due(current):
                 commands.append(expire)
             else:
-                out._unexpired.append((len(commands) - 2, expire))
+                out._unexpired.append((len(commands) - 2, -1, expire))
     if caller is None or not called:
         return out
     for seq in sequences:
         key = keys.dialed(caller, seq.rule_key)
         since = now_s - seq.window_s
+        added_at = len(commands)
         if increment:
             commands.append(("ZADD", key, now_s, called))
         # Read: the calls less than window_s old. Kept: the newest ``track`` (older ones
@@ -261,5 +268,5 @@ def plan(
         if expire_due:
             commands.append(expire)
         else:
-            out._unexpired.append((out._parts[-1][1], expire))
+            out._unexpired.append((out._parts[-1][1], added_at, expire))
     return out

@@ -272,6 +272,8 @@ class ListStore:
         #: Expiries and trims the calls' writes already got (core/fraud.py).
         self.upkeep = Upkeep()
         self._later: set[asyncio.Task[list[Any]]] = set()
+        #: Commands :meth:`send_later` was given this event-loop turn, not yet sent.
+        self._pending: list[tuple[Any, ...]] = []
 
     # --- reading -------------------------------------------------------------------
     async def states(self, names: Iterable[str]) -> dict[str, ListState]:
@@ -615,12 +617,19 @@ class ListStore:
 
     def send_later(self, commands: Sequence[tuple[Any, ...]]) -> None:
         """Send ``commands`` after the call that found them needed, off its round trip
-        (never raises: the dispatcher turns failures into replies)."""
+        (never raises: the dispatcher turns failures into replies). Those given in one
+        event-loop turn go together, by one task: not a task per call."""
         if not commands:
             return
-        task = asyncio.create_task(self.coalescer.run(list(commands)))
-        self._later.add(task)
-        task.add_done_callback(self._later.discard)
+        if not self._pending:
+            task = asyncio.create_task(self._send_pending())
+            self._later.add(task)
+            task.add_done_callback(self._later.discard)
+        self._pending += commands
+
+    async def _send_pending(self) -> list[Any]:
+        commands, self._pending = self._pending, []
+        return await self.coalescer.run(commands)
 
 
 class MissingGeneration(LookupError):

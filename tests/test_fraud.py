@@ -236,6 +236,26 @@ async def test_a_dialled_set_deleted_meanwhile_gets_its_expiry_back(redis: Redis
     assert 60 < await redis.ttl(key) <= 66
 
 
+async def test_a_redial_of_the_same_number_sends_no_repair(redis: Redis) -> None:
+    """A caller dialling one number again finds a set holding only that number, which
+    is no sign of a deleted set: no EXPIRE goes after the call (the set keeps its TTL)."""
+    store = ListStore(redis)
+    rule = fraud.SequenceRule("p:seq", window_s=60, max_gap=1, track=8)
+    upkeep = fraud.Upkeep()
+    key = keys.dialed(CALLER, "p:seq")
+    repairs = []
+    for at_s in (1_000.0, 1_001.0, 1_002.0):
+        plan = fraud.plan(
+            [], [rule], caller=CALLER, called="15162060000", trunk_group="main", now_s=at_s,
+            upkeep=upkeep,
+        )  # fmt: skip
+        *_, replies = await store.fetch_for_call(CALLER, (), at_s, extra=plan.commands)
+        repairs.append(plan.repairs(replies))
+        assert plan.read(replies)["p:seq"] == 1
+    assert repairs == [[], [], []]
+    assert 60 < await redis.ttl(key) <= 66  # from the first call's own EXPIRE
+
+
 @pytest.mark.parametrize("remembered", [False, True], ids=["every-call", "upkeep"])
 async def test_sequential_dialing_window_and_memory_are_bounded(
     redis: Redis, remembered: bool
