@@ -82,6 +82,16 @@ class Dispatcher:
         self._refresher: asyncio.Task[None] | None = None
 
     @property
+    def plain_link(self) -> Link | None:
+        """The lean link of a single Redis server (not a Cluster), if batches use one.
+
+        A caller may run its commands on it directly: what :meth:`run` adds for one
+        server is only turning the link's exceptions (every one a ``RedisError``, or
+        ``TimeoutError`` for the deadline) into failed replies.
+        """
+        return self._plain_link
+
+    @property
     def lean(self) -> bool:
         """Whether batches go on :mod:`core.wire` links, which join each event-loop
         turn's callers into one write by themselves (see :mod:`core.coalesce`)."""
@@ -132,11 +142,12 @@ class Dispatcher:
         """
         if not commands:
             return []
-        report = on_part if on_part is not None else _ignore
         if not self._cluster:
             plain = await self._plain(commands, timeout_s)
-            report(list(enumerate(plain)))
+            if on_part is not None:
+                on_part(list(enumerate(plain)))
             return plain
+        report = on_part if on_part is not None else _ignore
         if timeout_s is None:
             return await self._on_cluster(commands, report)
         async with asyncio.timeout(timeout_s):

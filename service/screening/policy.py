@@ -30,6 +30,9 @@ Found = Mapping[str, Entries] | None
 ALLOW_ANSWER = b"[]"
 DEFAULT_RULE = "default"
 ON_ERROR_RULE = "on_error"
+#: What a rule's ``test`` returns when it needs what Redis holds first (compared by
+#: identity; evaluate() raises :class:`NeedsRates` for it: one raise a call, not two).
+NEEDS_REDIS = "needs Redis"
 
 
 def reject_answer(operands: Operands) -> bytes:
@@ -139,7 +142,8 @@ class CompiledRule:
 
     # One method per condition; __init__ binds the rule's own as ``test`` so a call
     # costs one attribute look-up, not a chain of comparisons. A list missing from
-    # ``lists`` raises KeyError, which evaluate() reports as ListsUnavailable.
+    # ``lists`` raises KeyError, which evaluate() reports as ListsUnavailable; a rule
+    # that needs Redis's counts or entries first returns NEEDS_REDIS.
     def _caller_in_list(self, call: Call, lists: Lists, rates: Rates, found: Found) -> str | None:
         numbers: NumberList = lists[self.list_key]  # type: ignore[assignment]
         number = call.caller_int
@@ -201,7 +205,7 @@ class CompiledRule:
         if by in ("called", "caller_called") and call.called is None:
             return None
         if rates is None:
-            raise NeedsRates()
+            return NEEDS_REDIS
         count = rates.get(self.rate.key, 0)
         if count <= self.rate.limit:
             return None
@@ -216,7 +220,7 @@ class CompiledRule:
         if caller is None or called is None:
             return None
         if found is None:
-            raise NeedsRates()
+            return NEEDS_REDIS
         matched = found.get(self.list_key, NO_ENTRIES).match(self.side, caller)
         return f"{matched} (subscriber {called})" if matched else None
 
@@ -226,7 +230,7 @@ class CompiledRule:
         if call.caller is None or call.called is None:
             return None
         if rates is None:
-            raise NeedsRates()
+            return NEEDS_REDIS
         run = rates.get(self.rule_key, 1)
         rule = self.rule
         if run < rule.run_length:
@@ -268,6 +272,8 @@ class CompiledPolicy:
         self.rate_rules = tuple(
             r.rate for r in self.rules if r.rate is not None and r.rate.by == "caller"
         )
+        #: ``(rule key, window_s)`` of each, as ``fetch_for_call`` takes them.
+        self.rate_windows = tuple((rate.key, rate.window_s) for rate in self.rate_rules)
         #: The rules :mod:`core.fraud` reads for: rates by other keys, sequential dialing.
         self.keyed_rates = tuple(
             KeyedRate(r.rate.key, r.rate.by, r.rate.window_s, r.rate.prefix_digits)
@@ -275,10 +281,13 @@ class CompiledPolicy:
             if r.rate is not None and r.rate.by != "caller"
         )
         self.sequences = tuple(r.sequence for r in self.rules if r.sequence is not None)
-        #: Subscribers lists whose entries a call reaching a remote rule reads.
+        #: Whether a call reaching a remote rule needs Redis whatever the entries cache
+        #: holds (counters to add to or read).
+        self.counts_calls = bool(self.rate_rules or self.keyed_rates or self.sequences)
         #: The call's STIR/SHAKEN result is worked out before evaluating (screen.py).
         self.uses_stir = any(r.match.startswith("stir_") for r in self.rules)
         self.trust_verstat = policy.trust_verstat
+        #: Subscribers lists whose entries a call reaching a remote rule reads.
         self.subscriber_lists = tuple(
             sorted({r.list_key for r in self.rules if r.match == "caller_in_subscriber_list"})
         )
@@ -305,14 +314,14 @@ class CompiledPolicy:
             rule = rules[at]
             try:
                 matched = rule.test(call, lists, rates, found)
-            except NeedsRates:
-                raise NeedsRates(at, dry_runs) from None
             except KeyError:
                 if rule.list_name is None or rule.list_name in lists:
                     raise
                 raise ListsUnavailable(f"list {rule.list_name!r} is not loaded") from None
             if matched is None:
                 continue
+            if matched is NEEDS_REDIS:
+                raise NeedsRates(at, dry_runs)
             if rule.dry_run:
                 dry_runs += ((rule.outcome, matched),)
                 continue

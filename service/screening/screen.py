@@ -148,7 +148,7 @@ class Screener:
         except ListsUnavailable as exc:
             return self._unavailable(policy, exc)
         except NeedsRates as pending:
-            if policy.rate_rules or policy.keyed_rates or policy.sequences or pending.stir:
+            if policy.counts_calls or pending.stir:
                 return pending  # Redis is needed whatever the cache holds
             return self._from_cache(policy, call, pending)
 
@@ -220,7 +220,6 @@ class Screener:
                 return decision
             pending = decision
         cache = self.cache
-        windows = [(rule.key, rule.window_s) for rule in policy.rate_rules]
         reads, held, cached = self.subscribers.lookup(policy.subscriber_lists, cache.lists, call)
         now_s = time.time()
         plan = None
@@ -243,7 +242,7 @@ class Screener:
         try:
             counts, packed, lost, replies = await self.store.fetch_for_call(
                 call.caller,
-                windows,
+                policy.rate_windows,
                 now_s,
                 increment=count,
                 subscribers=reads,
