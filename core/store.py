@@ -535,7 +535,7 @@ class ListStore:
         *,
         increment: bool = True,
         subscribers: Sequence[tuple[str, int, str]] = (),
-        extra: Sequence[Sequence[Any]] = (),
+        extra: Sequence[tuple[Any, ...]] = (),
         timeout_s: float | None = None,
     ) -> tuple[dict[str, int], dict[str, bytes | None], tuple[str, ...], list[Any]]:
         """Everything one call needs from Redis, in one pipelined round trip.
@@ -576,7 +576,7 @@ class ListStore:
         for name, gen, subscriber in subscribers:
             bucket = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
             commands.append(("HMGET", bucket, subscriber, keys.SUBSCRIBER_MARKER))
-        commands += [tuple(command) for command in extra]
+        commands += extra
         link = self.dispatcher.plain_link
         try:
             if link is not None:  # one server: its link joins the turn's callers itself

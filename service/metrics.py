@@ -176,29 +176,55 @@ class RatePeaks(Collector):
 
 
 class LatencyHistogram(Collector):
-    """A histogram without labels: one bisect and two additions per observation."""
+    """A histogram: one bisect and two additions per observation.
 
-    def __init__(self, name: str, documentation: str, buckets_s: tuple[float, ...]) -> None:
+    With ``label``, one series per value of ``values`` (fixed at creation), each
+    observed through :meth:`labels`; without, observed directly.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets_s: tuple[float, ...],
+        label: str | None = None,
+        values: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.bounds = buckets_s
         #: Observations per bucket (not cumulative); the last one is +Inf.
         self.counts = [0] * (len(buckets_s) + 1)
         self.sum_s = 0.0
+        self.label = label
+        self._series = {value: LatencyHistogram(name, documentation, buckets_s) for value in values}
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum_s += seconds
 
-    def collect(self) -> Iterator[Metric]:
+    def labels(self, value: str) -> LatencyHistogram:
+        """The series of one label value (one of ``values``)."""
+        return self._series[value]
+
+    def _buckets(self) -> list[tuple[str, float]]:
         cumulative = 0
         buckets = []
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(cumulative)))
-        yield HistogramMetricFamily(
-            self.name, self.documentation, buckets=buckets, sum_value=self.sum_s
-        )
+        return buckets
+
+    def collect(self) -> Iterator[Metric]:
+        if self.label is None:
+            yield HistogramMetricFamily(
+                self.name, self.documentation, buckets=self._buckets(), sum_value=self.sum_s
+            )
+            return
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, series in self._series.items():
+            family.add_metric([value], series._buckets(), series.sum_s)
+        yield family
 
 
 class RedisHealth(Collector):
@@ -295,13 +321,14 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        self.redis_seconds = Histogram(
+        self.redis_seconds = LatencyHistogram(
             "callscreen_redis_duration_seconds",
             "Redis round-trip time, by operation.",
-            ["operation"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
+            LATENCY_BUCKETS_S,
+            "operation",
+            ("poll", "rate"),
         )
+        registry.register(self.redis_seconds)
         self.list_entries = Gauge(
             "callscreen_list_entries",
             "Entries on each list, as loaded by this service.",

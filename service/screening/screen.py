@@ -220,7 +220,12 @@ class Screener:
                 return decision
             pending = decision
         cache = self.cache
-        reads, held, cached = self.subscribers.lookup(policy.subscriber_lists, cache.lists, call)
+        if policy.subscriber_lists:
+            reads, held, cached = self.subscribers.lookup(
+                policy.subscriber_lists, cache.lists, call
+            )
+        else:
+            reads, held, cached = [], [], {}
         now_s = time.time()
         plan = None
         if policy.keyed_rates or policy.sequences:
@@ -238,7 +243,7 @@ class Screener:
         budget_s = self.deadline_s - (started - arrived if arrived is not None else 0.0)
         if budget_s <= 0:
             return self._fallback("deadline", "no time left for the Redis read")
-        sent_at = self.subscribers.clock()
+        sent_at = self.subscribers.clock() if reads else 0.0
         try:
             counts, packed, lost, replies = await self.store.fetch_for_call(
                 call.caller,
@@ -260,11 +265,13 @@ class Screener:
             self.store.send_later(plan.repairs(replies))
         if count:
             self.metrics.rates_seen(counts, now_s)
-        found = {name: Entries.unpack(blob) for name, blob in packed.items()}
-        for (name, _, subscriber), copy in zip(reads, held, strict=True):
-            if name not in lost:  # a bucket without its marker is never cached
-                self.subscribers.put(name, copy, subscriber, found[name], sent_at)
-        found.update(cached)
+        found = cached
+        if reads:
+            found = {name: Entries.unpack(blob) for name, blob in packed.items()}
+            for (name, _, subscriber), copy in zip(reads, held, strict=True):
+                if name not in lost:  # a bucket without its marker is never cached
+                    self.subscribers.put(name, copy, subscriber, found[name], sent_at)
+            found.update(cached)
         lists = cache.lists
         if lost:  # rare: copy the (few) list objects without the lost ones
             lists = {name: held for name, held in lists.items() if name not in lost}
