@@ -11,9 +11,9 @@ mean: docs/design.md, "Anonymous", and README, "How it decides".
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from core.numbers import is_dialable, normalise
 
@@ -35,6 +35,34 @@ RPID_PRIVACY = frozenset({"full", "uri"})
 MAX_FIELD_CHARS = 256
 #: Only the first few values of a header are looked at.
 MAX_VALUES = 8
+
+
+_T = TypeVar("_T")
+
+
+class once(Generic[_T]):
+    """``functools.cached_property`` without its lock: CPython 3.11 takes an RLock at
+    every first read, and a call reads several of these once each. A call is read by
+    one event loop only. The value goes into the instance's ``__dict__``, which then
+    answers every later read without this descriptor."""
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> once[_T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _T: ...
+    def __get__(self, instance: object | None, owner: type | None = None) -> once[_T] | _T:
+        if instance is None:
+            return self
+        value = self.func(instance)
+        instance.__dict__[self.name] = value
+        return value
 
 
 class Headers:
@@ -84,17 +112,17 @@ class Call:
     #: screener before a policy with ``stir_*`` rules evaluates the call.
     stir: Any = field(default=None, repr=False)
 
-    @cached_property
+    @once
     def called(self) -> str | None:
         """The called number (``To``), normalised."""
         return called_number(self.headers.get("to"), self.default_country)
 
-    @cached_property
+    @once
     def called_int(self) -> int | None:
         called = self.called
         return int(called) if called else None
 
-    @cached_property
+    @once
     def anonymous(self) -> bool:
         """The caller withheld their identity (see the module docstring)."""
         from_user = self.from_user
@@ -105,7 +133,7 @@ class Call:
             or _privacy_requested(self.headers)
         )
 
-    @cached_property
+    @once
     def verstat(self) -> str | None:
         """The ``verstat`` attestation of ``From``, else of ``P-Asserted-Identity``."""
         for address in self.froms[:1] + _addresses(self.headers.get("p-asserted-identity"))[:1]:
