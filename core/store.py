@@ -548,8 +548,9 @@ class ListStore:
         bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted,
         the replies to the ``extra`` commands, in order: core/fraud.py's; each command
         single-key, key first). Sent with the other calls of the same event-loop turn
-        (:mod:`core.coalesce`); on a Cluster each node's commands go on that node's own
-        connections, all at once (:mod:`core.shards`). Raises a ``RedisError`` when any
+        (on one server by its lean link, :mod:`core.wire`; else :mod:`core.coalesce`);
+        on a Cluster each node's commands go on that node's own connections, all at
+        once (:mod:`core.shards`). Raises a ``RedisError`` when any
         of this call's commands failed, ``TimeoutError`` when ``timeout_s`` passes
         before the replies come.
         """
