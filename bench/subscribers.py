@@ -8,9 +8,10 @@ Steps, on the bench's private Redis (the block list and the others already loade
 1. write the subscribers CSV (``subscriber,entry,side``; bench/workload.py);
 2. full sync by the real loader (``python -m loader sync --list personal``), timed as
    the whole process an operator runs, with its peak memory and Redis's
-   (``used_memory`` polled); then a second sync with one pair more (Redis's peak with
-   both generations held) and a third of a file with a duplicate row (the same pairs:
-   timed, and how much Redis grew meanwhile);
+   (``used_memory`` polled); then a second sync with one pair more, a third of a file
+   with a duplicate row (the same pairs: timed, and how much Redis grew meanwhile) and
+   a fourth giving 1 % of the subscribers one entry more (Redis's peaks: a sync writes
+   only the buckets it changes);
 3. Redis bytes per pair: ``MEMORY USAGE ... SAMPLES 0`` of every bucket key of the live
    generation (all 16,384), divided by the pairs ``meta`` counts; and the share of that
    which the buckets' markers take (each bucket copied, its marker removed, measured);
@@ -61,6 +62,7 @@ from bench.workload import (
     write_subscribers,
 )
 from core import keys
+from core.bucket_gens import BucketGens
 from core.subscribers import code_of, pack, settle
 from devtools.redis_server import RedisProcess, free_port
 
@@ -95,6 +97,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The entry the fourth sync gives 1 % of the subscribers.
+EXTRA_ENTRY = "15165559999"
+
+
+def one_percent_rows(path: Path) -> str:
+    """Rows giving every hundredth subscriber of the CSV at ``path`` one entry more."""
+    seen: dict[str, None] = {}
+    with path.open(encoding="ascii") as source:
+        next(source)  # the header
+        for line in source:
+            seen.setdefault(line.partition(",")[0], None)
+    chosen = list(seen)[::100]
+    return "".join(f"{subscriber},{EXTRA_ENTRY},block\n" for subscriber in chosen)
+
+
 def run(
     args: argparse.Namespace,
     *,
@@ -121,12 +138,15 @@ def run(
     config_path = write_config(folder / "bench.yaml", subscriber_config(base_config, workload.path))
     done()
 
-    def sync(what: str, add_row: bool) -> tuple[storage.Timed, storage.PeakMemory]:
-        """A timed sync of the list, Redis's memory polled; ``add_row``: EXTRA_PAIR first."""
+    def sync(what: str, add_row: bool, rows: str = "") -> tuple[storage.Timed, storage.PeakMemory]:
+        """A timed sync of the list, Redis's memory polled; ``add_row``: EXTRA_PAIR first;
+        ``rows``: these appended first."""
         done = step(f"subscribers: {what}")
         if add_row:
+            rows += f"{EXTRA_PAIR}\n"
+        if rows:
             with workload.path.open("a", encoding="ascii") as source:
-                source.write(f"{EXTRA_PAIR}\n")
+                source.write(rows)
         with storage.PeakMemory(server.port) as memory:
             timed = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
         done()
@@ -136,11 +156,13 @@ def run(
     try:
         synced, first = sync(f"loader full sync of {workload.rows:,} rows", add_row=False)
         used = storage.used_memory(client) - first.before
-        # Again with one pair more: a sync that changes the list writes a whole new
-        # generation beside the live one: Redis's peak with both generations held. Then
-        # with that row twice: a new file with the same pairs, read, compared, not written.
+        # Again with one pair more: only its bucket is written anew. Then with that row
+        # twice: a new file with the same pairs, read, compared, not written. Then 1 % of
+        # the subscribers with one entry more: about that many buckets written.
         changed, second = sync("a second sync adding one pair", add_row=True)
         same, third = sync("a third sync, a rewritten file with the same pairs", add_row=True)
+        some = one_percent_rows(workload.path)
+        wide, fourth = sync("a fourth sync, 1 % of the subscribers one entry more", False, some)
         meta = client.hgetall(keys.meta(SUBSCRIBER_LIST))
         pairs, subscribers = int(meta[b"size"]), int(meta[b"subscribers"])
         done = step("subscribers: MEMORY USAGE of every bucket, with and without its marker")
@@ -168,6 +190,9 @@ def run(
         # Above what Redis held before it (the list, and its old generation expiring).
         "same_pairs_peak_x": (third.peak - third.before) / used,
         "same_pairs_s": same.seconds,
+        # Above what Redis held before it, as the second sync's.
+        "one_percent_peak_x": (fourth.peak - fourth.before) / used,
+        "one_percent_s": wide.seconds,
         "encodings": memory["encodings"],
         "dense": dense,
     }
@@ -195,11 +220,13 @@ def bucket_memory(client: redis.Redis, gen: int) -> dict[str, Any]:
     """
     total = without = 0
     encodings: dict[str, int] = {}
+    packed = client.get(keys.subscriber_gens(SUBSCRIBER_LIST, gen))
+    gens = BucketGens.from_bytes(gen, packed if isinstance(packed, bytes) else None)
     for first in range(0, keys.SUBSCRIBER_BUCKETS, BUCKETS_PER_ROUND):
         ids = range(first, min(first + BUCKETS_PER_ROUND, keys.SUBSCRIBER_BUCKETS))
         pipe = client.pipeline(transaction=False)
         for bucket in ids:
-            key = keys.subscribers(SUBSCRIBER_LIST, bucket, gen)
+            key = gens.key(SUBSCRIBER_LIST, bucket)
             scratch = key + ":bench-copy"
             pipe.memory_usage(key, samples=0)
             pipe.object("encoding", key)

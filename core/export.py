@@ -17,7 +17,7 @@ import time
 from array import array
 from collections.abc import AsyncIterator
 
-from core import keys, overlay, subscriber_overlay
+from core import bucket_gens, keys, overlay, subscriber_overlay
 from core.config import ListKind
 from core.entries import EXACT_MARK
 from core.store import Deltas, ListStore, RedisClient, unpack_bucket
@@ -150,11 +150,12 @@ async def _subscribers(
     lost = 0
     notes: list[str] = []
     now_s = time.time()
+    gens = await bucket_gens.read(redis, name, gen)
     for first in range(0, keys.SUBSCRIBER_BUCKETS, SUBSCRIBER_BUCKETS_PER_READ):
         last = min(first + SUBSCRIBER_BUCKETS_PER_READ, keys.SUBSCRIBER_BUCKETS)
         async with redis.pipeline(transaction=False) as pipe:
             for bucket in range(first, last):
-                pipe.hgetall(keys.subscribers(name, bucket, gen))
+                pipe.hgetall(gens.key(name, bucket))
                 pipe.hgetall(keys.subscriber_overlay(name, bucket))
             replies = await pipe.execute()
         lines: list[str] = []

@@ -26,7 +26,8 @@ NUMBER_BUCKETS = 4096
 #: of them (~40 kB), small enough to move in a resharding without a pause.
 SUBSCRIBER_BUCKETS = 16384
 #: The field every bucket hash of a subscribers generation carries (value: the
-#: generation), whether or not it holds subscribers. Written when the generation is
+#: generation that wrote the bucket, which later generations may keep naming:
+#: core/bucket_gens.py), whether or not it holds subscribers. Written when the generation is
 #: built (or allocated by the admin API) and never removed: subscriber writes touch
 #: their own field only. A call reads it with its subscriber (one HMGET), so a bucket
 #: Redis lost while the list's ``meta`` survived (a Cluster master failed over to an
@@ -104,6 +105,12 @@ def subscriber_bucket_of(subscriber: str) -> int:
 def subscribers(name: str, bucket: int, gen: int) -> str:
     """One bucket of generation ``gen`` of a subscribers list."""
     return f"{{cs:{check_list_name(name)}:{bucket}}}:sub:{gen}"
+
+
+def subscriber_gens(name: str, gen: int) -> str:
+    """Which generation holds each bucket of generation ``gen`` of a subscribers list
+    (:mod:`core.bucket_gens`); in ``meta``'s slot."""
+    return _tag(name) + f":subgens:{gen}"
 
 
 def subscriber_overlay(name: str, bucket: int) -> str:

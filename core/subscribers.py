@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from core import keys, subscriber_overlay
+from core import bucket_gens, keys, subscriber_overlay
 from core.numbers import normalise, normalise_prefix
 from core.store import RedisClient
 
@@ -334,7 +334,8 @@ class SubscriberStore:
         gen = await self.gen(name)
         if not gen:
             return 0, NO_ENTRIES
-        key = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
+        bucket = keys.subscriber_bucket_of(subscriber)
+        key = await bucket_gens.bucket_key(self.redis, name, gen, bucket)
         blob = await self.redis.hget(key, subscriber)
         return gen, Entries.unpack(blob if isinstance(blob, bytes) else None)
 
@@ -344,7 +345,8 @@ class SubscriberStore:
         gen = await self.gen(name)
         if not gen:
             return 0, NO_ENTRIES, False
-        key = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
+        bucket = keys.subscriber_bucket_of(subscriber)
+        key = await bucket_gens.bucket_key(self.redis, name, gen, bucket)
         blob, marker = await self.redis.hmget(key, [subscriber, keys.SUBSCRIBER_MARKER])
         entries = Entries.unpack(blob if isinstance(blob, bytes) else None)
         return gen, entries, marker is None
@@ -379,7 +381,7 @@ class SubscriberStore:
         for _ in range(MAX_ATTEMPTS):
             if not gen:
                 gen = await self.live_gen(name)
-            key = keys.subscribers(name, bucket, gen)
+            key = await bucket_gens.bucket_key(self.redis, name, gen, bucket)
             wrote = await self._change_in(key, subscriber, code, remove)
             if overlay:  # after the entry cap's check: a refused write keeps nothing
                 await subscriber_overlay.write(self.redis, name, kept, ttl_s, _no_tick)
@@ -461,11 +463,12 @@ class SubscriberStore:
         plan: dict[int, list[_Write]] = {}
         over: list[str] = []
         buckets = sorted(by_bucket)
+        gens = await bucket_gens.read(self.redis, name, gen)
         for first in range(0, len(buckets), BULK_BUCKETS_PER_ROUND):
             ids = buckets[first : first + BULK_BUCKETS_PER_ROUND]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket in ids:
-                    pipe.hmget(keys.subscribers(name, bucket, gen), list(by_bucket[bucket]))
+                    pipe.hmget(gens.key(name, bucket), list(by_bucket[bucket]))
                 replies = await pipe.execute()
             for bucket, values in zip(ids, replies, strict=True):
                 writes, full = await _bucket_writes(by_bucket[bucket], values, slices)
@@ -489,6 +492,7 @@ class SubscriberStore:
     ) -> None:
         """One compare-and-set script per bucket; the buckets that moved are planned again."""
         slices = Slices()
+        gens = await bucket_gens.read(self.redis, name, gen)
         for _ in range(MAX_ATTEMPTS):
             buckets = sorted(plan)
             moved: list[int] = []
@@ -497,7 +501,7 @@ class SubscriberStore:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for bucket in ids:
                         args = [a for w in plan[bucket] for a in (w.subscriber, w.expected, w.new)]
-                        pipe.eval(_CAS_MANY, 1, keys.subscribers(name, bucket, gen), *args)
+                        pipe.eval(_CAS_MANY, 1, gens.key(name, bucket), *args)
                         await slices.tick()
                     replies = await pipe.execute()
                 moved += [bucket for bucket, done in zip(ids, replies, strict=True) if not done]

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from core import keys, overlay, subscriber_overlay
+from core import bucket_gens, keys, overlay, subscriber_overlay
 from core.config import Config, ListKind
 from core.redact import redact_text
 from core.store import ListState, ListStore, RedisClient, data_lost
@@ -63,11 +63,12 @@ async def missing_data(
 
 async def _lost_buckets(redis: RedisClient, name: str, gen: int) -> int:
     lost = 0
+    gens = await bucket_gens.read(redis, name, gen)
     for first in range(0, keys.SUBSCRIBER_BUCKETS, MARKERS_PER_ROUND):
         last = min(first + MARKERS_PER_ROUND, keys.SUBSCRIBER_BUCKETS)
         async with redis.pipeline(transaction=False) as pipe:
             for bucket in range(first, last):
-                pipe.hexists(keys.subscribers(name, bucket, gen), keys.SUBSCRIBER_MARKER)
+                pipe.hexists(gens.key(name, bucket), keys.SUBSCRIBER_MARKER)
             replies = await pipe.execute()
         lost += replies.count(False) + replies.count(0)
     return lost

@@ -283,11 +283,17 @@ async def test_loader_guards_dry_run_and_a_second_sync(
     new_gen, entries = await store.read("personal", "19512620007")
     assert new_gen > gen and entries.as_dict()["block"] == ["15165550007"]
     assert (await store.read("personal", "19512620030"))[1].as_dict()["block"] == []
-    # The old generation is still readable for a moment, and expires.
-    old_key = keys.subscribers("personal", keys.subscriber_bucket_of("19512620030"), gen)
+    # Only the changed buckets were written anew; the old copy of one is still readable
+    # for a moment, and expires. An unchanged bucket stays where the first sync put it.
+    dropped = keys.subscriber_bucket_of("19512620030")
+    old_key = keys.subscribers("personal", dropped, gen)
     assert 0 < await redis.ttl(old_key) <= keys.OLD_GENERATION_GRACE_S
-    new_key = keys.subscribers("personal", keys.subscriber_bucket_of("19512620007"), new_gen)
-    assert await redis.ttl(new_key) == -1
+    assert await redis.ttl(keys.subscribers("personal", dropped, new_gen)) == -1
+    kept_key = keys.subscribers("personal", keys.subscriber_bucket_of("19512620007"), gen)
+    assert await redis.ttl(kept_key) == -1
+    assert not await redis.exists(
+        keys.subscribers("personal", keys.subscriber_bucket_of("19512620007"), new_gen)
+    )
     assert not await redis.keys("*stage*")
 
 

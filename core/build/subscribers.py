@@ -6,7 +6,9 @@ never write a bucket.
 
 The rows are staged on the loader's own disk (a folder under ``TMPDIR``, one file per
 round of buckets), not in Redis: text rows cost Redis several times the packed list.
-Redis then holds the live generation and the one being built, no more.
+Only the buckets whose content changed are written; the new generation's bucket map
+(:mod:`core.bucket_gens`) names the others where they are. Redis then holds the live
+list and the changed buckets, no more.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from core import keys, subscriber_overlay
+from core import bucket_gens, keys, subscriber_overlay
+from core.bucket_gens import BucketGens
 from core.build.base import BuildLock, BuildResult, ListBuilder
 from core.store import RedisClient
 from core.subscribers import MAX_ENTRIES as subscribers_max
@@ -85,6 +88,11 @@ class SubscriberListBuilder(ListBuilder):
         self.subscribers = 0
         #: Buckets of the live generation that had lost their marker (set by ``finish``).
         self.lost_buckets = 0
+        #: The live generation's bucket map (set by ``finish``).
+        self._old_gens = BucketGens(old_gen)
+        #: Buckets whose content differs from the live generation's (set by ``finish``):
+        #: only these are written.
+        self._changed: list[int] = []
 
     async def add(self, entries: Iterable[str]) -> None:
         raise TypeError("a subscribers list takes pairs: use add_pair()")
@@ -153,8 +161,27 @@ class SubscriberListBuilder(ListBuilder):
                     getattr(pipe, command)(keys.subscribers(self.name, bucket, gen), *args)
                 await pipe.execute()
 
+    async def _expire_keys(self, where: list[tuple[int, int]]) -> None:
+        """Expire the bucket keys ``(bucket, generation)`` after the grace period."""
+        for first in range(0, len(where), 2048):
+            await self._refresh_lock()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for bucket, gen in where[first : first + 2048]:
+                    pipe.expire(
+                        keys.subscribers(self.name, bucket, gen), keys.OLD_GENERATION_GRACE_S
+                    )
+                await pipe.execute()
+
+    async def _retire(self, old: BucketGens, live: BucketGens) -> None:
+        """Expire what generation ``old`` named and ``live`` does not, and ``old``'s map."""
+        await self._expire_keys(old.replaced_by(live))
+        await self.redis.expire(
+            keys.subscriber_gens(self.name, old.gen), keys.OLD_GENERATION_GRACE_S
+        )
+
     async def _retire_leftover(self) -> None:
-        """Expire the buckets of a generation a killed loader swapped out (``retiring``).
+        """Expire the buckets of a generation a killed loader swapped out (``retiring``)
+        that the live generation no longer names.
 
         Also delete those of a generation the admin API began to allocate and never made
         live (``marking``, core/subscribers.py): once a generation is live, none can be
@@ -164,7 +191,8 @@ class SubscriberListBuilder(ListBuilder):
         fields = await self.redis.hmget(meta_key, ["retiring", "marking"])
         retiring, marking = (int(value or 0) for value in fields)
         if retiring and retiring not in (self.gen, self.old_gen):
-            await self._each_bucket("expire", keys.OLD_GENERATION_GRACE_S, gen=retiring)
+            live = await bucket_gens.read(self.redis, self.name, self.old_gen)
+            await self._retire(await bucket_gens.read(self.redis, self.name, retiring), live)
             await self.redis.hdel(meta_key, "retiring")
         if self.old_gen and marking and marking not in (self.gen, self.old_gen):
             await self.redis.hdel(meta_key, "marking")
@@ -173,6 +201,8 @@ class SubscriberListBuilder(ListBuilder):
     async def finish(self, *, sample: int = 0) -> BuildResult:
         await self._flush()
         await self._retire_leftover()
+        self._old_gens = await bucket_gens.read(self.redis, self.name, self.old_gen)
+        self._changed = []
         tally = _Tally(sample)
         step = SUBSCRIBER_BUCKETS_PER_ROUND
         now_s = time.time()  # admin overlay fields expired by then are left out
@@ -186,6 +216,8 @@ class SubscriberListBuilder(ListBuilder):
                 live = subscriber_overlay.live(kept, now_s)
                 packed = tally.settle(staged.get(bucket, ()), live)
                 tally.diff(packed, self._old_entries(old_raw, tally))
+                if not self.old_gen or _differs(packed, old_raw):
+                    self._changed.append(bucket)
                 packed_round.append(packed)
             folder = await self._stage_folder()
             await self._stage_io(_save_packed, folder / f"{first // step}.packed", packed_round)
@@ -201,7 +233,7 @@ class SubscriberListBuilder(ListBuilder):
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in ids:
                 if self.old_gen:
-                    pipe.hgetall(keys.subscribers(self.name, bucket, self.old_gen))
+                    pipe.hgetall(self._old_gens.key(self.name, bucket))
                 pipe.hgetall(keys.subscriber_overlay(self.name, bucket))
             replies = await pipe.execute()
         if not self.old_gen:
@@ -246,37 +278,56 @@ class SubscriberListBuilder(ListBuilder):
         expect_version: int | None = None,
         compaction: bool = False,
     ) -> int:
+        new_gens = BucketGens(self.gen)
         if self.result is not None and self.result.size:
             await self._write_built()
+            new_gens = self._new_gens()
+            map_key = keys.subscriber_gens(self.name, self.gen)
+            if not new_gens.uniform:  # named before the swap, kept while it is live
+                await self.redis.set(map_key, new_gens.to_bytes(), ex=keys.STAGING_TTL_S)
             await self._each_bucket("persist", gen=self.gen)
+            await self.redis.persist(map_key)
         extra = {"subscribers": self.subscribers, "retiring": self.old_gen}
         version = await super().commit(
             {**fields, **extra}, expect_version=expect_version, compaction=compaction
         )
         self._remove_stage()
         if self.old_gen:
-            await self._each_bucket("expire", keys.OLD_GENERATION_GRACE_S, gen=self.old_gen)
+            await self._retire(self._old_gens, new_gens)
         await self.redis.hdel(keys.meta(self.name), "retiring")
         return version
 
+    def _new_gens(self) -> BucketGens:
+        """The new generation's map: the changed buckets at ``gen``, the rest where the
+        live generation has them (uniform when every bucket was written)."""
+        if not self.old_gen or len(self._changed) == keys.SUBSCRIBER_BUCKETS:
+            return BucketGens(self.gen)
+        return self._old_gens.rewritten(self.gen, self._changed)
+
     async def _write_built(self) -> None:
-        """Write every bucket ``finish`` packed, a round at a time, as generation ``gen``."""
+        """Write the buckets ``finish`` found changed, a round at a time, as generation
+        ``gen``."""
         self._keys_written = True
         folder = await self._stage_folder()
         step = SUBSCRIBER_BUCKETS_PER_ROUND
+        changed = set(self._changed)
         for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
             await self._refresh_lock()
             ids = range(first, min(first + step, keys.SUBSCRIBER_BUCKETS))
+            if changed.isdisjoint(ids):
+                continue
             packed_round = await self._stage_io(_load_packed, folder / f"{first // step}.packed")
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket, packed in zip(ids, packed_round, strict=True):
-                    self._write_bucket(pipe, bucket, packed)
+                    if bucket in changed:
+                        self._write_bucket(pipe, bucket, packed)
                 await pipe.execute()
 
     async def _delete_built(self) -> None:
         self._remove_stage()
         if self._keys_written:
             await self._each_bucket("delete", gen=self.gen)
+            await self.redis.delete(keys.subscriber_gens(self.name, self.gen))
 
 
 def _stage_folder(name: str) -> Path:
@@ -331,6 +382,14 @@ def _readable(pair: str) -> str:
 
 
 _MARKER = keys.SUBSCRIBER_MARKER.encode()
+
+
+def _differs(packed: Mapping[str, bytes], old_raw: Mapping[bytes, bytes]) -> bool:
+    """Whether a bucket's new packed content differs from the live bucket's hash (one
+    without its marker always does: Redis lost it)."""
+    if _MARKER not in old_raw or len(old_raw) != len(packed) + 1:
+        return True
+    return any(old_raw.get(subscriber.encode()) != blob for subscriber, blob in packed.items())
 
 
 class _Tally:

@@ -22,6 +22,7 @@ from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from core import bucket_gens
 from core.config import CacheSettings, ListKind
 from core.store import Deltas, ListState, ListStore, data_lost
 from service.ratelimit import RateLimitedLog
@@ -277,7 +278,11 @@ class ListCache:
                 # Never loaded into memory: calls read their subscriber from Redis at
                 # the live gen held here (service/screening/screen.py), or from the
                 # entries cached under this very object (subscriber_cache.py).
-                fresh = SubscriberList(state.gen, size)
+                if isinstance(current, SubscriberList) and current.gen == state.gen:
+                    gens = current.gens  # a generation's map never changes
+                else:
+                    gens = await bucket_gens.read(self.store.redis, name, state.gen)
+                fresh = SubscriberList(state.gen, size, gens)
             elif kind == "numbers":
                 if isinstance(current, NumberList) and same_base:
                     fresh = await asyncio.to_thread(current.with_deltas, deltas.adds, deltas.dels)

@@ -23,6 +23,7 @@ import numpy as np
 import re2
 
 from core import keys
+from core.bucket_gens import BucketGens
 from core.entries import (
     CONTAINS_MARK,
     REGEX_MARK,
@@ -334,15 +335,17 @@ class SubscriberList:
     """A subscribers list as a worker holds it: only its live generation, no entries.
 
     100 M pairs cannot live in every worker: calls read the one subscriber they need
-    from Redis (service/screening/screen.py); this tells them which generation to read.
+    from Redis (service/screening/screen.py); this tells them which generation's key
+    holds its bucket (``gens``, :mod:`core.bucket_gens`).
     """
 
-    __slots__ = ("gen", "size")
+    __slots__ = ("gen", "gens", "size")
 
-    def __init__(self, gen: int, size: int) -> None:
+    def __init__(self, gen: int, size: int, gens: BucketGens | None = None) -> None:
         self.gen = gen
         #: Pairs at the last full sync (``meta.size``), for metrics and ``/readyz``.
         self.size = size
+        self.gens = gens if gens is not None else BucketGens(gen)
 
 
 ListObject = NumberList | PrefixList | NameList | SubscriberList

@@ -275,7 +275,7 @@ class Screener:
         lists = cache.lists
         if lost:  # rare: copy the (few) list objects without the lost ones
             lists = {name: held for name, held in lists.items() if name not in lost}
-            self._note_lost(reads, lost)
+            self._note_lost(reads, held, lost)
         try:
             return policy.evaluate(call, lists, counts, found, resume=pending)
         except ListsUnavailable as exc:
@@ -308,9 +308,17 @@ class Screener:
         call.stir = await self.stir.verify(call, policy.trust_verstat, self.deadline_s / 2)
         return self.decide_locally(policy, call), self.deadline_s - (time.perf_counter() - started)
 
-    def _note_lost(self, reads: list[tuple[str, int, str]], lost: Collection[str]) -> None:
-        """Remember which buckets of which generation calls found lost (operator /readyz)."""
-        for name, gen, subscriber in reads:
+    def _note_lost(
+        self,
+        reads: list[tuple[str, int, str]],
+        held: list[SubscriberList],
+        lost: Collection[str],
+    ) -> None:
+        """Remember which buckets of which live generation calls found lost (operator
+        /readyz). ``held``: the copy each read was made in (a read names its bucket's
+        own generation, which an unchanged bucket keeps from an earlier sync)."""
+        for (name, _, subscriber), copy in zip(reads, held, strict=True):
+            gen = copy.gen
             if name in lost:
                 seen_gen, buckets = self.lost_buckets.get(name, (gen, set()))
                 if seen_gen != gen:  # a newer generation: what the old one lost is moot

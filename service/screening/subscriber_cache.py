@@ -26,7 +26,8 @@ from service.screening.lists import ListObject, SubscriberList
 from service.screening.request import Call
 
 _Cached = tuple[SubscriberList, float, Entries]
-#: A read of one subscriber: ``(list, live gen, subscriber)`` (core/store.py).
+#: A read of one subscriber: ``(list, generation of its bucket, subscriber)``
+#: (core/store.py; core/bucket_gens.py).
 Read = tuple[str, int, str]
 
 
@@ -99,7 +100,7 @@ class SubscriberCache:
             if isinstance(copy, SubscriberList) and copy.gen:
                 entries = self.get(name, copy, called) if self.max_entries else None
                 if entries is None:
-                    reads.append((name, copy.gen, called))
+                    reads.append((name, copy.gens.of_subscriber(called), called))
                     held.append(copy)
                 else:
                     cached[name] = entries
