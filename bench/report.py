@@ -226,7 +226,12 @@ class Report:
         if "sync_peak_x" in s:
             self.lines.append(
                 f"  Redis peak during the sync: {s['sync_peak_x']:.2f}x the list; during a "
-                f"second sync adding one pair, both generations held: {s['resync_peak_x']:.2f}x"
+                f"second sync adding one pair: {s['resync_peak_x']:.2f}x"
+            )
+        if "one_percent_peak_x" in s:
+            self.lines.append(
+                f"  a sync giving 1 % of the subscribers one entry more: {s['one_percent_s']:.2f} "
+                f"s, Redis growing {s['one_percent_peak_x']:.2f}x the list meanwhile"
             )
         if "same_pairs_s" in s:
             self.lines.append(
