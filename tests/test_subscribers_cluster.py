@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from core import keys
+from core import bucket_gens, keys
 from core.config import Config
 from devtools.redis_server import LocalCluster
 from loader.sync import SyncOptions, sync_list
@@ -87,6 +87,14 @@ async def test_subscribers_spread_over_the_masters_and_calls_are_answered(
 
     await wait_for(swapped, timeout_s=2.0)
     assert await answer(client, "19765551234", subscribers[5]) == PERSONAL
+    # Only the changed buckets were written (every subscriber's here): the new
+    # generation's map, in the meta's slot, names the others where the first sync put
+    # them.
+    new_gen = int(await cluster_redis.hget(keys.meta("personal"), "gen") or 0)
+    named = await bucket_gens.read(cluster_redis, "personal", new_gen)
+    held = {keys.subscriber_bucket_of(s) for s in subscribers}
+    assert {named.of(b) for b in held} == {new_gen}
+    assert {named.of(b) for b in range(keys.SUBSCRIBER_BUCKETS) if b not in held} == {gen}
     # The admin write outlived the sync: kept in the admin overlay, in its bucket's slot.
     assert await answer(client, "15165550001", subscribers[7]) == PERSONAL
     bucket = keys.subscriber_bucket_of(subscribers[7])

@@ -276,8 +276,9 @@ class ListCache:
             # (numpy and RE2 release the GIL; Python code shares it in 5 ms slices).
             if kind == "subscribers":
                 # Never loaded into memory: calls read their subscriber from Redis at
-                # the live gen held here (service/screening/screen.py), or from the
-                # entries cached under this very object (subscriber_cache.py).
+                # the key the live gen's bucket map gives (core/bucket_gens.py,
+                # service/screening/screen.py), or from the entries cached under this
+                # very object (subscriber_cache.py).
                 if isinstance(current, SubscriberList) and current.gen == state.gen:
                     gens = current.gens  # a generation's map never changes
                 else:
