@@ -230,7 +230,7 @@ class Report:
             )
         if "one_percent_peak_x" in s:
             self.lines.append(
-                f"  a sync giving 1 % of the subscribers one entry more: {s['one_percent_s']:.2f} "
+                f"  a sync taking one entry off 1 % of the subscribers: {s['one_percent_s']:.2f} "
                 f"s, Redis growing {s['one_percent_peak_x']:.2f}x the list meanwhile"
             )
         if "same_pairs_s" in s:

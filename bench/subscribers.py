@@ -10,7 +10,7 @@ Steps, on the bench's private Redis (the block list and the others already loade
    the whole process an operator runs, with its peak memory and Redis's
    (``used_memory`` polled); then a second sync with one pair more, a third of a file
    with a duplicate row (the same pairs: timed, and how much Redis grew meanwhile) and
-   a fourth giving 1 % of the subscribers one entry more (Redis's peaks: a sync writes
+   a fourth taking one entry off 1 % of the subscribers (Redis's peaks: a sync writes
    only the buckets it changes);
 3. Redis bytes per pair: ``MEMORY USAGE ... SAMPLES 0`` of every bucket key of the live
    generation (all 16,384), divided by the pairs ``meta`` counts; and the share of that
@@ -97,19 +97,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-#: The entry the fourth sync gives 1 % of the subscribers.
-EXTRA_ENTRY = "15165559999"
-
-
-def one_percent_rows(path: Path) -> str:
-    """Rows giving every hundredth subscriber of the CSV at ``path`` one entry more."""
-    seen: dict[str, None] = {}
-    with path.open(encoding="ascii") as source:
-        next(source)  # the header
+def drop_one_entry(path: Path, every: int) -> None:
+    """Rewrite the CSV at ``path`` without the first row of every ``every``-th subscriber
+    (in order of first appearance). Values only shrink, so no bucket changes encoding."""
+    seen = 0
+    current = ""
+    kept = path.with_suffix(".next")
+    with path.open(encoding="ascii") as source, kept.open("w", encoding="ascii") as out:
+        out.write(next(source))  # the header
         for line in source:
-            seen.setdefault(line.partition(",")[0], None)
-    chosen = list(seen)[::100]
-    return "".join(f"{subscriber},{EXTRA_ENTRY},block\n" for subscriber in chosen)
+            subscriber = line.partition(",")[0]
+            if subscriber != current:
+                current = subscriber
+                seen += 1
+                if seen % every == 0:
+                    continue
+            out.write(line)
+    kept.replace(path)
 
 
 def run(
@@ -138,15 +142,12 @@ def run(
     config_path = write_config(folder / "bench.yaml", subscriber_config(base_config, workload.path))
     done()
 
-    def sync(what: str, add_row: bool, rows: str = "") -> tuple[storage.Timed, storage.PeakMemory]:
-        """A timed sync of the list, Redis's memory polled; ``add_row``: EXTRA_PAIR first;
-        ``rows``: these appended first."""
+    def sync(what: str, add_row: bool) -> tuple[storage.Timed, storage.PeakMemory]:
+        """A timed sync of the list, Redis's memory polled; ``add_row``: EXTRA_PAIR first."""
         done = step(f"subscribers: {what}")
         if add_row:
-            rows += f"{EXTRA_PAIR}\n"
-        if rows:
             with workload.path.open("a", encoding="ascii") as source:
-                source.write(rows)
+                source.write(f"{EXTRA_PAIR}\n")
         with storage.PeakMemory(server.port) as memory:
             timed = storage.loader_sync(config_path, SUBSCRIBER_LIST, env, folder / "loader.log")
         done()
@@ -157,12 +158,12 @@ def run(
         synced, first = sync(f"loader full sync of {workload.rows:,} rows", add_row=False)
         used = storage.used_memory(client) - first.before
         # Again with one pair more: only its bucket is written anew. Then with that row
-        # twice: a new file with the same pairs, read, compared, not written. Then 1 % of
-        # the subscribers with one entry more: about that many buckets written.
+        # twice: a new file with the same pairs, read, compared, not written. Then one
+        # entry off 1 % of the subscribers: the buckets holding them written.
         changed, second = sync("a second sync adding one pair", add_row=True)
         same, third = sync("a third sync, a rewritten file with the same pairs", add_row=True)
-        some = one_percent_rows(workload.path)
-        wide, fourth = sync("a fourth sync, 1 % of the subscribers one entry more", False, some)
+        drop_one_entry(workload.path, every=100)
+        wide, fourth = sync("a fourth sync, one entry off 1 % of the subscribers", False)
         meta = client.hgetall(keys.meta(SUBSCRIBER_LIST))
         pairs, subscribers = int(meta[b"size"]), int(meta[b"subscribers"])
         done = step("subscribers: MEMORY USAGE of every bucket, with and without its marker")
