@@ -542,8 +542,8 @@ class ListStore:
 
         The call-rate counts of :meth:`count_call` (when ``caller`` and ``windows``) and,
         for each ``(list, gen, subscriber)`` of ``subscribers``, that subscriber's packed
-        entries in that generation of a subscribers list (``core.subscribers``) with its
-        bucket's marker (:data:`core.keys.SUBSCRIBER_MARKER`): one HMGET each. Returns
+        entries in the key of generation ``gen`` of its bucket (the generation the live
+        one's bucket map names: ``core.bucket_gens``) with its bucket's marker (:data:`core.keys.SUBSCRIBER_MARKER`): one HMGET each. Returns
         (counts per rule, packed entries per list (None: no entries), the lists whose
         bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted,
         the replies to the ``extra`` commands, in order: core/fraud.py's; each command
