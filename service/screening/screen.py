@@ -274,7 +274,7 @@ class Screener:
             found.update(cached)
         lists = cache.lists
         if lost:  # rare: copy the (few) list objects without the lost ones
-            lists = {name: held for name, held in lists.items() if name not in lost}
+            lists = {name: copy for name, copy in lists.items() if name not in lost}
             self._note_lost(reads, held, lost)
         try:
             return policy.evaluate(call, lists, counts, found, resume=pending)
