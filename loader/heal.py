@@ -70,7 +70,7 @@ async def _lost_buckets(redis: RedisClient, name: str, gen: int) -> int:
             for bucket in range(first, last):
                 pipe.hexists(gens.key(name, bucket), keys.SUBSCRIBER_MARKER)
             replies = await pipe.execute()
-        lost += replies.count(False) + replies.count(0)
+        lost += sum(1 for exists in replies if not exists)  # False or 0, by the client
     return lost
 
 

@@ -14,7 +14,9 @@ from redis.asyncio import Redis
 from core import bucket_gens, keys
 from core.config import Config
 from core.export import export_csv
+from core.store import ListStore
 from core.subscribers import SubscriberStore
+from loader.heal import missing_data
 from loader.sync import sync_list
 from tests.helpers import wait_for
 from tests.test_subscribers import PERSONAL, answer, subscribers_config
@@ -138,3 +140,31 @@ async def test_a_killed_swap_is_tidied_without_touching_what_is_live(
     for subscriber, entry in ((CHANGED, "15165551111"), (REMOVED, "15165554444"), (KEPT, None)):
         block = (await store.read("personal", subscriber))[1].as_dict()["block"]
         assert block == [entry or blocked_by(subscriber)]
+
+
+async def test_a_lost_bucket_kept_from_an_earlier_generation_is_found_and_rewritten(
+    redis: Redis, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """The healer checks each bucket at the key the live map names, so a bucket an earlier
+    generation wrote and Redis then lost is found, and the next sync writes it again."""
+    pairs = {s: blocked_by(s) for s in SUBSCRIBERS}
+    source = tmp_path / "personal.csv"
+    config = make_config(subscribers_config(), base_dir=tmp_path)
+    source.write_text(rows(pairs))
+    await sync_list(redis, config, "personal")
+    first = int(await redis.hget(keys.meta("personal"), "gen") or 0)
+    pairs[CHANGED] = "15165551111"
+    source.write_text(rows(pairs))
+    await sync_list(redis, config, "personal")
+    states = await ListStore(redis).states(["personal"])
+    assert await missing_data(redis, {"personal": "subscribers"}, states) == {}
+    kept = keys.subscribers("personal", keys.subscriber_bucket_of(KEPT), first)
+    await redis.delete(kept)  # as a failover to an empty replica would
+    found = await missing_data(redis, {"personal": "subscribers"}, states)
+    assert found == {"personal": f"1 of its {keys.SUBSCRIBER_BUCKETS} buckets lost their marker"}
+    report = await sync_list(redis, config, "personal")
+    assert report.result is not None and (report.result.added, report.result.removed) == (1, 0)
+    store = SubscriberStore(redis)
+    assert (await store.read("personal", KEPT))[1].as_dict()["block"] == [blocked_by(KEPT)]
+    states = await ListStore(redis).states(["personal"])
+    assert await missing_data(redis, {"personal": "subscribers"}, states) == {}
