@@ -544,7 +544,8 @@ class ListStore:
         for each ``(list, gen, subscriber)`` of ``subscribers``, that subscriber's packed
         entries in the key of generation ``gen`` of its bucket (the generation the live
         one's bucket map names: ``core.bucket_gens``) with its bucket's marker
-        (:data:`core.keys.SUBSCRIBER_MARKER`): one HMGET each. Returns (counts per rule, packed entries per list (None: no entries), the lists whose
+        (:data:`core.keys.SUBSCRIBER_MARKER`): one HMGET each. Returns (counts per rule,
+        packed entries per list (None: no entries), the lists whose
         bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted,
         the replies to the ``extra`` commands, in order: core/fraud.py's; each command
         single-key, key first). Sent with the other calls of the same event-loop turn
