@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from core import bucket_gens, keys, subscriber_overlay
+from core.bucket_gens import BucketGens
 from core.numbers import normalise, normalise_prefix
 from core.store import RedisClient
 
@@ -440,10 +441,11 @@ class SubscriberStore:
         for _ in range(MAX_ATTEMPTS):
             if not gen:
                 gen = await self.live_gen(name)
-            plan = await self._plan(name, gen, by_bucket, "nothing was changed")
+            gens = await bucket_gens.read(self.redis, name, gen)  # read once per attempt
+            plan = await self._plan(name, gens, by_bucket, "nothing was changed")
             if overlay:
                 await subscriber_overlay.write(self.redis, name, changes, ttl_s, slices.tick)
-            await self._write(name, gen, plan, by_bucket)
+            await self._write(name, gens, plan, by_bucket)
             now = await (self.changed(name) if plan else self.gen(name))
             if now == gen:
                 return gen
@@ -453,7 +455,7 @@ class SubscriberStore:
     async def _plan(
         self,
         name: str,
-        gen: int,
+        gens: BucketGens,
         by_bucket: Mapping[int, Changes],
         refused: str,
     ) -> dict[int, list[_Write]]:
@@ -463,7 +465,6 @@ class SubscriberStore:
         plan: dict[int, list[_Write]] = {}
         over: list[str] = []
         buckets = sorted(by_bucket)
-        gens = await bucket_gens.read(self.redis, name, gen)
         for first in range(0, len(buckets), BULK_BUCKETS_PER_ROUND):
             ids = buckets[first : first + BULK_BUCKETS_PER_ROUND]
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -486,13 +487,12 @@ class SubscriberStore:
     async def _write(
         self,
         name: str,
-        gen: int,
+        gens: BucketGens,
         plan: dict[int, list[_Write]],
         by_bucket: Mapping[int, Changes],
     ) -> None:
         """One compare-and-set script per bucket; the buckets that moved are planned again."""
         slices = Slices()
-        gens = await bucket_gens.read(self.redis, name, gen)
         for _ in range(MAX_ATTEMPTS):
             buckets = sorted(plan)
             moved: list[int] = []
@@ -511,7 +511,7 @@ class SubscriberStore:
             # A subscriber it filled up refuses the rest of the change, with the buckets
             # already written kept: the message says so.
             refused = "filled by another change meanwhile; the other buckets were written"
-            plan = await self._plan(name, gen, {b: by_bucket[b] for b in moved}, refused)
+            plan = await self._plan(name, gens, {b: by_bucket[b] for b in moved}, refused)
         raise RuntimeError(f"list {name!r}: too many concurrent changes; send it again")
 
 
