@@ -152,29 +152,22 @@ class SubscriberListBuilder(ListBuilder):
             shutil.rmtree(self._stage, ignore_errors=True)
             self._stage = None
 
-    async def _each_bucket(self, command: str, *args: Any, gen: int) -> None:
-        """Run ``command`` on every bucket key of generation ``gen`` (pipelined)."""
-        for first in range(0, keys.SUBSCRIBER_BUCKETS, 2048):
-            await self._refresh_lock()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for bucket in range(first, min(first + 2048, keys.SUBSCRIBER_BUCKETS)):
-                    getattr(pipe, command)(keys.subscribers(self.name, bucket, gen), *args)
-                await pipe.execute()
-
-    async def _expire_keys(self, where: list[tuple[int, int]]) -> None:
-        """Expire the bucket keys ``(bucket, generation)`` after the grace period."""
+    async def _on_keys(self, command: str, where: list[tuple[int, int]], *args: Any) -> None:
+        """Run ``command`` on the bucket keys ``(bucket, generation)`` (pipelined)."""
         for first in range(0, len(where), 2048):
             await self._refresh_lock()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket, gen in where[first : first + 2048]:
-                    pipe.expire(
-                        keys.subscribers(self.name, bucket, gen), keys.OLD_GENERATION_GRACE_S
-                    )
+                    getattr(pipe, command)(keys.subscribers(self.name, bucket, gen), *args)
                 await pipe.execute()
+
+    async def _each_bucket(self, command: str, *args: Any, gen: int) -> None:
+        """Run ``command`` on every bucket key of generation ``gen`` (pipelined)."""
+        await self._on_keys(command, [(b, gen) for b in range(keys.SUBSCRIBER_BUCKETS)], *args)
 
     async def _retire(self, old: BucketGens, live: BucketGens) -> None:
         """Expire what generation ``old`` named and ``live`` does not, and ``old``'s map."""
-        await self._expire_keys(old.replaced_by(live))
+        await self._on_keys("expire", old.replaced_by(live), keys.OLD_GENERATION_GRACE_S)
         await self.redis.expire(
             keys.subscriber_gens(self.name, old.gen), keys.OLD_GENERATION_GRACE_S
         )
@@ -191,8 +184,8 @@ class SubscriberListBuilder(ListBuilder):
         fields = await self.redis.hmget(meta_key, ["retiring", "marking"])
         retiring, marking = (int(value or 0) for value in fields)
         if retiring and retiring not in (self.gen, self.old_gen):
-            live = await bucket_gens.read(self.redis, self.name, self.old_gen)
-            await self._retire(await bucket_gens.read(self.redis, self.name, retiring), live)
+            old = await bucket_gens.read(self.redis, self.name, retiring)
+            await self._retire(old, self._old_gens)
             await self.redis.hdel(meta_key, "retiring")
         if self.old_gen and marking and marking not in (self.gen, self.old_gen):
             await self.redis.hdel(meta_key, "marking")
@@ -200,8 +193,8 @@ class SubscriberListBuilder(ListBuilder):
 
     async def finish(self, *, sample: int = 0) -> BuildResult:
         await self._flush()
-        await self._retire_leftover()
         self._old_gens = await bucket_gens.read(self.redis, self.name, self.old_gen)
+        await self._retire_leftover()
         self._changed = []
         tally = _Tally(sample)
         step = SUBSCRIBER_BUCKETS_PER_ROUND
@@ -285,7 +278,7 @@ class SubscriberListBuilder(ListBuilder):
             map_key = keys.subscriber_gens(self.name, self.gen)
             if not new_gens.uniform:  # named before the swap, kept while it is live
                 await self.redis.set(map_key, new_gens.to_bytes(), ex=keys.STAGING_TTL_S)
-            await self._each_bucket("persist", gen=self.gen)
+            await self._on_keys("persist", [(b, self.gen) for b in self._changed])
             await self.redis.persist(map_key)
         extra = {"subscribers": self.subscribers, "retiring": self.old_gen}
         version = await super().commit(
