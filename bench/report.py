@@ -19,6 +19,11 @@ MAX_LOADER_MEMORY_GROWTH = 1.25
 MIN_FRAUD_RATIO = 0.5
 #: Every call signed and verified (certificate cached), one worker (issue 18).
 MIN_STIR_RATIO = 0.4
+#: The Redis-backed subscriber and call-rate policies against bare aiohttp, one worker:
+#: subscribers called uniformly, or by a Zipf law (a few hot ones).
+MIN_SUBSCRIBER_RATIO = 0.6
+MIN_SUBSCRIBER_ZIPF_RATIO = 0.85
+MIN_CALL_RATE_RATIO = 0.6
 
 
 class Report:
@@ -258,16 +263,18 @@ class Report:
             f"  {'policy':30} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
         ]
         labels = {
+            "baseline": "bare aiohttp",
             "local": "local lists only",
             "subscribers": "subscriber + call rate",
             "entries": "subscriber entries only",
+            "rate": "local lists + call rate",
         }
-        for name in ("local", "subscribers", "entries"):
+        for name, label in labels.items():
             results = runs.get(name)
             if not results:
                 continue
             self.lines.append(
-                f"  {labels[name]:30} {mean(r['rps'] for r in results):>10,.0f}"
+                f"  {label:30} {mean(r['rps'] for r in results):>10,.0f}"
                 f" {mean(r['p50_ms'] for r in results):>8.2f}"
                 f" {mean(r['p99_ms'] for r in results):>8.2f}"
                 f" {sum(r['errors'] for r in results):>7}"
@@ -278,20 +285,28 @@ class Report:
                 f"  {labels[name] + ', paced':30} {r['rps']:>10,.0f} {r['p50_ms']:>8.2f}"
                 f" {r['p99_ms']:>8.2f} {r['errors']:>7}"
             )
-        pairs = _rps_pairs(runs["subscribers"], runs["local"])
+        cache = h.get("cache") or {}
+        looked = sum(cache.values())
+        hits = f"{cache.get('hit', 0) / looked:.1%}" if looked else "-"
+        zipf = h.get("zipf", 0)
         self.lines.append(
-            f"  ratio subscribers/local: {median(pairs):.3f} (paired rounds: {_listed(pairs)})"
+            f"  called subscribers {'Zipf ' + format(zipf, 'g') if zipf else 'uniform'}; "
+            f"entries cache hits {hits}"
         )
-        if runs.get("entries"):
-            ratios = _rps_pairs(runs["entries"], runs["local"])
-            cache = h.get("cache") or {}
-            looked = sum(cache.values())
-            hits = f"{cache.get('hit', 0) / looked:.1%}" if looked else "-"
+        # Runs saved before the bare rounds were added compare with the local lists.
+        bottom = "baseline" if runs.get("baseline") else "local"
+        ratios: dict[str, float] = {}
+        for name in ("local", "subscribers", "entries", "rate"):
+            if name == bottom or not runs.get(name):
+                continue
+            pairs = _rps_pairs(runs[name], runs[bottom])
+            ratios[name] = median(pairs)
             self.lines.append(
-                f"  ratio entries-only/local: {median(ratios):.3f} (paired rounds: "
-                f"{_listed(ratios)}); called subscribers Zipf {h.get('zipf', 0):g}; "
-                f"entries cache hits {hits}"
+                f"  ratio {labels[name]} / {labels[bottom]}: {ratios[name]:.3f} "
+                f"(paired rounds: {_listed(pairs)})"
             )
+        if bottom == "baseline":
+            self._subscriber_targets(ratios, runs, zipf)
         redis_ms = h["redis_mean_ms"]
         on_error = h["on_error"]
         self.lines.append(
@@ -321,6 +336,33 @@ class Report:
             if not on_error
             else ", ".join(f"{k} {v:,.0f}" for k, v in sorted(on_error.items())),
         )
+
+    def _subscriber_targets(
+        self, ratios: dict[str, float], runs: dict[str, Any], zipf: float
+    ) -> None:
+        """Issue 19's goals: each Redis-backed policy against bare aiohttp in the same
+        rounds, and the p99 of the subscriber policy with a rate at full speed."""
+        if "entries" in ratios:
+            goal = MIN_SUBSCRIBER_ZIPF_RATIO if zipf else MIN_SUBSCRIBER_RATIO
+            how = f"Zipf {zipf:g}" if zipf else "uniform"
+            self._target(
+                f"subscriber policy ({how}) >= {goal}x bare aiohttp",
+                ratios["entries"] >= goal,
+                f"{ratios['entries']:.3f}",
+            )
+        if "rate" in ratios:
+            self._target(
+                f"call-rate policy >= {MIN_CALL_RATE_RATIO}x bare aiohttp",
+                ratios["rate"] >= MIN_CALL_RATE_RATIO,
+                f"{ratios['rate']:.3f}",
+            )
+        if runs.get("subscribers"):
+            p99 = max(r["p99_ms"] for r in runs["subscribers"])
+            self._target(
+                f"subscriber + call rate p99 <= {MAX_P99_MS:g} ms at full speed",
+                p99 <= MAX_P99_MS,
+                f"{p99:.2f} ms (worst round)",
+            )
 
     def fraud(self, f: dict[str, Any], lines: list[str]) -> None:
         """The fraud policy (bench/fraud.py): its ratio to bare aiohttp, its Redis keys."""

@@ -17,17 +17,19 @@ Steps, on the bench's private Redis (the block list and the others already loade
    which the buckets' markers take (each bucket copied, its marker removed, measured);
    and the same for buckets as dense as the 100 M-pair target makes them, built aside
    (:func:`dense_bucket_memory`);
-4. unless ``--skip-http``: a service whose config has both the bench's local-only policy
-   (trunk group ``bench``) and one reading the called subscriber's entries and counting
+4. unless ``--skip-http``: a service whose config has the bench's local-only policy
+   (trunk group ``bench``), one reading the called subscriber's entries and counting
    the caller's calls (trunk group ``subscribers``: both from Redis in one pipelined
-   round trip a call), and one with the entries rules alone (``subscriber-entries``:
-   a subscriber the worker's entries cache holds costs no Redis command). Bodies call
-   the subscribers uniformly, or by a Zipf law (``--subscriber-zipf 1.1``: a few
-   contact centres take most calls). A sample of answers is checked, then wrk drives
-   the trunk groups of the same service in alternating rounds (``--subscriber-rounds``),
-   then once more at the same moderate rate (``--pace`` times the subscriber group's
-   full rate), where latency is the call's own cost rather than queueing. The cache's
-   hit share under load is reported.
+   round trip a call), one with the entries rules alone (``subscriber-entries``: a
+   subscriber the worker's entries cache holds costs no Redis command) and the local
+   policy with the call-rate rule after its local rules (``call-rate``, on the local
+   bodies); and bare aiohttp beside it. Bodies call the subscribers uniformly, or by a
+   Zipf law (``--subscriber-zipf 1.1``: a few contact centres take most calls). A
+   sample of answers is checked, then wrk drives bare aiohttp and the trunk groups in
+   alternating rounds (``--subscriber-rounds``), each reported as a ratio to the bare
+   round beside it, then once more at the same moderate rate (``--pace`` times the
+   subscriber group's full rate), where latency is the call's own cost rather than
+   queueing. The cache's hit share under load is reported.
 
 Default size: about 45 s on the bench machine (2 cores), most of it the sync and wrk.
 """
@@ -48,6 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import load, servers, storage
 from bench.workload import (
     ENTRIES_TRUNK_GROUP,
+    RATE_TRUNK_GROUP,
     SUBSCRIBER_CLASS_SHARES,
     SUBSCRIBER_LIST,
     SUBSCRIBER_TRUNK_GROUP,
@@ -307,19 +310,24 @@ def serve(
     commands Redis ran in each round are counted, per call of that round's trunk group."""
     wrk = load.wrk_binary()
     targets = {
+        "baseline": (f"/tg/{TRUNK_GROUP}", local_bodies),
         "local": (f"/tg/{TRUNK_GROUP}", local_bodies),
         "subscribers": (f"/tg/{SUBSCRIBER_TRUNK_GROUP}", folder / "bodies.jsonl"),
         "entries": (f"/tg/{ENTRIES_TRUNK_GROUP}", folder / "bodies.jsonl"),
+        "rate": (f"/tg/{RATE_TRUNK_GROUP}", local_bodies),
     }
     scripts = {}
     for name, (path, bodies) in targets.items():
         script_folder = folder / f"wrk-{name}"
         script_folder.mkdir(exist_ok=True)
         scripts[name] = load.write_wrk_script(script_folder, bodies, path)
+    local_lines = local_bodies.read_bytes().splitlines()
     python_bodies = {
-        "local": local_bodies.read_bytes().splitlines(),
+        "baseline": local_lines,
+        "local": local_lines,
         "subscribers": workload.bodies,
         "entries": workload.bodies,
+        "rate": local_lines,
     }
 
     def drive(url: str, name: str, seconds: int) -> load.LoadResult:
@@ -328,16 +336,18 @@ def serve(
             return load.run_wrk(url + path, scripts[name], seconds, args.connections, args.threads)
         return load.run_python(url + path, python_bodies[name], seconds, args.connections)
 
-    runs: dict[str, list[load.LoadResult]] = {"local": [], "subscribers": [], "entries": []}
+    runs: dict[str, list[load.LoadResult]] = {name: [] for name in targets}
     service = servers.service(config, free_port(), args.workers, folder / "service.log", env)
-    with service:
+    baseline = servers.baseline(free_port(), args.workers, folder / "baseline.log")
+    with baseline, service:
+        urls = dict.fromkeys(targets, service.url) | {"baseline": baseline.url}
         done = step("subscribers: checking a sample of the answers")
         answers = check_answers(service.url, workload, per_class=200)
         done()
         if answers["wrong"]:
             print("!! wrong subscriber answers:", *answers["examples"], sep="\n   ")
         for name in runs:
-            drive(service.url, name, WARMUP_S)
+            drive(urls[name], name, WARMUP_S)
         before = _metrics(service.url)
         client = redis.Redis(port=redis_port)
         commands = dict.fromkeys(runs, 0)
@@ -348,7 +358,7 @@ def serve(
                     f"{args.duration} s"
                 )
                 result, ran = storage.commands_per_call(
-                    client, functools.partial(drive, service.url, name, args.duration)
+                    client, functools.partial(drive, urls[name], name, args.duration)
                 )
                 results.append(result)
                 commands[name] += ran
@@ -356,7 +366,7 @@ def serve(
                 done()
         after = _metrics(service.url)
         client.close()
-        paced = _paced(args, folder, targets, runs["subscribers"], service.url, step)
+        paced = _paced(args, folder, targets, runs["subscribers"], urls, step)
     decided = {k: after["decisions"].get(k, 0) - before["decisions"].get(k, 0)
                for k in after["decisions"]}  # fmt: skip
     total = sum(decided.values())
@@ -390,11 +400,11 @@ def _paced(
     folder: Path,
     targets: dict[str, tuple[str, Path]],
     saturated: list[load.LoadResult],
-    url: str,
+    urls: dict[str, str],
     step: Step,
 ) -> dict[str, load.LoadResult]:
-    """Both trunk groups at one moderate rate: ``--pace`` times the subscriber group's
-    full rate, so neither queues and the latencies compare the work a call costs."""
+    """Every target at one moderate rate: ``--pace`` times the subscriber group's full
+    rate, so none queues and the latencies compare the work a call costs."""
     if not args.pace or load.wrk_binary() is None or not saturated:
         return {}
     rate = args.pace * sum(r.rps for r in saturated) / len(saturated)
@@ -402,8 +412,10 @@ def _paced(
     results = {}
     for name, (path, bodies) in targets.items():
         script = load.write_wrk_script(folder / f"wrk-{name}", bodies, path, delay_ms=delay_ms)
-        done = step(f"subscribers paced: {name} trunk group at about {rate:,.0f} req/s")
-        result = load.run_wrk(url + path, script, args.duration, args.connections, args.threads)
+        done = step(f"subscribers paced: {name} at about {rate:,.0f} req/s")
+        result = load.run_wrk(
+            urls[name] + path, script, args.duration, args.connections, args.threads
+        )
         print(f"   {result.summary(errors=False)}", flush=True)
         results[name] = result
         done()

@@ -70,6 +70,14 @@ SUBSCRIBER_TRUNK_GROUP = "subscribers"
 #: The same subscriber rules without the call-rate rule: a hot subscriber is answered
 #: from the worker's entries cache, without Redis (docs/subscribers.md).
 ENTRIES_TRUNK_GROUP = "subscriber-entries"
+#: The bench policy's local rules plus one call-rate rule counting each caller's calls
+#: (a limit no caller reaches): every call it does not reject locally goes to Redis.
+RATE_TRUNK_GROUP = "call-rate"
+#: That rule, also the last of the subscribers policy.
+FLOOD_RULE: dict[str, Any] = {
+    "name": "flood", "match": "call_rate", "limit": 1_000_000_000, "window_s": 60,
+    "operands": ["busy-here", "too-many-calls"],
+}  # fmt: skip
 SUBSCRIBER_CLASS_SHARES = {"sub_block": 0.20, "sub_allow": 0.05, "sub_unlisted": 0.75}
 SUBSCRIBER_ANSWERS: dict[str, list[dict[str, Any]]] = {
     "sub_block": [{"action": "reject", "operands": ["decline", "subscriber-block"]}],
@@ -501,10 +509,12 @@ def subscriber_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
     block) and counts the caller's calls (a limit no caller reaches): the count, and the
     entries unless cached, come from Redis in the call's one pipelined round trip. The
     ``subscriber-entries`` policy has the entries rules alone: a cached subscriber's
-    calls need no Redis at all.
+    calls need no Redis at all. The ``call-rate`` policy is the bench policy with the
+    call-rate rule after its local rules (it serves the local bodies).
     """
     personal = {"match": "caller_in_subscriber_list", "list": SUBSCRIBER_LIST}
     spec = {"kind": "subscribers", "source": str(source)}
+    local = config["policies"][config["trunk_groups"][TRUNK_GROUP]["policy"]]
     return {
         **config,
         "lists": {**config["lists"], SUBSCRIBER_LIST: spec},
@@ -516,8 +526,7 @@ def subscriber_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
                     {"name": "personal-allow", **personal, "action": "allow"},
                     {"name": "personal-block", **personal,
                      "operands": ["decline", "subscriber-block"]},
-                    {"name": "flood", "match": "call_rate", "limit": 1_000_000_000,
-                     "window_s": 60, "operands": ["busy-here", "too-many-calls"]},
+                    FLOOD_RULE,
                 ],
             },
             ENTRIES_TRUNK_GROUP: {
@@ -528,11 +537,16 @@ def subscriber_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
                      "operands": ["decline", "subscriber-block"]},
                 ],
             },
+            RATE_TRUNK_GROUP: {
+                **local,
+                "rules": [*local["rules"], FLOOD_RULE],
+            },
         },
         "trunk_groups": {
             **config["trunk_groups"],
             SUBSCRIBER_TRUNK_GROUP: {"policy": SUBSCRIBER_TRUNK_GROUP},
             ENTRIES_TRUNK_GROUP: {"policy": ENTRIES_TRUNK_GROUP},
+            RATE_TRUNK_GROUP: {"policy": RATE_TRUNK_GROUP},
         },
     }  # fmt: skip
 

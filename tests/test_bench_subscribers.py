@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from bench.subscribers import bucket_memory
 from bench.workload import (
+    RATE_TRUNK_GROUP,
     SUBSCRIBER_CLASS_SHARES,
     SUBSCRIBER_LIST,
     SUBSCRIBER_TRUNK_GROUP,
@@ -57,6 +58,9 @@ async def test_subscriber_bodies_get_the_answer_of_their_class(
 
     policy = CompiledPolicy(SUBSCRIBER_TRUNK_GROUP, config.policies[SUBSCRIBER_TRUNK_GROUP])
     assert policy.subscriber_lists == (SUBSCRIBER_LIST,) and len(policy.rate_rules) == 1
+    rate = CompiledPolicy(RATE_TRUNK_GROUP, config.policies[RATE_TRUNK_GROUP])
+    assert rate.subscriber_lists == () and len(rate.rate_rules) == 1
+    assert len(rate.rules) == len(config.policies["bench"].rules) + 1
     parser = CallParser(config.caller.sources, config.caller.default_country)
     store = SubscriberStore(redis)
     lists: dict[str, Any] = {
@@ -70,7 +74,7 @@ async def test_subscriber_bodies_get_the_answer_of_their_class(
         call = parser.parse(orjson.loads(body))
         assert call.called is not None
         _, entries = await store.read(SUBSCRIBER_LIST, call.called)
-        outcome = policy.evaluate(call, lists, {}, {SUBSCRIBER_LIST: entries}).outcome
+        outcome = policy.conclude(call, lists, {}, {SUBSCRIBER_LIST: entries}).outcome
         assert check_answer(cls, 200, outcome.answer) is None, (cls, body)
     assert len(subscriber_sample(workload, per_class=3)) == 3 * len(SUBSCRIBER_CLASS_SHARES)
 
