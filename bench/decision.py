@@ -102,7 +102,7 @@ def measure(
         parsed: list[Call] = [
             parser.parse(request_body(prng, caller, ordinary_name(prng))) for caller in callers
         ]
-        decisions = {policy.evaluate(c, lists).outcome.rule for c in parsed}
+        decisions = {policy.conclude(c, lists).outcome.rule for c in parsed}
         assert "block-list" in decisions, "the hits should be decided by the block list"
         ints = [c.caller_int for c in parsed]
         cases.append((size, partial(policy.evaluate, lists=lists), parsed, block, ints))

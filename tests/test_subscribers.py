@@ -134,24 +134,26 @@ def test_policy_stops_for_the_entries_then_decides(make_config: Callable[..., Co
     lists: dict[str, Any] = {"personal": SubscriberList(3, 10)}
     lists["blocklist"] = NumberList([], frozenset({"15162065613"}), frozenset())
     call = parser.parse(call_body("15162065613"))
-    with pytest.raises(NeedsRates):
-        policy.evaluate(call, lists)
+    stopped = policy.evaluate(call, lists)
+    assert (
+        isinstance(stopped, NeedsRates) and policy.rules[stopped.at].rule.name == "personal-allow"
+    )
     allow = pack([code_of("15162065613", "allow")])
-    decided = policy.evaluate(call, lists, {}, {"personal": Entries.unpack(allow)})
+    decided = policy.conclude(call, lists, {}, {"personal": Entries.unpack(allow)})
     assert (decided.outcome.action, decided.outcome.rule) == ("allow", "personal-allow")
     assert decided.matched == f"15162065613 (subscriber {SUB_A})"
     # Without the allow entry the global block list decides; a subscriber block after it.
-    decided = policy.evaluate(call, lists, {}, {})
+    decided = policy.conclude(call, lists, {}, {})
     assert decided.outcome.rule == "blocklist"
     other = parser.parse(call_body("19005551234"))
     block = Entries.unpack(pack([code_of("1900*", "block")]))
-    assert policy.evaluate(other, lists, {}, {"personal": block}).outcome.rule == "personal-block"
+    assert policy.conclude(other, lists, {}, {"personal": block}).outcome.rule == "personal-block"
     # No caller number, or no called number: no match, and nothing to read.
     for anonymous in (
         parser.parse(call_body("anonymous")),
         parser.parse(call_body("19005551234", "")),
     ):
-        assert policy.evaluate(anonymous, lists).outcome.rule == "default"
+        assert policy.conclude(anonymous, lists).outcome.rule == "default"
 
 
 # --- end to end on a real Redis -------------------------------------------------------------

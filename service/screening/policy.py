@@ -4,7 +4,7 @@ Policies are compiled once into :class:`CompiledPolicy` objects with pre-encoded
 answers. Evaluation is pure (the call and the local lists in, an :class:`Evaluation`
 out). ``dry_run`` rules are recorded and skipped. At the first ``call_rate``,
 ``sequential_dialing`` or ``caller_in_subscriber_list`` rule evaluation stops with
-:class:`NeedsRates`; the screener fetches what Redis holds in one round trip
+:class:`NeedsRates` (returned); the screener fetches what Redis holds in one round trip
 (:mod:`core.fraud` plans the fraud rules' part) and resumes there, so each rule is
 evaluated once per call.
 """
@@ -31,7 +31,7 @@ ALLOW_ANSWER = b"[]"
 DEFAULT_RULE = "default"
 ON_ERROR_RULE = "on_error"
 #: What a rule's ``test`` returns when it needs what Redis holds first (compared by
-#: identity; evaluate() raises :class:`NeedsRates` for it: one raise a call, not two).
+#: identity; evaluate() then returns a :class:`NeedsRates`).
 NEEDS_REDIS = "needs Redis"
 
 
@@ -60,18 +60,21 @@ class ListsUnavailable(Exception):
     """A list a rule needs is not loaded, or the local copies are too stale to trust."""
 
 
-class NeedsRates(Exception):
-    """Evaluation reached a ``call_rate`` or ``caller_in_subscriber_list`` rule: it needs
-    the counts and subscriber entries from Redis first.
+class NeedsRates:
+    """Where evaluation stopped: at a ``call_rate`` or ``caller_in_subscriber_list`` rule
+    that needs the counts and subscriber entries from Redis first.
 
     ``at`` is the index of that rule and ``dry_runs`` the dry-run matches before it:
-    :meth:`CompiledPolicy.evaluate` resumes from there once the reads are in.
+    :meth:`CompiledPolicy.evaluate` resumes from there once the reads are in. Returned,
+    not raised: a raised one would carry a traceback whose frames hold it, a reference
+    cycle per call that only the cyclic collector frees.
     """
+
+    __slots__ = ("at", "dry_runs", "stir")
 
     def __init__(
         self, at: int = 0, dry_runs: tuple[tuple[Outcome, str], ...] = (), *, stir: bool = False
     ) -> None:
-        super().__init__(at)
         self.at = at
         self.dry_runs = dry_runs
         #: The call's STIR/SHAKEN certificate must be loaded first (nothing evaluated yet).
@@ -299,10 +302,11 @@ class CompiledPolicy:
         rates: Mapping[str, int] | None = None,
         found: Mapping[str, Entries] | None = None,
         resume: NeedsRates | None = None,
-    ) -> Evaluation:
-        """Decide ``call``; raises ListsUnavailable or NeedsRates (see module doc).
+    ) -> Evaluation | NeedsRates:
+        """Decide ``call``, or say where it stopped for Redis (:class:`NeedsRates`, see
+        the module doc); raises ListsUnavailable.
 
-        ``resume``: the NeedsRates an earlier evaluation of the same call raised; the
+        ``resume``: the NeedsRates an earlier evaluation of the same call returned; the
         rules before it are not evaluated again.
         """
         dry_runs: tuple[tuple[Outcome, str], ...] = ()
@@ -321,12 +325,27 @@ class CompiledPolicy:
             if matched is None:
                 continue
             if matched is NEEDS_REDIS:
-                raise NeedsRates(at, dry_runs)
+                return NeedsRates(at, dry_runs)
             if rule.dry_run:
                 dry_runs += ((rule.outcome, matched),)
                 continue
             return Evaluation(rule.outcome, matched, dry_runs)
         return Evaluation(self.default, None, dry_runs) if dry_runs else self._by_default
+
+    def conclude(
+        self,
+        call: Call,
+        lists: Mapping[str, ListObject],
+        rates: Mapping[str, int] | None = None,
+        found: Mapping[str, Entries] | None = None,
+        resume: NeedsRates | None = None,
+    ) -> Evaluation:
+        """:meth:`evaluate` for a caller holding every read its remote rules can need (or
+        a policy without any); raises RuntimeError when a rule still needs Redis."""
+        decision = self.evaluate(call, lists, rates, found, resume)
+        if type(decision) is NeedsRates:
+            raise RuntimeError(f"policy {self.name!r}: rule {decision.at} still needs Redis")
+        return decision  # type: ignore[return-value]  # narrowed by the type() test above
 
 
 def compile_policies(config: Config) -> dict[str, CompiledPolicy]:

@@ -144,13 +144,12 @@ class Screener:
             if call.stir is None:  # its certificate must be loaded: decide_remote waits
                 return NeedsRates(stir=True)
         try:
-            return policy.evaluate(call, cache.lists)
+            decision = policy.evaluate(call, cache.lists)
         except ListsUnavailable as exc:
             return self._unavailable(policy, exc)
-        except NeedsRates as pending:
-            if policy.counts_calls or pending.stir:
-                return pending  # Redis is needed whatever the cache holds
-            return self._from_cache(policy, call, pending)
+        if type(decision) is NeedsRates and not policy.counts_calls:
+            return self._from_cache(policy, call, decision)
+        return decision  # a NeedsRates of a counting policy: Redis whatever the cache holds
 
     def _from_cache(
         self, policy: CompiledPolicy, call: Call, pending: NeedsRates
@@ -166,8 +165,6 @@ class Screener:
             return policy.evaluate(call, lists, None, found, resume=pending)
         except ListsUnavailable as exc:
             return self._unavailable(policy, exc)
-        except NeedsRates:  # no rule left that reads Redis: cannot happen; be safe
-            return pending
 
     async def decide(
         self,
@@ -277,7 +274,7 @@ class Screener:
             lists = {name: copy for name, copy in lists.items() if name not in lost}
             self._note_lost(reads, held, lost)
         try:
-            return policy.evaluate(call, lists, counts, found, resume=pending)
+            return policy.conclude(call, lists, counts, found, resume=pending)
         except ListsUnavailable as exc:
             if not lost or cache.missing(policy.lists - frozenset(lost)):
                 return self._unavailable(policy, exc)
