@@ -252,6 +252,11 @@ class Link:
     def name(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
 
+    @property
+    def deadlines_held(self) -> int:
+        """Callers whose deadline the link still keeps: none answered a while ago."""
+        return len(self._deadlines)
+
     async def run(
         self, commands: Sequence[Sequence[Any]], timeout_s: float | None = None
     ) -> list[Any]:
@@ -283,9 +288,20 @@ class Link:
         if timeout_s is not None:
             if deadline is None:
                 deadline = loop.time() + timeout_s
-            heapq.heappush(self._deadlines, (deadline, next(self._order), waiter))
+            heap = self._deadlines
+            heapq.heappush(heap, (deadline, next(self._order), waiter))
             if self._timer is None or deadline < self._timer_at:
                 self._arm(loop, deadline)
+            try:
+                return await waiter.future
+            finally:
+                # Answered callers leave the heap now, not when the timer next fires: it
+                # would otherwise hold a deadline's worth of them (a thousand at 10,000
+                # calls a second), which the cyclic collector scans again and again.
+                # Deadlines are given in about the order calls arrive, so the earliest
+                # is usually an answered one.
+                while heap and heap[0][2].future.done():
+                    heapq.heappop(heap)
         return await waiter.future
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:

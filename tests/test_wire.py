@@ -122,3 +122,27 @@ async def test_each_callers_deadline_fails_it_alone_and_its_late_reply_is_droppe
         ]
     finally:
         await link.aclose()
+
+
+async def test_answered_callers_are_let_go_at_once_not_at_their_deadline(
+    server: RedisProcess,
+) -> None:
+    """A caller's deadline is kept only while it waits: a hundred callers answered well
+    before their 5 s deadlines leave nothing behind for the timer (or the cyclic
+    collector) to go through, while one still waiting is kept."""
+    link = Link(Settings("127.0.0.1", server.port, connect_timeout_s=1.0, stall_s=5.0))
+    try:
+        replies = await asyncio.gather(*(link.run([("INCR", "n")], 5.0) for _ in range(100)))
+        assert sorted(r[0] for r in replies) == list(range(1, 101))
+        assert link.deadlines_held == 0
+        server.pause()
+        try:
+            waiting = asyncio.ensure_future(link.run([("GET", "n")], 5.0))
+            await asyncio.sleep(0.05)  # the write is made at the end of a loop turn
+            assert link.deadlines_held == 1
+        finally:
+            server.resume()
+        assert await waiting == [b"100"]
+        assert link.deadlines_held == 0
+    finally:
+        await link.aclose()
