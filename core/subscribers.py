@@ -180,14 +180,31 @@ def unpack_codes(blob: bytes) -> list[str]:
     return [digits + end for digits, end in _PACKED.findall(blob.hex())]
 
 
-@dataclass(frozen=True, slots=True)
 class Entries:
-    """One subscriber's entries, as a call is matched against them."""
+    """One subscriber's entries, as a call is matched against them; never changed once
+    made.
 
-    block_numbers: frozenset[str] = frozenset()
-    block_prefixes: tuple[str, ...] = ()
-    allow_numbers: frozenset[str] = frozenset()
-    allow_prefixes: tuple[str, ...] = ()
+    Tuples, not sets: at most :data:`MAX_ENTRIES`, so a scan is as quick as hashing,
+    and tuples of strings drop out of the cyclic collector's view once it has seen
+    them, where sets stay in it. Each worker's entries cache holds thousands of these
+    for seconds (service/screening/subscriber_cache.py), which full collections would
+    otherwise go through every time. A plain class with slots: one is made per Redis
+    read, and a frozen dataclass sets each field through ``object.__setattr__``.
+    """
+
+    __slots__ = ("allow_numbers", "allow_prefixes", "block_numbers", "block_prefixes")
+
+    def __init__(
+        self,
+        block_numbers: tuple[str, ...] = (),
+        block_prefixes: tuple[str, ...] = (),
+        allow_numbers: tuple[str, ...] = (),
+        allow_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        self.block_numbers = block_numbers
+        self.block_prefixes = block_prefixes
+        self.allow_numbers = allow_numbers
+        self.allow_prefixes = allow_prefixes
 
     @classmethod
     def unpack(cls, blob: bytes | None) -> Entries:
@@ -196,9 +213,7 @@ class Entries:
         found: dict[str, list[str]] = {"a": [], "b": [], "c": [], "d": []}
         for digits, end in _PACKED.findall(blob.hex()):
             found[end].append(digits)
-        return cls(
-            frozenset(found["a"]), tuple(found["b"]), frozenset(found["c"]), tuple(found["d"])
-        )
+        return cls(tuple(found["a"]), tuple(found["b"]), tuple(found["c"]), tuple(found["d"]))
 
     def match(self, side: Side, caller: str) -> str | None:
         """The entry on ``side`` that ``caller`` matches (an exact number first), or None."""
