@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from core import keys
+from core import keys, wire
 from core.coalesce import Coalescer
 from core.config import ListKind
 from core.fraud import Upkeep
@@ -556,33 +556,46 @@ class ListStore:
         before the replies come.
         """
         counted = windows if caller else ()
+        link = self.dispatcher.plain_link
         commands: list[tuple[Any, ...]] = []
+        # For the plain link, the same commands as RESP text (core.wire), in order.
+        text: list[str] | None = [] if link is not None else None
         unexpired: list[tuple[int, tuple[Any, ...]]] = []
         starts = [0]  # where each counted rule's commands start (and, last, end)
         for rule_key, window_s in counted:
             assert caller is not None
             index = int(now_s // window_s)
             current = keys.rate(caller, rule_key, index)
-            commands += [
-                ("INCRBY", current, 1) if increment else ("GET", current),
-                ("GET", keys.rate(caller, rule_key, index - 1)),
-            ]
+            previous = keys.rate(caller, rule_key, index - 1)
             if not increment:
+                commands += [("GET", current), ("GET", previous)]
+                if text is not None:
+                    text += [wire.get(current), wire.get(previous)]
                 continue
+            commands += [("INCRBY", current, 1), ("GET", previous)]
+            if text is not None:
+                text += [wire.incrby_one(current), wire.get(previous)]
             expire = ("EXPIRE", current, 2 * window_s)
             if self.upkeep.counter_expiry_due(current):
                 commands.append(expire)
+                if text is not None:
+                    text.append(wire.expire(current, 2 * window_s))
             else:  # sent by this process before; again only if the reply shows it new
                 unexpired.append((len(commands) - 2, expire))
             starts.append(len(commands))
         for name, gen, subscriber in subscribers:
             bucket = keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen)
             commands.append(("HMGET", bucket, subscriber, keys.SUBSCRIBER_MARKER))
+            if text is not None:
+                text.append(wire.hmget_two(bucket, subscriber, keys.SUBSCRIBER_MARKER))
         commands += extra
-        link = self.dispatcher.plain_link
         try:
             if link is not None:  # one server: its link joins the turn's callers itself
-                replies = await link.run(commands, timeout_s)
+                assert text is not None
+                data = wire.ascii_bytes("".join(text))
+                if data is not None and extra:
+                    data += wire.encode(extra)
+                replies = await link.run(commands, timeout_s, data)
             else:
                 replies = await self.coalescer.run(commands, timeout_s)
         except BaseException:  # the call gave up (its deadline): its writes may not land
@@ -592,7 +605,8 @@ class ListStore:
             if isinstance(reply, Exception):
                 self._forget(commands)
                 raise reply if isinstance(reply, RedisError) else RedisError(str(reply))
-        self.send_later([expire for at, expire in unexpired if replies[at] == 1])
+        if unexpired:
+            self.send_later([expire for at, expire in unexpired if replies[at] == 1])
         if not increment:
             starts = [2 * i for i in range(len(counted) + 1)]
         counts = {}

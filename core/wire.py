@@ -110,6 +110,40 @@ def encode(commands: Sequence[Sequence[Any]]) -> bytes:
     return b"".join([hiredis.pack_command(tuple(command)) for command in commands])
 
 
+# The RESP text of the commands every Redis-backed call sends, composed in one f-string
+# each: packing them one argument at a time (hiredis formats each length with sprintf)
+# cost several times more. The lengths are characters: right only for ASCII text, which
+# :func:`ascii_bytes` checks once for the whole call before it is sent.
+def incrby_one(key: str) -> str:
+    """``INCRBY key 1``."""
+    return f"*3\r\n$6\r\nINCRBY\r\n${len(key)}\r\n{key}\r\n$1\r\n1\r\n"
+
+
+def get(key: str) -> str:
+    """``GET key``."""
+    return f"*2\r\n$3\r\nGET\r\n${len(key)}\r\n{key}\r\n"
+
+
+def expire(key: str, seconds: int) -> str:
+    """``EXPIRE key seconds``."""
+    text = str(seconds)
+    return f"*3\r\n$6\r\nEXPIRE\r\n${len(key)}\r\n{key}\r\n${len(text)}\r\n{text}\r\n"
+
+
+def hmget_two(key: str, first: str, second: str) -> str:
+    """``HMGET key first second``."""
+    return (
+        f"*4\r\n$5\r\nHMGET\r\n${len(key)}\r\n{key}\r\n${len(first)}\r\n{first}\r\n"
+        f"${len(second)}\r\n{second}\r\n"
+    )
+
+
+def ascii_bytes(text: str) -> bytes | None:
+    """``text`` (composed by the functions above) as bytes, or None when it is not all
+    ASCII: then a character count is not a byte count, and :func:`encode` must pack."""
+    return text.encode("ascii") if text.isascii() else None
+
+
 #: Error replies by their code, as the exceptions redis-py raises for them.
 _ERRORS: dict[str, type[Exception]] = {
     "MOVED": MovedError,
@@ -258,13 +292,17 @@ class Link:
         return len(self._deadlines)
 
     async def run(
-        self, commands: Sequence[Sequence[Any]], timeout_s: float | None = None
+        self,
+        commands: Sequence[Sequence[Any]],
+        timeout_s: float | None = None,
+        data: bytes | None = None,
     ) -> list[Any]:
         """``commands``' replies in order, written with the turn's other callers'.
 
-        Raises :class:`LinkError` when the connection cannot be made or is lost before
-        the replies come, and ``TimeoutError`` when ``timeout_s`` passes first,
-        connecting included.
+        ``data``: the commands already encoded (:func:`incrby_one` and the others);
+        without it they are packed here. Raises :class:`LinkError` when the connection
+        cannot be made or is lost before the replies come, and ``TimeoutError`` when
+        ``timeout_s`` passes first, connecting included.
         """
         if not commands:
             return []
@@ -280,7 +318,9 @@ class Link:
             protocol = self._protocol
             assert protocol is not None
         loop = protocol.loop
-        waiter = _Waiter(loop.create_future(), encode(commands), len(commands))
+        if data is None:
+            data = encode(commands)
+        waiter = _Waiter(loop.create_future(), data, len(commands))
         self._queued.append(waiter)
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -144,6 +144,22 @@ async def test_sliding_window_counts_a_burst_across_a_window_boundary(redis: Red
     assert await store.count_call("15165550131", windows, base + 25) == {"p:flood": 1}
 
 
+async def test_counters_named_beyond_ascii_are_counted_under_their_own_names(
+    redis: Redis,
+) -> None:
+    """Rule names are the operator's: a name beyond ASCII (its character count is not
+    its byte count) is counted exactly as an ASCII one, under the key it names."""
+    store = ListStore(redis)
+    now = 1_000_010.0
+    for rule_key in ("p:flood", "pólitica:inundación", "策略:洪水"):
+        windows = [(rule_key, 60)]
+        for n in range(3):
+            assert await store.count_call("15165550131", windows, now + n) == {rule_key: n + 1}
+        key = keys.rate("15165550131", rule_key, int(now // 60))
+        assert await redis.get(key) == b"3"
+        assert 60 < await redis.ttl(key) <= 120
+
+
 async def test_a_counter_sends_its_expiry_once_and_again_if_it_was_deleted(
     redis: Redis,
 ) -> None:

@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.exceptions import NoPermissionError, ResponseError
 
+from core import wire
 from core.wire import Link, LinkError, Settings
 from devtools.redis_server import RedisProcess
 
@@ -146,3 +149,27 @@ async def test_answered_callers_are_let_go_at_once_not_at_their_deadline(
         assert link.deadlines_held == 0
     finally:
         await link.aclose()
+
+
+@given(
+    st.text(min_size=1, max_size=80),
+    st.text(min_size=1, max_size=20),
+    st.integers(min_value=0, max_value=10**9),
+)
+def test_composed_commands_are_what_hiredis_packs_or_are_left_to_it(
+    key: str, field: str, seconds: int
+) -> None:
+    """The calls' commands composed as text are byte for byte hiredis's packing; text
+    beyond ASCII is refused (its lengths would be wrong) and packed by hiredis."""
+    composed = (
+        wire.incrby_one(key) + wire.get(key) + wire.expire(key, seconds)
+        + wire.hmget_two(key, field, "_gen")
+    )  # fmt: skip
+    packed = wire.encode(
+        [("INCRBY", key, 1), ("GET", key), ("EXPIRE", key, seconds), ("HMGET", key, field, "_gen")]
+    )  # hiredis's packing
+    data = wire.ascii_bytes(composed)
+    if (key + field).isascii():
+        assert data == packed
+    else:
+        assert data is None
