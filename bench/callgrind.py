@@ -11,6 +11,8 @@ instructions per call between a ``callgrind_control --zero`` after the warm-up a
 
 - ``baseline``: bare aiohttp on the bench bodies (bench/baseline.py);
 - ``local``: the bench policy, local lists only (no Redis on the call path);
+- ``rate``: the bench policy with one call-rate rule after its local rules (a Redis
+  round trip for every call the local lists do not reject);
 - ``fraud``: bench/fraud.py's policy (two call rates, sequential dialing, neighbour
   spoofing): one Redis round trip a call that passes the lists;
 - ``subscribers``: bench/workload.py's subscriber policy (entries and a call rate);
@@ -18,6 +20,10 @@ instructions per call between a ``callgrind_control --zero`` after the warm-up a
 - ``stir``: every call's PASSporT verified, its certificate cached (bench/stir.py).
 
 One call at a time is the lone caller's cost: nothing is coalesced with other calls.
+``--connections 32`` sends on 32 keep-alive connections at once instead, so that, as
+under wrk, calls are in flight together: the Redis-backed paths share round trips,
+and what a call leaves for the cyclic collector is counted too (as the service is
+far slower under callgrind than its clients, all 32 are busy nearly all the time).
 What the numbers say is in BENCHMARKS.md; the method in docs/design.md.
 """
 
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ from bench import servers, stir
 from bench.fraud import FRAUD_TRUNK_GROUP, fraud_config
 from bench.workload import (
     ENTRIES_TRUNK_GROUP,
+    RATE_TRUNK_GROUP,
     SUBSCRIBER_TRUNK_GROUP,
     TRUNK_GROUP,
     Sizes,
@@ -57,11 +65,14 @@ from core import keys
 from devtools.redis_server import RedisProcess, free_port
 from devtools.stir_pki import make_pki
 
-PATHS = ("baseline", "local", "fraud", "subscribers", "entries", "stir")
+#: The longest ``handler.deadline_ms`` the config accepts (core/config.py).
+MAX_DEADLINE_MS = 10_000
+PATHS = ("baseline", "local", "rate", "fraud", "subscribers", "entries", "stir")
 #: The trunk group each path is sent to.
 GROUPS = {
     "baseline": TRUNK_GROUP,
     "local": TRUNK_GROUP,
+    "rate": RATE_TRUNK_GROUP,
     "fraud": FRAUD_TRUNK_GROUP,
     "subscribers": SUBSCRIBER_TRUNK_GROUP,
     "entries": ENTRIES_TRUNK_GROUP,
@@ -76,6 +87,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.callgrind", description=__doc__)
     parser.add_argument("--calls", type=int, default=2000, help="measured calls per path")
     parser.add_argument("--warmup", type=int, default=300, help="calls before counting")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections sending at once (1: one call at a time)",
+    )
     parser.add_argument("--numbers", type=int, default=100_000, help="block-list size")
     parser.add_argument("--subscribers", type=int, default=20_000, help="subscribers listed")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated: {PATHS}")
@@ -131,8 +148,15 @@ def under_callgrind(command: list[str], folder: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def send_all(port: int, path: str, bodies: Sequence[bytes]) -> None:
-    """POST each body on one keep-alive connection; every answer must be a 200."""
+def send_all(port: int, path: str, bodies: Sequence[bytes], connections: int = 1) -> None:
+    """POST each body, on ``connections`` keep-alive connections at once (the bodies
+    dealt out between them); every answer must be a 200."""
+    if connections > 1:
+        with ThreadPoolExecutor(connections) as pool:
+            parts = [bodies[i::connections] for i in range(connections)]
+            for sent in [pool.submit(send_all, port, path, part) for part in parts]:
+                sent.result()
+        return
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         for body in bodies:
@@ -146,12 +170,18 @@ def send_all(port: int, path: str, bodies: Sequence[bytes]) -> None:
 
 
 def per_call(
-    measured: Callgrind, port: int, path: str, bodies: Sequence[bytes], warmup: int, calls: int
+    measured: Callgrind,
+    port: int,
+    path: str,
+    bodies: Sequence[bytes],
+    warmup: int,
+    calls: int,
+    connections: int = 1,
 ) -> float:
     """Instructions per call of ``calls`` bodies, after ``warmup`` others."""
-    send_all(port, path, [bodies[i % len(bodies)] for i in range(warmup)])
+    send_all(port, path, [bodies[i % len(bodies)] for i in range(warmup)], connections)
     chosen = [bodies[(warmup + i) % len(bodies)] for i in range(calls)]
-    return measured.count(lambda: send_all(port, path, chosen)) / calls
+    return measured.count(lambda: send_all(port, path, chosen, connections)) / calls
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -170,12 +200,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     signed, _ = stir.signed_bodies(workload, len(workload.bodies), pki.sp_key)
     done()
     redis_server = RedisProcess(work / "redis").start()
-    results: dict[str, Any] = {"calls": args.calls, "warmup": args.warmup, "paths": {}}
+    results: dict[str, Any] = {
+        "calls": args.calls, "warmup": args.warmup, "connections": args.connections, "paths": {}
+    }  # fmt: skip
     try:
         port = free_port()
         config = bench_config(files, redis_server.url, port, 1)
         config = subscriber_config(fraud_config(config), subscriber_work.path)
         config = stir.stir_config(config, anchors)
+        # Under valgrind a call runs some fifty times slower: the longest deadline, so
+        # that calls queued behind others are not answered by on_error instead.
+        config["handler"] = {**config.get("handler", {}), "deadline_ms": MAX_DEADLINE_MS}
         config_path = write_config(work / "callgrind.yaml", config)
         done = step("loader: full sync of every list")
         subprocess.run(
@@ -191,6 +226,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         bodies = {
             "baseline": workload.bodies,
             "local": workload.bodies,
+            "rate": workload.bodies,
             "fraud": workload.bodies,
             "subscribers": subscriber_work.bodies,
             "entries": subscriber_work.bodies,
@@ -227,7 +263,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     done = step(f"{path}: {args.warmup} + {args.calls:,} calls")
                     url_path = f"/tg/{GROUPS[path]}"
                     figure = per_call(
-                        measured, server_port, url_path, bodies[path], args.warmup, args.calls
+                        measured,
+                        server_port,
+                        url_path,
+                        bodies[path],
+                        args.warmup,
+                        args.calls,
+                        args.connections,
                     )
                     results["paths"][path] = figure
                     done()
@@ -259,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.folder is None:
             shutil.rmtree(work, ignore_errors=True)
     base = results["paths"].get("baseline")
-    print("\nCPU instructions per call (callgrind, one call at a time)")
+    how = "one call at a time" if args.connections == 1 else f"{args.connections} connections"
+    print(f"\nCPU instructions per call (callgrind, {how})")
     for path, figure in results["paths"].items():
         ratio = f"  {figure / base:5.2f}x baseline" if base else ""
         print(f"  {path:<12} {figure / 1000:8.1f} k{ratio}")
