@@ -335,17 +335,17 @@ class CompiledPolicy:
     def conclude(
         self,
         call: Call,
-        lists: Mapping[str, ListObject],
-        rates: Mapping[str, int] | None = None,
-        found: Mapping[str, Entries] | None = None,
+        lists: Lists,
+        rates: Rates = None,
+        found: Found = None,
         resume: NeedsRates | None = None,
     ) -> Evaluation:
-        """:meth:`evaluate` for a caller holding every read its remote rules can need (or
-        a policy without any); raises RuntimeError when a rule still needs Redis."""
+        """:meth:`evaluate` for a caller holding every read its remote rules can need, or a
+        policy without any: raises RuntimeError when a rule still needs Redis."""
         decision = self.evaluate(call, lists, rates, found, resume)
-        if type(decision) is NeedsRates:
+        if isinstance(decision, NeedsRates):
             raise RuntimeError(f"policy {self.name!r}: rule {decision.at} still needs Redis")
-        return decision  # type: ignore[return-value]  # narrowed by the type() test above
+        return decision
 
 
 def compile_policies(config: Config) -> dict[str, CompiledPolicy]:
