@@ -184,12 +184,12 @@ class Entries:
     """One subscriber's entries, as a call is matched against them; never changed once
     made.
 
-    Tuples, not sets: at most :data:`MAX_ENTRIES`, so a scan is as quick as hashing,
-    and tuples of strings drop out of the cyclic collector's view once it has seen
-    them, where sets stay in it. Each worker's entries cache holds thousands of these
-    for seconds (service/screening/subscriber_cache.py), which full collections would
-    otherwise go through every time. A plain class with slots: one is made per Redis
-    read, and a frozen dataclass sets each field through ``object.__setattr__``.
+    Tuples, not sets: at most :data:`MAX_ENTRIES`, so a scan stays short, and tuples of
+    strings drop out of the cyclic collector's view once it has seen them, where sets
+    stay in it. Each worker's entries cache holds thousands of these for seconds
+    (service/screening/subscriber_cache.py), which full collections would otherwise go
+    through every time. A plain class with slots: one is made per Redis read, and a
+    frozen dataclass sets each field through ``object.__setattr__``.
     """
 
     __slots__ = ("allow_numbers", "allow_prefixes", "block_numbers", "block_prefixes")

@@ -141,7 +141,7 @@ async def test_answered_callers_are_let_go_at_once_not_at_their_deadline(
         server.pause()
         try:
             waiting = asyncio.ensure_future(link.run([("GET", "n")], 5.0))
-            await asyncio.sleep(0.05)  # the write is made at the end of a loop turn
+            await asyncio.sleep(0)  # one loop turn: the caller starts and waits
             assert link.deadlines_held == 1
         finally:
             server.resume()

@@ -149,7 +149,8 @@ class Screener:
             return self._unavailable(policy, exc)
         if type(decision) is NeedsRates and not policy.counts_calls:
             return self._from_cache(policy, call, decision)
-        return decision  # a NeedsRates of a counting policy: Redis whatever the cache holds
+        # A decision, or where a counting policy stopped: Redis whatever the cache holds.
+        return decision
 
     def _from_cache(
         self, policy: CompiledPolicy, call: Call, pending: NeedsRates
