@@ -151,5 +151,13 @@ async def test_a_flood_split_over_two_hosts_of_two_workers_is_capped_once(
     # 60 calls from 60 callers to one DID, over 4 processes: exactly 10 got through.
     assert rejected == 60 - 10
     key = 'callscreen_decisions_total{decision="reject",dry_run="false",rule="flood-called",trunk_group="main"}'
-    per_host = [(await scrape(s.url)).get(key, 0.0) for s in services]
-    assert all(count > 0 for count in per_host)
+    per_host: list[float] = []
+
+    async def counted() -> bool:
+        # A host's /metrics adds its other worker's counts from a snapshot at most
+        # service.procs.snapshots.FLUSH_S old: wait for both hosts' to be in.
+        per_host[:] = [(await scrape(s.url)).get(key, 0.0) for s in services]
+        return sum(per_host) == rejected
+
+    await wait_for(counted, timeout_s=5.0, interval_s=0.2, what="every worker's rejects counted")
+    assert all(count > 0 for count in per_host), per_host  # both hosts turned calls away
