@@ -31,7 +31,8 @@ Steps, on the bench's private Redis (the block list and the others already loade
    subscriber group's full rate), where latency is the call's own cost rather than
    queueing. The cache's hit share under load is reported.
 
-Default size: about 45 s on the bench machine (2 cores), most of it the sync and wrk.
+Default size: about two minutes on the bench machine (2 cores): four syncs, then wrk
+on five targets.
 """
 
 from __future__ import annotations
