@@ -16,6 +16,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from core import wire
 from core.wire import Link, LinkError, Settings
 from devtools.redis_server import RedisProcess
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -141,8 +142,11 @@ async def test_answered_callers_are_let_go_at_once_not_at_their_deadline(
         server.pause()
         try:
             waiting = asyncio.ensure_future(link.run([("GET", "n")], 5.0))
-            await asyncio.sleep(0)  # one loop turn: the caller starts and waits
-            assert link.deadlines_held == 1
+
+            async def held() -> bool:
+                return link.deadlines_held == 1
+
+            await wait_for(held, timeout_s=2.0, what="the waiting caller's deadline kept")
         finally:
             server.resume()
         assert await waiting == [b"100"]
