@@ -18,7 +18,7 @@ import secrets
 import sys
 from array import array
 from bisect import bisect_left
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -642,10 +642,37 @@ class ListStore:
         if not commands:
             return
         if not self._pending:
-            task = asyncio.create_task(self._send_pending())
-            self._later.add(task)
-            task.add_done_callback(self._later.discard)
+            self.run_later(self._send_pending())
         self._pending += commands
+
+    def run_later(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``work`` off the calls' path, as a task :meth:`drain` waits for."""
+        task = asyncio.create_task(work)
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+        return task
+
+    async def read_subscribers(
+        self, reads: Sequence[tuple[str, int, str]], timeout_s: float | None = None
+    ) -> list[tuple[bytes | None, bool] | None]:
+        """For each ``(list, gen, subscriber)``, as :meth:`fetch_for_call` reads it: the
+        packed entries (None: none) and whether its bucket has its marker, or None where
+        that read failed (on a Cluster, its node's trouble fails its reads only); in one
+        round trip. Raises ``TimeoutError`` when ``timeout_s`` passes first."""
+        commands = [
+            ("HMGET", keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen),
+             subscriber, keys.SUBSCRIBER_MARKER)
+            for name, gen, subscriber in reads
+        ]  # fmt: skip
+        replies = await self.coalescer.run(commands, timeout_s)
+        found: list[tuple[bytes | None, bool] | None] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                found.append(None)
+                continue
+            blob, marker = reply
+            found.append((blob if isinstance(blob, bytes) else None, marker is not None))
+        return found
 
     async def _send_pending(self) -> list[Any]:
         commands, self._pending = self._pending, []

@@ -285,6 +285,16 @@ class SubscriberCacheCounts(Collector):
         looked.add_metric(("hit",), cache.hits if cache else 0)
         looked.add_metric(("miss",), cache.misses if cache else 0)
         yield looked
+        renewed = CounterMetricFamily(
+            "callscreen_subscriber_cache_renewals",
+            "Cached subscribers read again off the calls' path because calls used them in "
+            "the second half of cache.subscriber_max_age_ms, by result: ok, or failed "
+            "(Redis trouble; they age out and calls read them).",
+            labels=("result",),
+        )
+        renewed.add_metric(("ok",), cache.renewed if cache else 0)
+        renewed.add_metric(("failed",), cache.renewals_failed if cache else 0)
+        yield renewed
         size = GaugeMetricFamily(
             "callscreen_subscriber_cache_entries",
             "Subscribers whose entries this worker keeps (at most cache.subscriber_entries).",

@@ -7,6 +7,7 @@ full sync and a lost bucket are still seen, within the times docs/subscribers.md
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,3 +155,81 @@ async def test_a_lost_bucket_is_still_noticed(
 
 async def answer_is(client: Any, caller: str, expected: Any) -> bool:
     return bool(await answer(client, caller) == expected)
+
+
+RENEWED = 'callscreen_subscriber_cache_renewals_total{result="ok"}'
+MISSES = 'callscreen_subscriber_cache_lookups_total{result="miss"}'
+
+
+async def test_a_subscriber_called_within_its_max_age_is_renewed_off_the_calls_path(
+    redis: Redis,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    source: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", ADMIN_TOKEN)
+    # No poll during the test (refresh 60 s): only the max age makes entries read again.
+    data = subscribers_config(
+        cache={"refresh_ms": 60_000, "max_stale_ms": 120_000, "subscriber_max_age_ms": 400}
+    )
+    config = make_config(data, base_dir=source)
+    await load_blocklist(redis, [])
+    await sync_list(redis, config, "personal")
+    client = await make_client(config)
+    assert await answer(client, "15165550101") == PERSONAL  # read by the call: a miss
+    # Called every 100 ms for five max ages: each call past half the age has the entry
+    # read again in the background, so no call reads Redis itself after the first.
+    started = time.monotonic()
+    while time.monotonic() - started < 2.0:
+        assert await answer(client, "15165550101") == PERSONAL
+        await asyncio.sleep(0.1)  # the time between calls is what is tested
+    assert await metric(client, MISSES) == 1
+    assert await metric(client, RENEWED) >= 3
+    # An admin write, with no poll to see its count: the next renewal reads it, so it is
+    # answered within the max age all the same.
+    path = f"/v1/lists/personal/subscribers/{SUB_A}/entries/15165550101"
+    response = await client.delete(path, headers=ADMIN)
+    assert response.status == 200, await response.text()
+    written = time.monotonic()
+    await wait_for(lambda: answer_is(client, "15165550101", []), timeout_s=2.0, interval_s=0.05)
+    assert time.monotonic() - written < 0.4 + 0.3
+    assert await metric(client, MISSES) == 1
+
+
+async def test_a_renewal_redis_does_not_answer_leaves_the_entry_to_age_out(
+    redis: Redis,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    source: Path,
+) -> None:
+    data = subscribers_config(
+        cache={"refresh_ms": 60_000, "max_stale_ms": 120_000, "subscriber_max_age_ms": 1000},
+        handler={"deadline_ms": 100},
+    )
+    config = make_config(data, base_dir=source)
+    await load_blocklist(redis, [])
+    await sync_list(redis, config, "personal")
+    client = await make_client(config)
+    assert await answer(client, "15165550101") == PERSONAL  # read by the call
+    await asyncio.sleep(0.6)  # into the second half of its max age
+    await redis.execute_command("CLIENT", "PAUSE", 400, "ALL")
+    # Answered from the cache while the renewal it started waits in vain (100 ms).
+    assert await answer(client, "15165550101") == PERSONAL
+    failed = 'callscreen_subscriber_cache_renewals_total{result="failed"}'
+    await wait_for(lambda: metric_is_at_least(client, failed, 1), timeout_s=2.0)
+    assert await metric(client, RENEWED) == 0
+    # Redis answers again: once the entry aged out a call reads it, and renewals resume.
+    await asyncio.sleep(0.5)
+    assert await answer(client, "15165550101") == PERSONAL
+    assert await metric(client, MISSES) == 2
+
+    async def renewed() -> bool:
+        assert await answer(client, "15165550101") == PERSONAL
+        return await metric(client, RENEWED) >= 1
+
+    await wait_for(renewed, timeout_s=3.0, interval_s=0.1)
+
+
+async def metric_is_at_least(client: Any, line: str, value: float) -> bool:
+    return await metric(client, line) >= value

@@ -11,6 +11,7 @@ loaded, or has a source and was never synced (see :mod:`service.screening.cache`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Collection
@@ -50,6 +51,11 @@ STALE_LISTS = "stale_lists"
 #: Logged once an on_error reason has not been seen for RECOVERED_QUIET_S.
 RECOVERED = "answers normal again: on_error (%s) stopped after %d on_error answers"
 RECOVERED_QUIET_S = 1.0
+#: Cached subscribers one renewal read asks for at most (one round trip).
+RENEW_BATCH = 256
+#: After a renewal read failed, none starts again for this long: the entries age out
+#: and calls read them, as without renewals.
+RENEW_PAUSE_S = 1.0
 
 
 def mask_number(number: str | None) -> str:
@@ -83,6 +89,10 @@ class Screener:
             config.cache.subscriber_entries, config.cache.subscriber_max_age_ms
         )
         metrics.subscriber_cache.cache = self.subscribers
+        #: The task reading due cache entries again, while one runs; none before this
+        #: (clock seconds) after one failed.
+        self._renewal: asyncio.Task[None] | None = None
+        self._renew_from = 0.0
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -162,6 +172,8 @@ class Screener:
         if reads:
             return pending  # looked up again (and counted) by decide_remote
         self.subscribers.hits += len(found)
+        if self.subscribers.due:
+            self._renew_due()
         try:
             return policy.evaluate(call, lists, None, found, resume=pending)
         except ListsUnavailable as exc:
@@ -222,6 +234,8 @@ class Screener:
             reads, held, cached = self.subscribers.lookup(
                 policy.subscriber_lists, cache.lists, call
             )
+            if self.subscribers.due:
+                self._renew_due()
         else:
             reads, held, cached = [], [], {}
         now_s = time.time()
@@ -305,6 +319,45 @@ class Screener:
         started = time.perf_counter()
         call.stir = await self.stir.verify(call, policy.trust_verstat, self.deadline_s / 2)
         return self.decide_locally(policy, call), self.deadline_s - (time.perf_counter() - started)
+
+    def _renew_due(self) -> None:
+        """Start reading the cache's due entries again off the calls' path, unless a
+        renewal runs already or one whose reads all failed ended less than
+        RENEW_PAUSE_S ago."""
+        if self._renewal is None and self.subscribers.clock() >= self._renew_from:
+            self._renewal = self.store.run_later(self._renew())
+
+    async def _renew(self) -> None:
+        """Read the due entries again, in batches of one round trip each, as a call's
+        miss reads them (the copy each was used under is its tag; a bucket without its
+        marker drops the entry, so the next call reads it and notices the loss)."""
+        cache = self.subscribers
+        try:
+            while cache.due:
+                lists = self.cache.lists
+                batch = [due for due in cache.take_due(RENEW_BATCH) if lists.get(due[0]) is due[1]]
+                if not batch:
+                    continue
+                reads = [(name, copy.gens.of_subscriber(sub), sub) for name, copy, sub in batch]
+                sent_at = cache.clock()
+                try:
+                    found = await self.store.read_subscribers(reads, self.deadline_s)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    logger.debug("renewing cached subscribers failed: %s", exc)
+                    found = [None] * len(batch)
+                for (name, copy, sub), read in zip(batch, found, strict=True):
+                    if read is None:  # left to age out; a call reads it then
+                        cache.renewals_failed += 1
+                    elif read[1]:
+                        cache.put(name, copy, sub, Entries.unpack(read[0]), sent_at)
+                        cache.renewed += 1
+                    else:
+                        cache.drop(name, sub)
+                if all(read is None for read in found):
+                    self._renew_from = cache.clock() + RENEW_PAUSE_S
+                    return
+        finally:
+            self._renewal = None
 
     def _note_lost(
         self,

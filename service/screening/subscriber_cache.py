@@ -12,11 +12,17 @@ Invariants:
 - a writer counts its write only after Redis acknowledged it, and the tag is the object
   from before the read was sent, so a read that raced a write is dropped at the first
   poll after the count moved: an admin change is seen within ``cache.refresh_ms`` plus
-  one poll, as for the local lists.
+  one poll, as for the local lists;
+- an entry used in the second half of its max age is *due*: the screener reads it again
+  off the calls' path (:meth:`take_due`, then :meth:`put` or :meth:`drop`) under the
+  same rules as a call's read, so a subscriber called at least once a max age is not
+  read by a call again. Until the new read lands the old entry is used as before,
+  never past its max age.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -39,18 +45,27 @@ class SubscriberCache:
     ) -> None:
         self.max_entries = max_entries
         self.max_age_s = max_age_ms / 1000
+        self.renew_after_s = self.max_age_s / 2
         self.clock = clock
         self._entries: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+        #: Entries due for a read off the calls' path, with the copy each was used under.
+        self.due: dict[tuple[str, str], SubscriberList] = {}
         #: Look-ups answered from the cache, and those that had to read Redis.
         self.hits = 0
         self.misses = 0
+        #: Entries read again off the calls' path, and such reads that failed.
+        self.renewed = 0
+        self.renewals_failed = 0
 
     def resize(self, max_entries: int, max_age_ms: int) -> None:
         """New limits (a config reload); the least recently used go first."""
         self.max_entries = max_entries
         self.max_age_s = max_age_ms / 1000
+        self.renew_after_s = self.max_age_s / 2
         while len(self._entries) > max_entries:
             self._entries.popitem(last=False)
+        if not max_entries:
+            self.due.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -59,10 +74,28 @@ class SubscriberCache:
         """``subscriber``'s entries if cached under ``held`` and young enough, else None."""
         key = (name, subscriber)
         found = self._entries.get(key)
-        if found is None or found[0] is not held or self.clock() - found[1] > self.max_age_s:
+        if found is None or found[0] is not held:
             return None
+        age = self.clock() - found[1]
+        if age > self.renew_after_s:
+            if age > self.max_age_s:
+                return None
+            self.due[key] = held
         self._entries.move_to_end(key)
         return found[2]
+
+    def take_due(self, limit: int) -> list[tuple[str, SubscriberList, str]]:
+        """Up to ``limit`` due entries, oldest call first, as ``(list, copy, subscriber)``:
+        each to read from Redis and :meth:`put` (sent under that copy) or :meth:`drop`."""
+        taken = []
+        due = self.due
+        for key in list(itertools.islice(due, limit)):
+            taken.append((key[0], due.pop(key), key[1]))
+        return taken
+
+    def drop(self, name: str, subscriber: str) -> None:
+        """Forget ``subscriber``'s entries (its bucket came back without its marker)."""
+        self._entries.pop((name, subscriber), None)
 
     def put(
         self, name: str, held: SubscriberList, subscriber: str, entries: Entries, sent_at: float
@@ -73,6 +106,7 @@ class SubscriberCache:
         key = (name, subscriber)
         self._entries[key] = (held, sent_at, entries)
         self._entries.move_to_end(key)
+        self.due.pop(key, None)  # (marked again by calls while its read was out)
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
