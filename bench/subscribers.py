@@ -77,6 +77,11 @@ EXTRA_PAIR = "19512620000,15165550000,block"
 BUCKETS_PER_ROUND = 1024
 #: Seconds each trunk group is driven before the measured rounds.
 WARMUP_S = 1
+#: Seconds each trunk group is driven, unmeasured, right before each of its rounds: the
+#: other groups' rounds in between leave a worker's entries cache older than its max age,
+#: and a round should measure steady traffic, not that cold start (about one pass over
+#: the rotating bodies at the bench's rates).
+ROUND_WARMUP_S = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -349,49 +354,47 @@ def serve(
             print("!! wrong subscriber answers:", *answers["examples"], sep="\n   ")
         for name in runs:
             drive(urls[name], name, WARMUP_S)
-        before = _metrics(service.url)
         client = redis.Redis(port=redis_port)
         commands = dict.fromkeys(runs, 0)
+        # What the service counted during the measured rounds only (not their warm-ups).
+        counted: dict[str, Any] = {}
         for round_ in range(1, args.subscriber_rounds + 1):
             for name, results in runs.items():
                 done = step(
                     f"subscribers round {round_}/{args.subscriber_rounds}: {name} trunk group, "
-                    f"{args.duration} s"
+                    f"{ROUND_WARMUP_S} s unmeasured, then {args.duration} s"
                 )
+                drive(urls[name], name, ROUND_WARMUP_S)
+                before = _metrics(service.url)
                 result, ran = storage.commands_per_call(
                     client, functools.partial(drive, urls[name], name, args.duration)
                 )
+                counted = _add_metrics(counted, before, _metrics(service.url))
                 results.append(result)
                 commands[name] += ran
                 print(f"   {result.summary()}", flush=True)
                 done()
-        after = _metrics(service.url)
         client.close()
         paced = _paced(args, folder, targets, runs["subscribers"], urls, step)
-    decided = {k: after["decisions"].get(k, 0) - before["decisions"].get(k, 0)
-               for k in after["decisions"]}  # fmt: skip
+    decided = counted.get("decisions", {})
     total = sum(decided.values())
-    reads = after["redis_count"] - before["redis_count"]
+    reads = counted.get("redis_count", 0)
     return {
         "tool": "wrk" if wrk else "python",
         "answers": answers,
         "reject_share_counted": decided.get("reject", 0) / total if total else None,
         "reject_share_expected": SUBSCRIBER_CLASS_SHARES["sub_block"],
         "on_error": {
-            reason: count - before["on_error"].get(reason, 0)
-            for reason, count in after["on_error"].items()
-            if count - before["on_error"].get(reason, 0)
+            reason: count for reason, count in counted.get("on_error", {}).items() if count
         },
         "calls": total,
         "redis_round_trips": reads,
         "commands_per_call": {
             name: commands[name] / max(1, sum(r.requests for r in runs[name])) for name in runs
         },
-        "redis_mean_ms": (after["redis_sum"] - before["redis_sum"]) / reads * 1000
-        if reads
-        else None,
+        "redis_mean_ms": counted.get("redis_sum", 0.0) / reads * 1000 if reads else None,
         "zipf": args.subscriber_zipf,
-        "cache": {k: after["cache"].get(k, 0) - before["cache"].get(k, 0) for k in after["cache"]},
+        "cache": counted.get("cache", {}),
         **load.runs_json(runs, paced),
     }
 
@@ -428,6 +431,22 @@ def check_answers(url: str, workload: SubscriberWorkload, per_class: int) -> dic
     indexes = subscriber_sample(workload, per_class)
     path = f"{url}/tg/{SUBSCRIBER_TRUNK_GROUP}"
     return check_sample(path, workload.bodies, workload.classes, indexes)
+
+
+def _add_metrics(
+    total: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
+) -> dict[str, Any]:
+    """``total`` plus what :func:`_metrics` counted between ``before`` and ``after``."""
+    added: dict[str, Any] = {}
+    for name, value in after.items():
+        if isinstance(value, dict):
+            kept = dict(total.get(name, {}))
+            for key, count in value.items():
+                kept[key] = kept.get(key, 0) + count - before[name].get(key, 0)
+            added[name] = kept
+        else:
+            added[name] = total.get(name, 0) + value - before[name]
+    return added
 
 
 def _metrics(url: str) -> dict[str, Any]:
