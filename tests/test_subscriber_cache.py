@@ -213,7 +213,7 @@ async def test_a_renewal_redis_does_not_answer_leaves_the_entry_to_age_out(
     client = await make_client(config)
     assert await answer(client, "15165550101") == PERSONAL  # read by the call
     await asyncio.sleep(0.6)  # into the second half of its max age
-    await redis.execute_command("CLIENT", "PAUSE", 400, "ALL")
+    await redis.client_pause(400, all=True)
     # Answered from the cache while the renewal it started waits in vain (100 ms).
     assert await answer(client, "15165550101") == PERSONAL
     failed = 'callscreen_subscriber_cache_renewals_total{result="failed"}'
