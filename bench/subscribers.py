@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -77,10 +78,10 @@ EXTRA_PAIR = "19512620000,15165550000,block"
 BUCKETS_PER_ROUND = 1024
 #: Seconds each trunk group is driven before the measured rounds.
 WARMUP_S = 1
-#: Seconds each trunk group is driven, unmeasured, right before each of its rounds: the
-#: other groups' rounds in between leave a worker's entries cache older than its max age,
-#: and a round should measure steady traffic, not that cold start (about one pass over
-#: the rotating bodies at the bench's rates).
+#: Seconds at least each trunk group is driven, unmeasured, right before each of its
+#: rounds, and at least one pass over its rotating bodies at its last rate: the other
+#: groups' rounds in between leave a worker's entries cache older than its max age, and
+#: a round should measure steady traffic, not that cold start.
 ROUND_WARMUP_S = 2
 
 
@@ -352,25 +353,27 @@ def serve(
         done()
         if answers["wrong"]:
             print("!! wrong subscriber answers:", *answers["examples"], sep="\n   ")
-        for name in runs:
-            drive(urls[name], name, WARMUP_S)
+        rates = {name: drive(urls[name], name, WARMUP_S).rps for name in runs}
         client = redis.Redis(port=redis_port)
         commands = dict.fromkeys(runs, 0)
         # What the service counted during the measured rounds only (not their warm-ups).
         counted: dict[str, Any] = {}
         for round_ in range(1, args.subscriber_rounds + 1):
             for name, results in runs.items():
+                rotating = len(python_bodies[name])
+                warm_s = max(ROUND_WARMUP_S, math.ceil(rotating / max(rates[name], 1.0)))
                 done = step(
                     f"subscribers round {round_}/{args.subscriber_rounds}: {name} trunk group, "
-                    f"{ROUND_WARMUP_S} s unmeasured, then {args.duration} s"
+                    f"{warm_s} s unmeasured, then {args.duration} s"
                 )
-                drive(urls[name], name, ROUND_WARMUP_S)
+                drive(urls[name], name, warm_s)
                 before = _metrics(service.url)
                 result, ran = storage.commands_per_call(
                     client, functools.partial(drive, urls[name], name, args.duration)
                 )
                 counted = _add_metrics(counted, before, _metrics(service.url))
                 results.append(result)
+                rates[name] = result.rps
                 commands[name] += ran
                 print(f"   {result.summary()}", flush=True)
                 done()
