@@ -26,13 +26,15 @@ Steps, on the bench's private Redis (the block list and the others already loade
    bodies); and bare aiohttp beside it. Bodies call the subscribers uniformly, or by a
    Zipf law (``--subscriber-zipf 1.1``: a few contact centres take most calls). A
    sample of answers is checked, then wrk drives bare aiohttp and the trunk groups in
-   alternating rounds (``--subscriber-rounds``), each reported as a ratio to the bare
-   round beside it, then once more at the same moderate rate (``--pace`` times the
-   subscriber group's full rate), where latency is the call's own cost rather than
-   queueing. The cache's hit share under load is reported.
+   alternating rounds (``--subscriber-rounds``), each after an unmeasured warm-up of at
+   least one pass over its bodies (the rounds between leave the entries cache past its
+   max age: without it each round would measure a cold start, not steady traffic),
+   each reported as a ratio to the bare round beside it, then once more at the same
+   moderate rate (``--pace`` times the subscriber group's full rate), where latency is
+   the call's own cost rather than queueing. The cache's hit share under load is reported.
 
-Default size: about two minutes on the bench machine (2 cores): four syncs, then wrk
-on five targets.
+Default size: two to four minutes on the bench machines (2 cores): four syncs, then
+wrk on five targets.
 """
 
 from __future__ import annotations

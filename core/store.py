@@ -659,12 +659,18 @@ class ListStore:
         packed entries (None: none) and whether its bucket has its marker, or None where
         that read failed (on a Cluster, its node's trouble fails its reads only); in one
         round trip. Raises ``TimeoutError`` when ``timeout_s`` passes first."""
-        commands = [
-            ("HMGET", keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen),
-             subscriber, keys.SUBSCRIBER_MARKER)
+        marker = keys.SUBSCRIBER_MARKER
+        buckets = [
+            (keys.subscribers(name, keys.subscriber_bucket_of(subscriber), gen), subscriber)
             for name, gen, subscriber in reads
-        ]  # fmt: skip
-        replies = await self.coalescer.run(commands, timeout_s)
+        ]
+        commands = [("HMGET", bucket, subscriber, marker) for bucket, subscriber in buckets]
+        link = self.dispatcher.plain_link
+        if link is not None:  # composed as text, as fetch_for_call's (core.wire)
+            text = "".join([wire.hmget_two(bucket, sub, marker) for bucket, sub in buckets])
+            replies = await link.run(commands, timeout_s, wire.ascii_bytes(text))
+        else:
+            replies = await self.coalescer.run(commands, timeout_s)
         found: list[tuple[bytes | None, bool] | None] = []
         for reply in replies:
             if isinstance(reply, Exception):

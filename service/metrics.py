@@ -288,7 +288,7 @@ class SubscriberCacheCounts(Collector):
         renewed = CounterMetricFamily(
             "callscreen_subscriber_cache_renewals",
             "Cached subscribers read again off the calls' path because calls used them in "
-            "the second half of cache.subscriber_max_age_ms, by result: ok, or failed "
+            "the last fifth of cache.subscriber_max_age_ms, by result: ok, or failed "
             "(Redis trouble; they age out and calls read them).",
             labels=("result",),
         )

@@ -171,17 +171,17 @@ async def test_a_subscriber_called_within_its_max_age_is_renewed_off_the_calls_p
     monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", ADMIN_TOKEN)
     # No poll during the test (refresh 60 s): only the max age makes entries read again.
     data = subscribers_config(
-        cache={"refresh_ms": 60_000, "max_stale_ms": 120_000, "subscriber_max_age_ms": 400}
+        cache={"refresh_ms": 60_000, "max_stale_ms": 120_000, "subscriber_max_age_ms": 1000}
     )
     config = make_config(data, base_dir=source)
     await load_blocklist(redis, [])
     await sync_list(redis, config, "personal")
     client = await make_client(config)
     assert await answer(client, "15165550101") == PERSONAL  # read by the call: a miss
-    # Called every 100 ms for five max ages: each call past half the age has the entry
-    # read again in the background, so no call reads Redis itself after the first.
+    # Called every 100 ms for four max ages: a call in the last fifth of the age has the
+    # entry read again in the background, so no call reads Redis itself after the first.
     started = time.monotonic()
-    while time.monotonic() - started < 2.0:
+    while time.monotonic() - started < 4.0:
         assert await answer(client, "15165550101") == PERSONAL
         await asyncio.sleep(0.1)  # the time between calls is what is tested
     assert await metric(client, MISSES) == 1
@@ -193,7 +193,7 @@ async def test_a_subscriber_called_within_its_max_age_is_renewed_off_the_calls_p
     assert response.status == 200, await response.text()
     written = time.monotonic()
     await wait_for(lambda: answer_is(client, "15165550101", []), timeout_s=2.0, interval_s=0.05)
-    assert time.monotonic() - written < 0.4 + 0.3
+    assert time.monotonic() - written < 1.0 + 0.3
     assert await metric(client, MISSES) == 1
 
 
@@ -212,7 +212,7 @@ async def test_a_renewal_redis_does_not_answer_leaves_the_entry_to_age_out(
     await sync_list(redis, config, "personal")
     client = await make_client(config)
     assert await answer(client, "15165550101") == PERSONAL  # read by the call
-    await asyncio.sleep(0.6)  # into the second half of its max age
+    await asyncio.sleep(0.85)  # into the last fifth of its max age
     await redis.client_pause(400, all=True)
     # Answered from the cache while the renewal it started waits in vain (100 ms).
     assert await answer(client, "15165550101") == PERSONAL

@@ -13,7 +13,7 @@ Invariants:
   from before the read was sent, so a read that raced a write is dropped at the first
   poll after the count moved: an admin change is seen within ``cache.refresh_ms`` plus
   one poll, as for the local lists;
-- an entry used in the second half of its max age is *due*: the screener reads it again
+- an entry used in the last fifth of its max age is *due*: the screener reads it again
   off the calls' path (:meth:`take_due`, then :meth:`put` or :meth:`drop`) under the
   same rules as a call's read, so a subscriber called at least once a max age is not
   read by a call again. Until the new read lands the old entry is used as before,
@@ -32,6 +32,8 @@ from service.screening.lists import ListObject, SubscriberList
 from service.screening.request import Call
 
 _Cached = tuple[SubscriberList, float, Entries]
+#: The share of the max age after which an entry a call uses is due for renewal.
+RENEW_AFTER = 0.8
 #: A read of one subscriber: ``(list, generation of its bucket, subscriber)``
 #: (core/store.py; core/bucket_gens.py).
 Read = tuple[str, int, str]
@@ -45,7 +47,7 @@ class SubscriberCache:
     ) -> None:
         self.max_entries = max_entries
         self.max_age_s = max_age_ms / 1000
-        self.renew_after_s = self.max_age_s / 2
+        self.renew_after_s = self.max_age_s * RENEW_AFTER
         self.clock = clock
         self._entries: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
         #: Entries due for a read off the calls' path, with the copy each was used under.
@@ -61,7 +63,7 @@ class SubscriberCache:
         """New limits (a config reload); the least recently used go first."""
         self.max_entries = max_entries
         self.max_age_s = max_age_ms / 1000
-        self.renew_after_s = self.max_age_s / 2
+        self.renew_after_s = self.max_age_s * RENEW_AFTER
         while len(self._entries) > max_entries:
             self._entries.popitem(last=False)
         if not max_entries:
