@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,26 @@ def source(tmp_path: Path) -> Path:
 
 
 HITS = 'callscreen_subscriber_cache_lookups_total{result="hit"}'
+Serve = Callable[..., Awaitable[tuple[Any, Config]]]
+
+
+@pytest.fixture
+def serve(
+    redis: Redis,
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    source: Path,
+) -> Serve:
+    """A service on the synced subscribers list with these ``cache`` (and other) settings:
+    its test client and config."""
+
+    async def served(cache: dict[str, int], **extra: Any) -> tuple[Any, Config]:
+        config = make_config(subscribers_config(cache=cache, **extra), base_dir=source)
+        await load_blocklist(redis, [])
+        await sync_list(redis, config, "personal")
+        return await make_client(config), config
+
+    return served
 
 
 async def test_a_cached_subscriber_is_answered_without_redis(
@@ -74,21 +94,13 @@ async def test_a_cached_subscriber_is_answered_without_redis(
 
 
 async def test_admin_changes_and_syncs_are_seen_within_a_refresh(
-    redis: Redis,
-    make_config: Callable[..., Config],
-    make_client: Callable[..., Any],
-    source: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    redis: Redis, serve: Serve, source: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", ADMIN_TOKEN)
     # A long max age: only the polled write count and generation can drop an entry.
-    data = subscribers_config(
-        cache={"refresh_ms": 100, "max_stale_ms": 1000, "subscriber_max_age_ms": 3_600_000}
+    client, config = await serve(
+        {"refresh_ms": 100, "max_stale_ms": 1000, "subscriber_max_age_ms": 3_600_000}
     )
-    config = make_config(data, base_dir=source)
-    await load_blocklist(redis, [])
-    await sync_list(redis, config, "personal")
-    client = await make_client(config)
     caller = "15165550177"
     assert [await answer(client, caller) for _ in range(3)] == [[]] * 3  # cached
     hits = await metric(client, HITS)
@@ -162,21 +174,13 @@ MISSES = 'callscreen_subscriber_cache_lookups_total{result="miss"}'
 
 
 async def test_a_subscriber_called_within_its_max_age_is_renewed_off_the_calls_path(
-    redis: Redis,
-    make_config: Callable[..., Config],
-    make_client: Callable[..., Any],
-    source: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CALLSCREEN_ADMIN_TOKENS", ADMIN_TOKEN)
     # No poll during the test (refresh 60 s): only the max age makes entries read again.
-    data = subscribers_config(
-        cache={"refresh_ms": 60_000, "max_stale_ms": 120_000, "subscriber_max_age_ms": 1000}
+    client, _ = await serve(
+        {"refresh_ms": 60_000, "max_stale_ms": 120_000, "subscriber_max_age_ms": 1000}
     )
-    config = make_config(data, base_dir=source)
-    await load_blocklist(redis, [])
-    await sync_list(redis, config, "personal")
-    client = await make_client(config)
     assert await answer(client, "15165550101") == PERSONAL  # read by the call: a miss
     # Called every 100 ms for four max ages: a call in the last fifth of the age has the
     # entry read again in the background, so no call reads Redis itself after the first.
@@ -198,19 +202,12 @@ async def test_a_subscriber_called_within_its_max_age_is_renewed_off_the_calls_p
 
 
 async def test_a_renewal_redis_does_not_answer_leaves_the_entry_to_age_out(
-    redis: Redis,
-    make_config: Callable[..., Config],
-    make_client: Callable[..., Any],
-    source: Path,
+    redis: Redis, serve: Serve
 ) -> None:
-    data = subscribers_config(
-        cache={"refresh_ms": 60_000, "max_stale_ms": 120_000, "subscriber_max_age_ms": 1000},
+    client, _ = await serve(
+        {"refresh_ms": 60_000, "max_stale_ms": 120_000, "subscriber_max_age_ms": 1000},
         handler={"deadline_ms": 100},
     )
-    config = make_config(data, base_dir=source)
-    await load_blocklist(redis, [])
-    await sync_list(redis, config, "personal")
-    client = await make_client(config)
     assert await answer(client, "15165550101") == PERSONAL  # read by the call
     await asyncio.sleep(0.85)  # into the last fifth of its max age
     await redis.client_pause(400, all=True)
