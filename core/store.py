@@ -676,8 +676,8 @@ class ListStore:
             if isinstance(reply, Exception):
                 found.append(None)
                 continue
-            blob, marker = reply
-            found.append((blob if isinstance(blob, bytes) else None, marker is not None))
+            blob, mark = reply
+            found.append((blob if isinstance(blob, bytes) else None, mark is not None))
         return found
 
     async def _send_pending(self) -> list[Any]:

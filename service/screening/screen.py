@@ -56,8 +56,8 @@ RENEW_BATCH = 256
 #: A renewal waits this long before it reads, gathering the entries that fall due
 #: meanwhile into its batch (a round trip per entry would cost nearly a miss each).
 RENEW_GATHER_S = 0.05
-#: After a renewal read failed, none starts again for this long: the entries age out
-#: and calls read them, as without renewals.
+#: After a renewal whose reads all failed, none starts again for this long: the
+#: entries age out and calls read them, as without renewals.
 RENEW_PAUSE_S = 1.0
 
 
@@ -92,8 +92,8 @@ class Screener:
             config.cache.subscriber_entries, config.cache.subscriber_max_age_ms
         )
         metrics.subscriber_cache.cache = self.subscribers
-        #: The task reading due cache entries again, while one runs; none before this
-        #: (clock seconds) after one failed.
+        #: The task reading due cache entries again, while one runs; none starts before
+        #: this (cache clock seconds) after one whose reads all failed.
         self._renewal: asyncio.Task[None] | None = None
         self._renew_from = 0.0
         self.reconfigure(config)

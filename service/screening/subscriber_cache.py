@@ -73,7 +73,8 @@ class SubscriberCache:
         return len(self._entries)
 
     def get(self, name: str, held: SubscriberList, subscriber: str) -> Entries | None:
-        """``subscriber``'s entries if cached under ``held`` and young enough, else None."""
+        """``subscriber``'s entries if cached under ``held`` and young enough, else None;
+        one in the last fifth of its max age is marked due for renewal (:attr:`due`)."""
         key = (name, subscriber)
         found = self._entries.get(key)
         if found is None or found[0] is not held:
