@@ -264,7 +264,11 @@ async def test_bulk_change_on_a_cluster(
     (tmp_path / "personal.csv").write_text(
         "".join(f"{s},1516555{i:04d}\n" for i, s in enumerate(subscribers))
     )
-    data = subscribers_config(redis={"url": cluster.url}, cache={"refresh_ms": 100})
+    # A deadline no loaded test machine misses: the default on_error (allow) would answer
+    # a late read [] as if the subscriber had no entry.
+    data = subscribers_config(
+        redis={"url": cluster.url}, cache={"refresh_ms": 100}, handler={"deadline_ms": 5000}
+    )
     config = make_config(data, base_dir=tmp_path)
     await sync_list(cluster_redis, config, "personal")
     client = await ready_client(make_client, config)
