@@ -250,7 +250,11 @@ async def test_a_100k_bulk_on_the_operator_listener_leaves_local_list_calls_in_t
     print(calls.report())
     assert calls.errors == [] and calls.statuses() == {200}
     assert all(answer == REJECT for answer in calls.after(0.0))
-    assert found["callscreen_late_answers_total"] == 0
+    # Late answers are the service's own wall clock too, from arrival to answer, so the
+    # moments the OS gives this shared 2-core machine to other processes can push one
+    # past the deadline: at most one call in 500, where a loop held past the deadline
+    # delays every call arriving meanwhile (2,000 a second here).
+    assert found["callscreen_late_answers_total"] <= len(calls.answers) / 500
     assert found['callscreen_on_error_total{reason="deadline"}'] == 0
 
 

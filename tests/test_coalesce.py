@@ -63,6 +63,10 @@ async def test_on_redis_py_connections_the_turn_still_shares_one_pipeline(
     now_s = 1_000_000.0
     # Two connections made (one call alone, one joined), so none is opened below.
     await asyncio.gather(*(store.count_call("15165559999", WINDOWS, now_s) for _ in range(2)))
+    # Their batch's task and any write sent after them finish first: one still running
+    # would make the next call join it rather than go alone (a loaded machine's race).
+    await store.coalescer.aclose()
+    await store.drain()
     before_sends, before_batches = CountingConnection.sends, store.coalescer.batches
     calls = [c for i, c in enumerate(CALLERS) for _ in range(i + 1)]
     counts = await asyncio.gather(*(store.count_call(c, WINDOWS, now_s) for c in calls))
