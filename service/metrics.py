@@ -266,6 +266,14 @@ class RedisHealth(Collector):
         yield failing
 
 
+def _by_result(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter family labelled ``result``, one sample per entry of ``counts``."""
+    family = CounterMetricFamily(name, documentation, labels=("result",))
+    for result, count in counts.items():
+        family.add_metric((result,), count)
+    return family
+
+
 class SubscriberCacheCounts(Collector):
     """The subscriber entries cache's look-ups and size, read when scraped: plain
     numbers counted on the event loop (every call that reaches a subscriber rule)."""
@@ -276,25 +284,21 @@ class SubscriberCacheCounts(Collector):
 
     def collect(self) -> Iterator[Metric]:
         cache = self.cache
-        looked = CounterMetricFamily(
+        yield _by_result(
             "callscreen_subscriber_cache_lookups",
             "Subscribers looked up by calls, by result: hit (answered from this worker's "
             "cache, no Redis) or miss (read from Redis).",
-            labels=("result",),
+            {"hit": cache.hits, "miss": cache.misses} if cache else {"hit": 0, "miss": 0},
         )
-        looked.add_metric(("hit",), cache.hits if cache else 0)
-        looked.add_metric(("miss",), cache.misses if cache else 0)
-        yield looked
-        renewed = CounterMetricFamily(
+        yield _by_result(
             "callscreen_subscriber_cache_renewals",
             "Cached subscribers read again off the calls' path because calls used them in "
             "the last fifth of cache.subscriber_max_age_ms, by result: ok, or failed "
             "(Redis trouble; they age out and calls read them).",
-            labels=("result",),
+            {"ok": cache.renewed, "failed": cache.renewals_failed}
+            if cache
+            else {"ok": 0, "failed": 0},
         )
-        renewed.add_metric(("ok",), cache.renewed if cache else 0)
-        renewed.add_metric(("failed",), cache.renewals_failed if cache else 0)
-        yield renewed
         size = GaugeMetricFamily(
             "callscreen_subscriber_cache_entries",
             "Subscribers whose entries this worker keeps (at most cache.subscriber_entries).",
