@@ -359,6 +359,10 @@ class _ListSync:
             )
         except ListLocked as exc:
             raise SyncError(str(exc)) from None
+        if isinstance(builder, SubscriberListBuilder):
+            builder.step_share = self.config.loader.subscriber_step_share
+            builder.step_wait_s = self.config.loader.subscriber_step_wait_s
+            builder.step_min_bytes = int(self.config.loader.subscriber_step_min_mb * 1e6)
         try:
             if isinstance(builder, NumberListBuilder):
                 await self._read_numbers(builder, rows, progress)

@@ -3,7 +3,9 @@
 A sync streams canonical entries into a builder that writes keys nobody reads (each
 with a TTL set in the same MULTI/EXEC, so a killed sync leaves nothing for long);
 ``finish`` counts the diff against the live list, and ``commit`` points ``meta.gen`` at
-the new base in one WATCHed MULTI/EXEC: readers see the old list whole until then.
+the new base in one WATCHed MULTI/EXEC: readers see the old list whole until then (a
+subscribers list changed wider than ``loader.subscriber_step_share`` goes in by steps,
+each subscriber's entries still switching at once: core/build/subscribers.py).
 One build per list at a time (:func:`start_build`, a refreshed lock key; a second
 loader gets :class:`ListLocked`); a dead build's keys are deleted by the next one.
 Memory stays flat: entries are staged ``batch_size`` at a time, per bucket.

@@ -8,7 +8,9 @@ The rows are staged on the loader's own disk (a folder under ``TMPDIR``, one fil
 round of buckets), not in Redis: text rows cost Redis several times the packed list.
 Only the buckets whose content changed are written; the new generation's bucket map
 (:mod:`core.bucket_gens`) names the others where they are. Redis then holds the live
-list and the changed buckets, no more.
+list and the changed buckets, no more; a change wider than ``step_share`` of the list's
+bytes is swapped in by steps, each its own generation, the buckets a step replaced
+deleted before the next step writes, so Redis holds at most about (1 + share) lists.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from redis.exceptions import WatchError
+
 from core import bucket_gens, keys, subscriber_overlay
 from core.bucket_gens import BucketGens
-from core.build.base import BuildLock, BuildResult, ListBuilder
+from core.build.base import BuildLock, BuildResult, ListBuilder, SwapConflict
 from core.store import RedisClient
 from core.subscribers import MAX_ENTRIES as subscribers_max
 from core.subscribers import entry_of as subscribers_entry_of
@@ -62,6 +66,16 @@ class SubscriberListBuilder(ListBuilder):
     empty and counted in :attr:`lost_buckets`. The staged rows and packed buckets live
     in a folder of the loader's own, removed by ``commit`` and ``abort`` (a killed
     loader's by the next build of the same list on the host).
+
+    Steps (:attr:`step_share` below 1): when the changed buckets hold more than that
+    share of the new list's bytes, ``commit`` swaps them in by steps of whole rounds,
+    each at most that share, each a generation of its own (written, mapped, swapped,
+    its replaced buckets expiring), and waits :attr:`step_wait_s` after each but the
+    last before deleting what it replaced. A subscriber's entries still switch at one
+    instant (a bucket is in one step); the list as a whole switches step by step. A
+    build stopped between steps leaves the list at the last step swapped in; the next
+    sync completes it. Every bucket written is settled again when its admin overlay
+    moved since ``finish`` read it, so an admin write made meanwhile is not undone.
     """
 
     def __init__(
@@ -93,6 +107,17 @@ class SubscriberListBuilder(ListBuilder):
         #: Buckets whose content differs from the live generation's (set by ``finish``):
         #: only these are written.
         self._changed: list[int] = []
+        #: Packed bytes of each changed bucket, and of the whole new list (``finish``).
+        self._sizes: dict[int, int] = {}
+        self._list_bytes = 0
+        #: Each changed bucket's admin overlay as ``finish`` read it (a fingerprint).
+        self._overlays: dict[int, int] = {}
+        #: Largest share of the new list's bytes one step swaps in (1: one swap), and
+        #: the changed bytes below which a change goes in one swap whatever its share.
+        self.step_share = 1.0
+        self.step_min_bytes = 0
+        #: Pause after each step but the last before its replaced buckets are deleted.
+        self.step_wait_s: float = keys.OLD_GENERATION_GRACE_S
 
     async def add(self, entries: Iterable[str]) -> None:
         raise TypeError("a subscribers list takes pairs: use add_pair()")
@@ -132,7 +157,8 @@ class SubscriberListBuilder(ListBuilder):
         )
 
     def _staged_round(self, round_: int) -> dict[int, list[str]]:
-        """The staged ``subscriber code`` rows of one round, by bucket; its file removed."""
+        """The staged ``subscriber code`` rows of one round, by bucket (the file stays
+        until the stage folder goes: a bucket may be settled again before it is written)."""
         found: dict[int, list[str]] = {}
         if self._stage is None:
             return found
@@ -144,7 +170,6 @@ class SubscriberListBuilder(ListBuilder):
         for line in text.splitlines():
             bucket, _, row = line.partition(" ")
             found.setdefault(int(bucket), []).append(row)
-        path.unlink()
         return found
 
     def _remove_stage(self) -> None:
@@ -165,12 +190,15 @@ class SubscriberListBuilder(ListBuilder):
         """Run ``command`` on every bucket key of generation ``gen`` (pipelined)."""
         await self._on_keys(command, [(b, gen) for b in range(keys.SUBSCRIBER_BUCKETS)], *args)
 
-    async def _retire(self, old: BucketGens, live: BucketGens) -> None:
-        """Expire what generation ``old`` named and ``live`` does not, and ``old``'s map."""
-        await self._on_keys("expire", old.replaced_by(live), keys.OLD_GENERATION_GRACE_S)
+    async def _retire(self, old: BucketGens, live: BucketGens) -> list[tuple[int, int]]:
+        """Expire what generation ``old`` named and ``live`` does not, and ``old``'s map;
+        those ``(bucket, generation)`` keys."""
+        replaced = old.replaced_by(live)
+        await self._on_keys("expire", replaced, keys.OLD_GENERATION_GRACE_S)
         await self.redis.expire(
             keys.subscriber_gens(self.name, old.gen), keys.OLD_GENERATION_GRACE_S
         )
+        return replaced
 
     async def _retire_leftover(self) -> None:
         """Expire the buckets of a generation a killed loader swapped out (``retiring``)
@@ -195,7 +223,7 @@ class SubscriberListBuilder(ListBuilder):
         await self._flush()
         self._old_gens = await bucket_gens.read(self.redis, self.name, self.old_gen)
         await self._retire_leftover()
-        self._changed = []
+        self._changed, self._sizes, self._overlays, self._list_bytes = [], {}, {}, 0
         tally = _Tally(sample)
         step = SUBSCRIBER_BUCKETS_PER_ROUND
         now_s = time.time()  # admin overlay fields expired by then are left out
@@ -209,8 +237,12 @@ class SubscriberListBuilder(ListBuilder):
                 live = subscriber_overlay.live(kept, now_s)
                 packed = tally.settle(staged.get(bucket, ()), live)
                 tally.diff(packed, self._old_entries(old_raw, tally))
+                size = _packed_bytes(packed)
+                self._list_bytes += size
                 if not self.old_gen or _differs(packed, old_raw):
                     self._changed.append(bucket)
+                    self._sizes[bucket] = size
+                    self._overlays[bucket] = _fingerprint(kept)
                 packed_round.append(packed)
             folder = await self._stage_folder()
             await self._stage_io(_save_packed, folder / f"{first // step}.packed", packed_round)
@@ -273,6 +305,10 @@ class SubscriberListBuilder(ListBuilder):
     ) -> int:
         new_gens = BucketGens(self.gen)
         if self.result is not None and self.result.size:
+            steps = self._steps()
+            for number, step in enumerate(steps[:-1], start=1):
+                await self._commit_step(step, number, len(steps))
+            self._changed = steps[-1]
             await self._write_built()
             new_gens = self._new_gens()
             map_key = keys.subscriber_gens(self.name, self.gen)
@@ -297,24 +333,132 @@ class SubscriberListBuilder(ListBuilder):
             return BucketGens(self.gen)
         return self._old_gens.rewritten(self.gen, self._changed)
 
+    def _steps(self) -> list[list[int]]:
+        """The changed buckets, by step: whole rounds, each step's packed bytes at most
+        ``step_share`` of the new list's (one step when they all fit, when they hold
+        less than ``step_min_bytes``, and for a first sync, which has no live list to
+        keep beside them)."""
+        limit = self.step_share * self._list_bytes
+        changed = sum(self._sizes.values())
+        if not self.old_gen or changed <= limit or changed < self.step_min_bytes:
+            return [self._changed]
+        rounds: dict[int, list[int]] = {}
+        for bucket in self._changed:
+            rounds.setdefault(bucket // SUBSCRIBER_BUCKETS_PER_ROUND, []).append(bucket)
+        steps: list[list[int]] = [[]]
+        held = 0
+        for buckets in rounds.values():
+            size = sum(self._sizes[bucket] for bucket in buckets)
+            if steps[-1] and held + size > limit:
+                steps.append([])
+                held = 0
+            steps[-1] += buckets
+            held += size
+        return steps
+
+    async def _commit_step(self, buckets: list[int], number: int, steps: int) -> None:
+        """Swap in one step of a wide change as generation ``gen``, wait out the grace of
+        the buckets it replaced, delete them and go on under a new generation."""
+        self._changed = buckets
+        await self._write_built()
+        step_gens = self._old_gens.rewritten(self.gen, buckets)
+        map_key = keys.subscriber_gens(self.name, self.gen)
+        await self.redis.set(map_key, step_gens.to_bytes(), ex=keys.STAGING_TTL_S)
+        await self._on_keys("persist", [(b, self.gen) for b in buckets])
+        await self.redis.persist(map_key)
+        await self._swap_step()
+        replaced = await self._retire(self._old_gens, step_gens)
+        meta_key = keys.meta(self.name)
+        await self.redis.hdel(meta_key, "retiring")
+        # The step is live: from here on an abort must leave it alone, so the builder
+        # moves to a new generation before it waits.
+        old_map = keys.subscriber_gens(self.name, self.old_gen)
+        self.old_gen, self._old_gens = self.gen, step_gens
+        self.gen = int(await self.redis.hincrby(meta_key, "next_gen", 1))
+        self._keys_written = False
+        await self.redis.hset(meta_key, "building", self.gen)
+        logger.info(
+            "list %r: step %d of %d swapped in (%d buckets, generation %d); deleting the "
+            "buckets it replaced in %.0f s",
+            self.name,
+            number,
+            steps,
+            len(buckets),
+            self.old_gen,
+            self.step_wait_s,
+        )
+        await self._wait(self.step_wait_s)
+        await self._on_keys("delete", replaced)
+        await self.redis.delete(old_map)
+
+    async def _swap_step(self) -> None:
+        """Make generation ``gen`` (one step) live, the previous one ``retiring``."""
+        meta_key = keys.meta(self.name)
+        await self._refresh_lock()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(meta_key)
+                if int(await pipe.hget(meta_key, "gen") or 0) != self.old_gen:
+                    raise SwapConflict(
+                        f"list {self.name!r} was replaced by another writer between two steps"
+                    )
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.hset(meta_key, mapping={"gen": self.gen, "retiring": self.old_gen})
+                pipe.hincrby(meta_key, "version", 1)
+                pipe.hdel(meta_key, "building")
+                await pipe.execute()
+            except WatchError:
+                raise SwapConflict(
+                    f"list {self.name!r} changed generation while a step swapped"
+                ) from None
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, keeping the build lock."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 1.0))
+            await self._refresh_lock()
+
     async def _write_built(self) -> None:
-        """Write the buckets ``finish`` found changed, a round at a time, as generation
-        ``gen``."""
+        """Write the buckets ``_changed`` names, a round at a time, as generation ``gen``;
+        a bucket whose admin overlay moved since ``finish`` is settled again first."""
         self._keys_written = True
         folder = await self._stage_folder()
         step = SUBSCRIBER_BUCKETS_PER_ROUND
-        changed = set(self._changed)
-        for first in range(0, keys.SUBSCRIBER_BUCKETS, step):
+        rounds: dict[int, list[int]] = {}
+        for bucket in self._changed:
+            rounds.setdefault(bucket // step, []).append(bucket)
+        for round_, buckets in rounds.items():
             await self._refresh_lock()
-            ids = range(first, min(first + step, keys.SUBSCRIBER_BUCKETS))
-            if changed.isdisjoint(ids):
-                continue
-            packed_round = await self._stage_io(_load_packed, folder / f"{first // step}.packed")
+            packed_round = await self._stage_io(_load_packed, folder / f"{round_}.packed")
+            again = await self._settled_again(round_, buckets)
             async with self.redis.pipeline(transaction=False) as pipe:
-                for bucket, packed in zip(ids, packed_round, strict=True):
-                    if bucket in changed:
-                        self._write_bucket(pipe, bucket, packed)
+                for bucket in buckets:
+                    packed = again.get(bucket, packed_round[bucket - round_ * step])
+                    self._write_bucket(pipe, bucket, packed)
                 await pipe.execute()
+
+    async def _settled_again(self, round_: int, buckets: list[int]) -> dict[int, dict[str, bytes]]:
+        """The buckets of one round whose admin overlay changed since ``finish`` read it,
+        settled again from their staged rows and the overlay as it is now."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.hgetall(keys.subscriber_overlay(self.name, bucket))
+            overlays = await pipe.execute()
+        moved = {
+            bucket: kept
+            for bucket, kept in zip(buckets, overlays, strict=True)
+            if _fingerprint(kept) != self._overlays.get(bucket)
+        }
+        if not moved:
+            return {}
+        staged = await self._stage_io(self._staged_round, round_)
+        now_s = time.time()
+        tally = _Tally(0)  # the counts stay finish's: an admin write is not the source's
+        return {
+            bucket: tally.settle(staged.get(bucket, ()), subscriber_overlay.live(kept, now_s))
+            for bucket, kept in moved.items()
+        }
 
     async def _delete_built(self) -> None:
         self._remove_stage()
@@ -375,6 +519,16 @@ def _readable(pair: str) -> str:
 
 
 _MARKER = keys.SUBSCRIBER_MARKER.encode()
+
+
+def _packed_bytes(packed: Mapping[str, bytes]) -> int:
+    """About what a bucket's fields take in Redis (its marker and the hash itself left out)."""
+    return sum(len(subscriber) + len(blob) for subscriber, blob in packed.items())
+
+
+def _fingerprint(overlay: Mapping[bytes, bytes]) -> int:
+    """A bucket's raw admin overlay hash, as a number that changes when it does."""
+    return hash(frozenset(overlay.items()))
 
 
 def _differs(packed: Mapping[str, bytes], old_raw: Mapping[bytes, bytes]) -> bool:
