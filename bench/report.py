@@ -238,6 +238,16 @@ class Report:
                 f"  a sync taking one entry off 1 % of the subscribers: {s['one_percent_s']:.2f} "
                 f"s, Redis growing {s['one_percent_peak_x']:.2f}x the list meanwhile"
             )
+        if "half_peak_x" in s:
+            self.lines.append(
+                f"  a sync taking one entry off every second subscriber: {s['half_s']:.2f} s "
+                f"in {s['half_steps']} step(s), Redis growing {s['half_peak_x']:.2f}x the list"
+            )
+            self._target(
+                "subscriber sync, Redis <= 1.5x the list",
+                1 + s["half_peak_x"] <= 1.5,
+                f"{1 + s['half_peak_x']:.2f}x during a change of most buckets",
+            )
         if "same_pairs_s" in s:
             self.lines.append(
                 f"  sync adding one pair {s['resync_s']:.2f} s; a rewritten file with the same "

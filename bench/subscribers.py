@@ -11,7 +11,10 @@ Steps, on the bench's private Redis (the block list and the others already loade
    (``used_memory`` polled); then a second sync with one pair more, a third of a file
    with a duplicate row (the same pairs: timed, and how much Redis grew meanwhile) and
    a fourth taking one entry off 1 % of the subscribers (Redis's peaks: a sync writes
-   only the buckets it changes);
+   only the buckets it changes) and a fifth taking one off every second subscriber,
+   which changes most buckets and so is swapped in by steps
+   (``loader.subscriber_step_share``; the bench steps at any size and waits 5 s between
+   steps, not 120: no service reads the list meanwhile);
 3. Redis bytes per pair: ``MEMORY USAGE ... SAMPLES 0`` of every bucket key of the live
    generation (all 16,384), divided by the pairs ``meta`` counts; and the share of that
    which the buckets' markers take (each bucket copied, its marker removed, measured);
@@ -111,6 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _steps_logged(log: Path, start: int) -> int:
+    """Steps a sync logged from byte ``start`` of the loader's log on, its final swap
+    included (1: one swap)."""
+    with log.open("rb") as text:
+        text.seek(start)
+        return 1 + text.read().count(b" swapped in (")
+
+
 def drop_one_entry(path: Path, every: int) -> None:
     """Rewrite the CSV at ``path`` without the first row of every ``every``-th subscriber
     (in order of first appearance). Values only shrink, so no bucket changes encoding."""
@@ -178,6 +189,9 @@ def run(
         same, third = sync("a third sync, a rewritten file with the same pairs", add_row=True)
         drop_one_entry(workload.path, every=100)
         wide, fourth = sync("a fourth sync, one entry off 1 % of the subscribers", False)
+        drop_one_entry(workload.path, every=2)
+        logged = (folder / "loader.log").stat().st_size
+        widest, fifth = sync("a fifth sync, one entry off every second subscriber", False)
         meta = client.hgetall(keys.meta(SUBSCRIBER_LIST))
         pairs, subscribers = int(meta[b"size"]), int(meta[b"subscribers"])
         done = step("subscribers: MEMORY USAGE of every bucket, with and without its marker")
@@ -208,6 +222,10 @@ def run(
         # Above what Redis held before it, as the second sync's.
         "one_percent_peak_x": (fourth.peak - fourth.before) / used,
         "one_percent_s": wide.seconds,
+        # Above what Redis held before it: the largest step's new buckets.
+        "half_peak_x": (fifth.peak - fifth.before) / used,
+        "half_s": widest.seconds,
+        "half_steps": _steps_logged(folder / "loader.log", logged),
         "encodings": memory["encodings"],
         "dense": dense,
     }
