@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import marshal
+import math
 import os
 import shutil
 import tempfile
@@ -45,11 +46,13 @@ _T = TypeVar("_T")
 #: Buckets of a subscribers list handled per pipelined round trip while building, and
 #: per staging file: a round's pairs are what ``finish`` holds in memory at once.
 SUBSCRIBER_BUCKETS_PER_ROUND = 128
-#: What Redis holds for a bucket of a step beyond its fields: a key with a TTL (the
-#: step's new key while it is written, the replaced one while it waits) costs an entry
-#: in Redis's expires table. Counted against the step's share, so that the bound holds
-#: for small buckets too (measured by make bench's fifth subscribers sync).
-STEP_KEY_BYTES = 48
+#: What a bucket key costs Redis beyond its subscribers' fields (its name, the hash, the
+#: marker: 129 bytes measured with INFO's used_memory over 2,000 such keys), and what a
+#: TTL on it adds (an entry in the expires table: 52 bytes). Steps are weighed with
+#: these, so that the (1 + share) bound holds for small buckets too: while a step waits,
+#: one of each of its buckets' two keys has a TTL.
+BUCKET_KEY_BYTES = 128
+TTL_ENTRY_BYTES = 52
 #: Staging folders are named ``<prefix><list>.<pid>.<random>``: a list name has no dot.
 STAGE_PREFIX = "callscreen-stage."
 
@@ -339,27 +342,30 @@ class SubscriberListBuilder(ListBuilder):
         return self._old_gens.rewritten(self.gen, self._changed)
 
     def _steps(self) -> list[list[int]]:
-        """The changed buckets, by step: whole rounds, each step's packed bytes at most
-        ``step_share`` of the new list's (one step when they all fit, when they hold
-        less than ``step_min_bytes``, and for a first sync, which has no live list to
-        keep beside them)."""
-        limit = self.step_share * self._list_bytes
-        changed = sum(self._sizes.values())
-        if not self.old_gen or changed <= limit or changed < self.step_min_bytes:
-            return [self._changed]
+        """The changed buckets, by step: whole rounds, as few steps as keep each at most
+        ``step_share`` of what the new list costs Redis (each bucket weighed with
+        :data:`BUCKET_KEY_BYTES`, a step's also with :data:`TTL_ENTRY_BYTES`), evenly
+        split, give or take a round. One step when they all fit, when their entries
+        take less than ``step_min_bytes``, and for a first sync, which has no live list
+        to keep beside them."""
+        limit = self.step_share * (self._list_bytes + keys.SUBSCRIBER_BUCKETS * BUCKET_KEY_BYTES)
+        extra = BUCKET_KEY_BYTES + TTL_ENTRY_BYTES
         rounds: dict[int, list[int]] = {}
         for bucket in self._changed:
             rounds.setdefault(bucket // SUBSCRIBER_BUCKETS_PER_ROUND, []).append(bucket)
-        steps: list[list[int]] = [[]]
+        weights = [sum(self._sizes[b] + extra for b in r) for r in rounds.values()]
+        changed = sum(self._sizes.values())
+        if not self.old_gen or sum(weights) <= limit or changed < self.step_min_bytes:
+            return [self._changed]
+        count = math.ceil(sum(weights) / limit)
+        each = sum(weights) / count
+        steps: list[list[int]] = [[] for _ in range(count)]
         held = 0
-        for buckets in rounds.values():
-            size = sum(self._sizes[bucket] + STEP_KEY_BYTES for bucket in buckets)
-            if steps[-1] and held + size > limit:
-                steps.append([])
-                held = 0
-            steps[-1] += buckets
-            held += size
-        return steps
+        for buckets, weight in zip(rounds.values(), weights, strict=True):
+            # A round goes to the step its middle falls in.
+            steps[min(count - 1, int((held + weight / 2) / each))] += buckets
+            held += weight
+        return [step for step in steps if step]
 
     async def _commit_step(self, buckets: list[int], number: int, steps: int) -> None:
         """Swap in one step of a wide change as generation ``gen``, wait out the grace of
