@@ -447,12 +447,13 @@ class LoaderSettings(_Model):
     #: ``loader run`` and ``loader apply`` fold a list's single-entry changes into a new
     #: base once there are more than this many (0: never).
     compact_over: Annotated[int, Field(ge=0)] = 100_000
-    #: A subscribers sync whose changed buckets hold more than this share of the new
-    #: list's bytes swaps them in by steps of at most this share, waiting
+    #: A subscribers sync whose changed buckets cost Redis more than this share of what
+    #: the new list costs swaps them in by steps of at most this share, waiting
     #: ``subscriber_step_wait_s`` after each step before deleting the buckets it
     #: replaced: Redis then peaks at about (1 + share) times the list. 1: one swap.
     subscriber_step_share: Annotated[float, Field(gt=0, le=1)] = 0.5
-    #: ...unless they hold less than this many MB (packed): a small list goes in one swap.
+    #: ...unless their entries take less than this many MB (packed): a small change
+    #: goes in one swap.
     subscriber_step_min_mb: Annotated[float, Field(ge=0)] = 16.0
     #: How long a step of a subscribers sync keeps the buckets it replaced: workers
     #: may read them until their next ``meta`` poll (the old generation's grace).

@@ -198,3 +198,21 @@ async def test_a_sync_stopped_between_steps_leaves_a_step_live_and_the_next_comp
     assert report.outcome == "success"  # not skipped as an unchanged source
     for subscriber in SUBSCRIBERS:
         assert await block_of(redis, subscriber) == [NEW[subscriber]]
+
+
+async def test_a_change_under_the_step_floor_goes_in_one_swap(
+    redis: Redis, make_config: Callable[..., Config], source: Path, tmp_path: Path
+) -> None:
+    """Below ``loader.subscriber_step_min_mb`` (16 MB by default) a change of every
+    bucket is one swap, as before steps existed: a small list's second copy is small."""
+    data = steps_config(wait_s=30.0)
+    del data["loader"]["subscriber_step_min_mb"]
+    config = make_config(data, base_dir=tmp_path)
+    await sync_list(redis, config, "personal", QUIET)
+    version = await meta_int(redis, "version")
+    rewrite(source, NEW)
+    report = await sync_list(redis, config, "personal", FORCED)
+    assert report.outcome == "success"
+    assert await meta_int(redis, "version") == version + 1
+    for subscriber in SUBSCRIBERS:
+        assert await block_of(redis, subscriber) == [NEW[subscriber]]

@@ -8,8 +8,8 @@ The rows are staged on the loader's own disk (a folder under ``TMPDIR``, one fil
 round of buckets), not in Redis: text rows cost Redis several times the packed list.
 Only the buckets whose content changed are written; the new generation's bucket map
 (:mod:`core.bucket_gens`) names the others where they are. Redis then holds the live
-list and the changed buckets, no more; a change wider than ``step_share`` of the list's
-bytes is swapped in by steps, each its own generation, the buckets a step replaced
+list and the changed buckets, no more; a change wider than ``step_share`` of what the
+list costs Redis is swapped in by steps, each its own generation, the buckets a step replaced
 deleted before the next step writes, so Redis holds at most about (1 + share) lists.
 """
 
@@ -75,9 +75,10 @@ class SubscriberListBuilder(ListBuilder):
     in a folder of the loader's own, removed by ``commit`` and ``abort`` (a killed
     loader's by the next build of the same list on the host).
 
-    Steps (:attr:`step_share` below 1): when the changed buckets hold more than that
-    share of the new list's bytes, ``commit`` swaps them in by steps of whole rounds,
-    each at most that share, each a generation of its own (written, mapped, swapped,
+    Steps (:attr:`step_share` below 1): when the changed buckets cost Redis more than
+    that share of what the new list costs (and their entries take at least
+    :attr:`step_min_bytes`), ``commit`` swaps them in by steps of whole rounds, each
+    at most that share, each a generation of its own (written, mapped, swapped,
     its replaced buckets expiring), and waits :attr:`step_wait_s` after each but the
     last before deleting what it replaced. A subscriber's entries still switch at one
     instant (a bucket is in one step); the list as a whole switches step by step. A
@@ -120,8 +121,9 @@ class SubscriberListBuilder(ListBuilder):
         self._list_bytes = 0
         #: Each changed bucket's admin overlay as ``finish`` read it (a fingerprint).
         self._overlays: dict[int, int] = {}
-        #: Largest share of the new list's bytes one step swaps in (1: one swap), and
-        #: the changed bytes below which a change goes in one swap whatever its share.
+        #: Largest share of what the new list costs Redis one step swaps in (1: one
+        #: swap), and the changed entries' bytes below which a change goes in one swap
+        #: whatever its share.
         self.step_share = 1.0
         self.step_min_bytes = 0
         #: Pause after each step but the last before its replaced buckets are deleted.
@@ -350,9 +352,7 @@ class SubscriberListBuilder(ListBuilder):
         to keep beside them."""
         limit = self.step_share * (self._list_bytes + keys.SUBSCRIBER_BUCKETS * BUCKET_KEY_BYTES)
         extra = BUCKET_KEY_BYTES + TTL_ENTRY_BYTES
-        rounds: dict[int, list[int]] = {}
-        for bucket in self._changed:
-            rounds.setdefault(bucket // SUBSCRIBER_BUCKETS_PER_ROUND, []).append(bucket)
+        rounds = _by_round(self._changed)
         weights = [sum(self._sizes[b] + extra for b in r) for r in rounds.values()]
         changed = sum(self._sizes.values())
         if not self.old_gen or sum(weights) <= limit or changed < self.step_min_bytes:
@@ -436,10 +436,7 @@ class SubscriberListBuilder(ListBuilder):
         self._keys_written = True
         folder = await self._stage_folder()
         step = SUBSCRIBER_BUCKETS_PER_ROUND
-        rounds: dict[int, list[int]] = {}
-        for bucket in self._changed:
-            rounds.setdefault(bucket // step, []).append(bucket)
-        for round_, buckets in rounds.items():
+        for round_, buckets in _by_round(self._changed).items():
             await self._refresh_lock()
             packed_round = await self._stage_io(_load_packed, folder / f"{round_}.packed")
             again = await self._settled_again(round_, buckets)
@@ -530,6 +527,14 @@ def _readable(pair: str) -> str:
 
 
 _MARKER = keys.SUBSCRIBER_MARKER.encode()
+
+
+def _by_round(buckets: Iterable[int]) -> dict[int, list[int]]:
+    """``buckets`` by round of :data:`SUBSCRIBER_BUCKETS_PER_ROUND`, in order."""
+    rounds: dict[int, list[int]] = {}
+    for bucket in buckets:
+        rounds.setdefault(bucket // SUBSCRIBER_BUCKETS_PER_ROUND, []).append(bucket)
+    return rounds
 
 
 def _packed_bytes(packed: Mapping[str, bytes]) -> int:
