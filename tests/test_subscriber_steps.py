@@ -109,7 +109,6 @@ async def test_a_wide_change_is_swapped_in_by_steps_within_the_memory_bound(
                 assert not old_blocked, f"{subscriber} went back to its old entries"
             if new_blocked and not old_blocked:
                 switched.add(subscriber)
-        await asyncio.sleep(0.02)
     report = await sync
     assert report.outcome == "success"
     steps = [r.getMessage() for r in caplog.records if " swapped in (" in r.getMessage()]

@@ -319,13 +319,7 @@ class SubscriberListBuilder(ListBuilder):
             for number, step in enumerate(steps[:-1], start=1):
                 await self._commit_step(step, number, len(steps))
             self._changed = steps[-1]
-            await self._write_built()
-            new_gens = self._new_gens()
-            map_key = keys.subscriber_gens(self.name, self.gen)
-            if not new_gens.uniform:  # named before the swap, kept while it is live
-                await self.redis.set(map_key, new_gens.to_bytes(), ex=keys.STAGING_TTL_S)
-            await self._on_keys("persist", [(b, self.gen) for b in self._changed])
-            await self.redis.persist(map_key)
+            new_gens = await self._write_generation()
         extra = {"subscribers": self.subscribers, "retiring": self.old_gen}
         version = await super().commit(
             {**fields, **extra}, expect_version=expect_version, compaction=compaction
@@ -335,6 +329,18 @@ class SubscriberListBuilder(ListBuilder):
             await self._retire(self._old_gens, new_gens)
         await self.redis.hdel(keys.meta(self.name), "retiring")
         return version
+
+    async def _write_generation(self) -> BucketGens:
+        """Write the buckets ``_changed`` names as generation ``gen`` and its map, both
+        kept from now on (the swap comes next); that map."""
+        await self._write_built()
+        new_gens = self._new_gens()
+        map_key = keys.subscriber_gens(self.name, self.gen)
+        if not new_gens.uniform:  # named before the swap, kept while it is live
+            await self.redis.set(map_key, new_gens.to_bytes(), ex=keys.STAGING_TTL_S)
+        await self._on_keys("persist", [(b, self.gen) for b in self._changed])
+        await self.redis.persist(map_key)
+        return new_gens
 
     def _new_gens(self) -> BucketGens:
         """The new generation's map: the changed buckets at ``gen``, the rest where the
@@ -371,12 +377,7 @@ class SubscriberListBuilder(ListBuilder):
         """Swap in one step of a wide change as generation ``gen``, wait out the grace of
         the buckets it replaced, delete them and go on under a new generation."""
         self._changed = buckets
-        await self._write_built()
-        step_gens = self._old_gens.rewritten(self.gen, buckets)
-        map_key = keys.subscriber_gens(self.name, self.gen)
-        await self.redis.set(map_key, step_gens.to_bytes(), ex=keys.STAGING_TTL_S)
-        await self._on_keys("persist", [(b, self.gen) for b in buckets])
-        await self.redis.persist(map_key)
+        step_gens = await self._write_generation()
         await self._swap_step()
         replaced = await self._retire(self._old_gens, step_gens)
         meta_key = keys.meta(self.name)
