@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import keys
+from core import keys, wire
 
 Command = tuple[str | int | float, ...]
 #: Tag of each ``call_rate`` key (other than ``caller``) in its counters' key names.
@@ -174,6 +174,8 @@ class Plan:
     #: tells whether the key is new, index of the ZADD's reply for a dialled set or -1,
     #: the EXPIRE to send then).
     _unexpired: list[tuple[int, int, Command]] = field(default_factory=list)
+    #: :attr:`commands` as RESP text, one string each, when :func:`plan` was asked for it.
+    text: list[str] | None = None
 
     def repairs(self, replies: Sequence[Any]) -> list[Command]:
         """The EXPIREs this call skipped on keys its replies show are new: a counter at
@@ -217,16 +219,19 @@ def plan(
     now_s: float,
     increment: bool = True,
     upkeep: Upkeep | None = None,
+    resp: bool = False,
 ) -> Plan:
     """The commands one call adds to its round trip for these rules.
 
     ``increment=False`` (explain) writes nothing and reads what the call would be
     judged on. A rule whose subject the call lacks gets no commands and no value.
     ``upkeep``: the process's record of expiries and trims already sent (without it,
-    every call sends them).
+    every call sends them). ``resp``: also compose the commands' RESP text
+    (:attr:`Plan.text`, for a link that sends text: ``ListStore.sends_text``).
     """
     out = Plan(now_s=now_s, increment=increment, called_int=int(called) if called else 0)
     commands = out.commands
+    text = out.text = [] if resp else None
     for rate in rates:
         subject = subject_of(rate.key, rate.prefix_digits, caller, called, trunk_group)
         if subject is None:
@@ -234,29 +239,39 @@ def plan(
         index = int(now_s // rate.window_s)
         tag = KEY_TAGS[rate.key]
         current = keys.rate_by(tag, subject, rate.rule_key, index)
+        previous = keys.rate_by(tag, subject, rate.rule_key, index - 1)
         out._parts.append((rate.rule_key, len(commands), rate.window_s, True, 0))
-        commands += [
-            ("INCRBY", current, 1) if increment else ("GET", current),
-            ("GET", keys.rate_by(tag, subject, rate.rule_key, index - 1)),
-        ]
-        if increment:
-            expire = ("EXPIRE", current, 2 * rate.window_s)
-            if upkeep is None or upkeep.counter_expiry_due(current):
-                commands.append(expire)
-            else:
-                out._unexpired.append((len(commands) - 2, -1, expire))
+        if not increment:
+            commands += [("GET", current), ("GET", previous)]
+            if text is not None:
+                text += [wire.get(current), wire.get(previous)]
+            continue
+        commands += [("INCRBY", current, 1), ("GET", previous)]
+        if text is not None:
+            text += [wire.incrby_one(current), wire.get(previous)]
+        expire = ("EXPIRE", current, 2 * rate.window_s)
+        if upkeep is None or upkeep.counter_expiry_due(current):
+            commands.append(expire)
+            if text is not None:
+                text.append(wire.expire(current, 2 * rate.window_s))
+        else:
+            out._unexpired.append((len(commands) - 2, -1, expire))
     if caller is None or not called:
         return out
     for seq in sequences:
         key = keys.dialed(caller, seq.rule_key)
-        since = now_s - seq.window_s
+        after = f"({now_s - seq.window_s!r}"
         added_at = len(commands)
         if increment:
             commands.append(("ZADD", key, now_s, called))
+            if text is not None:
+                text.append(wire.zadd_one(key, repr(now_s), called))
         # Read: the calls less than window_s old. Kept: the newest ``track`` (older ones
         # go with the trim or the set's expiry).
         out._parts.append((seq.rule_key, len(commands), seq.max_gap, False, seq.track))
-        commands.append(("ZRANGEBYSCORE", key, f"({since!r}", "+inf"))
+        commands.append(("ZRANGEBYSCORE", key, after, "+inf"))
+        if text is not None:
+            text.append(wire.zrangebyscore_after(key, after))
         if not increment:
             continue
         trim, expire_due = (
@@ -264,9 +279,13 @@ def plan(
         )
         if trim:
             commands.append(("ZREMRANGEBYRANK", key, 0, -seq.track - 1))
+            if text is not None:
+                text.append(wire.zremrangebyrank_to(key, -seq.track - 1))
         expire = ("EXPIRE", key, dialled_ttl_s(seq.window_s))
         if expire_due:
             commands.append(expire)
+            if text is not None:
+                text.append(wire.expire(key, dialled_ttl_s(seq.window_s)))
         else:
             out._unexpired.append((out._parts[-1][1], added_at, expire))
     return out

@@ -527,6 +527,12 @@ class ListStore:
         counts, _, _, _ = await self.fetch_for_call(caller, windows, now_s, increment=increment)
         return counts
 
+    @property
+    def sends_text(self) -> bool:
+        """Whether :meth:`fetch_for_call` sends RESP text composed by its callers
+        (``extra_text``): on one server's lean link, not through a Cluster's."""
+        return self.dispatcher.plain_link is not None
+
     async def fetch_for_call(
         self,
         caller: str | None,
@@ -536,6 +542,7 @@ class ListStore:
         increment: bool = True,
         subscribers: Sequence[tuple[str, int, str]] = (),
         extra: Sequence[tuple[Any, ...]] = (),
+        extra_text: Sequence[str] | None = None,
         timeout_s: float | None = None,
     ) -> tuple[dict[str, int], dict[str, bytes | None], tuple[str, ...], list[Any]]:
         """Everything one call needs from Redis, in one pipelined round trip.
@@ -548,7 +555,8 @@ class ListStore:
         packed entries per list (None: no entries), the lists whose
         bucket has no marker: Redis lost that bucket, so "no entries" cannot be trusted,
         the replies to the ``extra`` commands, in order: core/fraud.py's; each command
-        single-key, key first). Sent with the other calls of the same event-loop turn
+        single-key, key first; ``extra_text``: the same as RESP text, one string each,
+        used when :attr:`sends_text`). Sent with the other calls of the same event-loop turn
         (on one server by its lean link, :mod:`core.wire`; else :mod:`core.coalesce`);
         on a Cluster each node's commands go on that node's own connections, all at
         once (:mod:`core.shards`). Raises a ``RedisError`` when any
@@ -592,8 +600,10 @@ class ListStore:
         try:
             if link is not None:  # one server: its link joins the turn's callers itself
                 assert text is not None
+                if extra_text is not None:
+                    text += extra_text
                 data = wire.ascii_bytes("".join(text))
-                if data is not None and extra:
+                if data is not None and extra and extra_text is None:
                     data += wire.encode(extra)
                 replies = await link.run(commands, timeout_s, data)
             else:

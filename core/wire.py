@@ -131,6 +131,31 @@ def expire(key: str, seconds: int) -> str:
     return f"*3\r\n$6\r\nEXPIRE\r\n${len(key)}\r\n{key}\r\n${len(text)}\r\n{text}\r\n"
 
 
+def zadd_one(key: str, score: str, member: str) -> str:
+    """``ZADD key score member`` (``score`` as hiredis writes a float: its ``repr``)."""
+    return (
+        f"*4\r\n$4\r\nZADD\r\n${len(key)}\r\n{key}\r\n${len(score)}\r\n{score}\r\n"
+        f"${len(member)}\r\n{member}\r\n"
+    )
+
+
+def zrangebyscore_after(key: str, low: str) -> str:
+    """``ZRANGEBYSCORE key low +inf`` (``low`` as sent, e.g. ``(`` and a score)."""
+    return (
+        f"*4\r\n$13\r\nZRANGEBYSCORE\r\n${len(key)}\r\n{key}\r\n${len(low)}\r\n{low}\r\n"
+        "$4\r\n+inf\r\n"
+    )
+
+
+def zremrangebyrank_to(key: str, stop: int) -> str:
+    """``ZREMRANGEBYRANK key 0 stop``."""
+    text = str(stop)
+    return (
+        f"*4\r\n$15\r\nZREMRANGEBYRANK\r\n${len(key)}\r\n{key}\r\n$1\r\n0\r\n"
+        f"${len(text)}\r\n{text}\r\n"
+    )
+
+
 def hmget_two(key: str, first: str, second: str) -> str:
     """``HMGET key first second``."""
     return (

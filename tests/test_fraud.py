@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from core import fraud, keys
+from core import fraud, keys, wire
 from core.config import Config
 from core.store import ListStore
 from devtools.redis_server import RedisProcess
@@ -187,6 +187,31 @@ async def test_keyed_windows_slide_like_caller_windows(redis: Redis) -> None:
     assert await count(base + 25) == 1
     ttls = [await redis.ttl(k) for k in await redis.keys("{cs:rate:called:*")]
     assert ttls and all(0 < ttl <= 20 for ttl in ttls)
+
+
+def test_a_plans_text_is_its_commands_as_hiredis_packs_them() -> None:
+    """The RESP text a plan composes for the lean link is its commands byte for byte,
+    counting and explaining, with and without the upkeep (expiry and trim) commands."""
+    rules = [
+        fraud.KeyedRate("p:tdos", "called", 60),
+        fraud.KeyedRate("p:cp", "caller_prefix", 10, 4),
+    ]
+    sequence = [fraud.SequenceRule("p:seq", window_s=60, max_gap=1, track=8)]
+    upkeep = fraud.Upkeep()
+    seen: set[Any] = set()
+    for i, (at_s, increment) in enumerate(
+        [(1_000.25, True), (1_000.5, True), (1_001.0, False)] * 4
+    ):
+        plan = fraud.plan(
+            rules, sequence, caller=CALLER, called=str(15162060000 + i), trunk_group="main",
+            now_s=at_s + i / 3, increment=increment, upkeep=upkeep, resp=True,
+        )  # fmt: skip
+        assert plan.text is not None and len(plan.text) == len(plan.commands)
+        assert "".join(plan.text).encode() == wire.encode(plan.commands)
+        seen.update(command[0] for command in plan.commands)
+    assert seen == {"INCRBY", "GET", "EXPIRE", "ZADD", "ZRANGEBYSCORE", "ZREMRANGEBYRANK"}
+    assert fraud.plan(rules, sequence, caller=CALLER, called=DID, trunk_group="main",
+                      now_s=1.0).text is None  # fmt: skip
 
 
 # --- sequential dialing ------------------------------------------------------------------

@@ -159,19 +159,27 @@ async def test_answered_callers_are_let_go_at_once_not_at_their_deadline(
     st.text(min_size=1, max_size=80),
     st.text(min_size=1, max_size=20),
     st.integers(min_value=0, max_value=10**9),
+    st.floats(min_value=0, max_value=4e9, allow_nan=False),
+    st.integers(min_value=-1000, max_value=-1),
 )
 def test_composed_commands_are_what_hiredis_packs_or_are_left_to_it(
-    key: str, field: str, seconds: int
+    key: str, field: str, seconds: int, score: float, stop: int
 ) -> None:
     """The calls' commands composed as text are byte for byte hiredis's packing; text
     beyond ASCII is refused (its lengths would be wrong) and packed by hiredis."""
+    after = f"({score!r}"
     composed = (
         wire.incrby_one(key) + wire.get(key) + wire.expire(key, seconds)
-        + wire.hmget_two(key, field, "_gen")
+        + wire.hmget_two(key, field, "_gen") + wire.zadd_one(key, repr(score), field)
+        + wire.zrangebyscore_after(key, after) + wire.zremrangebyrank_to(key, stop)
     )  # fmt: skip
     packed = wire.encode(
-        [("INCRBY", key, 1), ("GET", key), ("EXPIRE", key, seconds), ("HMGET", key, field, "_gen")]
-    )  # hiredis's packing
+        [
+            ("INCRBY", key, 1), ("GET", key), ("EXPIRE", key, seconds),
+            ("HMGET", key, field, "_gen"), ("ZADD", key, score, field),
+            ("ZRANGEBYSCORE", key, after, "+inf"), ("ZREMRANGEBYRANK", key, 0, stop),
+        ]
+    )  # hiredis's packing  # fmt: skip
     data = wire.ascii_bytes(composed)
     if (key + field).isascii():
         assert data == packed

@@ -253,6 +253,7 @@ class Screener:
                 now_s=now_s,
                 increment=count,
                 upkeep=self.store.upkeep,
+                resp=self.store.sends_text,
             )
         started = time.perf_counter()
         budget_s = self.deadline_s - (started - arrived if arrived is not None else 0.0)
@@ -267,6 +268,7 @@ class Screener:
                 increment=count,
                 subscribers=reads,
                 extra=plan.commands if plan is not None else (),
+                extra_text=plan.text if plan is not None else None,
                 timeout_s=budget_s,
             )
         except TimeoutError:
