@@ -26,6 +26,16 @@ Command = tuple[str | int | float, ...]
 KEY_TAGS = {"called": "called", "trunk_group": "tg", "caller_prefix": "cp", "caller_called": "cc"}
 
 
+#: Members up to which Redis keeps a sorted set compact (``zset-max-listpack-entries``):
+#: trims come often enough that a set of one worker's calls stays within it.
+COMPACT_SET_MAX = 128
+
+
+def dialled_ttl_s(window_s: int) -> int:
+    """A dialled set's TTL: 1.1 windows (see :class:`Upkeep`)."""
+    return math.ceil(window_s * 1.1)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyedRate:
     """A ``call_rate`` rule that counts calls by something other than the caller."""
@@ -38,12 +48,25 @@ class KeyedRate:
 
 @dataclass(frozen=True, slots=True)
 class SequenceRule:
-    """A ``sequential_dialing`` rule as Redis sees it."""
+    """A ``sequential_dialing`` rule as Redis sees it, with its upkeep's schedule
+    (:class:`Upkeep`) worked out once."""
 
     rule_key: str
     window_s: int
     max_gap: int
     track: int
+    #: Calls between two trims of a dialled set to the newest ``track``.
+    trim_every: int = field(init=False)
+    #: Seconds between two pushes of a dialled set's expiry.
+    expire_every_s: float = field(init=False)
+    #: A dialled set's TTL (:func:`dialled_ttl_s`).
+    ttl_s: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        trim_every = max(1, min(self.track // 4, COMPACT_SET_MAX - self.track))
+        object.__setattr__(self, "trim_every", trim_every)
+        object.__setattr__(self, "expire_every_s", self.window_s / 10)
+        object.__setattr__(self, "ttl_s", dialled_ttl_s(self.window_s))
 
 
 def subject_of(
@@ -95,9 +118,6 @@ def run_length(numbers: Iterable[int], current: int, max_gap: int) -> int:
     return high - low + 1
 
 
-#: Members up to which Redis keeps a sorted set compact (``zset-max-listpack-entries``):
-#: trims come often enough that a set of one worker's calls stays within it.
-COMPACT_SET_MAX = 128
 #: Keys an :class:`Upkeep` remembers at most; past it it starts again empty (every key
 #: then gets its expiry and trim at its next call: safe, only a command dearer).
 UPKEEP_MAX = 100_000
@@ -131,19 +151,18 @@ class Upkeep:
         self._counted[key] = None
         return True
 
-    def dialled_due(self, key: str, window_s: int, track: int) -> tuple[bool, bool]:
-        """(trim, expire) due for a dialled set a call adds to."""
+    def dialled_due(self, key: str, rule: SequenceRule) -> tuple[bool, bool]:
+        """(trim, expire) due for a dialled set of ``rule`` a call adds to."""
         state = self._dialled.get(key)
         now = self.clock()
         if state is None:
             if len(self._dialled) >= UPKEEP_MAX:
                 self._dialled.clear()
             state = self._dialled[key] = [-math.inf, 0]
-        state[1] += 1
-        trim = state[1] >= max(1, min(track // 4, COMPACT_SET_MAX - track))
-        if trim:
-            state[1] = 0
-        expire = now - state[0] >= window_s / 10
+        calls = state[1] + 1
+        trim = calls >= rule.trim_every
+        state[1] = 0 if trim else calls
+        expire = now - state[0] >= rule.expire_every_s
         if expire:
             state[0] = now
         return trim, expire
@@ -152,11 +171,6 @@ class Upkeep:
         """Send ``key``'s upkeep again at its next call (its write may have failed)."""
         self._counted.pop(key, None)
         self._dialled.pop(key, None)
-
-
-def dialled_ttl_s(window_s: int) -> int:
-    """A dialled set's TTL: 1.1 windows (see :class:`Upkeep`)."""
-    return math.ceil(window_s * 1.1)
 
 
 @dataclass(slots=True)
@@ -228,19 +242,21 @@ def plan(
     ``upkeep``: the process's record of expiries and trims already sent (without it,
     every call sends them). ``resp``: also compose the commands' RESP text
     (:attr:`Plan.text`, for a link that sends text: ``ListStore.sends_text``).
+    Scores are written and compared to the millisecond.
     """
-    out = Plan(now_s=now_s, increment=increment, called_int=int(called) if called else 0)
-    commands = out.commands
-    text = out.text = [] if resp else None
+    commands: list[Command] = []
+    text: list[str] | None = [] if resp else None
+    parts: list[tuple[str, int, int, bool, int]] = []
+    unexpired: list[tuple[int, int, Command]] = []
     for rate in rates:
         subject = subject_of(rate.key, rate.prefix_digits, caller, called, trunk_group)
         if subject is None:
             continue
         index = int(now_s // rate.window_s)
-        tag = KEY_TAGS[rate.key]
-        current = keys.rate_by(tag, subject, rate.rule_key, index)
-        previous = keys.rate_by(tag, subject, rate.rule_key, index - 1)
-        out._parts.append((rate.rule_key, len(commands), rate.window_s, True, 0))
+        head = keys.rate_by_head(KEY_TAGS[rate.key], subject, rate.rule_key)
+        current = f"{head}{index}"
+        previous = f"{head}{index - 1}"
+        parts.append((rate.rule_key, len(commands), rate.window_s, True, 0))
         if not increment:
             commands += [("GET", current), ("GET", previous)]
             if text is not None:
@@ -255,37 +271,36 @@ def plan(
             if text is not None:
                 text.append(wire.expire(current, 2 * rate.window_s))
         else:
-            out._unexpired.append((len(commands) - 2, -1, expire))
-    if caller is None or not called:
-        return out
-    for seq in sequences:
-        key = keys.dialed(caller, seq.rule_key)
-        after = f"({now_s - seq.window_s!r}"
-        added_at = len(commands)
-        if increment:
-            commands.append(("ZADD", key, now_s, called))
+            unexpired.append((len(commands) - 2, -1, expire))
+    if caller is not None and called and sequences:
+        score = f"{now_s:.3f}"
+        for seq in sequences:
+            key = keys.dialed(caller, seq.rule_key)
+            after = f"({now_s - seq.window_s:.3f}"
+            added_at = len(commands)
+            if increment:
+                commands.append(("ZADD", key, score, called))
+                if text is not None:
+                    text.append(wire.zadd_one(key, score, called))
+            # Read: the calls less than window_s old. Kept: the newest ``track`` (older
+            # ones go with the trim or the set's expiry).
+            read_at = len(commands)
+            parts.append((seq.rule_key, read_at, seq.max_gap, False, seq.track))
+            commands.append(("ZRANGEBYSCORE", key, after, "+inf"))
             if text is not None:
-                text.append(wire.zadd_one(key, repr(now_s), called))
-        # Read: the calls less than window_s old. Kept: the newest ``track`` (older ones
-        # go with the trim or the set's expiry).
-        out._parts.append((seq.rule_key, len(commands), seq.max_gap, False, seq.track))
-        commands.append(("ZRANGEBYSCORE", key, after, "+inf"))
-        if text is not None:
-            text.append(wire.zrangebyscore_after(key, after))
-        if not increment:
-            continue
-        trim, expire_due = (
-            (True, True) if upkeep is None else upkeep.dialled_due(key, seq.window_s, seq.track)
-        )
-        if trim:
-            commands.append(("ZREMRANGEBYRANK", key, 0, -seq.track - 1))
-            if text is not None:
-                text.append(wire.zremrangebyrank_to(key, -seq.track - 1))
-        expire = ("EXPIRE", key, dialled_ttl_s(seq.window_s))
-        if expire_due:
-            commands.append(expire)
-            if text is not None:
-                text.append(wire.expire(key, dialled_ttl_s(seq.window_s)))
-        else:
-            out._unexpired.append((out._parts[-1][1], added_at, expire))
-    return out
+                text.append(wire.zrangebyscore_after(key, after))
+            if not increment:
+                continue
+            trim, expire_due = (True, True) if upkeep is None else upkeep.dialled_due(key, seq)
+            if trim:
+                commands.append(("ZREMRANGEBYRANK", key, 0, -seq.track - 1))
+                if text is not None:
+                    text.append(wire.zremrangebyrank_to(key, -seq.track - 1))
+            expire = ("EXPIRE", key, seq.ttl_s)
+            if expire_due:
+                commands.append(expire)
+                if text is not None:
+                    text.append(wire.expire(key, seq.ttl_s))
+            else:
+                unexpired.append((read_at, added_at, expire))
+    return Plan(commands, parts, now_s, increment, int(called) if called else 0, unexpired, text)

@@ -139,9 +139,10 @@ def rate(caller: str, rule_key: str, window_index: int) -> str:
     return f"{{cs:rate:{caller}}}:{rule_key}:{window_index}"
 
 
-def rate_by(kind: str, subject: str, rule_key: str, window_index: int) -> str:
-    """Counter of one ``call_rate`` rule keyed by ``kind`` (not the caller) for one window."""
-    return f"{{cs:rate:{kind}:{subject}}}:{rule_key}:{window_index}"
+def rate_by_head(kind: str, subject: str, rule_key: str) -> str:
+    """Counters of one ``call_rate`` rule keyed by ``kind`` (not the caller): this, then
+    the window's index (``...:<rule_key>:<index>``), names one window's counter."""
+    return f"{{cs:rate:{kind}:{subject}}}:{rule_key}:"
 
 
 def dialed(caller: str, rule_key: str) -> str:
