@@ -132,7 +132,7 @@ def expire(key: str, seconds: int) -> str:
 
 
 def zadd_one(key: str, score: str, member: str) -> str:
-    """``ZADD key score member`` (``score`` as hiredis writes a float: its ``repr``)."""
+    """``ZADD key score member`` (``score`` as text: core.fraud writes it to the millisecond)."""
     return (
         f"*4\r\n$4\r\nZADD\r\n${len(key)}\r\n{key}\r\n${len(score)}\r\n{score}\r\n"
         f"${len(member)}\r\n{member}\r\n"
