@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import WatchError
 
@@ -155,6 +156,40 @@ class ListBuilder:
             adds, dels = await pipe.execute()
         return {keys.decoded(a) for a in adds}, {keys.decoded(d) for d in dels}
 
+    async def _swap_meta(
+        self,
+        fields: Mapping[str, str | int | float],
+        *,
+        replaced: str,
+        raced: str,
+        also: Callable[[Any], None] | None = None,
+        expect_version: int | None = None,
+    ) -> list[Any]:
+        """Write ``fields`` to ``meta`` in one transaction WATCHing it, with its version
+        bumped and ``building`` dropped, and what ``also`` adds to the transaction; the
+        replies. Raises :class:`SwapConflict` when the live generation is no longer
+        ``old_gen`` (``replaced`` says when), when ``expect_version`` is given and the
+        version moved, or when ``meta`` changed meanwhile (``raced``)."""
+        meta_key = keys.meta(self.name)
+        await self._refresh_lock()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(meta_key)
+                current, version = await pipe.hmget(meta_key, "gen", "version")
+                if int(current or 0) != self.old_gen:
+                    raise SwapConflict(f"list {self.name!r} was replaced {replaced}")
+                if expect_version is not None and int(version or 0) != expect_version:
+                    raise SwapConflict(f"list {self.name!r} changed while it was being rebuilt")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.hset(meta_key, mapping=fields)  # type: ignore[arg-type]
+                pipe.hincrby(meta_key, "version", 1)
+                pipe.hdel(meta_key, "building")
+                if also is not None:
+                    also(pipe)
+                return list(await pipe.execute())
+            except WatchError:
+                raise SwapConflict(f"list {self.name!r} changed generation {raced}") from None
+
     async def _delete_built(self) -> None:
         await self.redis.delete(keys.base(self.name, self.gen))
 
@@ -209,7 +244,6 @@ class ListBuilder:
         """
         if self.result is None:
             raise RuntimeError("finish() the build before commit()")
-        meta_key = keys.meta(self.name)
         live_gen = self.gen if self.result.size else 0
         new_meta: dict[str, str | int | float] = {
             **fields,
@@ -225,31 +259,21 @@ class ListBuilder:
             for kept in ("added", "removed", "synced_at"):
                 del new_meta[kept]
             new_meta["compacted_at"] = f"{time.time():.3f}"
-        await self._refresh_lock()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(meta_key)
-                current, version = await pipe.hmget(meta_key, "gen", "version")
-                if int(current or 0) != self.old_gen:
-                    raise SwapConflict(
-                        f"list {self.name!r} was replaced by another sync while this one ran"
-                    )
-                if expect_version is not None and int(version or 0) != expect_version:
-                    raise SwapConflict(f"list {self.name!r} changed while it was being rebuilt")
-                pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.hset(meta_key, mapping=new_meta)  # type: ignore[arg-type]
-                pipe.hincrby(meta_key, "version", 1)
-                pipe.hdel(meta_key, "building")
-                pipe.delete(keys.adds(self.name), keys.dels(self.name))
-                if live_gen:
-                    pipe.persist(keys.base(self.name, live_gen))
-                if self.old_gen:
-                    pipe.expire(keys.base(self.name, self.old_gen), keys.OLD_GENERATION_GRACE_S)
-                replies = await pipe.execute()
-            except WatchError:
-                raise SwapConflict(
-                    f"list {self.name!r} changed generation while this sync swapped"
-                ) from None
+
+        def retire(pipe: Any) -> None:
+            pipe.delete(keys.adds(self.name), keys.dels(self.name))
+            if live_gen:
+                pipe.persist(keys.base(self.name, live_gen))
+            if self.old_gen:
+                pipe.expire(keys.base(self.name, self.old_gen), keys.OLD_GENERATION_GRACE_S)
+
+        replies = await self._swap_meta(
+            new_meta,
+            also=retire,
+            expect_version=expect_version,
+            replaced="by another sync while this one ran",
+            raced="while this sync swapped",
+        )
         self.committed = True
         if not live_gen:
             await self._delete_built()

@@ -28,11 +28,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from redis.exceptions import WatchError
-
 from core import bucket_gens, keys, subscriber_overlay
 from core.bucket_gens import BucketGens
-from core.build.base import BuildLock, BuildResult, ListBuilder, SwapConflict
+from core.build.base import BuildLock, BuildResult, ListBuilder
 from core.store import RedisClient
 from core.subscribers import MAX_ENTRIES as subscribers_max
 from core.subscribers import entry_of as subscribers_entry_of
@@ -405,24 +403,11 @@ class SubscriberListBuilder(ListBuilder):
 
     async def _swap_step(self) -> None:
         """Make generation ``gen`` (one step) live, the previous one ``retiring``."""
-        meta_key = keys.meta(self.name)
-        await self._refresh_lock()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(meta_key)
-                if int(await pipe.hget(meta_key, "gen") or 0) != self.old_gen:
-                    raise SwapConflict(
-                        f"list {self.name!r} was replaced by another writer between two steps"
-                    )
-                pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.hset(meta_key, mapping={"gen": self.gen, "retiring": self.old_gen})
-                pipe.hincrby(meta_key, "version", 1)
-                pipe.hdel(meta_key, "building")
-                await pipe.execute()
-            except WatchError:
-                raise SwapConflict(
-                    f"list {self.name!r} changed generation while a step swapped"
-                ) from None
+        await self._swap_meta(
+            {"gen": self.gen, "retiring": self.old_gen},
+            replaced="by another writer between two steps",
+            raced="while a step swapped",
+        )
 
     async def _wait(self, seconds: float) -> None:
         """Sleep ``seconds``, keeping the build lock."""
