@@ -177,19 +177,19 @@ class Upkeep:
 class Plan:
     """The commands of one call and how to read their replies."""
 
-    commands: list[Command] = field(default_factory=list)
+    commands: list[Command]
     #: Per rule: (rule key, index of its first reply, window_s or max_gap, is a rate,
     #: for a dialled set the numbers it keeps).
-    _parts: list[tuple[str, int, int, bool, int]] = field(default_factory=list)
-    now_s: float = 0.0
-    increment: bool = True
-    called_int: int = 0
+    _parts: list[tuple[str, int, int, bool, int]]
+    now_s: float
+    increment: bool
+    called_int: int
     #: Writes whose expiry this call skipped (:class:`Upkeep`): (index of the reply that
     #: tells whether the key is new, index of the ZADD's reply for a dialled set or -1,
     #: the EXPIRE to send then).
-    _unexpired: list[tuple[int, int, Command]] = field(default_factory=list)
+    _unexpired: list[tuple[int, int, Command]]
     #: :attr:`commands` as RESP text, one string each, when :func:`plan` was asked for it.
-    text: list[str] | None = None
+    text: list[str] | None
 
     def repairs(self, replies: Sequence[Any]) -> list[Command]:
         """The EXPIREs this call skipped on keys its replies show are new: a counter at
