@@ -42,7 +42,7 @@ from service.screening.request import Call, CallParser
 from service.screening.stir.certs import Signer, TrustStore
 from service.screening.stir.identity import Passport, parse_value
 from service.screening.stir.store import CertEntry, CertStore
-from service.screening.stir.verify import Verifier
+from service.screening.stir.verify import Verification, Verifier
 
 X5U = "https://cert.bench.invalid/sp-chain.pem"
 _ECDSA = ec.ECDSA(hashes.SHA256())
@@ -88,7 +88,7 @@ def _calls(count: int) -> tuple[Verifier, list[Call], list[Passport], Any]:
         calls.append(call)
         passports.append(parse_value(value))
         found = verifier.verify_now(call)
-        assert found is not None and found.result == "valid", found
+        assert isinstance(found, Verification) and found.result == "valid", found
     return verifier, calls, passports, certs
 
 
@@ -122,7 +122,7 @@ def measure(count: int, rounds: int) -> dict[str, list[float]]:
         )
         for p in passports
     ]
-    stub = Signer(_AcceptAll(), signer.tn_auth, signer.not_after, signer.subject)  # type: ignore[arg-type]
+    stub = Signer(_AcceptAll(), signer.tn_auth, signer.not_after, signer.subject, signer.key_der)  # type: ignore[arg-type]
     unchecked = CertEntry(stub, None, entry.detail, entry.expires_at, entry.generation, "redis")
 
     def raw() -> None:

@@ -500,6 +500,9 @@ class StirSettings(_Model):
     negative_cache_s: Annotated[int, Field(ge=0, le=3600)] = 30
     #: Verification results kept per worker, by Identity header value (retries).
     results_cache_size: Annotated[int, Field(ge=0, le=1_000_000)] = 4096
+    #: Signature checks in a helper process beside each worker (core/es256.py):
+    #: ``auto`` when this host has more cores than workers, ``always`` or ``never``.
+    signature_helper: Literal["auto", "always", "never"] = "auto"
 
     @model_validator(mode="after")
     def _cache_bounds(self) -> StirSettings:

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             operator=operator,
             lists_dir=args.lists_dir,
             config_path=args.config,
+            workers=args.workers,
         )
     if args.workers is not None and args.workers < 0:
         print("--workers must be 0 (one per core) or more", file=sys.stderr)
@@ -120,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error:\n{args.config}: {exc}", file=sys.stderr)
         return 2
     if workers == 1:
-        return serve_one(config, host, port, operator=operator, config_path=args.config)
+        return serve_one(config, host, port, operator=operator, config_path=args.config, workers=1)
     # absolute(), not resolve(): a reload must re-read the path given, which may be a
     # symlink swapped to a new file (a Kubernetes ConfigMap's ..data), not its old target.
     worker_argv = [
         "--config", str(args.config.absolute()),
         "--log-level", args.log_level,
         "--log-format", log_format,
+        # What a worker's stir.signature_helper "auto" weighs against the cores.
+        "--workers", str(workers),
     ]  # fmt: skip
     return Supervisor(
         host,

@@ -33,6 +33,7 @@ from service.appkeys import (
     REGISTRY,
     SCREENER,
     STORE,
+    WORKERS,
 )
 from service.edge.aiohttp_adapter import resolve
 from service.edge.auth import HandlerAuth
@@ -45,6 +46,7 @@ from service.operator.explain import explain
 from service.operator.lookup import add_lookup_routes
 from service.operator.reload import reload_config
 from service.operator.subscribers import add_subscriber_routes
+from service.procs.ports import worker_count
 from service.screening.cache import ListCache
 from service.screening.history import CallHistory
 from service.screening.lists import ListObject
@@ -76,6 +78,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     operator_routes: bool = True,
     lists_dir: Path | None = None,
+    workers: int | None = None,
 ) -> web.Application:
     """Build the service. A ``redis`` client passed in is used as is and not closed.
 
@@ -83,6 +86,8 @@ def create_app(
     then served by :func:`create_operator_app` on a listener of their own.
     ``lists_dir``: the folder numbers bases are shared through, made by the supervisor
     for all its workers (left in place); without it, the app makes its own.
+    ``workers``: the processes serving this config (None: ``server.workers``), which
+    ``stir.signature_helper: auto`` weighs against the cores.
     """
     # No middleware: errors are answered per route (see service/edge/errors.py).
     app = web.Application(client_max_size=config.server.max_body_bytes)
@@ -91,6 +96,7 @@ def create_app(
     app[METRICS] = Metrics(config, app[REGISTRY])
     app[AUTH] = HandlerAuth(config, app[METRICS])  # secrets from the environment
     app[INTERNALS] = resolve(config.server.aiohttp_internals)
+    app[WORKERS] = worker_count(config.server.workers if workers is None else workers)
     app.cleanup_ctx.append(_redis_ctx(redis))
     app.cleanup_ctx.append(_lists_ctx(lists_dir))
     app.cleanup_ctx.append(_history_ctx)
@@ -175,11 +181,15 @@ async def _stir_ctx(app: web.Application) -> AsyncIterator[None]:
     if not wanted(config):
         yield
         return
-    verifier = make_verifier(config, app[REDIS], app[METRICS])
+    verifier = make_verifier(config, app[REDIS], app[METRICS], app[WORKERS])
     app[SCREENER].stir = verifier
+    if verifier.helper is not None:
+        await verifier.helper.start()
     try:
         yield
     finally:
+        if verifier.helper is not None:
+            await verifier.helper.close()
         await verifier.certs.close()
 
 

@@ -23,3 +23,5 @@ SCREENER = web.AppKey("screener", Screener)
 AUTH = web.AppKey("auth", HandlerAuth)
 #: Whether this process uses aiohttp's internals (service/edge/aiohttp_adapter.py).
 INTERNALS = web.AppKey("aiohttp_internals", Internals)
+#: The worker processes serving the config, this one included.
+WORKERS = web.AppKey("workers", int)

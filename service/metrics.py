@@ -393,6 +393,13 @@ class Metrics:
             ["layer"],
             registry=registry,
         )
+        self.stir_signatures = Counter(
+            "callscreen_stir_signatures_total",
+            "PASSporT signatures checked, by who checked them: the worker's signature "
+            "helper process or the worker itself (no helper, or it did not answer).",
+            ["checked_by"],
+            registry=registry,
+        )
         self.stir_fetch_seconds = Histogram(
             "callscreen_stir_cert_fetch_duration_seconds",
             "Time to fetch one certificate (x5u), whatever the outcome.",
@@ -403,6 +410,9 @@ class Metrics:
         self._stir_fetch_children = {o: self.stir_fetches.labels(o) for o in STIR_FETCH_OUTCOMES}
         self._stir_cache_children = {
             layer: self.stir_cache_lookups.labels(layer) for layer in STIR_CACHE_LAYERS
+        }
+        self._stir_signature_children = {
+            by: self.stir_signatures.labels(by) for by in ("helper", "worker")
         }
         self.redis_health = RedisHealth(config.lists)
         registry.register(self.redis_health)
@@ -468,3 +478,6 @@ class Metrics:
 
     def stir_cache(self, layer: str) -> None:
         self._stir_cache_children[layer].inc()
+
+    def stir_signature(self, checked_by: str) -> None:
+        self._stir_signature_children[checked_by].inc()

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from redis.asyncio import Redis
 
 from devtools.redis_server import RedisProcess
@@ -47,12 +48,17 @@ def policy(trust_verstat: bool = False) -> dict[str, Any]:
     return {"rules": rules, "trust_verstat": trust_verstat}
 
 
-@pytest.fixture
+@pytest.fixture(params=["always", "never"])
 def service(
-    tmp_path: Path, redis_server: RedisProcess, files: dict[str, Path]
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    redis_server: RedisProcess,
+    files: dict[str, Path],
 ) -> Iterator[ServiceProcess]:
+    """The service with and without its signature helper: the same answers either way."""
+    stir = stir_settings(files, fetch_timeout_ms=10_000, signature_helper=request.param)
     overrides = {
-        "stir": stir_settings(files, fetch_timeout_ms=10_000),
+        "stir": stir,
         "handler": {"deadline_ms": DEADLINE_MS},
         "policies": {"default": policy(), "upstream": policy(trust_verstat=True)},
         "trunk_groups": {"main": {"policy": "default"}, "upstream": {"policy": "upstream"}},
@@ -153,3 +159,10 @@ async def test_stir_rules_on_a_running_service(
     assert samples[dry] == 1
     assert samples['callscreen_stir_cert_fetches_total{outcome="ok"}'] >= 3
     assert samples['callscreen_stir_cache_total{layer="local"}'] >= 1
+    # Who checked the signatures: the helper process when there is one, else the worker.
+    by_helper = samples['callscreen_stir_signatures_total{checked_by="helper"}']
+    by_worker = samples['callscreen_stir_signatures_total{checked_by="worker"}']
+    if yaml.safe_load(service.config_path.read_text())["stir"]["signature_helper"] == "always":
+        assert by_helper >= 8 and by_worker == 0
+    else:
+        assert by_helper == 0 and by_worker >= 8

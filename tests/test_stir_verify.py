@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from service.metrics import Metrics
 from service.screening.request import Call, CallParser
 from service.screening.stir import make_verifier
 from service.screening.stir.certs import encode_tn_auth
-from service.screening.stir.verify import Verifier
+from service.screening.stir.verify import Pending, Verification, Verifier
 from tests.helpers import wait_for
 from tests.stir_support import CALLED, CALLER, X5uServer, call_body, signed, stir_settings
 
@@ -50,6 +51,8 @@ async def make_verifier_for(
 
     yield make
     for verifier in made:
+        if verifier.helper is not None:
+            await verifier.helper.close()
         await verifier.certs.close()
 
 
@@ -286,7 +289,7 @@ async def test_a_hanging_certificate_server_does_not_stall_the_call(
     await wait_for(loaded, timeout_s=5.0)
     assert server.hits["/hang"] == 1
     later = verifier.verify_now(call_of(value))
-    assert later is not None and later.result == "valid"
+    assert isinstance(later, Verification) and later.result == "valid"
 
 
 async def test_the_certificate_cache_is_shared_through_redis(
@@ -300,7 +303,7 @@ async def test_the_certificate_cache_is_shared_through_redis(
     assert 590 <= ttl <= 600
     assert (await second.verify(call_of(value), False, 2.0)).result == "valid"
     assert server.hits["/cached.pem"] == 1  # the second worker read Redis, not the server
-    assert second.verify_now(call_of(value)) is not None  # and keeps its own copy now
+    assert isinstance(second.verify_now(call_of(value)), Verification)  # its own copy now
 
 
 async def test_a_retried_header_is_not_verified_twice(
@@ -313,11 +316,11 @@ async def test_a_retried_header_is_not_verified_twice(
     assert metrics is not None
     before = metrics.stir_cache_lookups.labels("result")._value.get()
     again = verifier.verify_now(call_of(value))
-    assert again is not None and again.result == "valid"
+    assert isinstance(again, Verification) and again.result == "valid"
     assert metrics.stir_cache_lookups.labels("result")._value.get() == before + 1
     # The cached part holds for this value only: another caller still fails its TN check.
     other = verifier.verify_now(call_of(value, caller="12125550000"))
-    assert other is not None and other.reason == "tn_mismatch"
+    assert isinstance(other, Verification) and other.reason == "tn_mismatch"
 
 
 async def test_a_trusted_verstat_skips_the_signature(
@@ -328,14 +331,15 @@ async def test_a_trusted_verstat_skips_the_signature(
     body = call_body(forged)
     body["From"][0]["uri_parameters"] = {"verstat": "TN-Validation-Passed"}
     found = verifier.verify_now(PARSER.parse(body), trust_verstat=True)
-    assert found is not None
+    assert isinstance(found, Verification)
     assert (found.result, found.attest, found.basis) == ("valid", "B", "verstat")
     body["From"][0]["uri_parameters"] = {"verstat": "TN-Validation-Failed"}
     found = verifier.verify_now(PARSER.parse(body), trust_verstat=True)
-    assert found is not None and (found.result, found.reason) == ("invalid", "verstat_failed")
+    assert isinstance(found, Verification)
+    assert (found.result, found.reason) == ("invalid", "verstat_failed")
     assert server.hits["/none.pem"] == 0
     # Without trust the same call is verified here: its certificate must be fetched.
-    assert verifier.verify_now(PARSER.parse(body), trust_verstat=False) is None
+    assert isinstance(verifier.verify_now(PARSER.parse(body), trust_verstat=False), Pending)
 
 
 def test_called_number_fixture_is_the_body_to() -> None:
@@ -371,3 +375,42 @@ async def test_the_signer_tool_makes_a_body_the_service_accepts(
     verifier = make_verifier_for(trust_anchors=made["trust_anchors"])
     found = await verifier.verify(PARSER.parse(body), False, 2.0)
     assert (found.result, found.attest) == ("valid", "B")
+
+
+async def test_signatures_checked_by_the_helper_give_the_same_results(
+    make_verifier_for: Callable[..., Verifier], server: X5uServer, pki: StiPKI
+) -> None:
+    verifier = make_verifier_for(signature_helper="always", results_cache_size=0)
+    helper = verifier.helper
+    assert helper is not None and verifier.metrics is not None
+    await helper.start()
+    x5u = server.url("/sp.pem")
+    _other, other_key = pki.sp_cert()
+    good, forged = signed(pki, x5u), signed(pki, x5u, key=other_key)
+    await verifier.verify(call_of(good), False, 2.0)  # the certificate is loaded
+
+    async def results() -> tuple[str | None, str | None]:
+        found = []
+        for value in (good, forged):
+            now = verifier.verify_now(call_of(value))
+            if isinstance(now, Pending):  # a signature to check: the helper's, if running
+                now = await verifier.verify(call_of(value), False, 2.0, now)
+            found.append(now.reason or now.result)
+        return found[0], found[1]
+
+    by = verifier.metrics.stir_signatures
+    before = by.labels("helper")._value.get()
+    assert await results() == ("valid", "bad_signature")
+    assert by.labels("helper")._value.get() == before + 2
+    # The helper gone: the worker checks them itself, with the same results.
+    pid = helper.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    async def lost() -> bool:
+        return not helper.running
+
+    await wait_for(lost, timeout_s=5.0)
+    worker_before = by.labels("worker")._value.get()
+    assert await results() == ("valid", "bad_signature")
+    assert by.labels("worker")._value.get() == worker_before + 2

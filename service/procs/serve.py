@@ -67,6 +67,7 @@ def serve_one(
     operator: tuple[str, int] | None = None,
     lists_dir: Path | None = None,
     config_path: Path | None = None,
+    workers: int | None = None,
 ) -> int:
     """Run the service in this process until SIGTERM/SIGINT; returns the exit status.
 
@@ -74,7 +75,8 @@ def serve_one(
     :class:`service.procs.workers.Supervisor`: it binds with ``SO_REUSEPORT``, shares its
     metrics through the folder (and its numbers lists through ``lists_dir``), and stops
     if the supervisor goes away. SIGHUP re-reads ``config_path`` and applies what can
-    change in place (:mod:`service.procs.reload`).
+    change in place (:mod:`service.procs.reload`). ``workers``: how many processes serve
+    the config, this one included (None: ``server.workers``).
     """
     from service.app import create_app, create_operator_app
 
@@ -84,7 +86,11 @@ def serve_one(
     else:
         registry = CollectorRegistry()
     app = create_app(
-        config, registry=registry, operator_routes=operator is None, lists_dir=lists_dir
+        config,
+        registry=registry,
+        operator_routes=operator is None,
+        lists_dir=lists_dir,
+        workers=workers,
     )
     operator_app = create_operator_app(app) if operator is not None else None
     admin_app = operator_app if operator_app is not None else app

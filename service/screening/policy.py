@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -21,6 +22,9 @@ from core.fraud import KeyedRate, SequenceRule
 from core.subscribers import NO_ENTRIES, Entries, Side
 from service.screening.lists import ListObject, NameList, NumberList, PrefixList
 from service.screening.request import Call
+
+if TYPE_CHECKING:
+    from service.screening.stir.verify import Pending
 
 Lists = Mapping[str, ListObject]
 Rates = Mapping[str, int] | None
@@ -73,11 +77,16 @@ class NeedsRates:
     __slots__ = ("at", "dry_runs", "stir")
 
     def __init__(
-        self, at: int = 0, dry_runs: tuple[tuple[Outcome, str], ...] = (), *, stir: bool = False
+        self,
+        at: int = 0,
+        dry_runs: tuple[tuple[Outcome, str], ...] = (),
+        *,
+        stir: Pending | None = None,
     ) -> None:
         self.at = at
         self.dry_runs = dry_runs
-        #: The call's STIR/SHAKEN certificate must be loaded first (nothing evaluated yet).
+        #: The call's STIR/SHAKEN verification waits for its certificate or its signature
+        #: check first (nothing evaluated yet).
         self.stir = stir
 
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from redis.exceptions import RedisError
 
@@ -39,7 +39,7 @@ from service.screening.policy import (
     outcome_for,
 )
 from service.screening.request import Call, CallParser
-from service.screening.stir.verify import Verifier
+from service.screening.stir.verify import Pending, Verification, Verifier
 from service.screening.subscriber_cache import SubscriberCache
 
 if TYPE_CHECKING:
@@ -153,9 +153,10 @@ class Screener:
         if stale is not None:
             return self._fallback(STALE_LISTS, cache.staleness(stale))
         if policy.uses_stir and call.stir is None and self.stir is not None:
-            call.stir = self.stir.verify_now(call, policy.trust_verstat)
-            if call.stir is None:  # its certificate must be loaded: decide_remote waits
-                return NeedsRates(stir=True)
+            found = self.stir.verify_now(call, policy.trust_verstat)
+            if type(found) is not Verification:  # decide_remote waits for the certificate
+                return NeedsRates(stir=cast(Pending, found))  # or the signature helper
+            call.stir = found
         try:
             decision = policy.evaluate(call, cache.lists)
         except ListsUnavailable as exc:
@@ -227,8 +228,8 @@ class Screener:
         ``handler.deadline_ms``; with nothing left it answers by ``on_error`` at once.
         """
         budget_s = self.deadline_s
-        if pending.stir:
-            decision, budget_s = await self._verify_stir(policy, call)
+        if pending.stir is not None:
+            decision, budget_s = await self._verify_stir(policy, call, pending.stir)
             if not isinstance(decision, NeedsRates):
                 return decision
             pending = decision
@@ -314,15 +315,16 @@ class Screener:
         return Evaluation(self.on_error.outcome, fallback=LIST_LOST)
 
     async def _verify_stir(
-        self, policy: CompiledPolicy, call: Call
+        self, policy: CompiledPolicy, call: Call, pending: Pending
     ) -> tuple[Evaluation | NeedsRates, float]:
-        """Wait (within the deadline) for the call's certificate, then decide locally.
+        """Wait (within the deadline) for the call's certificate or signature check, then
+        decide locally.
 
         Also returns what is left of the deadline for a Redis round trip after it.
         """
         assert self.stir is not None
         started = time.perf_counter()
-        call.stir = await self.stir.verify(call, policy.trust_verstat, self.deadline_s / 2)
+        call.stir = await self.stir.verify(call, policy.trust_verstat, self.deadline_s / 2, pending)
         return self.decide_locally(policy, call), self.deadline_s - (time.perf_counter() - started)
 
     def _renew_due(self) -> None:

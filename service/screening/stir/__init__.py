@@ -1,18 +1,21 @@
 """STIR/SHAKEN verification (an STI-VS in the policy): docs/stir-shaken.md.
 
 :func:`make_verifier` builds a worker's :class:`~.verify.Verifier` from the config; its
-certificate store must be closed (``await verifier.certs.close()``) when the app stops.
+certificate store must be closed (``await verifier.certs.close()``) when the app stops,
+and its signature helper, if it has one, started and closed with the app.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from core.config import Config
+from core.config import Config, StirSettings
 from core.store import RedisClient
 from service.metrics import Metrics
 from service.screening.stir.certs import TrustStore
 from service.screening.stir.fetch import make_session
+from service.screening.stir.helper import SignatureHelper
 from service.screening.stir.store import CertStore
 from service.screening.stir.verify import Verifier
 
@@ -24,8 +27,22 @@ def wanted(config: Config) -> bool:
     )
 
 
-def make_verifier(config: Config, redis: RedisClient | None, metrics: Metrics | None) -> Verifier:
-    """A worker's verifier; call inside the running event loop (it opens a client session)."""
+def wants_helper(settings: StirSettings, workers: int) -> bool:
+    """Whether each worker checks signatures in a helper process (``signature_helper``):
+    ``auto`` when the cores this process may run on outnumber the workers, so that the
+    helpers have cores of their own."""
+    if settings.signature_helper != "auto":
+        return settings.signature_helper == "always"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) > workers
+
+
+def make_verifier(
+    config: Config, redis: RedisClient | None, metrics: Metrics | None, workers: int = 1
+) -> Verifier:
+    """A worker's verifier, with a signature helper not started yet when it wants one
+    (``await verifier.helper.start()``); call inside the running event loop (it opens a
+    client session). ``workers``: the processes serving the config."""
     settings = config.stir
 
     def path(name: str) -> Path:
@@ -36,4 +53,11 @@ def make_verifier(config: Config, redis: RedisClient | None, metrics: Metrics | 
     trust = TrustStore(anchors, tuple(path(name) for name in settings.crl_files))
     session = make_session(settings, str(config.base_dir))
     certs = CertStore(settings, trust, redis, session, metrics)
-    return Verifier(settings, certs, config.caller.default_country, metrics)
+    # A quarter of the call's deadline: a stalled helper leaves the call time to check
+    # the signature itself.
+    helper = (
+        SignatureHelper(config.handler.deadline_ms / 4000)
+        if wants_helper(settings, workers)
+        else None
+    )
+    return Verifier(settings, certs, config.caller.default_country, metrics, helper)

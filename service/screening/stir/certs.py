@@ -24,6 +24,8 @@ from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.error import PyAsn1Error
 from pyasn1.type import char, namedtype, tag, univ
 
+from core.es256 import key_der
+
 logger = logging.getLogger(__name__)
 
 TN_AUTH_LIST_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.26")
@@ -137,6 +139,8 @@ class Signer:
     tn_auth: TNAuth
     not_after: float
     subject: str
+    #: ``key`` as DER SubjectPublicKeyInfo, as the signature helper is sent it.
+    key_der: bytes
 
 
 def _load_pem_certs(path: Path) -> list[x509.Certificate]:
@@ -234,7 +238,7 @@ class TrustStore:
                     raise Untrusted(f"revoked: {cert.subject.rfc4514_string()}")
                 if not anchor.not_valid_before_utc <= when <= anchor.not_valid_after_utc:
                     raise Untrusted("the trust anchor is outside its validity dates")
-                return Signer(key, tn_auth, not_after, leaf.subject.rfc4514_string())
+                return Signer(key, tn_auth, not_after, leaf.subject.rfc4514_string(), key_der(key))
             issuer = self._issued_by(cert, [c for c in rest if _is_ca(c)])
             if issuer is None:
                 raise Untrusted(f"no trusted issuer for {cert.subject.rfc4514_string()}")

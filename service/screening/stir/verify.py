@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -24,9 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from core.config import StirSettings
+from core.es256 import BAD, GOOD
 from core.numbers import normalise
 from service.metrics import Metrics
 from service.screening.request import Call
+from service.screening.stir.helper import HelperLost, SignatureHelper
 from service.screening.stir.identity import Malformed, Passport, parse_value, shaken_value
 from service.screening.stir.store import CertEntry, CertStore
 
@@ -139,8 +141,19 @@ def _is_number(number: str, tn: str, country: str) -> bool:
     return number == tn or number == normalise("+" + tn, country)
 
 
+@dataclass(slots=True)
+class Pending:
+    """A call's verification waiting for its certificate (no ``entry`` yet) or for the
+    signature helper: what :meth:`Verifier.verify` goes on from."""
+
+    value: str
+    passport: Passport
+    entry: CertEntry | None
+
+
 class Verifier:
-    """Verifies calls for one worker: results per header value, certificates via ``certs``."""
+    """Verifies calls for one worker: results per header value, certificates via
+    ``certs``, signatures by ``helper`` when it runs (else here)."""
 
     def __init__(
         self,
@@ -148,8 +161,10 @@ class Verifier:
         certs: CertStore,
         default_country: str = "1",
         metrics: Metrics | None = None,
+        helper: SignatureHelper | None = None,
     ) -> None:
         self.settings = settings
+        self.helper = helper
         self.certs = certs
         self.default_country = default_country
         self.metrics = metrics
@@ -158,26 +173,41 @@ class Verifier:
         #: The checks of the certificate entry used last (most calls share one signer).
         self._last_checks: _EntryChecks | None = None
 
-    def verify_now(self, call: Call, trust_verstat: bool = False) -> Verification | None:
-        """The call's result without waiting, or None when a certificate must be loaded."""
-        return self._verify(call, trust_verstat, None)
+    def verify_now(self, call: Call, trust_verstat: bool = False) -> Verification | Pending:
+        """The call's result without waiting, or what :meth:`verify` must wait for."""
+        return self._verify(call, trust_verstat)
 
-    async def verify(self, call: Call, trust_verstat: bool, wait_s: float) -> Verification:
-        """The call's result, waiting at most ``wait_s`` for its certificate."""
-        found = self._verify(call, trust_verstat, None)
-        if found is not None:
-            return found
-        value = shaken_value(call.headers.get("identity"))
-        assert value is not None
-        passport = parse_value(value)  # parsed fine a moment ago
-        entry = await self.certs.get(passport.x5u, wait_s)
-        found = self._verify(call, trust_verstat, entry)
-        assert found is not None
-        return found
+    async def verify(
+        self, call: Call, trust_verstat: bool, wait_s: float, pending: Pending | None = None
+    ) -> Verification:
+        """The call's result, waiting at most ``wait_s`` for its certificate, and for the
+        signature helper (its own stall limit; then the check is done here).
+        ``pending``: what :meth:`verify_now` returned for the call, if it did."""
+        if pending is None:
+            found = self._verify(call, trust_verstat)
+            if type(found) is Verification:
+                return found
+            pending = cast(Pending, found)
+        entry = pending.entry
+        if entry is None:
+            entry = await self.certs.get(pending.passport.x5u, wait_s)
+        signer = entry.signer
+        helper = self.helper
+        answer = None
+        if signer is not None and helper is not None:
+            passport = pending.passport
+            asked = helper.check(signer.key_der, passport.signature, passport.signing_input)
+            if asked is not None:
+                try:
+                    answer = await asked
+                except HelperLost:
+                    answer = None
+        signed = self._check_signature(pending.passport, entry, answer)
+        if signed.reason != "cert_unavailable":  # that one is tried again next call
+            self._remember(pending.value, signed)
+        return self._per_call(call, signed)
 
-    def _verify(
-        self, call: Call, trust_verstat: bool, entry: CertEntry | None
-    ) -> Verification | None:
+    def _verify(self, call: Call, trust_verstat: bool) -> Verification | Pending:
         values = call.headers.get("identity")
         if trust_verstat:
             by_verstat = self._by_verstat(call, values)
@@ -209,31 +239,47 @@ class Verifier:
         if stale is not None:  # no certificate is fetched for an old PASSporT
             checks = (Check("decode", "ok"), stale)
             return self._invalid("stale", passport, checks)
-        if entry is None:
-            entry = self.certs.peek(passport.x5u)
-            if entry is None:
-                return None
+        entry = self.certs.peek(passport.x5u)
+        if entry is None or (
+            entry.signer is not None and self.helper is not None and self.helper.running
+        ):
+            return Pending(value, passport, entry)
         signed = self._check_signature(passport, entry)
         if signed.reason != "cert_unavailable":  # that one is tried again next call
             self._remember(value, signed)
         return self._per_call(call, signed)
 
-    def _check_signature(self, passport: Passport, entry: CertEntry) -> _Signed:
-        """The signature checked with the entry's key: a distinct PASSporT, checked anew."""
+    def _check_signature(
+        self, passport: Passport, entry: CertEntry, answer: int | None = None
+    ) -> _Signed:
+        """The signature checked with the entry's key: a distinct PASSporT, checked anew.
+
+        ``answer``: the signature helper's (core/es256.py); without a GOOD or BAD one
+        the signature is checked here.
+        """
         checks = self._last_checks
         if checks is None or checks.entry is not entry:
             checks = self._last_checks = _entry_checks(entry)
         signer = entry.signer
         if signer is None:
             return _Signed(passport, entry.reason or "cert_unavailable", checks.certificate)
-        signature = passport.signature
-        der = encode_dss_signature(
-            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-        )
-        try:
-            signer.key.verify(der, passport.signing_input, _ECDSA)
-        except InvalidSignature:
-            return _Signed(passport, "bad_signature", checks.bad_signature)
+        metrics = self.metrics
+        if answer in (GOOD, BAD):
+            if metrics is not None:
+                metrics.stir_signature("helper")
+            if answer == BAD:
+                return _Signed(passport, "bad_signature", checks.bad_signature)
+        else:
+            if metrics is not None:
+                metrics.stir_signature("worker")
+            signature = passport.signature
+            der = encode_dss_signature(
+                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            )
+            try:
+                signer.key.verify(der, passport.signing_input, _ECDSA)
+            except InvalidSignature:
+                return _Signed(passport, "bad_signature", checks.bad_signature)
         covered = signer.tn_auth.covers(passport.orig_tn)
         return _Signed(passport, None, checks.signed, covered, checks.valid)
 
