@@ -12,8 +12,12 @@ Steps, on the bench's private Redis (the lists already loaded):
 3. one service with three trunk groups: the bench policy (``bench``), the same rules
    behind a ``stir_result`` rule rejecting invalid PASSporTs (``stir``: every call's
    signature is checked, the per-value results cache is off so retries do not flatter
-   it), and the same with ``trust_verstat`` (``stir_verstat``); and the bare-aiohttp
-   baseline. A sample of answers is checked, then rounds alternate over all four;
+   it), and the same with ``trust_verstat`` (``stir_verstat``); a second service, the
+   same but with ``stir.signature_helper: never`` (``stir_in_worker``: the worker checks
+   each signature itself, where the first has a helper process when the host has a core
+   to spare); and the bare-aiohttp baseline. A sample of answers is checked, then rounds
+   alternate over all five, each with the CPU a call took in its server's processes
+   (worker and helper);
 4. certificate misses: ``--stir-miss-bodies`` bodies signed with x5u URLs of their own,
    every one on a local certificate server that accepts and never answers, driven at
    full speed on the ``stir`` trunk group: every call's certificate is missing, and its
@@ -47,7 +51,7 @@ from devtools.stir_pki import make_pki, sign_passport
 
 Step = Callable[[str], Callable[[], None]]
 X5U = "https://cert.bench.invalid/sp-chain.pem"
-NAMES = ("baseline", "local", "stir", "stir_verstat")
+NAMES = ("baseline", "local", "stir", "stir_in_worker", "stir_verstat")
 WARMUP_S = 1
 #: Connections the silent server holds open at most: the oldest are long past the
 #: service's fetch time limit (at most 32 at once a worker: service/screening/stir/fetch.py).
@@ -173,6 +177,10 @@ def _stir_results(url: str) -> dict[str, float]:
                     found[f"{labels['result']} {labels['reason'] or labels['attest']}"] = (
                         metric.value
                     )
+        elif family.name == "callscreen_stir_signatures":
+            for metric in family.samples:
+                if metric.name.endswith("_total") and metric.value:
+                    found[f"signatures checked by the {metric.labels['checked_by']}"] = metric.value
     return found
 
 
@@ -195,12 +203,16 @@ def run(
     plain, upstream = signed_bodies(workload, args.stir_bodies, pki.sp_key)
     classes = workload.classes[: args.stir_bodies]
     paths = {"baseline": f"/tg/{TRUNK_GROUP}", "local": f"/tg/{TRUNK_GROUP}"}
-    paths |= {"stir": "/tg/stir", "stir_verstat": "/tg/stir_verstat"}
+    paths |= {"stir": "/tg/stir", "stir_in_worker": "/tg/stir", "stir_verstat": "/tg/stir_verstat"}
     bodies = {"baseline": local_bodies, "local": local_bodies}
     for name, made in (("stir", plain), ("stir_verstat", upstream)):
         bodies[name] = folder / f"{name}.jsonl"
         bodies[name].write_bytes(b"\n".join(made) + b"\n")
-    config = write_config(folder / "bench.yaml", stir_config(base_config, files["trust_anchors"]))
+    bodies["stir_in_worker"] = bodies["stir"]
+    made_config = stir_config(base_config, files["trust_anchors"])
+    config = write_config(folder / "bench.yaml", made_config)
+    made_config["stir"] = {**made_config["stir"], "signature_helper": "never"}
+    in_worker_config = write_config(folder / "bench-in-worker.yaml", made_config)
     client = redis.Redis(port=server.port)
     client.set(keys.stir_cert(X5U), pki.chain_pem, ex=86_400)
     client.close()
@@ -221,9 +233,13 @@ def run(
         return load.run_python(url + paths[name], lines, seconds, args.connections)
 
     runs: dict[str, list[load.LoadResult]] = {name: [] for name in NAMES}
+    cpu_us: dict[str, list[float]] = {name: [] for name in NAMES}
     service = servers.service(config, free_port(), args.workers, folder / "service.log", env)
+    in_worker = servers.service(
+        in_worker_config, free_port(), args.workers, folder / "service-in-worker.log", env
+    )
     baseline = servers.baseline(free_port(), args.workers, folder / "baseline.log")
-    with baseline, service:
+    with baseline, service, in_worker:
         done = step("stir: checking a sample of the answers")
         indexes = _sample(classes, per_class=100)
         answers = {
@@ -231,13 +247,18 @@ def run(
             for name, made in (("stir", plain), ("stir_verstat", upstream))
         }
         done()
-        urls = {name: service.url for name in NAMES} | {"baseline": baseline.url}
+        served = {name: service for name in NAMES}
+        served |= {"baseline": baseline, "stir_in_worker": in_worker}
         for name in NAMES:
-            drive(urls[name], name, WARMUP_S)
+            drive(served[name].url, name, WARMUP_S)
         for round_ in range(1, args.stir_rounds + 1):
             for name in NAMES:
                 done = step(f"stir round {round_}/{args.stir_rounds}: {name}, {args.duration} s")
-                result = drive(urls[name], name, args.duration)
+                cpu_before = served[name].cpu_s()
+                result = drive(served[name].url, name, args.duration)
+                if result.requests:
+                    used_s = served[name].cpu_s() - cpu_before
+                    cpu_us[name].append(used_s / result.requests * 1e6)
                 runs[name].append(result)
                 print(f"   {result.summary()}", flush=True)
                 done()
@@ -259,6 +280,7 @@ def run(
         "results": results,
         "misses": misses,
         "deadline_ms": deadline_ms,
+        "cpu_us_per_call": cpu_us,
         **load.runs_json(runs, {}),
     }
 
@@ -291,8 +313,10 @@ def summary(s: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], dic
         f"STIR/SHAKEN ({s['tool']}, {s['bodies']:,} signed bodies, certificate cached, "
         f"{args.connections} connections, {args.workers} worker(s), {args.stir_rounds} x "
         f"{args.duration} s per server, rounds alternating)",
-        f"  {'':14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'x baseline':>11}",
+        f"  {'':14} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'x baseline':>11}"
+        f" {'CPU us/call':>12}",
     ]
+    cpu = s.get("cpu_us_per_call", {})
     ratios: dict[str, Any] = {}
     for name in NAMES:
         results = runs[name]
@@ -303,8 +327,13 @@ def summary(s: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], dic
             f" {mean(r['p50_ms'] for r in results):>8.2f}"
             f" {mean(r['p99_ms'] for r in results):>8.2f}"
             f" {sum(r['errors'] for r in results):>7}"
-            f" {ratios[name]:>11.3f}   (paired: {', '.join(f'{p:.2f}' for p in pairs)})"
+            f" {ratios[name]:>11.3f} {median(cpu[name]) if cpu.get(name) else 0:>12.1f}"
+            f"   (paired: {', '.join(f'{p:.2f}' for p in pairs)})"
         )
+    lines.append(
+        "  CPU us/call: median over rounds of the server's processes' CPU (worker and "
+        "signature helper) per call answered"
+    )
     counted = ", ".join(f"{k}: {v:,.0f}" for k, v in sorted(s["results"].items()))
     lines.append(f"  results counted: {counted or 'none'}")
     for name, checked in s["answers"].items():
