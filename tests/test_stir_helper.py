@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import signal
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -189,5 +191,26 @@ async def test_the_checks_a_busy_helper_is_behind_on_go_to_the_worker() -> None:
                 answered += 1
         assert answered > 0 and behind > 0
         assert helper.running and helper.pid == pid and helper.starts == 1
+    finally:
+        await helper.close()
+
+
+async def test_a_helper_that_cannot_start_is_retried_ever_less_often(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A helper that exits at once (here: a program that is not one) leaves every check
+    to the worker, and the tries back off instead of looping every second."""
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    helper = SignatureHelper(stall_s=0.5)
+    try:
+        for _ in range(4):
+            await helper.start()
+            assert not helper.running
+            assert helper.check(*CASES[0][0]) is None
+        assert helper.starts == 0
+        said = [r.getMessage() for r in caplog.records]
+        said = [line for line in said if "stopped answering" in line]
+        pauses = [re.search(r"a new helper in (\d+) s", line) for line in said]
+        assert [int(p.group(1)) for p in pauses if p] == [1, 2, 4, 8]
     finally:
         await helper.close()

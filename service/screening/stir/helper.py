@@ -11,8 +11,10 @@ Invariants:
   helper that exits, and a check not answered within ``stall_s`` are all checked by the
   worker itself (:meth:`SignatureHelper.check` returns None or its future fails with
   :class:`HelperLost`), so trouble costs speed, never an answer;
-- a lost or stalled helper is replaced at most once every :data:`RESTART_PAUSE_S`, its
-  loss logged once; the calls in between are checked by the worker;
+- a lost or stalled helper is replaced after :data:`RESTART_PAUSE_S`, a pause that
+  doubles (up to :data:`MAX_PAUSE_S`) while each new helper is lost within
+  :data:`STEADY_S` of its start; each loss is logged once, and the calls in between
+  are checked by the worker;
 - the helper's life is the socket's: closing the worker's end (or the worker dying)
   ends it.
 
@@ -37,8 +39,12 @@ from core.es256 import UNUSABLE, job
 
 logger = logging.getLogger(__name__)
 
-#: The least time between two helper starts.
+#: The pause before a lost helper is replaced; doubled, up to MAX_PAUSE_S, for each
+#: helper lost within STEADY_S of its start (one that cannot start is not retried in a
+#: tight loop, nor logged every second).
 RESTART_PAUSE_S = 1.0
+MAX_PAUSE_S = 60.0
+STEADY_S = 60.0
 #: How long a new helper may take to answer its first job (a probe) before it is given up.
 START_TIMEOUT_S = 10.0
 #: How long a closing worker gives its helper to exit before killing it.
@@ -156,6 +162,10 @@ class SignatureHelper:
         self._retired: list[asyncio.subprocess.Process] = []
         self._starting: asyncio.Task[None] | None = None
         self._next_start = 0.0
+        self._pause_s = RESTART_PAUSE_S
+        #: Helpers lost in a row, each within STEADY_S of its start.
+        self._early_losses = 0
+        self._started_at = 0.0
         self._closed = False
         #: Set by the first :meth:`start`: only a helper once started is replaced.
         self._wanted = False
@@ -176,7 +186,7 @@ class SignatureHelper:
         """Start the helper; on failure log it (the worker checks signatures itself)."""
         loop = asyncio.get_running_loop()
         self._wanted = True
-        self._next_start = loop.time() + RESTART_PAUSE_S
+        self._started_at = loop.time()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             env = dict(os.environ)
@@ -194,19 +204,24 @@ class SignatureHelper:
             )
         except OSError as exc:
             mine.close()
-            logger.warning("the STIR signature helper did not start (%s): checking here", exc)
+            self.lost(f"it did not start: {exc}")
             return
         finally:
             theirs.close()
         self._process = process
         mine.setblocking(False)
-        _, link = await loop.create_unix_connection(lambda: _Link(self, loop), sock=mine)
+        try:
+            _, link = await loop.create_unix_connection(lambda: _Link(self, loop), sock=mine)
+        except OSError as exc:
+            mine.close()
+            self.lost(f"no connection to it: {exc}")
+            return
         # In use once it has answered a probe (a job no key can pass): calls do not wait
         # for its start-up, and a helper that cannot start is found out here.
         try:
             probe = await link.ask(job(b"", b"", b""))
         except HelperLost:
-            return  # logged by lost(); tried again after RESTART_PAUSE_S
+            return  # logged by lost(), which set when to try again
         if self._closed:
             link.fail("closing")
             return
@@ -239,13 +254,19 @@ class SignatureHelper:
             self._starting = loop.create_task(self.start(), name="stir-signature-helper")
 
     def lost(self, why: str) -> None:
+        """The helper in use (or being started) is given up: log it, kill it if it still
+        runs, and set when the next one starts."""
         if self._closed:
             return
+        now = asyncio.get_running_loop().time()
+        self._early_losses = self._early_losses + 1 if now - self._started_at < STEADY_S else 0
+        self._pause_s = min(RESTART_PAUSE_S * 2 ** max(self._early_losses - 1, 0), MAX_PAUSE_S)
+        self._next_start = now + self._pause_s
         logger.warning(
             "the STIR signature helper stopped answering (%s): checking signatures in the "
             "worker, a new helper in %.0f s",
             why,
-            RESTART_PAUSE_S,
+            self._pause_s,
         )
         process, self._process = self._process, None
         if process is not None:
