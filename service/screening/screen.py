@@ -115,6 +115,8 @@ class Screener:
             )
         )
         self.mask_callers = config.server.mask_callers
+        if self.stir is not None:
+            self.stir.reconfigure(config.caller.default_country, self.deadline_s)
         self.subscribers.resize(config.cache.subscriber_entries, config.cache.subscriber_max_age_ms)
         self._by_group: dict[str | None, tuple[str, CompiledPolicy]] = {
             None: (ROOT_TRUNK_GROUP, self.policies[config.default_policy])

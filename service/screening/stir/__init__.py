@@ -15,7 +15,7 @@ from core.store import RedisClient
 from service.metrics import Metrics
 from service.screening.stir.certs import TrustStore
 from service.screening.stir.fetch import make_session
-from service.screening.stir.helper import SignatureHelper
+from service.screening.stir.helper import SignatureHelper, stall_limit
 from service.screening.stir.store import CertStore
 from service.screening.stir.verify import Verifier
 
@@ -53,11 +53,7 @@ def make_verifier(
     trust = TrustStore(anchors, tuple(path(name) for name in settings.crl_files))
     session = make_session(settings, str(config.base_dir))
     certs = CertStore(settings, trust, redis, session, metrics)
-    # A quarter of the call's deadline: a stalled helper leaves the call time to check
-    # the signature itself.
-    helper = (
-        SignatureHelper(config.handler.deadline_ms / 4000)
-        if wants_helper(settings, workers)
-        else None
-    )
+    helper = None
+    if wants_helper(settings, workers):
+        helper = SignatureHelper(stall_limit(config.handler.deadline_ms / 1000))
     return Verifier(settings, certs, config.caller.default_country, metrics, helper)

@@ -53,6 +53,12 @@ EXIT_WAIT_S = 2.0
 _PROJECT_ROOT = str(Path(core.__file__).resolve().parent.parent)
 
 
+def stall_limit(deadline_s: float) -> float:
+    """How long a helper may leave a check unanswered: a quarter of the call's deadline,
+    so that a call it fails still has time to check the signature in the worker."""
+    return deadline_s / 4
+
+
 class HelperLost(Exception):
     """The helper exited or stalled before answering: check the signature here."""
 
@@ -68,9 +74,9 @@ class _Link(asyncio.Protocol):
         self.owed: deque[tuple[asyncio.Future[int], float]] = deque()
         self.watch: asyncio.TimerHandle | None = None
         self.lost = False
-        #: The owner's stall limit once the helper has answered its first job; until
-        #: then its start-up (Python and OpenSSL loading) may take this long.
-        self.stall_s = START_TIMEOUT_S
+        #: Until the helper has answered its first job, its start-up (Python and OpenSSL
+        #: loading) may take this long; then the owner's limit holds.
+        self.start_timeout_s: float | None = START_TIMEOUT_S
         self.last_answer = loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,9 +98,13 @@ class _Link(asyncio.Protocol):
             self.watch = loop.call_later(self.stall_s, self.check)
         return future
 
-    def started(self, stall_s: float) -> None:
-        """The helper answered its probe: from now on ``stall_s`` is its limit."""
-        self.stall_s = stall_s
+    @property
+    def stall_s(self) -> float:
+        return self.start_timeout_s or self.owner.stall_s
+
+    def started(self) -> None:
+        """The helper answered its probe: from now on the owner's stall limit holds."""
+        self.start_timeout_s = None
         if self.watch is not None:  # armed with the start-up's limit
             self.watch.cancel()
             self.watch = None
@@ -228,7 +238,7 @@ class SignatureHelper:
         if probe != UNUSABLE:
             link.fail(f"it answered a probe with {probe!r}")
             return
-        link.started(self.stall_s)
+        link.started()
         self._link = link
         self.starts += 1
         logger.info("STIR signature helper started (pid %d)", process.pid)

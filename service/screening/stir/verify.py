@@ -28,7 +28,7 @@ from core.es256 import BAD, GOOD
 from core.numbers import normalise
 from service.metrics import Metrics
 from service.screening.request import Call
-from service.screening.stir.helper import HelperLost, SignatureHelper
+from service.screening.stir.helper import HelperLost, SignatureHelper, stall_limit
 from service.screening.stir.identity import Malformed, Passport, parse_value, shaken_value
 from service.screening.stir.store import CertEntry, CertStore
 
@@ -172,6 +172,13 @@ class Verifier:
         self._generation = certs.trust.generation
         #: The checks of the certificate entry used last (most calls share one signer).
         self._last_checks: _EntryChecks | None = None
+
+    def reconfigure(self, default_country: str, deadline_s: float) -> None:
+        """Take a config reloaded in place: its callers' country, and its call deadline,
+        which sets the signature helper's stall limit."""
+        self.default_country = default_country
+        if self.helper is not None:
+            self.helper.stall_s = stall_limit(deadline_s)
 
     def verify_now(self, call: Call, trust_verstat: bool = False) -> Verification | Pending:
         """The call's result without waiting, or what :meth:`verify` must wait for."""
