@@ -7,6 +7,8 @@ HTTPS server in the test serves the certificates.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +168,91 @@ async def test_stir_rules_on_a_running_service(
         assert by_helper >= 8 and by_worker == 0
     else:
         assert by_helper == 0 and by_worker >= 8
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid`` and their command lines (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pids: list[int]) -> set[int]:
+    """Those of ``pids`` still running (not exited, not a zombie)."""
+    running = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            running.add(pid)
+    return running
+
+
+async def test_each_worker_has_its_own_helper_and_takes_it_along(
+    tmp_path: Path, redis_server: RedisProcess, files: dict[str, Path], server: X5uServer,
+    pki: StiPKI,
+) -> None:  # fmt: skip
+    """Two workers, each with its helper answering its calls; stopped, none is left."""
+    overrides = {
+        "stir": stir_settings(files, signature_helper="always"),
+        "handler": {"deadline_ms": DEADLINE_MS},
+        "policies": {"default": policy()},
+    }
+    service = ServiceProcess(tmp_path, redis_server.url, overrides=overrides, workers=2)
+    service.start()
+    try:
+        await service.ready()
+        assert service.process is not None
+        supervisor = service.process.pid
+        workers = [p for p, line in _children(supervisor).items() if "service" in line]
+        assert len(workers) == 2
+        helpers = {w: _children(w) for w in workers}
+        assert all(
+            len(found) == 1 and "core.es256" in next(iter(found.values()))
+            for found in helpers.values()
+        ), helpers
+        for _ in range(20):  # new connections: the kernel spreads them over both
+            async with aiohttp.ClientSession() as session:
+                value = signed(pki, server.url("/sp.pem"), attest="A")
+                assert await post(session, f"{service.url}/", call_body(value)) == []
+
+        async def counted() -> bool:  # the workers' metrics reach the scrape in snapshots
+            samples = await scrape(service.url)
+            by = "callscreen_stir_signatures_total{checked_by=%s}"
+            return samples[by % '"helper"'] == 20 and samples[by % '"worker"'] == 0
+
+        await wait_for(counted, timeout_s=10.0, interval_s=0.2, what="20 helper checks")
+
+        # A worker killed outright cannot close its helper: the socket's end does.
+        killed = workers[0]
+        orphan = list(helpers[killed])
+        os.kill(killed, signal.SIGKILL)
+
+        async def orphan_gone() -> bool:
+            return not _alive(orphan)
+
+        await wait_for(orphan_gone, timeout_s=10.0, what="the killed worker's helper to exit")
+
+        async def replaced() -> bool:  # the supervisor's new worker brings its own
+            now = [p for p, line in _children(supervisor).items() if "service" in line]
+            return len(now) == 2 and killed not in now and all(len(_children(w)) == 1 for w in now)
+
+        await wait_for(replaced, timeout_s=30.0, interval_s=0.2, what="a new worker and helper")
+        workers = [p for p, line in _children(supervisor).items() if "service" in line]
+        helpers = {w: _children(w) for w in workers}
+    finally:
+        service.stop()
+    helper_pids = [pid for found in helpers.values() for pid in found]
+
+    async def gone() -> bool:
+        return not _alive(helper_pids)
+
+    await wait_for(gone, timeout_s=10.0, what="the helpers to exit with their workers")
