@@ -34,7 +34,7 @@ GOOD = 0x31
 BAD = 0x30
 UNUSABLE = 0x3F
 #: The largest job accepted: a PASSporT's signing input is a few hundred bytes; the
-#: worker never sends more (docs/stir-shaken.md).
+#: worker checks a larger one itself (service/screening/stir/helper.py).
 MAX_JOB_BYTES = 64 * 1024
 #: Keys kept loaded; signers are few (a key per certificate in use), so this is a guard.
 MAX_KEYS = 1024

@@ -214,3 +214,12 @@ async def test_a_helper_that_cannot_start_is_retried_ever_less_often(
         assert [int(p.group(1)) for p in pauses if p] == [1, 2, 4, 8]
     finally:
         await helper.close()
+
+
+async def test_a_job_too_large_for_the_helper_is_left_to_the_worker(
+    helper: SignatureHelper,
+) -> None:
+    huge = b"x" * es256.MAX_JOB_BYTES
+    assert helper.check(KEY_DER, SIGNATURES[0], huge) is None
+    assert bytes(await ask_all(helper)) == ANSWERS  # and the helper goes on answering
+    assert helper.starts == 1

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import cast
 
 import core
-from core.es256 import UNUSABLE, job
+from core.es256 import MAX_JOB_BYTES, UNUSABLE, job
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,10 @@ class SignatureHelper:
         if link is None or link.lost:
             self._restart_due()
             return None
-        return link.ask(job(key_der, signature, signing_input))
+        data = job(key_der, signature, signing_input)
+        if len(data) > MAX_JOB_BYTES:  # the helper would stop on it (Identity values are
+            return None  # capped far below: service/screening/stir/identity.py)
+        return link.ask(data)
 
     def _restart_due(self) -> None:
         if not self._wanted or self._closed:
