@@ -61,6 +61,44 @@ async def test_chunked_body_over_the_limit_is_413(
     assert (await response.json()) == {"error": "request body over 65536 bytes"}
 
 
+async def client_error(client: Client, body: bytes) -> Any:
+    response = await client.post("/", data=body, headers={"Content-Type": "application/json"})
+    return await response.json()
+
+
+async def test_a_body_that_comes_after_its_headers_is_read_whole(
+    make_config: Callable[..., Config], make_client: Callable[..., Any]
+) -> None:
+    """A body sent after a pause (a slow link; most bodies come with their headers) gets
+    the answer the same body gets in one piece, and so does one over the size limit."""
+    client: Client = await make_client(make_config())
+    body = orjson.dumps(EXAMPLE_BODY)
+    whole = await client.post("/", data=body, headers={"Content-Type": "application/json"})
+    assert whole.status == 200
+    answer = await whole.json()
+
+    async def in_two_parts(payload: bytes) -> tuple[int, Any]:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        head = (
+            f"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        writer.write(head + payload[:10])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler is waiting for the rest by now
+        writer.write(payload[10:])
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        status = int(answer.split(b" ", 2)[1])
+        return status, orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+    assert await in_two_parts(body) == (200, answer)
+    assert await in_two_parts(b"{not json") == (400, await client_error(client, b"{not json"))
+    status, error = await in_two_parts(b"{" + b" " * 70_000 + b"}")
+    assert (status, error) == (413, {"error": "request body over 65536 bytes"})
+
+
 @pytest.fixture(scope="module")
 def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """The service in a thread of its own, so sync hypothesis tests can call it over HTTP."""

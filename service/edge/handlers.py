@@ -17,7 +17,7 @@ from core.keys import SUBSCRIBER_BUCKETS
 from core.logs import REQUEST_ID
 from service.appkeys import AUTH, INTERNALS, SCREENER
 from service.edge.answers import screening_response
-from service.edge.body import BadRequest, decode, policy_of, refuse, too_large
+from service.edge.body import BadRequest, arrived_body, decode, policy_of, refuse, too_large
 from service.edge.errors import client_gone, internal_error
 from service.screening.cache import LIST_LOST, LIST_NOT_LOADED
 from service.screening.policy import NeedsRates
@@ -47,7 +47,9 @@ async def screen(request: web.Request) -> web.StreamResponse:
             return refusal
         group, policy = policy_of(screener, request)
         try:  # read_body(), inlined: one coroutine less on every call
-            raw = await request.read()
+            raw = arrived_body(request)
+            if raw is None:
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large(request) from None
         body = decode(raw)
