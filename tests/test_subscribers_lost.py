@@ -36,7 +36,10 @@ def lost_config(redis_url: str | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         # Every call reads Redis (no entries cache): the tests are of what Redis shows.
         "cache": {"refresh_ms": 100, "max_stale_ms": 5000, "subscriber_entries": 0},
-        "handler": {"on_error": "reject", "on_error_operands": ["unavailable", "redis-trouble"]},
+        # A deadline no Redis hiccup of a busy test machine reaches: on_error here must
+        # mean a lost bucket, never a slow read.
+        "handler": {"on_error": "reject", "on_error_operands": ["unavailable", "redis-trouble"],
+                    "deadline_ms": 2000},
         "lists": {"personal": {"kind": "subscribers", "source": "personal.csv"}},
         "policies": {
             "main": {"rules": [PERSONAL_ALLOW, PERSONAL_BLOCK]},
