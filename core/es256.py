@@ -38,8 +38,8 @@ UNUSABLE = 0x3F
 MAX_JOB_BYTES = 64 * 1024
 #: Keys kept loaded; signers are few (a key per certificate in use), so this is a guard.
 MAX_KEYS = 1024
-#: Read at most this much at a time: some 40 jobs, answered together (3 ms of work), so
-#: that a worker with a long queue hears back as its checks are done.
+#: Read at most this much at a time (a few dozen jobs, answered together), so that a
+#: worker with a long queue hears back as its checks are done.
 READ_BYTES = 4096
 _ECDSA = ec.ECDSA(hashes.SHA256())
 

@@ -86,8 +86,8 @@ class _Link(asyncio.Protocol):
     def ask(self, data: bytes) -> asyncio.Future[int]:
         """Send one check at once: the helper starts on it while the worker parses the
         turn's other calls. (Written together at the end of the turn, the checks kept
-        the worker idle while the helper did the whole batch: a third fewer calls a
-        second, BENCHMARKS.md.)"""
+        the worker idle while the helper did the whole batch, and the helper idle while
+        the worker answered it: BENCHMARKS.md.)"""
         transport = self.transport
         assert transport is not None  # set before the link is handed out
         loop = self.loop
