@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from core.config import Config
 from devtools.redis_server import RedisProcess, free_port
 from service.app import create_app
-from tests.helpers import EXAMPLE_BODY, REJECT
+from service.appkeys import AUTH
+from service.edge.auth import HandlerAuth
+from tests.helpers import EXAMPLE_BODY, REJECT, wait_for
 
 Client = Any
 
@@ -67,11 +69,25 @@ async def client_error(client: Client, body: bytes) -> Any:
 
 
 async def test_a_body_that_comes_after_its_headers_is_read_whole(
-    make_config: Callable[..., Config], make_client: Callable[..., Any]
+    make_config: Callable[..., Config],
+    make_client: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A body sent after a pause (a slow link; most bodies come with their headers) gets
-    the answer the same body gets in one piece, and so does one over the size limit."""
+    """A body whose second half is sent once the handler has started (a slow link; most
+    bodies come with their headers) gets the answer the same body gets in one piece, and
+    so do a bad one and one over the size limit."""
     client: Client = await make_client(make_config())
+    # The handler's first step is the auth check: noted, it says the handler has started
+    # (and takes the body, with no await between, before the second half is read).
+    auth: HandlerAuth = client.app[AUTH]
+    refuse = auth.refuse
+    entered: list[str] = []
+
+    def noting(request: web.Request) -> web.Response | None:
+        entered.append(request.path)
+        return refuse(request)
+
+    monkeypatch.setattr(auth, "refuse", noting)
     body = orjson.dumps(EXAMPLE_BODY)
     whole = await client.post("/", data=body, headers={"Content-Type": "application/json"})
     assert whole.status == 200
@@ -83,10 +99,16 @@ async def test_a_body_that_comes_after_its_headers_is_read_whole(
             f"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
         ).encode()
-        writer.write(head + payload[:10])
+        half = len(payload) // 2
+        before = len(entered)
+        writer.write(head + payload[:half])
         await writer.drain()
-        await asyncio.sleep(0.2)  # the handler is waiting for the rest by now
-        writer.write(payload[10:])
+
+        async def started() -> bool:
+            return len(entered) > before
+
+        await wait_for(started, what="the handler to start on the first half")
+        writer.write(payload[half:])
         await writer.drain()
         answer = await reader.read()
         writer.close()

@@ -93,12 +93,17 @@ async def helper() -> AsyncIterator[SignatureHelper]:
     await made.close()
 
 
-def alive(pid: int) -> bool:
+def state(pid: int) -> str | None:
+    """The process's state letter (proc(5): ``T`` stopped, ``Z`` zombie), None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return stat.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return False
+        return None
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in (None, "Z")
 
 
 async def ask_all(helper: SignatureHelper) -> list[int]:
@@ -131,8 +136,12 @@ async def test_a_helper_that_dies_is_replaced_and_its_checks_are_left_to_the_wor
     pid = helper.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # so that these stay unanswered until it dies
+
+    async def stopped() -> bool:
+        return state(pid) == "T"
+
+    await wait_for(stopped, what="the helper to stop")
     owed = [helper.check(*fields) for fields, _ in CASES]
-    await asyncio.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     for future in owed:
         assert future is not None
