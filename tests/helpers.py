@@ -80,6 +80,20 @@ def body_from(
     return body
 
 
+def process_state(pid: int) -> str | None:
+    """The process's state letter (proc(5): ``T`` stopped, ``Z`` zombie), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (not exited, not a zombie)."""
+    return process_state(pid) not in (None, "Z")
+
+
 async def wait_for(
     check: Callable[[], Awaitable[bool]],
     timeout_s: float = 5.0,

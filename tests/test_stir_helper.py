@@ -27,7 +27,7 @@ from core import es256
 from core.es256 import BAD, GOOD, UNUSABLE, Checker, job, key_der
 from service.screening.stir import helper as helper_module
 from service.screening.stir.helper import HelperLost, SignatureHelper
-from tests.helpers import wait_for
+from tests.helpers import alive, process_state, wait_for
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 KEY_DER = key_der(KEY.public_key())
@@ -93,19 +93,6 @@ async def helper() -> AsyncIterator[SignatureHelper]:
     await made.close()
 
 
-def state(pid: int) -> str | None:
-    """The process's state letter (proc(5): ``T`` stopped, ``Z`` zombie), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    return state(pid) not in (None, "Z")
-
-
 async def ask_all(helper: SignatureHelper) -> list[int]:
     futures = [helper.check(*fields) for fields, _ in CASES]
     assert all(future is not None for future in futures)
@@ -138,7 +125,7 @@ async def test_a_helper_that_dies_is_replaced_and_its_checks_are_left_to_the_wor
     os.kill(pid, signal.SIGSTOP)  # so that these stay unanswered until it dies
 
     async def stopped() -> bool:
-        return state(pid) == "T"
+        return process_state(pid) == "T"
 
     await wait_for(stopped, what="the helper to stop")
     owed = [helper.check(*fields) for fields, _ in CASES]

@@ -23,7 +23,7 @@ from devtools.redis_server import RedisProcess
 from devtools.stir_pki import StiPKI, make_pki, pem
 from service.operator.models import Explanation
 from service.screening.stir.certs import encode_tn_auth
-from tests.helpers import load_list, wait_for
+from tests.helpers import alive, load_list, wait_for
 from tests.procs import ServiceProcess, scrape
 from tests.stir_support import CALLER, X5uServer, call_body, signed, stir_settings
 
@@ -183,19 +183,6 @@ def _children(pid: int) -> dict[int, str]:
     return found
 
 
-def _alive(pids: list[int]) -> set[int]:
-    """Those of ``pids`` still running (not exited, not a zombie)."""
-    running = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            running.add(pid)
-    return running
-
-
 async def test_each_worker_has_its_own_helper_and_takes_it_along(
     tmp_path: Path, redis_server: RedisProcess, files: dict[str, Path], server: X5uServer,
     pki: StiPKI,
@@ -237,7 +224,7 @@ async def test_each_worker_has_its_own_helper_and_takes_it_along(
         os.kill(killed, signal.SIGKILL)
 
         async def orphan_gone() -> bool:
-            return not _alive(orphan)
+            return not any(alive(pid) for pid in orphan)
 
         await wait_for(orphan_gone, timeout_s=10.0, what="the killed worker's helper to exit")
 
@@ -253,6 +240,6 @@ async def test_each_worker_has_its_own_helper_and_takes_it_along(
     helper_pids = [pid for found in helpers.values() for pid in found]
 
     async def gone() -> bool:
-        return not _alive(helper_pids)
+        return not any(alive(pid) for pid in helper_pids)
 
     await wait_for(gone, timeout_s=10.0, what="the helpers to exit with their workers")

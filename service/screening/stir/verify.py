@@ -209,10 +209,9 @@ class Verifier:
                     answer = await asked
                 except HelperLost:
                     answer = None
-        signed = self._check_signature(pending.passport, entry, answer)
-        if signed.reason != "cert_unavailable":  # that one is tried again next call
-            self._remember(pending.value, signed)
-        return self._per_call(call, signed)
+        return self._settle(
+            call, pending.value, self._check_signature(pending.passport, entry, answer)
+        )
 
     def _verify(self, call: Call, trust_verstat: bool) -> Verification | Pending:
         values = call.headers.get("identity")
@@ -251,8 +250,12 @@ class Verifier:
             entry.signer is not None and self.helper is not None and self.helper.running
         ):
             return Pending(value, passport, entry)
-        signed = self._check_signature(passport, entry)
-        if signed.reason != "cert_unavailable":  # that one is tried again next call
+        return self._settle(call, value, self._check_signature(passport, entry))
+
+    def _settle(self, call: Call, value: str, signed: _Signed) -> Verification:
+        """The call's result from what its value's signature check gave, kept for the
+        value unless the certificate was unavailable (tried again next call)."""
+        if signed.reason != "cert_unavailable":
             self._remember(value, signed)
         return self._per_call(call, signed)
 
