@@ -29,6 +29,7 @@ from service.appkeys import CACHE
 from service.screening.lists import NumberList, SubscriberList
 from service.screening.policy import CompiledPolicy, NeedsRates
 from service.screening.request import CallParser
+from service.screening.subscriber_cache import CachedFound, SubscriberCache
 from tests.helpers import (
     PERSONAL_ALLOW,
     PERSONAL_BLOCK,
@@ -154,6 +155,48 @@ def test_policy_stops_for_the_entries_then_decides(make_config: Callable[..., Co
         parser.parse(call_body("19005551234", "")),
     ):
         assert policy.conclude(anonymous, lists).outcome.rule == "default"
+
+
+def test_the_entries_cache_answers_as_the_rules_reach_it(
+    make_config: Callable[..., Config],
+) -> None:
+    """A policy that needs only subscribers' entries from Redis looks in the cache as its
+    subscriber rules are reached: it decides at once when the entries are cached and
+    fresh, and stops for Redis where they are not, as a read would have it."""
+    config = make_config(subscribers_config())
+    policy = CompiledPolicy("default", config.policies["default"])
+    parser = CallParser(config.caller.sources, config.caller.default_country)
+    live = SubscriberList(3, 10)
+    lists: dict[str, Any] = {"personal": live}
+    lists["blocklist"] = NumberList([], frozenset({"15162065613"}), frozenset())
+    now = [100.0]
+    cache = SubscriberCache(100, 5_000, clock=lambda: now[0])
+    view = CachedFound(cache)
+    allowed = parser.parse(call_body("15162065613"))  # allowed by SUB_A, on the block list
+
+    def decide(call: Any) -> Any:
+        return policy.evaluate(call, lists, None, view.start(lists, call))
+
+    stopped = decide(allowed)
+    assert isinstance(stopped, NeedsRates)
+    assert policy.rules[stopped.at].rule.name == "personal-allow"
+    entries = Entries.unpack(pack([code_of("15162065613", "allow"), code_of("1900*", "block")]))
+    cache.put("personal", live, SUB_A, entries, sent_at=now[0])
+    assert decide(allowed).outcome.rule == "personal-allow"
+    # Read by two rules (allow, then block after the block list), looked up once.
+    blocked = parser.parse(call_body("19005551234"))
+    assert decide(blocked).outcome.rule == "personal-block"
+    assert list(view.served) == ["personal"]
+    # Past its max age, or cached under a list copy a sync has replaced: Redis again.
+    now[0] += 6
+    assert isinstance(decide(blocked), NeedsRates)
+    cache.put("personal", live, SUB_A, entries, sent_at=now[0])
+    lists["personal"] = SubscriberList(4, 10)
+    assert isinstance(decide(blocked), NeedsRates)
+    # A list with nothing loaded (generation 0) holds no entries: nothing to read.
+    lists["personal"] = SubscriberList(0, 0)
+    assert decide(blocked).outcome.rule == "default"
+    assert decide(allowed).outcome.rule == "blocklist"
 
 
 # --- end to end on a real Redis -------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
@@ -28,9 +28,18 @@ if TYPE_CHECKING:
 
 Lists = Mapping[str, ListObject]
 Rates = Mapping[str, int] | None
-#: Per subscribers list, the called subscriber's entries as read from Redis; None
-#: before they were read.
-Found = Mapping[str, Entries] | None
+
+
+class EntriesFound(Protocol):
+    """The called subscriber's entries per subscribers list: a mapping of those read from
+    Redis, or the entries cache's view (service/screening/subscriber_cache.py), whose
+    ``get`` gives None for a subscriber it does not hold."""
+
+    def get(self, name: str, default: Entries, /) -> Entries | None: ...
+
+
+#: Per subscribers list, the called subscriber's entries; None before any were read.
+Found = EntriesFound | None
 ALLOW_ANSWER = b"[]"
 DEFAULT_RULE = "default"
 ON_ERROR_RULE = "on_error"
@@ -231,9 +240,10 @@ class CompiledRule:
         caller, called = call.caller, call.called
         if caller is None or called is None:
             return None
-        if found is None:
+        entries = found.get(self.list_key, NO_ENTRIES) if found is not None else None
+        if entries is None:  # not read yet (nor cached)
             return NEEDS_REDIS
-        matched = found.get(self.list_key, NO_ENTRIES).match(self.side, caller)
+        matched = entries.match(self.side, caller)
         return f"{matched} (subscriber {called})" if matched else None
 
     def _sequential_dialing(
@@ -309,7 +319,7 @@ class CompiledPolicy:
         call: Call,
         lists: Mapping[str, ListObject],
         rates: Mapping[str, int] | None = None,
-        found: Mapping[str, Entries] | None = None,
+        found: Found = None,
         resume: NeedsRates | None = None,
     ) -> Evaluation | NeedsRates:
         """Decide ``call``, or say where it stopped for Redis (:class:`NeedsRates`, see

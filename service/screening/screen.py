@@ -40,7 +40,7 @@ from service.screening.policy import (
 )
 from service.screening.request import Call, CallParser
 from service.screening.stir.verify import Pending, Verification, Verifier
-from service.screening.subscriber_cache import SubscriberCache
+from service.screening.subscriber_cache import CachedFound, SubscriberCache
 
 if TYPE_CHECKING:
     from service.screening.history import CallHistory
@@ -92,6 +92,7 @@ class Screener:
             config.cache.subscriber_entries, config.cache.subscriber_max_age_ms
         )
         metrics.subscriber_cache.cache = self.subscribers
+        self._cached_found = CachedFound(self.subscribers)
         #: The task reading due cache entries again, while one runs; none starts before
         #: this (cache clock seconds) after one whose reads all failed.
         self._renewal: asyncio.Task[None] | None = None
@@ -159,31 +160,23 @@ class Screener:
             if type(found) is not Verification:  # decide_remote waits for the certificate
                 return NeedsRates(stir=cast(Pending, found))  # or the signature helper
             call.stir = found
+        cached = None
+        if policy.subscriber_lists and not policy.counts_calls:
+            # Only subscriber rules can need Redis: they look in the entries cache as
+            # they are reached, and stop for Redis only on a miss.
+            cached = self._cached_found.start(cache.lists, call)
         try:
-            decision = policy.evaluate(call, cache.lists)
+            decision = policy.evaluate(call, cache.lists, None, cached)
         except ListsUnavailable as exc:
             return self._unavailable(policy, exc)
-        if type(decision) is NeedsRates and not policy.counts_calls:
-            return self._from_cache(policy, call, decision)
-        # A decision, or where a counting policy stopped: Redis whatever the cache holds.
+        if cached is not None and cached.served and type(decision) is not NeedsRates:
+            subscribers = self.subscribers
+            subscribers.hits += len(cached.served)  # a miss is counted by decide_remote
+            if subscribers.due:
+                self._renew_due()
+        # A decision, or where evaluation stopped: Redis (a counting policy whatever the
+        # entries cache holds).
         return decision
-
-    def _from_cache(
-        self, policy: CompiledPolicy, call: Call, pending: NeedsRates
-    ) -> Evaluation | NeedsRates:
-        """Finish a decision that needs only subscribers' entries from the entries cache,
-        if it holds every one (fresh); else ``pending``: decide_remote reads them."""
-        lists = self.cache.lists
-        reads, _, found = self.subscribers.lookup(policy.subscriber_lists, lists, call, count=False)
-        if reads:
-            return pending  # looked up again (and counted) by decide_remote
-        self.subscribers.hits += len(found)
-        if self.subscribers.due:
-            self._renew_due()
-        try:
-            return policy.evaluate(call, lists, None, found, resume=pending)
-        except ListsUnavailable as exc:
-            return self._unavailable(policy, exc)
 
     async def decide(
         self,

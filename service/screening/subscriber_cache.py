@@ -145,3 +145,44 @@ class SubscriberCache:
             self.hits += len(cached)
             self.misses += len(reads)
         return reads, held, cached
+
+
+class CachedFound:
+    """The entries cache as a call's ``found`` (``policy.EntriesFound``), for a policy that
+    needs nothing else from Redis: each subscriber rule looks its list up as evaluation
+    reaches it, and stops for Redis (``get`` gives None) only when the entries are not
+    cached, or not fresh. One per screener, set for each call by :meth:`start`:
+    evaluation never awaits, so two calls never use it at once.
+
+    Invariants: it answers as :meth:`SubscriberCache.lookup` would (a list not trusted,
+    or empty, gives the default: no entries), and a list's entries are looked up once a
+    call, however many rules read them.
+    """
+
+    __slots__ = ("cache", "call", "lists", "served")
+
+    def __init__(self, cache: SubscriberCache) -> None:
+        self.cache = cache
+        self.lists: Mapping[str, ListObject] = {}
+        self.call: Call | None = None
+        #: The entries given to this call, by list (the cache hits it is counted).
+        self.served: dict[str, Entries] = {}
+
+    def start(self, lists: Mapping[str, ListObject], call: Call) -> CachedFound:
+        self.lists = lists
+        self.call = call
+        self.served.clear()
+        return self
+
+    def get(self, name: str, default: Entries, /) -> Entries | None:
+        served = self.served.get(name)
+        if served is not None:
+            return served
+        copy = self.lists.get(name)
+        called = self.call.called if self.call is not None else None
+        if called is None or not (isinstance(copy, SubscriberList) and copy.gen):
+            return default
+        entries = self.cache.get(name, copy, called)
+        if entries is not None:
+            self.served[name] = entries
+        return entries
