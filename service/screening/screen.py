@@ -169,6 +169,9 @@ class Screener:
             decision = policy.evaluate(call, cache.lists, None, cached)
         except ListsUnavailable as exc:
             return self._unavailable(policy, exc)
+        finally:
+            if cached is not None:
+                cached.release()
         if cached is not None and cached.served and type(decision) is not NeedsRates:
             subscribers = self.subscribers
             subscribers.hits += len(cached.served)  # a miss is counted by decide_remote

@@ -118,13 +118,11 @@ class SubscriberCache:
         names: Sequence[str],
         lists: Mapping[str, ListObject],
         call: Call,
-        *,
-        count: bool = True,
     ) -> tuple[list[Read], list[SubscriberList], dict[str, Entries]]:
         """For the call's subscriber in each of the subscribers lists ``names``: the
         reads Redis must answer, with the copy each was live in (to :meth:`put` the
-        reply under), and the entries cached (fresh) instead. ``count``: add to the
-        hits and misses."""
+        reply under), and the entries cached (fresh) instead; counted as misses and
+        hits."""
         called = call.called
         reads: list[Read] = []
         held: list[SubscriberList] = []
@@ -141,9 +139,8 @@ class SubscriberCache:
                     held.append(copy)
                 else:
                     cached[name] = entries
-        if count:
-            self.hits += len(cached)
-            self.misses += len(reads)
+        self.hits += len(cached)
+        self.misses += len(reads)
         return reads, held, cached
 
 
@@ -173,6 +170,12 @@ class CachedFound:
         self.call = call
         self.served.clear()
         return self
+
+    def release(self) -> None:
+        """Let go of the call and of the list copies (a swapped-out list must not be
+        kept alive until the next call of such a policy); :attr:`served` stays."""
+        self.lists = {}
+        self.call = None
 
     def get(self, name: str, default: Entries, /) -> Entries | None:
         served = self.served.get(name)
