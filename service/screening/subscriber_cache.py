@@ -39,6 +39,13 @@ RENEW_AFTER = 0.8
 Read = tuple[str, int, str]
 
 
+def readable(copy: ListObject | None) -> SubscriberList | None:
+    """``copy`` if it is a subscribers list whose entries can be read: trusted (in the
+    list cache) and not empty (gen 0). Otherwise a call finds no entries in it, and
+    evaluate() tells whether that is for lack of trust."""
+    return copy if isinstance(copy, SubscriberList) and copy.gen else None
+
+
 class SubscriberCache:
     """The LRU (see the module doc); its counts are read at scrape (service/metrics.py)."""
 
@@ -130,9 +137,8 @@ class SubscriberCache:
         if called is None or call.caller is None:
             return reads, held, cached
         for name in names:
-            copy = lists.get(name)
-            # Not trusted (or empty: gen 0): nothing to read; evaluate() tells which.
-            if isinstance(copy, SubscriberList) and copy.gen:
+            copy = readable(lists.get(name))
+            if copy is not None:
                 entries = self.get(name, copy, called) if self.max_entries else None
                 if entries is None:
                     reads.append((name, copy.gens.of_subscriber(called), called))
@@ -181,9 +187,9 @@ class CachedFound:
         served = self.served.get(name)
         if served is not None:
             return served
-        copy = self.lists.get(name)
+        copy = readable(self.lists.get(name))
         called = self.call.called if self.call is not None else None
-        if called is None or not (isinstance(copy, SubscriberList) and copy.gen):
+        if called is None or copy is None:
             return default
         entries = self.cache.get(name, copy, called)
         if entries is not None:
