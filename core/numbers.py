@@ -48,7 +48,11 @@ def normalise(raw: str, default_country: str = "1") -> str | None:
             return None
         if plus:
             return digits if len(digits) <= MAX_E164_DIGITS and digits[0] != "0" else None
-    if digits.startswith("00"):
+    if digits[0] != "0" and default_country == "1":
+        # The usual NANP number: no international prefix (each begins with 0) to strip.
+        if len(digits) == 10:
+            digits = "1" + digits
+    elif digits.startswith("00"):
         digits = digits[2:]
     elif default_country == "1":
         if digits.startswith("011"):

@@ -184,26 +184,30 @@ class Entries:
     """One subscriber's entries, as a call is matched against them; never changed once
     made.
 
-    Tuples, not sets: at most :data:`MAX_ENTRIES`, so a scan stays short, and tuples of
-    strings drop out of the cyclic collector's view once it has seen them, where sets
-    stay in it. Each worker's entries cache holds thousands of these for seconds
-    (service/screening/subscriber_cache.py), which full collections would otherwise go
-    through every time. A plain class with slots: one is made per Redis read, and a
-    frozen dataclass sets each field through ``object.__setattr__``.
+    Numbers in dicts (each to None), prefixes in tuples, never sets: a dict of strings
+    is never in the cyclic collector's view and a tuple of them drops out once the
+    collector has seen it, where a set stays in it. Each worker's entries cache holds
+    thousands of these for seconds (service/screening/subscriber_cache.py), which full
+    collections would otherwise go through every time. A number is found by one hash
+    look-up, not by comparing the caller with each entry in turn (numbers of one length
+    compare byte by byte, and in a busy cache each entry is memory no call touched
+    lately); prefixes are scanned, at most :data:`MAX_ENTRIES`. A plain class with
+    slots: one is made per Redis read, and a frozen dataclass sets each field through
+    ``object.__setattr__``.
     """
 
     __slots__ = ("allow_numbers", "allow_prefixes", "block_numbers", "block_prefixes")
 
     def __init__(
         self,
-        block_numbers: tuple[str, ...] = (),
+        block_numbers: Iterable[str] = (),
         block_prefixes: tuple[str, ...] = (),
-        allow_numbers: tuple[str, ...] = (),
+        allow_numbers: Iterable[str] = (),
         allow_prefixes: tuple[str, ...] = (),
     ) -> None:
-        self.block_numbers = block_numbers
+        self.block_numbers: dict[str, None] = dict.fromkeys(block_numbers)
         self.block_prefixes = block_prefixes
-        self.allow_numbers = allow_numbers
+        self.allow_numbers: dict[str, None] = dict.fromkeys(allow_numbers)
         self.allow_prefixes = allow_prefixes
 
     @classmethod
@@ -213,7 +217,7 @@ class Entries:
         found: dict[str, list[str]] = {"a": [], "b": [], "c": [], "d": []}
         for digits, end in _PACKED.findall(blob.hex()):
             found[end].append(digits)
-        return cls(tuple(found["a"]), tuple(found["b"]), tuple(found["c"]), tuple(found["d"]))
+        return cls(found["a"], tuple(found["b"]), found["c"], tuple(found["d"]))
 
     def match(self, side: Side, caller: str) -> str | None:
         """The entry on ``side`` that ``caller`` matches (an exact number first), or None."""

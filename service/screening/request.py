@@ -43,7 +43,7 @@ _T = TypeVar("_T")
 class once(Generic[_T]):
     """``functools.cached_property`` without its lock: CPython 3.11 takes an RLock at
     every first read, and a call reads several of these once each. A call is read by
-    one event loop only. The value goes into the instance's ``__dict__``, which then
+    one event loop only. The value becomes an attribute of the instance, which then
     answers every later read without this descriptor."""
 
     def __init__(self, func: Callable[[Any], _T]) -> None:
@@ -61,7 +61,9 @@ class once(Generic[_T]):
         if instance is None:
             return self
         value = self.func(instance)
-        instance.__dict__[self.name] = value
+        # setattr, not ``instance.__dict__[...]``: reading ``__dict__`` would make the
+        # instance trade its compact attribute storage for a dict, slowing every read.
+        setattr(instance, self.name, value)
         return value
 
 
@@ -304,6 +306,14 @@ def _param(address: dict[str, Any], name: str) -> str | None:
 
 def called_number(to: Any, default_country: str) -> str | None:
     """The called number of a body's ``To`` header value (as parsed), normalised."""
+    # The usual CarrierX value first: one address whose user part is digits (the same
+    # number as the general way below gives).
+    if type(to) is list and len(to) == 1:
+        first = to[0]
+        if type(first) is dict:
+            user = first.get("user")
+            if type(user) is str and user.isdigit():
+                return normalise(user[:MAX_FIELD_CHARS], default_country)
     found = _addresses(to)
     user = _user(found[0]) if found else None
     return normalise(user, default_country) if user else None
