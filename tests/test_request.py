@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.screening.request import CallParser
+from service.screening.request import CallParser, called_number, called_number_any
 from tests.helpers import EXAMPLE_BODY, body_from
 
 PARSER = CallParser(("from", "p-asserted-identity", "remote-party-id"))
@@ -216,3 +216,17 @@ def test_the_usual_body_parses_as_the_general_way_does(
     for sources in (("from", "p-asserted-identity"), ("p-asserted-identity", "from")):
         parser = CallParser(sources, country)
         assert facts(parser.parse(body)) == facts(parser.parse_any(body)), body
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    to=st.lists(
+        address_like | st.builds(address, digit_users) | json_values, min_size=0, max_size=2
+    )
+    | json_values,
+    country=st.sampled_from(["1", "44", "39"]),
+)
+def test_the_usual_called_number_parses_as_the_general_way_does(to: Any, country: str) -> None:
+    """called_number takes a short way for one To address with a digit user; the number
+    must be the one the general way finds, for any shape of To value."""
+    assert called_number(to, country) == called_number_any(to, country), to

@@ -307,13 +307,18 @@ def _param(address: dict[str, Any], name: str) -> str | None:
 def called_number(to: Any, default_country: str) -> str | None:
     """The called number of a body's ``To`` header value (as parsed), normalised."""
     # The usual CarrierX value first: one address whose user part is digits (the same
-    # number as the general way below gives).
+    # number as called_number_any gives; tests/test_request.py compares both).
     if type(to) is list and len(to) == 1:
         first = to[0]
         if type(first) is dict:
             user = first.get("user")
             if type(user) is str and user.isdigit():
                 return normalise(user[:MAX_FIELD_CHARS], default_country)
+    return called_number_any(to, default_country)
+
+
+def called_number_any(to: Any, default_country: str) -> str | None:
+    """:func:`called_number` the general way: any shape of ``To`` value."""
     found = _addresses(to)
     user = _user(found[0]) if found else None
     return normalise(user, default_country) if user else None
