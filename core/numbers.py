@@ -48,14 +48,13 @@ def normalise(raw: str, default_country: str = "1") -> str | None:
             return None
         if plus:
             return digits if len(digits) <= MAX_E164_DIGITS and digits[0] != "0" else None
-    if digits[0] != "0" and default_country == "1":
-        # The usual NANP number: no international prefix (each begins with 0) to strip.
-        if len(digits) == 10:
-            digits = "1" + digits
-    elif digits.startswith("00"):
+    # Both international prefixes begin with 0: most numbers need no startswith (slow
+    # in CPython 3.11, which parses its arguments the general way) to rule them out.
+    zero = digits[0] == "0"
+    if zero and digits.startswith("00"):
         digits = digits[2:]
     elif default_country == "1":
-        if digits.startswith("011"):
+        if zero and digits.startswith("011"):
             digits = digits[3:]
         elif len(digits) == 10:
             digits = "1" + digits
